@@ -35,8 +35,8 @@ class ClipFeatures:
     """Features of one clip.
 
     A modality that is ``None`` is missing (no audio track, no face, empty transcript,
-    unreadable input). ``missing`` is derived from that; a store reader returns
-    zero-length sequences / a zero text vector for missing modalities.
+    unreadable input). ``missing`` is derived from that, and a store reader returns
+    ``None`` for a missing modality too. A present sequence has at least one row.
     """
 
     clip_id: str
