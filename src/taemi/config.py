@@ -1,0 +1,337 @@
+"""Typed configuration: one dataclass per component, named presets, dotted overrides.
+
+A run is fully described by a :class:`RunConfig`. Presets (``paper``, ``official`` and
+the paper's ablation variants) are plain :class:`RunConfig` instances built by
+functions in :data:`PRESETS`; the command line refines them with ``--set key=value``
+(``--set model.hidden=256 --set train.lr=3e-4``). An unknown key or a value of the
+wrong type is an error, never ignored. Every run writes its resolved config as YAML.
+
+Sources for the defaults: spec sections 3-6 (Zhu et al., arXiv 2603.14976, and the
+authors' release).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from taemi import EMI_EMOTIONS
+
+FUSIONS = ("cross_attention", "self_attention", "concat")
+ANCHORS = ("audio", "vision", "text")
+MISSING_TOKENS = ("learned", "zeros")
+
+
+class ConfigError(ValueError):
+    """A configuration key, value or file that cannot be used."""
+
+
+@dataclass
+class ModelConfig:
+    """The fusion model (spec section 4)."""
+
+    audio_dim: int = 1027  # D_a: wav2vec2-large hidden (1024) + 3 per-frame regression outputs
+    vision_dim: int = 768  # D_v: ViT-B/16 token-mean per frame
+    text_dim: int = 768  # D_t: GTE-base CLS vector (and token states)
+    hidden: int = 512  # H: shared hidden size of projections and attention
+    heads: int = 4  # attention heads in every attention block
+    fusion: str = "cross_attention"  # cross_attention | self_attention (pool after SA) | concat (pool after projection)
+    align: bool = True  # cross_attention only: project + self-attend each K/V modality first (paper); False = CA on raw dims (release)
+    anchor: str = "text"  # query modality of the cross-attention: text | audio | vision
+    missing_tokens: str = "learned"  # learned (N(0, 0.02^2) parameters) | zeros (fixed zero vectors)
+    token_init_std: float = 0.02  # std of the learned missing-token initialisation
+    modality_dropout: float = 0.1  # training-time probability of replacing each modality of each sample by its token
+    attn_dropout: float = 0.1  # dropout on attention weights
+    sa_ffn: int = 2048  # feed-forward width of the intra-modal self-attention layer
+    sa_dropout: float = 0.1  # residual dropout inside the self-attention layer
+    head_hidden: int = 512  # width of the prediction head's hidden layer
+    head_dropout: float = 0.1  # dropout between the head's two linear layers
+
+    def validate(self) -> None:
+        if self.fusion not in FUSIONS:
+            raise ConfigError(f"model.fusion={self.fusion!r}: expected one of {FUSIONS}")
+        if self.anchor not in ANCHORS:
+            raise ConfigError(f"model.anchor={self.anchor!r}: expected one of {ANCHORS}")
+        if self.missing_tokens not in MISSING_TOKENS:
+            raise ConfigError(
+                f"model.missing_tokens={self.missing_tokens!r}: expected one of {MISSING_TOKENS}"
+            )
+        if self.hidden % self.heads:
+            raise ConfigError(f"model.hidden={self.hidden} is not divisible by model.heads={self.heads}")
+        if self.fusion != "cross_attention" and not self.align:
+            raise ConfigError(
+                f"model.align=False only applies to fusion='cross_attention', got fusion={self.fusion!r}"
+            )
+        for name in ("modality_dropout", "attn_dropout", "sa_dropout", "head_dropout"):
+            p = getattr(self, name)
+            if not 0.0 <= p < 1.0:
+                raise ConfigError(f"model.{name}={p}: must be in [0, 1)")
+        for name in ("audio_dim", "vision_dim", "text_dim", "hidden", "heads", "sa_ffn", "head_hidden"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name}={getattr(self, name)}: must be positive")
+
+
+@dataclass
+class DataConfig:
+    """How clips become batches."""
+
+    emotions: tuple[str, ...] = EMI_EMOTIONS  # label columns, in output order
+    id_column: str = "Filename"  # label-file column holding the clip id
+    max_audio_len: int = 599  # frames kept per clip (first ones): 12 s at ~50 frames/s
+    max_vision_len: int = 400  # face frames kept per clip (first ones, as released)
+    max_text_tokens: int = 128  # text token states kept per clip (when used)
+    text_tokens: str = "auto"  # use the store's text token states as K/V (non-text anchors): auto | yes | no
+    num_workers: int = 0  # DataLoader worker processes
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation recipe (spec section 6)."""
+
+    lr: float = 1e-4  # peak AdamW learning rate
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    batch_size: int = 32  # clips per optimiser step
+    max_epochs: int = 50  # the cosine schedule spans all of them
+    warmup_epochs: float = 1.0  # linear warm-up length, in epochs (stepped per optimiser step)
+    grad_clip: float = 100.0  # clipping threshold; 0 disables
+    grad_clip_mode: str = "value"  # value (release: clip_grad_value_) | norm
+    patience: int = 5  # early stopping: epochs without a better valid mean Pearson
+    seed: int = 3407  # release seed
+    deterministic: bool = False  # torch.use_deterministic_algorithms + fixed cuDNN
+    precision: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    eval_batch_size: int = 64  # clips per evaluation forward pass
+    log_every: int = 0  # log the running train loss every N steps (0: per epoch only)
+
+    def validate(self) -> None:
+        if self.grad_clip_mode not in ("value", "norm"):
+            raise ConfigError(f"train.grad_clip_mode={self.grad_clip_mode!r}: expected 'value' or 'norm'")
+        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
+            raise ConfigError(f"train.precision={self.precision!r}: expected auto|fp32|fp16|bf16")
+        if self.batch_size <= 0 or self.max_epochs <= 0:
+            raise ConfigError("train.batch_size and train.max_epochs must be positive")
+        if self.patience < 0 or self.warmup_epochs < 0 or self.lr <= 0:
+            raise ConfigError("train.patience and train.warmup_epochs must be >= 0 and train.lr > 0")
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs, written to ``RUN/config.yaml``."""
+
+    preset: str = "paper"  # the preset this config started from (informational)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "RunConfig":
+        self.model.validate()
+        self.train.validate()
+        if not self.data.emotions or len(set(self.data.emotions)) != len(self.data.emotions):
+            raise ConfigError(f"data.emotions={list(self.data.emotions)}: need distinct names")
+        if self.data.text_tokens not in ("auto", "yes", "no"):
+            raise ConfigError(f"data.text_tokens={self.data.text_tokens!r}: expected auto|yes|no")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def _paper() -> RunConfig:
+    return RunConfig(preset="paper")
+
+
+def _official() -> RunConfig:
+    cfg = RunConfig(preset="official")
+    cfg.model.align = False
+    return cfg
+
+
+def _variant(name: str, **model_kw: Any) -> RunConfig:
+    cfg = RunConfig(preset=name)
+    for k, v in model_kw.items():
+        setattr(cfg.model, k, v)
+    return cfg
+
+
+#: Named presets: the paper's model, the authors' release, and the paper's ablations
+#: (Table 3: leave one out; Table 4: anchor modality).
+PRESETS: dict[str, typing.Callable[[], RunConfig]] = {
+    "paper": _paper,
+    "official": _official,
+    "concat": lambda: _variant("concat", fusion="concat"),
+    "self_attention": lambda: _variant("self_attention", fusion="self_attention"),
+    "zeros_tokens": lambda: _variant("zeros_tokens", missing_tokens="zeros"),
+    "no_modality_dropout": lambda: _variant("no_modality_dropout", modality_dropout=0.0),
+    "anchor_audio": lambda: _variant("anchor_audio", anchor="audio"),
+    "anchor_vision": lambda: _variant("anchor_vision", anchor="vision"),
+}
+
+
+def preset(name: str) -> RunConfig:
+    """Return a fresh copy of the named preset."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` (a string from the command line, or a YAML scalar) to ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, str):
+            items = [s.strip() for s in value.split(",")] if value.strip() else []
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            raise ConfigError(f"{key}: expected a comma-separated list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in items)
+        if len(items) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(items)} ({value!r})")
+        return tuple(_coerce(v, a, key) for v, a in zip(items, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected a boolean (true/false), got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:
+            return int(str(value), 10)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def _field_types(obj: Any) -> dict[str, Any]:
+    hints = typing.get_type_hints(type(obj))
+    return {f.name: hints[f.name] for f in fields(obj)}
+
+
+def apply_override(cfg: RunConfig, key: str, value: Any) -> None:
+    """Set the dotted ``key`` (``model.hidden``) of ``cfg`` to ``value``, type-checked."""
+    parts = key.split(".")
+    obj: Any = cfg
+    for i, part in enumerate(parts):
+        types_ = _field_types(obj)
+        if part not in types_:
+            where = ".".join(parts[:i]) or "the run config"
+            raise ConfigError(
+                f"unknown config key {key!r}: {where} has no field {part!r} "
+                f"(fields: {', '.join(types_)})"
+            )
+        if i == len(parts) - 1:
+            tp = types_[part]
+            if dataclasses.is_dataclass(tp):
+                raise ConfigError(f"config key {key!r} is a section; set one of its fields")
+            setattr(obj, part, _coerce(value, tp, key))
+        else:
+            obj = getattr(obj, part)
+            if not dataclasses.is_dataclass(obj):
+                raise ConfigError(f"config key {key!r}: {'.'.join(parts[: i + 1])} is not a section")
+
+
+def parse_overrides(items: typing.Iterable[str]) -> list[tuple[str, str]]:
+    """Split ``key=value`` strings from the command line."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        k, v = item.split("=", 1)
+        out.append((k.strip(), v.strip()))
+    return out
+
+
+def from_dict(data: dict[str, Any], *, base: RunConfig | None = None) -> RunConfig:
+    """Build a config from a nested mapping (a loaded YAML file); unknown keys are errors."""
+    cfg = base if base is not None else RunConfig()
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping, got {type(data).__name__}")
+
+    def walk(prefix: str, mapping: dict[str, Any]) -> None:
+        for k, v in mapping.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict):
+                walk(key + ".", v)
+            else:
+                apply_override(cfg, key, v)
+
+    walk("", data)
+    return cfg.validate()
+
+
+def build_config(
+    preset_name: str = "paper",
+    overrides: typing.Iterable[tuple[str, Any]] = (),
+    config_file: str | Path | None = None,
+) -> RunConfig:
+    """Preset, then an optional YAML file, then ``--set`` overrides; validated."""
+    cfg = preset(preset_name)
+    if config_file is not None:
+        cfg = from_dict(load_yaml(config_file), base=cfg)
+    for k, v in overrides:
+        apply_override(cfg, k, v)
+    return cfg.validate()
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    return data or {}
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Load a resolved run config (``RUN/config.yaml``) strictly."""
+    return from_dict(load_yaml(path), base=RunConfig())
+
+
+def _to_plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _to_plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_plain(v) for v in x]
+    return x
+
