@@ -1,0 +1,304 @@
+"""The TAEMI fusion model and its ablation variants, in one file.
+
+Zhu et al., "Anchoring Emotions in Text: Robust Multimodal Fusion for Mimicry
+Intensity Estimation", arXiv 2603.14976 (ABAW 10th EMI, first place), section 3,
+plus the authors' release (spec sections 4-5 of ``shared/spec/TAEMI.md``).
+
+Data flow for the default (``paper``) configuration, B clips per batch::
+
+    audio  (B, T_a, 1027) --missing token--> Linear -> SelfAttention --\\
+    vision (B, T_v, 768)  --missing token--> Linear -> SelfAttention ---+-- CA(query = t) -> h_a, h_v (B, 512)
+    text   (B, 768)       --missing token--> t ------------------------/
+    f = [t ; h_a ; h_v]  (B, 1792)  ->  Linear -> GELU -> Dropout -> Linear  ->  (B, 6)
+
+Variants are configuration (:class:`taemi.config.ModelConfig`), not copies:
+
+- ``align=False`` (the release, preset ``official``): no projection/self-attention;
+  the cross-attention blocks project straight from the raw feature sizes.
+- ``fusion="self_attention"``: projection + self-attention, then masked mean pooling
+  instead of cross-attention (paper Table 3, "w/o text-anchored CA").
+- ``fusion="concat"``: projection only, masked mean pooling, concatenation
+  (Table 3, "simple concat").
+- ``anchor="audio"|"vision"``: the anchor's masked mean (raw features) is the query
+  and the two other modalities are keys/values; text as keys/values is its token
+  states when given, else the text vector as a one-step sequence (Table 4).
+- ``missing_tokens="zeros"``: missing modalities become fixed zero vectors instead of
+  learned tokens; ``modality_dropout=0`` disables modality dropout.
+
+Missing-modality semantics (spec section 5): a missing modality's RAW features are
+replaced by its token, broadcast over time, before any projection, and every time
+step then counts as valid. Masks are boolean, ``True`` = a real (valid) step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from taemi import MODALITIES
+from taemi.config import ModelConfig
+
+
+@dataclass
+class Batch:
+    """A padded batch of clips. Masks are ``True`` at valid steps.
+
+    ``missing`` is (B, 3) in :data:`taemi.MODALITIES` order (audio, vision, text).
+    A missing modality's rows may hold anything (usually one zero step): the model
+    replaces them by its missing token.
+    """
+
+    audio: Tensor  # (B, T_a, D_a)
+    audio_mask: Tensor  # (B, T_a) bool
+    vision: Tensor  # (B, T_v, D_v)
+    vision_mask: Tensor  # (B, T_v) bool
+    text: Tensor  # (B, D_t)
+    missing: Tensor  # (B, 3) bool
+    text_tokens: Tensor | None = None  # (B, T_t, D_t), optional token states
+    text_tokens_mask: Tensor | None = None  # (B, T_t) bool
+    target: Tensor | None = None  # (B, E)
+    ids: tuple[str, ...] = ()
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        def mv(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x.to(device, non_blocking=non_blocking)
+
+        return Batch(
+            audio=mv(self.audio), audio_mask=mv(self.audio_mask),
+            vision=mv(self.vision), vision_mask=mv(self.vision_mask),
+            text=mv(self.text), missing=mv(self.missing),
+            text_tokens=mv(self.text_tokens), text_tokens_mask=mv(self.text_tokens_mask),
+            target=mv(self.target), ids=self.ids,
+        )  # fmt: skip
+
+    def __len__(self) -> int:
+        return self.text.shape[0]
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean over valid time steps: (B, T, D), (B, T) -> (B, D)."""
+    w = mask.to(x.dtype).unsqueeze(-1)  # (B, T, 1)
+    return (x * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+
+class MissingTokens(nn.Module):
+    """One replacement vector per modality for missing inputs (spec section 5).
+
+    ``learned=True``: parameters initialised N(0, std^2). ``learned=False``: fixed
+    zero buffers (the paper's "w/o learnable missing tokens" ablation), so the
+    variant has no token parameters at all.
+    """
+
+    def __init__(self, dims: dict[str, int], learned: bool = True, std: float = 0.02):
+        super().__init__()
+        self.learned = learned
+        for name, dim in dims.items():
+            if learned:
+                self.register_parameter(name, nn.Parameter(torch.randn(dim) * std))
+            else:
+                self.register_buffer(name, torch.zeros(dim), persistent=False)
+
+    def fill_sequence(self, name: str, x: Tensor, mask: Tensor, missing: Tensor) -> tuple[Tensor, Tensor]:
+        """Replace missing samples' sequences by the token broadcast over time.
+
+        x (B, T, D), mask (B, T), missing (B,) -> x (B, T, D), mask (B, T).
+        """
+        token = getattr(self, name).to(x.dtype)  # (D,)
+        m = missing.view(-1, 1, 1)  # (B, 1, 1)
+        x = torch.where(m, token.expand_as(x), x)
+        mask = mask | missing.view(-1, 1)  # every step of a token sequence is valid
+        return x, mask
+
+    def fill_vector(self, name: str, x: Tensor, missing: Tensor) -> Tensor:
+        """x (B, D), missing (B,) -> (B, D)."""
+        token = getattr(self, name).to(x.dtype)
+        return torch.where(missing.view(-1, 1), token.expand_as(x), x)
+
+
+class SelfAttentionLayer(nn.Module):
+    """One post-norm transformer encoder layer (attention + feed-forward), padding-masked.
+
+    The paper's step-1 "self-attention layer per modality"; its inner layout is not
+    given, so this follows ``nn.TransformerEncoderLayer``'s defaults (post-norm,
+    GELU here, feed-forward ``ffn`` wide). Uses fused scaled-dot-product attention.
+    """
+
+    def __init__(self, dim: int, heads: int, ffn: int, dropout: float, attn_dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out_proj = nn.Linear(dim, dim)
+        self.ln1 = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn, dim))
+        self.ln2 = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+        self.attn_dropout = attn_dropout
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """x (B, T, H), mask (B, T) -> (B, T, H)."""
+        B, T, H = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, hd)
+        attn = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask.view(B, 1, 1, T), dropout_p=self.attn_dropout if self.training else 0.0
+        )  # (B, h, T, hd)
+        attn = attn.transpose(1, 2).reshape(B, T, H)  # (B, T, H)
+        x = self.ln1(x + self.dropout(self.out_proj(attn)))
+        return self.ln2(x + self.dropout(self.ffn(x)))
+
+
+class ModalityEncoder(nn.Module):
+    """Step 1 (alignment): Linear(D -> H), then optionally one self-attention layer."""
+
+    def __init__(self, proj: nn.Linear, self_attention: SelfAttentionLayer | None):
+        super().__init__()
+        self.proj = proj
+        self.self_attention = self_attention
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """x (B, T, D), mask (B, T) -> (B, T, H)."""
+        x = self.proj(x)
+        if self.self_attention is not None:
+            x = self.self_attention(x, mask)
+        return x
+
+
+class CrossAttention(nn.Module):
+    """Single-query multi-head cross-attention as released (spec section 4.2).
+
+    ``q = LN(W_q a)``, ``k = LN(W_k X)``, ``v = W_v X``; scores scaled by
+    sqrt(head_dim), padded keys masked, softmax, attention dropout, output
+    projection. No residual, no feed-forward. Parameter names follow the release.
+    """
+
+    def __init__(self, query_dim: int, kv_dim: int, hidden: int, heads: int, attn_dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(query_dim, hidden)
+        self.k_proj = nn.Linear(kv_dim, hidden)
+        self.v_proj = nn.Linear(kv_dim, hidden)
+        self.out_proj = nn.Linear(hidden, hidden)
+        self.ln_q = nn.LayerNorm(hidden)
+        self.ln_kv = nn.LayerNorm(hidden)
+        self.attn_dropout = attn_dropout
+
+    def forward(self, query: Tensor, x: Tensor, mask: Tensor) -> Tensor:
+        """query (B, D_q), x (B, T, D_kv), mask (B, T) -> (B, H)."""
+        B, T, _ = x.shape
+        h = self.heads
+        q = self.ln_q(self.q_proj(query)).view(B, h, 1, -1)  # (B, h, 1, hd)
+        k = self.ln_kv(self.k_proj(x)).view(B, T, h, -1).transpose(1, 2)  # (B, h, T, hd)
+        v = self.v_proj(x).view(B, T, h, -1).transpose(1, 2)  # (B, h, T, hd)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask.view(B, 1, 1, T), dropout_p=self.attn_dropout if self.training else 0.0
+        )  # (B, h, 1, hd)
+        return self.out_proj(out.reshape(B, -1))  # (B, H)
+
+
+class TAEMI(nn.Module):
+    """Text-anchored multimodal fusion (and its ablation variants).
+
+    ``forward(batch) -> (B, num_outputs)`` raw intensities (no sigmoid, no clipping).
+    Submodules, by configuration:
+
+    - ``missing``: :class:`MissingTokens` for audio, vision, text.
+    - ``enc_<m>``: :class:`ModalityEncoder` for each non-anchor modality ``m`` when
+      ``fusion`` is ``concat``/``self_attention`` or ``align`` is on.
+    - ``ca_<m>``: :class:`CrossAttention` for each non-anchor modality (``fusion="cross_attention"``).
+    - ``pred_head``: Linear -> GELU -> Dropout -> Linear (indices 0 and 3 hold weights, as released).
+    """
+
+    def __init__(self, cfg: ModelConfig, num_outputs: int = 6):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.num_outputs = num_outputs
+        dims = {"audio": cfg.audio_dim, "vision": cfg.vision_dim, "text": cfg.text_dim}
+        self.dims = dims
+        self.anchor = cfg.anchor
+        self.others = tuple(m for m in MODALITIES if m != cfg.anchor)  # keys/values, in modality order
+
+        self.missing = MissingTokens(dims, learned=cfg.missing_tokens == "learned", std=cfg.token_init_std)
+
+        encode = cfg.fusion != "cross_attention" or cfg.align
+        with_sa = cfg.fusion in ("cross_attention", "self_attention")
+        for m in self.others:
+            if encode:
+                sa = (
+                    SelfAttentionLayer(cfg.hidden, cfg.heads, cfg.sa_ffn, cfg.sa_dropout, cfg.attn_dropout)
+                    if with_sa
+                    else None
+                )
+                self.add_module(f"enc_{m}", ModalityEncoder(nn.Linear(dims[m], cfg.hidden), sa))
+            if cfg.fusion == "cross_attention":
+                kv_dim = cfg.hidden if encode else dims[m]
+                ca = CrossAttention(dims[cfg.anchor], kv_dim, cfg.hidden, cfg.heads, cfg.attn_dropout)
+                self.add_module(f"ca_{m}", ca)
+
+        # every non-anchor modality contributes H: a CA output or a pooled projection
+        fused = dims[cfg.anchor] + len(self.others) * cfg.hidden  # 768 + 512 + 512 = 1792 (paper)
+        self.fused_dim = fused
+        self.pred_head = nn.Sequential(
+            nn.Linear(fused, cfg.head_hidden),
+            nn.GELU(),
+            nn.Dropout(cfg.head_dropout),
+            nn.Linear(cfg.head_hidden, num_outputs),
+        )
+
+    # -- inputs ------------------------------------------------------------------
+
+    def modality_dropout(self, missing: Tensor) -> Tensor:
+        """Training only: drop each modality of each sample independently with prob. p.
+
+        missing (B, 3) bool -> (B, 3) bool; all three may be dropped at once.
+        """
+        p = self.cfg.modality_dropout
+        if not self.training or p <= 0:
+            return missing
+        return missing | (torch.rand(missing.shape, device=missing.device) < p)
+
+    def _sequences(self, batch: Batch, missing: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per modality (x (B, T, D), mask (B, T)) after missing-token substitution."""
+        seqs = {
+            "audio": (batch.audio, batch.audio_mask),
+            "vision": (batch.vision, batch.vision_mask),
+        }
+        if batch.text_tokens is not None:
+            if batch.text_tokens_mask is None:
+                raise ValueError("batch.text_tokens is given without batch.text_tokens_mask")
+            seqs["text"] = (batch.text_tokens, batch.text_tokens_mask)
+        else:
+            seqs["text"] = (batch.text.unsqueeze(1), torch.ones_like(batch.text[:, :1], dtype=torch.bool))
+        return {m: self.missing.fill_sequence(m, *seqs[m], missing[:, i]) for i, m in enumerate(MODALITIES)}
+
+    # -- forward -----------------------------------------------------------------
+
+    def forward(self, batch: Batch) -> Tensor:
+        missing = self.modality_dropout(batch.missing)  # (B, 3)
+        seqs = self._sequences(batch, missing)
+        text = self.missing.fill_vector("text", batch.text, missing[:, 2])  # (B, D_t)
+
+        if self.anchor == "text":
+            query = text  # (B, D_t), enters un-projected
+        else:
+            x, mask = seqs[self.anchor]
+            query = masked_mean(x, mask)  # (B, D_anchor)
+
+        parts = [query]
+        for m in self.others:
+            x, mask = seqs[m]
+            enc = getattr(self, f"enc_{m}", None)
+            if enc is not None:
+                x = enc(x, mask)  # (B, T, H)
+            if self.cfg.fusion == "cross_attention":
+                parts.append(getattr(self, f"ca_{m}")(query, x, mask))  # (B, H)
+            else:
+                parts.append(masked_mean(x, mask))  # (B, H)
+        f = torch.cat(parts, dim=-1)  # (B, fused_dim), 1792 for the paper preset
+        return self.pred_head(f)  # (B, num_outputs)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
