@@ -1,0 +1,305 @@
+"""The ``taemi`` command: thin entry points over the library.
+
+Run ``taemi COMMAND --help`` for each command's options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("taemi")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _print(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _metrics_table(metrics: dict, title: str) -> str:
+    width = max(len(e) for e in metrics["pearson"]) + 2
+    lines = [title, f"{'emotion':<{width}}{'Pearson':>9}{'CCC':>9}"]
+    for e, r in metrics["pearson"].items():
+        lines.append(f"{e:<{width}}{r:>9.4f}{metrics['ccc'][e]:>9.4f}")
+    lines.append(f"{'mean':<{width}}{metrics['mean_pearson']:>9.4f}{metrics['mean_ccc']:>9.4f}")
+    lines.append(f"MSE {metrics['mse']:.5f} over n={metrics['n']} clips ({'clipped' if metrics['clipped'] else 'raw'} predictions)")
+    return "\n".join(lines)
+
+
+def _read_ids(path: str, id_column: str) -> list[str]:
+    """Clip ids from a CSV's id column (a label file or a plain id list with that header)."""
+    import csv
+
+    from taemi.data.clip import check_clip_id
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"id list {p} does not exist")
+    with open(p, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is None or id_column not in reader.fieldnames:
+            raise ValueError(f"{p}: no {id_column!r} column (columns: {reader.fieldnames})")
+        ids = [check_clip_id(row[id_column], source=f"{p} row {i}") for i, row in enumerate(reader, 1)]
+    dup = {i for i in ids if ids.count(i) > 1} if len(set(ids)) != len(ids) else set()
+    if dup:
+        raise ValueError(f"{p}: duplicate ids {sorted(dup)[:5]}")
+    return ids
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from taemi.config import apply_override, parse_overrides
+    from taemi.data.synth import SynthConfig, make_synth
+
+    cfg = SynthConfig(clips=args.clips, seed=args.seed)
+    for k, v in parse_overrides(args.set or []):
+        apply_override(cfg, k, v)
+    res = make_synth(args.out, cfg, progress=not args.no_progress)
+    _print(f"wrote {res.n_train} train + {res.n_valid} valid clips to {res.store}")
+    _print(f"labels: {res.train_csv}, {res.valid_csv}")
+    _print(
+        f"oracle ceiling (valid mean Pearson of the generating function): {res.oracle['mean_pearson']:.4f}"
+        f" (with missing modalities unknown: {res.oracle['mean_pearson_observable']:.4f})"
+    )
+    return 0
+
+
+def _load_config(args: argparse.Namespace):
+    from taemi.config import build_config, parse_overrides
+
+    return build_config(args.preset, parse_overrides(args.set or []), args.config)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from taemi.config import load_config
+    from taemi.data.labels import read_labels
+    from taemi.data.store import FeatureStore
+    from taemi.model.checkpoint import CONFIG_FILE
+    from taemi.train.trainer import train
+
+    if args.resume and not args.set and args.config is None and args.preset is None:
+        cfg = load_config(Path(args.out) / CONFIG_FILE)  # resume with the run's own config
+    else:
+        args.preset = args.preset or "paper"
+        cfg = _load_config(args)
+    store = FeatureStore(args.store)
+    kw = dict(emotions=cfg.data.emotions, id_column=cfg.data.id_column, store_ids=store)
+    train_labels = read_labels(args.train, **kw)
+    valid_labels = read_labels(args.valid, **kw)
+    res = train(cfg, store, train_labels, valid_labels, args.out, resume=args.resume, progress=not args.no_progress)
+    _print(_metrics_table(res.best.to_dict(), f"best epoch {res.best_epoch} of {len(res.history)} (valid):"))
+    _print(f"run folder: {res.run_dir}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from taemi.data.labels import read_labels
+    from taemi.data.store import FeatureStore
+    from taemi.eval.metrics import compute_metrics
+    from taemi.eval.predict import predict_dataset
+    from taemi.model.checkpoint import load_run
+    from taemi.train.runtime import resolve_device, resolve_precision
+    from taemi.train.trainer import check_store_fits, make_dataset
+
+    model, cfg = load_run(args.run, args.which)
+    store = FeatureStore(args.store)
+    check_store_fits(cfg, store)
+    labels = read_labels(args.labels, emotions=cfg.data.emotions, id_column=cfg.data.id_column, store_ids=store)
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    ds = make_dataset(cfg, store, labels)
+    pred, _ = predict_dataset(
+        model.to(device), ds, batch_size=cfg.train.eval_batch_size, device=device, precision=precision,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    if args.clip:
+        pred = np.clip(pred, 0.0, 1.0)
+    metrics = compute_metrics(pred, labels.values, cfg.data.emotions, clipped=args.clip).to_dict()
+    out = Path(args.out) if args.out else Path(args.run) / f"eval_{Path(args.labels).stem}.json"
+    report = {"run": str(args.run), "weights": args.which, "store": str(args.store), "labels": str(args.labels), **metrics}
+    out.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    _print(_metrics_table(metrics, f"{args.labels} ({args.which} weights):"))
+    _print(f"metrics written to {out}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from taemi.data.labels import write_predictions
+    from taemi.data.store import FeatureStore
+    from taemi.eval.predict import predict_dataset
+    from taemi.model.checkpoint import load_run
+    from taemi.train.runtime import resolve_device, resolve_precision
+    from taemi.train.trainer import check_store_fits, make_dataset
+
+    model, cfg = load_run(args.run, args.which)
+    store = FeatureStore(args.store)
+    check_store_fits(cfg, store)
+    ids = _read_ids(args.ids, cfg.data.id_column) if args.ids else list(store.ids)
+    ds = make_dataset(cfg, store, None, ids=ids)
+    device = resolve_device(args.device)
+    pred, _ = predict_dataset(
+        model.to(device), ds, batch_size=cfg.train.eval_batch_size, device=device,
+        precision=resolve_precision(args.precision, device), progress=not args.no_progress,
+    )  # fmt: skip
+    write_predictions(args.out, ids, cfg.data.emotions, pred, clip=args.clip)
+    _print(f"wrote {len(ids)} predictions ({'clipped to [0, 1]' if args.clip else 'raw'}) to {args.out}")
+    return 0
+
+
+def cmd_store_info(args: argparse.Namespace) -> int:
+    from taemi.data.store import format_info, store_info
+
+    info = store_info(args.store)
+    _print(json.dumps(info, indent=2, default=str) if args.json else format_info(info))
+    return 0
+
+
+def cmd_store_verify(args: argparse.Namespace) -> int:
+    from taemi.data.store import verify_store
+
+    problems = verify_store(args.store, progress=not args.no_progress)
+    if problems:
+        _print(f"{args.store}: {len(problems)} problem(s)")
+        for p in problems:
+            _print(f"  - {p}")
+        return 1
+    _print(f"{args.store}: OK (checksums, shapes, finite values)")
+    return 0
+
+
+def cmd_import_release(args: argparse.Namespace) -> int:
+    from taemi.model.release import import_release
+
+    emotions = tuple(e.strip() for e in args.emotions.split(",")) if args.emotions else None
+    kw = {"emotions": emotions} if emotions else {}
+    out = import_release(args.checkpoint, args.out, **kw)
+    _print(f"imported {args.checkpoint} into run folder {out} (preset 'official'); use it with evaluate/predict")
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from taemi.config import PRESETS, preset
+
+    paper = preset("paper").to_dict()["model"]
+    for name in PRESETS:
+        m = preset(name).to_dict()["model"]
+        diff = {k: v for k, v in m.items() if v != paper[k]}
+        _print(f"{name:<22}{diff if diff else '(the paper model)'}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from taemi import __version__
+
+    p = argparse.ArgumentParser(prog="taemi", description="TAEMI: text-anchored multimodal emotion intensity.")
+    p.add_argument("--version", action="version", version=f"taemi {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    def config_opts(sp: argparse.ArgumentParser, preset_default: str | None) -> None:
+        sp.add_argument("--preset", default=preset_default, help="paper | official | an ablation variant (see `taemi presets`)")
+        sp.add_argument("--config", help="YAML file of settings applied over the preset")
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting, e.g. model.hidden=256 (repeatable)")
+
+    sp = sub.add_parser("synth", help="write a synthetic feature store and label files")
+    sp.add_argument("--out", required=True, help="output folder (store/, train.csv, valid.csv, synth.json)")
+    sp.add_argument("--clips", type=int, default=1000)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="SynthConfig field, e.g. dims=64,48,32")
+    common(sp)
+    sp.set_defaults(func=cmd_synth)
+
+    sp = sub.add_parser("train", help="train a model on a feature store")
+    sp.add_argument("--store", required=True)
+    sp.add_argument("--train", required=True, help="training label CSV")
+    sp.add_argument("--valid", required=True, help="validation label CSV (model selection, early stopping)")
+    sp.add_argument("--out", required=True, help="run folder")
+    sp.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    config_opts(sp, None)
+    common(sp)
+    sp.set_defaults(func=cmd_train)
+
+    for name, func, helptext in (
+        ("evaluate", cmd_evaluate, "score a run on labelled clips"),
+        ("predict", cmd_predict, "write predictions in the ABAW submission format"),
+    ):
+        sp = sub.add_parser(name, help=helptext)
+        sp.add_argument("--run", required=True, help="run folder (from train or import-release)")
+        sp.add_argument("--store", required=True)
+        sp.add_argument("--which", default="best", choices=("best", "last"), help="which weights")
+        sp.add_argument("--device", default="auto")
+        sp.add_argument("--precision", default="fp32", choices=("auto", "fp32", "fp16", "bf16"))
+        sp.add_argument("--clip", action="store_true", help="clip predictions to [0, 1]")
+        if name == "evaluate":
+            sp.add_argument("--labels", required=True, help="label CSV")
+            sp.add_argument("--out", help="metrics JSON (default: RUN/eval_<labels>.json)")
+        else:
+            sp.add_argument("--ids", help="CSV whose id column lists the clips (default: every clip in the store)")
+            sp.add_argument("--out", required=True, help="predictions CSV")
+        common(sp)
+        sp.set_defaults(func=func)
+
+    sp = sub.add_parser("store", help="inspect a feature store")
+    ssub = sp.add_subparsers(dest="store_command", required=True, metavar="ACTION")
+    s2 = ssub.add_parser("info", help="summary of a store")
+    s2.add_argument("store")
+    s2.add_argument("--json", action="store_true")
+    s2.set_defaults(func=cmd_store_info)
+    s2 = ssub.add_parser("verify", help="check checksums, shapes and values")
+    s2.add_argument("store")
+    common(s2)
+    s2.set_defaults(func=cmd_store_verify)
+
+    sp = sub.add_parser("import-release", help="convert the authors' released fusion weights into a run folder")
+    sp.add_argument("checkpoint")
+    sp.add_argument("--out", required=True, help="run folder to write")
+    sp.add_argument("--emotions", help="comma-separated output names (default: the EMI six)")
+    sp.set_defaults(func=cmd_import_release)
+
+    sp = sub.add_parser("presets", help="list the named presets and how they differ from the paper model")
+    sp.set_defaults(func=cmd_presets)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if args.debug:
+        return args.func(args)
+    from taemi.config import ConfigError
+    from taemi.data.store import StoreError
+
+    expected = (ConfigError, StoreError, FileNotFoundError, FileExistsError, ValueError, KeyError)
+    try:
+        return args.func(args)
+    except expected as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        sys.stderr.write(f"taemi: error: {msg}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("taemi: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

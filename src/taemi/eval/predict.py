@@ -1,0 +1,50 @@
+"""Batched inference over a dataset of clips."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from taemi.data.dataset import ClipDataset, Collator
+from taemi.model.taemi import TAEMI
+from taemi.train.runtime import autocast
+
+
+@torch.no_grad()
+def predict_dataset(
+    model: TAEMI,
+    dataset: ClipDataset,
+    *,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    num_workers: int = 0,
+    progress: bool = False,
+    desc: str = "predict",
+) -> tuple[np.ndarray, float | None]:
+    """Raw predictions (N, E) float32 in dataset order, and the MSE loss when targets exist."""
+    device = torch.device(device)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=Collator(model.dims, dataset.text_tokens),
+    )
+    was_training = model.training
+    model.eval()
+    preds, sq_err, n_el = [], 0.0, 0
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
+        batch = batch.to(device)
+        with autocast(device, precision):
+            out = model(batch)
+        out = out.float()  # (B, E)
+        preds.append(out.cpu().numpy())
+        if batch.target is not None:
+            sq_err += float(((out - batch.target) ** 2).sum(dtype=torch.float64))
+            n_el += batch.target.numel()
+    model.train(was_training)
+    pred = np.concatenate(preds) if preds else np.zeros((0, model.num_outputs), np.float32)
+    return pred, (sq_err / n_el if n_el else None)

@@ -1,0 +1,312 @@
+"""The training recipe of spec section 6, over a feature store.
+
+AdamW (lr 1e-4, weight decay 0.01); per-step linear warm-up (1 epoch) then cosine
+decay to 0 over all ``max_epochs``; mixed precision (fp16 + grad scaling on CUDA,
+optional bf16 autocast on CPU); gradient clipping by value (release) or norm; early
+stopping on validation mean Pearson; best and last checkpoints; exact resume.
+
+Resume is exact at epoch granularity: everything that decides the next epoch (model,
+optimiser, scheduler, grad scaler, RNG states, early-stopping state, history) is
+saved atomically in ``state.pt`` after every epoch, and the shuffling order of epoch
+``e`` depends only on (seed, e). An interrupted epoch is redone from its start.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, RandomSampler
+from tqdm.auto import tqdm
+
+from taemi.config import ConfigError, RunConfig, load_config, save_config
+from taemi.data.dataset import ClipDataset, Collator
+from taemi.data.labels import Labels
+from taemi.data.store import FeatureStore
+from taemi.eval.metrics import Metrics, compute_metrics
+from taemi.eval.predict import predict_dataset
+from taemi.model.checkpoint import CONFIG_FILE, build_model, save_weights
+from taemi.train.plots import plot_history, plot_per_emotion
+from taemi.train.runtime import autocast, resolve_device, resolve_precision, seed_everything
+from taemi.train.schedule import make_scheduler
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+EpochCallback = Callable[[int, dict], None]
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_epoch: int
+    best: Metrics
+    history: list[dict]
+    stopped_early: bool
+
+
+def check_store_fits(cfg: RunConfig, store: FeatureStore) -> None:
+    """The model's input sizes must equal the store's feature sizes (no silent reshaping)."""
+    want = {"audio": cfg.model.audio_dim, "vision": cfg.model.vision_dim, "text": cfg.model.text_dim}
+    for m, d in want.items():
+        if store.dims[m] != d:
+            raise ConfigError(
+                f"the feature store {store.root} has {m} features of size {store.dims[m]} but "
+                f"model.{m}_dim={d}; pass --set model.{m}_dim={store.dims[m]}"
+            )
+
+
+def resolve_text_tokens(cfg: RunConfig, store: FeatureStore) -> RunConfig:
+    """Turn ``data.text_tokens=auto`` into yes/no: token states are used when the store has
+    them and text is a key/value modality (non-text anchor)."""
+    mode = cfg.data.text_tokens
+    if mode == "auto":
+        mode = "yes" if store.has_text_tokens and cfg.model.anchor != "text" else "no"
+    if mode == "yes" and not store.has_text_tokens:
+        raise ConfigError(f"data.text_tokens=yes but the store {store.root} has no text token states")
+    return replace(cfg, data=replace(cfg.data, text_tokens=mode))
+
+
+def make_dataset(cfg: RunConfig, store: FeatureStore, labels: Labels | None, ids=None) -> ClipDataset:
+    if labels is not None and tuple(labels.emotions) != tuple(cfg.data.emotions):
+        raise ConfigError(
+            f"labels {labels.source} have emotions {list(labels.emotions)} but the config expects "
+            f"{list(cfg.data.emotions)} (data.emotions)"
+        )
+    return ClipDataset(
+        store,
+        labels.ids if labels is not None else ids,
+        None if labels is None else labels.values,
+        max_audio_len=cfg.data.max_audio_len,
+        max_vision_len=cfg.data.max_vision_len,
+        max_text_tokens=cfg.data.max_text_tokens,
+        text_tokens=cfg.data.text_tokens == "yes",
+    )
+
+
+#: Settings that may change between an interrupted run and its resumption.
+RUNTIME_KEYS = {("train", "device"), ("train", "log_every"), ("train", "eval_batch_size"), ("data", "num_workers")}
+
+
+def _resume_key(cfg: RunConfig) -> dict:
+    d = cfg.to_dict()
+    for section, key in RUNTIME_KEYS:
+        d[section].pop(key)
+    return d
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    if not history:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(history[0]))
+        w.writeheader()
+        w.writerows(history)
+    os.replace(tmp, path)
+
+
+def _clip_gradients(model: torch.nn.Module, cfg: RunConfig) -> None:
+    if cfg.train.grad_clip <= 0:
+        return
+    if cfg.train.grad_clip_mode == "value":
+        torch.nn.utils.clip_grad_value_(model.parameters(), cfg.train.grad_clip)
+    else:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+
+
+def train(
+    cfg: RunConfig,
+    store: FeatureStore | str | os.PathLike,
+    train_labels: Labels,
+    valid_labels: Labels,
+    out_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    callbacks: Iterable[EpochCallback] = (),
+) -> TrainResult:
+    """Train ``cfg`` on ``train_labels``' clips, select on ``valid_labels``; write ``out_dir``."""
+    store = store if isinstance(store, FeatureStore) else FeatureStore(store)
+    cfg = resolve_text_tokens(cfg.validate(), store)
+    check_store_fits(cfg, store)
+    run = Path(out_dir)
+    state_path = run / STATE_FILE
+    if resume:
+        if not state_path.is_file():
+            raise FileNotFoundError(f"cannot resume: {state_path} does not exist (no finished epoch yet?)")
+        saved = load_config(run / CONFIG_FILE)
+        if _resume_key(saved) != _resume_key(cfg):
+            raise ConfigError(
+                f"cannot resume {run}: the config differs from the one it was started with "
+                f"({run / CONFIG_FILE}); resume with the same preset and --set options"
+            )
+    elif (run / CONFIG_FILE).exists():
+        raise FileExistsError(f"{run} already holds a run; use --resume to continue it or choose another --out")
+    run.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run / CONFIG_FILE)
+
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    precision = resolve_precision(tc.precision, device)
+    seed_everything(tc.seed, tc.deterministic)
+
+    train_ds = make_dataset(cfg, store, train_labels)
+    valid_ds = make_dataset(cfg, store, valid_labels)
+    model = build_model(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas)
+    steps_per_epoch = math.ceil(len(train_ds) / tc.batch_size)
+    warmup = max(1, round(tc.warmup_epochs * steps_per_epoch)) if tc.warmup_epochs > 0 else 0
+    scheduler = make_scheduler(optimizer, warmup, tc.max_epochs * steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    history: list[dict] = []
+    best_score, best_epoch, bad_epochs, start_epoch = -math.inf, 0, 0, 1
+    best_metrics: Metrics | None = None
+    if resume:
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(st["model"])
+        optimizer.load_state_dict(st["optimizer"])
+        scheduler.load_state_dict(st["scheduler"])
+        scaler.load_state_dict(st["scaler"])
+        torch.set_rng_state(st["rng_cpu"])
+        if device.type == "cuda" and st.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(st["rng_cuda"], device)
+        history, best_score, best_epoch = st["history"], st["best_score"], st["best_epoch"]
+        bad_epochs, start_epoch = st["bad_epochs"], st["epoch"] + 1
+        best_metrics = Metrics(**st["best_metrics"]) if st["best_metrics"] else None
+        log.info("resuming %s after epoch %d (best %.4f at epoch %d)", run, st["epoch"], best_score, best_epoch)
+
+    collate = Collator(store.dims, train_ds.text_tokens)
+    stopped_early = bool(history) and tc.patience > 0 and bad_epochs >= tc.patience
+    log.info(
+        "training %s (%d parameters) on %d clips, validating on %d; %s, %s",
+        cfg.preset, sum(p.numel() for p in model.parameters()), len(train_ds), len(valid_ds), device, precision,
+    )  # fmt: skip
+
+    for epoch in range(start_epoch, tc.max_epochs + 1):
+        if stopped_early:
+            break
+        t0 = time.perf_counter()
+        gen = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)  # shuffle depends on (seed, epoch) only
+        loader = DataLoader(
+            train_ds, batch_size=tc.batch_size, sampler=RandomSampler(train_ds, generator=gen),
+            num_workers=cfg.data.num_workers, collate_fn=collate, pin_memory=device.type == "cuda",
+        )  # fmt: skip
+        model.train()
+        loss_sum, n_seen = 0.0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch}/{tc.max_epochs}", disable=not progress, leave=False, unit="batch")
+        for step, batch in enumerate(bar, 1):
+            batch = batch.to(device, non_blocking=True)
+            with autocast(device, precision):
+                pred = model(batch)  # (B, E)
+            loss = F.mse_loss(pred.float(), batch.target)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            _clip_gradients(model, cfg)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            loss_sum += loss.item() * len(batch)
+            n_seen += len(batch)
+            bar.set_postfix(loss=f"{loss_sum / n_seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if tc.log_every and step % tc.log_every == 0:
+                log.info("epoch %d step %d: train loss %.5f", epoch, step, loss_sum / n_seen)
+
+        pred, valid_loss = predict_dataset(
+            model, valid_ds, batch_size=tc.eval_batch_size, device=device, precision=precision,
+            num_workers=cfg.data.num_workers, progress=progress, desc="validate",
+        )  # fmt: skip
+        metrics = compute_metrics(pred, valid_ds.targets, cfg.data.emotions)
+        row = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(n_seen, 1),
+            "lr": scheduler.get_last_lr()[0],
+            "valid_loss": valid_loss,
+            "valid_mean_pearson": metrics.mean_pearson,
+            **{f"pearson_{e}": metrics.pearson[e] for e in cfg.data.emotions},
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        history.append(row)
+        improved = metrics.mean_pearson > best_score
+        if improved:
+            best_score, best_epoch, bad_epochs, best_metrics = metrics.mean_pearson, epoch, 0, metrics
+            save_weights(model, run / "best.safetensors")
+            _write_valid_predictions(run / "valid_predictions.csv", valid_ds.ids, cfg.data.emotions, pred)
+        else:
+            bad_epochs += 1
+        stopped_early = tc.patience > 0 and bad_epochs >= tc.patience
+        save_weights(model, run / "last.safetensors")
+        _save_state(state_path, model, optimizer, scheduler, scaler, device, epoch=epoch, history=history,
+                    best_score=best_score, best_epoch=best_epoch, bad_epochs=bad_epochs,
+                    best_metrics=best_metrics)  # fmt: skip
+        _write_history(run / "history.csv", history)
+        _write_metrics(run, best_epoch, best_metrics, history, stopped_early, finished=False)
+        log.info(
+            "epoch %d: train loss %.4f, valid loss %.4f, valid mean Pearson %.4f%s",
+            epoch, row["train_loss"], valid_loss, metrics.mean_pearson, " (best)" if improved else "",
+        )  # fmt: skip
+        for cb in callbacks:
+            cb(epoch, row)
+        if stopped_early:
+            log.info("early stopping: no improvement for %d epochs; best epoch %d", tc.patience, best_epoch)
+
+    assert best_metrics is not None
+    _write_metrics(run, best_epoch, best_metrics, history, stopped_early, finished=True)
+    plot_history(history, run / "plots" / "learning_curves.png")
+    plot_per_emotion(best_metrics.pearson, run / "plots" / "per_emotion_pearson.png",
+                     title=f"valid Pearson per emotion (best epoch {best_epoch})")  # fmt: skip
+    return TrainResult(run, best_epoch, best_metrics, history, stopped_early)
+
+
+def _save_state(path: Path, model, optimizer, scheduler, scaler, device, **extra) -> None:
+    best = extra.pop("best_metrics")
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "best_metrics": None if best is None else best.__dict__,
+        **extra,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _write_metrics(run: Path, best_epoch: int, best: Metrics | None, history: list[dict], stopped_early: bool,
+                   finished: bool) -> None:  # fmt: skip
+    data = {
+        "best_epoch": best_epoch,
+        "valid": None if best is None else best.to_dict(),
+        "epochs_run": len(history),
+        "stopped_early": stopped_early,
+        "finished": finished,
+        "predictions": "raw (not clipped)",
+    }
+    _atomic_write_text(run / "metrics.json", json.dumps(data, indent=2))
+
+
+def _write_valid_predictions(path: Path, ids, emotions, pred: np.ndarray) -> None:
+    from taemi.data.labels import write_predictions
+
+    write_predictions(path, ids, emotions, pred, clip=False)
