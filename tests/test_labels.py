@@ -10,7 +10,9 @@ import pytest
 from taemi import EMI_EMOTIONS
 from taemi.data.labels import LabelError, Labels, read_labels, write_predictions
 
-CREMA_D_LABELS = Path(__file__).resolve().parents[2] / "shared" / "data" / "crema-d-sample" / "labels.csv"
+CREMA_D_LABELS = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "crema-d-sample" / "labels.csv"
+)
 CREMA_D_EMOTIONS = ("Anger", "Disgust", "Fear", "Happy", "Neutral", "Sad")
 
 HEADER = "Filename," + ",".join(EMI_EMOTIONS)
@@ -28,7 +30,9 @@ def _row(clip_id: str, *vals: object) -> str:
 
 
 def test_reads_ids_as_strings_keeping_leading_zeros(tmp_path: Path) -> None:
-    p = _write(tmp_path, "\n".join([HEADER, _row("00042"), _row("00007", 0, 1, 0.5, 0.25, 0, 1), ""]))
+    p = _write(
+        tmp_path, "\n".join([HEADER, _row("00042"), _row("00007", 0, 1, 0.5, 0.25, 0, 1), ""])
+    )
     labels = read_labels(p)
     assert labels.ids == ["00042", "00007"]
     assert labels.emotions == EMI_EMOTIONS
@@ -99,18 +103,30 @@ def test_labels_checks_shape() -> None:
 # ----------------------------------------------------------------- errors
 ERROR_CASES = {
     "empty cell": ([HEADER, "00001,0.1,,0.3,0.4,0.5,0.6"], ["row 1", "Amusement", "empty"]),
-    "non-numeric": ([HEADER, _row("00001"), "00002,0.1,0.2,abc,0.4,0.5,0.6"], ["row 2", "'abc'", "Determination"]),
+    "non-numeric": (
+        [HEADER, _row("00001"), "00002,0.1,0.2,abc,0.4,0.5,0.6"],
+        ["row 2", "'abc'", "Determination"],
+    ),
     "nan": ([HEADER, "00001,0.1,0.2,0.3,nan,0.5,0.6"], ["row 1", "'nan'", "Empathic Pain"]),
     "inf": ([HEADER, "00001,0.1,0.2,0.3,0.4,inf,0.6"], ["'inf'", "not finite"]),
     "out of range": ([HEADER, "00001,0.1,0.2,0.3,0.4,0.5,1.5"], ["'1.5'", "Joy", "outside"]),
     "negative": ([HEADER, "00009,-0.01,0.2,0.3,0.4,0.5,0.6"], ["'00009'", "'-0.01'"]),
-    "duplicate id": ([HEADER, _row("00001"), _row("00002"), _row("00001")], ["row 3", "row 1", "'00001'", "duplicate"]),
+    "duplicate id": (
+        [HEADER, _row("00001"), _row("00002"), _row("00001")],
+        ["row 3", "row 1", "'00001'", "duplicate"],
+    ),
     "unsafe id": ([HEADER, _row("../etc")], ["row 1", "'../etc'"]),
     "empty id": ([HEADER, _row("")], ["row 1", "empty"]),
     "ragged short": ([HEADER, "00001,0.1,0.2"], ["row 1", "3 fields", "7"]),
     "ragged long": ([HEADER, _row("00001") + ",0.7"], ["row 1", "8 fields"]),
-    "id column missing": (["Clip," + ",".join(EMI_EMOTIONS), _row("00001")], ["'Filename'", "Clip"]),
-    "emotion missing": (["Filename,Admiration,Joy", "00001,0.1,0.2"], ["'Amusement'", "'Empathic Pain'", "Admiration"]),
+    "id column missing": (
+        ["Clip," + ",".join(EMI_EMOTIONS), _row("00001")],
+        ["'Filename'", "Clip"],
+    ),
+    "emotion missing": (
+        ["Filename,Admiration,Joy", "00001,0.1,0.2"],
+        ["'Amusement'", "'Empathic Pain'", "Admiration"],
+    ),
     "duplicate column": ([HEADER + ",Joy", _row("00001") + ",0.1"], ["repeats", "Joy"]),
     "header only": ([HEADER], ["no data rows"]),
     "empty file": ([""], ["empty"]),
@@ -120,7 +136,11 @@ ERROR_CASES = {
 @pytest.mark.parametrize("case", sorted(ERROR_CASES))
 def test_error_cases_name_file_and_place(tmp_path: Path, case: str) -> None:
     lines, fragments = ERROR_CASES[case]
-    p = _write(tmp_path, "\n".join(lines) + ("\n" if lines != [""] else ""), name=f"my_split_{case.replace(' ', '_')}.csv")
+    p = _write(
+        tmp_path,
+        "\n".join(lines) + ("\n" if lines != [""] else ""),
+        name=f"my_split_{case.replace(' ', '_')}.csv",
+    )
     with pytest.raises(LabelError) as err:
         read_labels(p)
     msg = str(err.value)

@@ -32,8 +32,12 @@ def test_pearson_matches_scipy_per_column(seed: int, dtype: type) -> None:
     target = rng.random((n, 6))
     pred = (0.5 * target + rng.normal(0, 0.3, (n, 6))).astype(dtype)
     m = compute_metrics(pred, target, EMI_EMOTIONS)
-    expected = [stats.pearsonr(pred[:, j].astype(np.float64), target[:, j]).statistic for j in range(6)]
-    np.testing.assert_allclose([m.pearson[e] for e in EMI_EMOTIONS], expected, rtol=1e-10, atol=1e-12)
+    expected = [
+        stats.pearsonr(pred[:, j].astype(np.float64), target[:, j]).statistic for j in range(6)
+    ]
+    np.testing.assert_allclose(
+        [m.pearson[e] for e in EMI_EMOTIONS], expected, rtol=1e-10, atol=1e-12
+    )
     assert m.mean_pearson == pytest.approx(np.mean(expected), rel=1e-10)
     for j in range(6):
         assert pearson(pred[:, j], target[:, j]) == pytest.approx(expected[j], rel=1e-10)

@@ -55,7 +55,9 @@ class Labels:
                 f"({len(self.ids)}, {len(self.emotions)}) = (ids, emotions)"
             )
         if self.values.dtype != np.float32:
-            raise ValueError(f"Labels from {self.source}: values dtype {self.values.dtype}, expected float32")
+            raise ValueError(
+                f"Labels from {self.source}: values dtype {self.values.dtype}, expected float32"
+            )
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -89,7 +91,9 @@ class Labels:
 def _check_emotion_names(emotions: Sequence[str], *, what: str) -> tuple[str, ...]:
     names = tuple(emotions)
     if isinstance(emotions, str):
-        raise TypeError(f"{what}: emotions must be a sequence of names, got the string {emotions!r}")
+        raise TypeError(
+            f"{what}: emotions must be a sequence of names, got the string {emotions!r}"
+        )
     if not names:
         raise ValueError(f"{what}: emotions is empty")
     for name in names:
@@ -126,8 +130,12 @@ def read_labels(
     src = str(path)
     p = Path(path)
     if not p.is_file():
-        raise LabelError(f"{src}: label file not found" + (" (it is a directory)" if p.is_dir() else ""))
-    wanted = None if emotions is None else _check_emotion_names(emotions, what=f"read_labels({src})")
+        raise LabelError(
+            f"{src}: label file not found" + (" (it is a directory)" if p.is_dir() else "")
+        )
+    wanted = (
+        None if emotions is None else _check_emotion_names(emotions, what=f"read_labels({src})")
+    )
     if value_range is not None:
         lo, hi = float(value_range[0]), float(value_range[1])
         if not lo <= hi:
@@ -152,7 +160,9 @@ def read_labels(
                 r, line = len(ids) + 1, reader.line_num
                 where = f"{src} row {r} (line {line})"
                 if len(row) != len(header):
-                    raise LabelError(f"{where}: {len(row)} fields, the header has {len(header)}: {row!r}")
+                    raise LabelError(
+                        f"{where}: {len(row)} fields, the header has {len(header)}: {row!r}"
+                    )
                 try:
                     clip_id = check_clip_id(row[id_col], source=where)
                 except ValueError as e:
@@ -163,7 +173,9 @@ def read_labels(
                         f"{where}: duplicate id {clip_id!r}, first seen at row {r0} (line {line0})"
                     )
                 first_seen[clip_id] = (r, line)
-                rows.append([_parse_value(row[c], where, clip_id, header[c], value_range) for c in columns])
+                rows.append(
+                    [_parse_value(row[c], where, clip_id, header[c], value_range) for c in columns]
+                )
                 ids.append(clip_id)
     except UnicodeDecodeError as e:
         raise LabelError(f"{src}: not valid UTF-8 ({e})") from e
@@ -217,7 +229,9 @@ def _parse_value(
     try:
         v = float(cell)
     except ValueError:
-        raise LabelError(f"{where}: id {clip_id!r}, column {column!r}: {cell!r} is not a number") from None
+        raise LabelError(
+            f"{where}: id {clip_id!r}, column {column!r}: {cell!r} is not a number"
+        ) from None
     if not math.isfinite(v):
         raise LabelError(f"{where}: id {clip_id!r}, column {column!r}: {cell!r} is not finite")
     if value_range is not None and not value_range[0] <= v <= value_range[1]:
@@ -230,7 +244,9 @@ def _parse_value(
 
 def _format_value(v: np.floating) -> str:
     """Shortest text that reads back to exactly ``v`` at its dtype's precision, no exponent."""
-    return np.format_float_positional(v + v.dtype.type(0.0), unique=True, trim="0")  # + 0.0: no "-0.0"
+    return np.format_float_positional(
+        v + v.dtype.type(0.0), unique=True, trim="0"
+    )  # + 0.0: no "-0.0"
 
 
 def write_predictions(
@@ -302,4 +318,10 @@ def write_predictions(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    log.info("wrote %d predictions x %d emotions to %s%s", len(ids), len(names), dst, " (clipped)" if clip else "")
+    log.info(
+        "wrote %d predictions x %d emotions to %s%s",
+        len(ids),
+        len(names),
+        dst,
+        " (clipped)" if clip else "",
+    )

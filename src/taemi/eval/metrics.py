@@ -34,7 +34,9 @@ def _as_pair(pred: np.ndarray, target: np.ndarray, what: str) -> tuple[np.ndarra
         bad = ~np.isfinite(a)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"{what}: {name} has {int(bad.sum())} non-finite value(s), first at {i}: {a[i]}")
+            raise ValueError(
+                f"{what}: {name} has {int(bad.sum())} non-finite value(s), first at {i}: {a[i]}"
+            )
     return x, y
 
 
@@ -138,11 +140,15 @@ def compute_metrics(
     p = np.asarray(pred, dtype=np.float64)  # (N, E)
     t = np.asarray(target, dtype=np.float64)  # (N, E)
     if p.ndim != 2 or t.ndim != 2:
-        raise ValueError(f"compute_metrics: expects 2-D (N, E) arrays, got pred {p.shape}, target {t.shape}")
+        raise ValueError(
+            f"compute_metrics: expects 2-D (N, E) arrays, got pred {p.shape}, target {t.shape}"
+        )
     if p.shape != t.shape:
         raise ValueError(f"compute_metrics: pred shape {p.shape} != target shape {t.shape}")
     if p.shape[1] != len(names):
-        raise ValueError(f"compute_metrics: {p.shape[1]} columns but {len(names)} emotion names {list(names)}")
+        raise ValueError(
+            f"compute_metrics: {p.shape[1]} columns but {len(names)} emotion names {list(names)}"
+        )
     if p.shape[0] < 2:
         raise ValueError(f"compute_metrics: needs at least 2 rows, got {p.shape[0]}")
     for what, a in (("pred", p), ("target", t)):
