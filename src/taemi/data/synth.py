@@ -94,9 +94,9 @@ class SynthConfig:
     audio_len: tuple[int, int] = (40, 120)  # audio frames per clip, min and max (inclusive)
     vision_len: tuple[int, int] = (20, 60)  # vision frames per clip, min and max (inclusive)
     emotions: tuple[str, ...] = EMI_EMOTIONS  # label columns (E of them)
-    weights: tuple[float, float, float] = (0.4, 0.3, 0.3)  # label weights: TEXT, audio, vision
+    weights: tuple[float, float, float] = (0.3, 0.3, 0.4)  # label weights: audio, vision, text
     label_noise: float = 0.05  # std of the Gaussian label noise before clipping to [0, 1]
-    missing_rate: tuple[float, float, float] = (0.05, 0.05, 0.05)  # P(missing): audio, vision, TEXT
+    missing_rate: tuple[float, float, float] = (0.05, 0.05, 0.05)  # P(missing): audio, vision, text
     corrupt_rate: float = 0.1  # P(a corrupted span) per clip, for audio and vision each
     text_tokens: bool = False  # also store token states (T_t, D_t); their mean is the text vector
     text_len: tuple[int, int] = (4, 16)  # text tokens per clip, min and max (with text_tokens)
@@ -264,7 +264,7 @@ def draw_truth(cfg: SynthConfig, index: int) -> SynthTruth:
     e = len(cfg.emotions)
     rng = np.random.default_rng([cfg.seed, index, _TRUTH_STREAM])
     u_t, u_a, u_v = rng.random((3, e))  # (E,) each
-    w_t, w_a, w_v = cfg.weights
+    w_a, w_v, w_t = cfg.weights
     label = np.clip(
         w_t * u_t + w_a * u_a + w_v * u_v + rng.normal(0.0, cfg.label_noise, e), 0.0, 1.0
     )
@@ -346,7 +346,7 @@ def oracle_predictions(
     cfg: SynthConfig, truths: list[SynthTruth], *, observable: bool
 ) -> np.ndarray:
     """(N, E) noise-free ``clip(w . u, 0, 1)``; ``observable`` puts 0.5 for missing latents."""
-    w_t, w_a, w_v = cfg.weights
+    w_a, w_v, w_t = cfg.weights
     rows = []
     for tr in truths:
         miss_a, miss_v, miss_t = tr.missing if observable else (False, False, False)
