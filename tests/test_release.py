@@ -28,6 +28,15 @@ from taemi.model.taemi import TAEMI, Batch
 DA, DV, DT, H, HH = 7, 5, 6, 8, 12  # tiny audio/vision/text dims, hidden, head hidden
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add synchronisation cost."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _official_model(seed: int = 0) -> TAEMI:
     cfg = dataclasses.replace(
         preset("official").model,
