@@ -100,8 +100,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from taemi.data.labels import read_labels
     from taemi.data.store import FeatureStore
     from taemi.eval.metrics import compute_metrics
@@ -121,8 +119,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         model.to(device), ds, batch_size=cfg.train.eval_batch_size, device=device, precision=precision,
         progress=not args.no_progress,
     )  # fmt: skip
-    if args.clip:
-        pred = np.clip(pred, 0.0, 1.0)
     metrics = compute_metrics(pred, labels.values, cfg.data.emotions, clipped=args.clip).to_dict()
     out = Path(args.out) if args.out else Path(args.run) / f"eval_{Path(args.labels).stem}.json"
     report = {"run": str(args.run), "weights": args.which, "store": str(args.store), "labels": str(args.labels), **metrics}
@@ -183,6 +179,19 @@ def cmd_import_release(args: argparse.Namespace) -> int:
     kw = {"emotions": emotions} if emotions else {}
     out = import_release(args.checkpoint, args.out, **kw)
     _print(f"imported {args.checkpoint} into run folder {out} (preset 'official'); use it with evaluate/predict")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from taemi.demo import run_demo
+
+    s = run_demo(args.out, clips=args.clips, epochs=args.epochs, preset=args.preset, seed=args.seed,
+                 resume=args.resume, progress=not args.no_progress)  # fmt: skip
+    _print(_metrics_table(s["valid"], f"{args.preset} preset on synthetic data, valid split:"))
+    _print(
+        f"valid mean Pearson {s['valid']['mean_pearson']:.4f} vs oracle ceiling {s['oracle_mean_pearson']:.4f} "
+        f"({100 * s['share_of_oracle']:.0f}% of the ceiling); details in {Path(args.out) / 'summary.json'}"
+    )
     return 0
 
 
@@ -271,6 +280,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="run folder to write")
     sp.add_argument("--emotions", help="comma-separated output names (default: the EMI six)")
     sp.set_defaults(func=cmd_import_release)
+
+    sp = sub.add_parser("demo", help="the main job on embedded synthetic data: synth -> train -> evaluate -> predict")
+    sp.add_argument("--out", default="demo", help="output folder (default: ./demo)")
+    sp.add_argument("--clips", type=int, default=600)
+    sp.add_argument("--epochs", type=int, default=6)
+    sp.add_argument("--preset", default="paper")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--resume", action="store_true", help="reuse finished steps in --out")
+    common(sp)
+    sp.set_defaults(func=cmd_demo)
 
     sp = sub.add_parser("presets", help="list the named presets and how they differ from the paper model")
     sp.set_defaults(func=cmd_presets)
