@@ -210,7 +210,7 @@ def train(
             num_workers=cfg.data.num_workers, collate_fn=collate, pin_memory=device.type == "cuda",
         )  # fmt: skip
         model.train()
-        loss_sum, n_seen = 0.0, 0
+        loss_sum, n_seen = torch.zeros((), device=device), 0
         bar = tqdm(loader, desc=f"epoch {epoch}/{tc.max_epochs}", disable=not progress, leave=False, unit="batch")
         for step, batch in enumerate(bar, 1):
             batch = batch.to(device, non_blocking=True)
@@ -224,11 +224,13 @@ def train(
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            loss_sum += loss.item() * len(batch)
+            loss_sum += loss.detach() * len(batch)  # stays on the device: no sync per step
             n_seen += len(batch)
-            bar.set_postfix(loss=f"{loss_sum / n_seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if progress and (step % 10 == 0 or step == len(loader)):
+                bar.set_postfix(loss=f"{loss_sum.item() / n_seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if tc.log_every and step % tc.log_every == 0:
-                log.info("epoch %d step %d: train loss %.5f", epoch, step, loss_sum / n_seen)
+                log.info("epoch %d step %d: train loss %.5f", epoch, step, loss_sum.item() / n_seen)
+        loss_sum = float(loss_sum)
 
         pred, valid_loss = predict_dataset(
             model, valid_ds, batch_size=tc.eval_batch_size, device=device, precision=precision,
@@ -258,7 +260,8 @@ def train(
                     best_score=best_score, best_epoch=best_epoch, bad_epochs=bad_epochs,
                     best_metrics=best_metrics)  # fmt: skip
         _write_history(run / "history.csv", history)
-        _write_metrics(run, best_epoch, best_metrics, history, stopped_early, finished=False)
+        _write_metrics(run, best_epoch, best_metrics, history, stopped_early, finished=False,
+                       device=str(device), precision=precision)
         log.info(
             "epoch %d: train loss %.4f, valid loss %.4f, valid mean Pearson %.4f%s",
             epoch, row["train_loss"], valid_loss, metrics.mean_pearson, " (best)" if improved else "",
@@ -269,7 +272,8 @@ def train(
             log.info("early stopping: no improvement for %d epochs; best epoch %d", tc.patience, best_epoch)
 
     assert best_metrics is not None
-    _write_metrics(run, best_epoch, best_metrics, history, stopped_early, finished=True)
+    _write_metrics(run, best_epoch, best_metrics, history, stopped_early, finished=True,
+                   device=str(device), precision=precision)
     plot_history(history, run / "plots" / "learning_curves.png")
     plot_per_emotion(best_metrics.pearson, run / "plots" / "per_emotion_pearson.png",
                      title=f"valid Pearson per emotion (best epoch {best_epoch})")  # fmt: skip
@@ -294,7 +298,7 @@ def _save_state(path: Path, model, optimizer, scheduler, scaler, device, **extra
 
 
 def _write_metrics(run: Path, best_epoch: int, best: Metrics | None, history: list[dict], stopped_early: bool,
-                   finished: bool) -> None:  # fmt: skip
+                   finished: bool, device: str, precision: str) -> None:  # fmt: skip
     data = {
         "best_epoch": best_epoch,
         "valid": None if best is None else best.to_dict(),
@@ -302,6 +306,8 @@ def _write_metrics(run: Path, best_epoch: int, best: Metrics | None, history: li
         "stopped_early": stopped_early,
         "finished": finished,
         "predictions": "raw (not clipped)",
+        "device": device,
+        "precision": precision,
     }
     _atomic_write_text(run / "metrics.json", json.dumps(data, indent=2))
 
