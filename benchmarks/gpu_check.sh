@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One prepared GPU check (run on a CUDA machine from the repo root; no install needed
+# where torch, numpy, safetensors, pyyaml, tqdm and matplotlib are present):
+#   1. CUDA training throughput at paper dimensions, fp32 vs fp16 autocast + GradScaler
+#      vs bf16 autocast, eager and torch.compile, paper and official presets;
+#   2. an end-to-end `taemi train` on a synthetic paper-dimension store with the
+#      default precision (fp16 + grad scaling on CUDA): epochs, time per epoch, metrics.
+# Writes everything under ${OUT:-/tmp/taemi_gpu}.
+set -uo pipefail
+OUT=${OUT:-/tmp/taemi_gpu}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
+} 2>&1 | tee "$OUT/device.txt"
+
+for prec in fp32 fp16 bf16; do
+  $PY benchmarks/train_throughput.py --device cuda --precision "$prec" --steps 30 --presets paper,official \
+    ${COMPILE:+--compile} 2>&1 | tee "$OUT/throughput_$prec.txt"
+done
+
+work=$(mktemp -d)
+$PY -m taemi synth --out "$work/data" --clips 2000 --no-progress 2>&1 | tail -n 3 | tee "$OUT/e2e.txt"
+$PY -m taemi train --store "$work/data/store" --train "$work/data/train.csv" --valid "$work/data/valid.csv" \
+  --out "$work/run" --set train.max_epochs=5 --set data.num_workers=4 --no-progress 2>&1 | tee -a "$OUT/e2e.txt"
+cp "$work/run/metrics.json" "$work/run/history.csv" "$OUT/" 2>/dev/null
+grep -E '"(device|precision|best_epoch|mean_pearson)"' "$work/run/metrics.json" | tee -a "$OUT/e2e.txt"
