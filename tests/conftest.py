@@ -1,0 +1,112 @@
+"""Shared fixtures: tiny synthetic feature stores and tiny run configs.
+
+Everything here is sized for seconds-long CPU tests: feature dims (12, 10, 8),
+sequences of a few frames, a model with hidden size 16.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from taemi.config import RunConfig, build_config, parse_overrides
+from taemi.data.labels import Labels, read_labels
+from taemi.data.store import FeatureStore
+from taemi.data.synth import SynthConfig, SynthResult, make_synth
+
+#: Feature dims (D_a, D_v, D_t) of every synthetic store made here.
+DIMS = (12, 10, 8)
+
+#: Settings that make the paper preset tiny and fast, and fit a store of DIMS.
+TINY_OVERRIDES = (
+    f"model.audio_dim={DIMS[0]}",
+    f"model.vision_dim={DIMS[1]}",
+    f"model.text_dim={DIMS[2]}",
+    "model.hidden=16",
+    "model.heads=2",
+    "model.sa_ffn=32",
+    "model.head_hidden=16",
+    "train.max_epochs=3",
+    "train.batch_size=16",
+    "train.lr=1e-3",
+    "train.device=cpu",
+)
+
+TinyConfig = Callable[..., RunConfig]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny tensors: intra-op threads only add synchronisation cost (10-100x slower on a
+    busy 2-core machine), so the whole session runs torch with one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_synth_config(**kw) -> SynthConfig:
+    """A SynthConfig with tiny dims and short sequences; ``kw`` overrides fields."""
+    base = {
+        "clips": 96,
+        "dims": DIMS,
+        "audio_len": (6, 20),
+        "vision_len": (4, 12),
+        "text_len": (3, 8),
+        "missing_rate": (0.15, 0.15, 0.1),
+        "seed": 0,
+    }
+    return SynthConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> SynthResult:
+    """96 clips (72 train, 24 valid), dims (12, 10, 8), float16, some modalities missing.
+
+    Read-only: tests that damage a store must copy it first.
+    """
+    return make_synth(tmp_path_factory.mktemp("synth"), small_synth_config(), progress=False)
+
+
+@pytest.fixture(scope="session")
+def synth_tokens(tmp_path_factory: pytest.TempPathFactory) -> SynthResult:
+    """Like ``synth`` (48 clips) but the store also holds text token states."""
+    cfg = small_synth_config(clips=48, text_tokens=True, seed=1)
+    return make_synth(tmp_path_factory.mktemp("synth_tokens"), cfg, progress=False)
+
+
+@pytest.fixture(scope="session")
+def store(synth: SynthResult) -> FeatureStore:
+    return FeatureStore(synth.store)
+
+
+@pytest.fixture(scope="session")
+def labels(synth: SynthResult) -> tuple[Labels, Labels]:
+    """(train, valid) labels of ``synth``."""
+    return read_labels(synth.train_csv), read_labels(synth.valid_csv)
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> TinyConfig:
+    """``tiny_config("train.max_epochs=4", ...)``: the paper preset made tiny (see
+    TINY_OVERRIDES), then the given ``key=value`` overrides; a fresh, validated config."""
+
+    def make(*overrides: str, preset: str = "paper") -> RunConfig:
+        return build_config(preset, parse_overrides([*TINY_OVERRIDES, *overrides]))
+
+    return make
+
+
+def tiny_cli_sets() -> list[str]:
+    """TINY_OVERRIDES as ``--set`` arguments for the command line."""
+    out: list[str] = []
+    for item in TINY_OVERRIDES:
+        out += ["--set", item]
+    return out
+
+
+def is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
