@@ -146,6 +146,11 @@ def train(
     store = store if isinstance(store, FeatureStore) else FeatureStore(store)
     cfg = resolve_text_tokens(cfg.validate(), store)
     check_store_fits(cfg, store)
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    precision = resolve_precision(tc.precision, device)
+    train_ds = make_dataset(cfg, store, train_labels)  # checked before the run folder is touched
+    valid_ds = make_dataset(cfg, store, valid_labels)
     run = Path(out_dir)
     state_path = run / STATE_FILE
     if resume:
@@ -162,13 +167,7 @@ def train(
     run.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run / CONFIG_FILE)
 
-    tc = cfg.train
-    device = resolve_device(tc.device)
-    precision = resolve_precision(tc.precision, device)
     seed_everything(tc.seed, tc.deterministic)
-
-    train_ds = make_dataset(cfg, store, train_labels)
-    valid_ds = make_dataset(cfg, store, valid_labels)
     model = build_model(cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas)
     steps_per_epoch = math.ceil(len(train_ds) / tc.batch_size)
