@@ -1,0 +1,1 @@
+"""Pretrained encoders behind one small interface per role (see :mod:`.base`)."""
