@@ -324,17 +324,25 @@ def test_clip_gradients_by_value_and_norm(tiny_config) -> None:
 # --------------------------------------------------------------------------- precision
 
 
-def test_bf16_autocast_on_cpu(tmp_path, store, labels, tiny_config) -> None:
+def test_bf16_autocast_on_cpu(tmp_path, store, labels, tiny_config, monkeypatch) -> None:
+    dtypes = set()
+    real = trainer.autocast
+
+    def spy(device, precision):
+        ctx = real(device, precision)
+        dtypes.add(getattr(ctx, "fast_dtype", None))
+        return ctx
+
+    monkeypatch.setattr(trainer, "autocast", spy)
     cfg = tiny_config("train.precision=bf16", "train.max_epochs=1")
     res = train(cfg, store, *labels, tmp_path / "run", progress=False)
+    assert dtypes == {torch.bfloat16}  # every training forward ran under bf16 autocast
     assert len(res.history) == 1
     row = res.history[0]
     assert all(math.isfinite(v) for v in row.values())
     assert math.isfinite(res.best.mean_pearson) and math.isfinite(res.best.mse)
-    assert (
-        json.loads((tmp_path / "run" / "metrics.json").read_text()).get("precision", "bf16")
-        == "bf16"
-    )
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert (m["precision"], m["device"]) == ("bf16", "cpu")
 
 
 def test_fp16_on_cpu_is_refused(tmp_path, store, labels, tiny_config) -> None:
