@@ -406,3 +406,24 @@ def test_deterministic_runs_are_identical(
     train(cfg, store, *labels, tmp_path / "b", progress=False)
     assert numeric_history(tmp_path / "a") == numeric_history(tmp_path / "b")
     assert_same_weights(tmp_path / "a" / "last.safetensors", tmp_path / "b" / "last.safetensors")
+
+
+def test_resume_of_a_run_interrupted_in_its_first_epoch_starts_it_afresh(store, labels, tiny_config, tmp_path,
+                                                                         monkeypatch):
+    """config.yaml but no state.pt (killed during epoch 1): --resume trains from epoch 1."""
+    cfg = tiny_config("train.max_epochs=1")
+    run = tmp_path / "run"
+
+    class Killed(Exception):
+        pass
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "_clip_gradients", killed)
+        with pytest.raises(Killed):
+            train(cfg, store, *labels, run, progress=False)
+    assert (run / "config.yaml").is_file() and not (run / STATE_FILE).exists()
+    res = train(cfg, store, *labels, run, resume=True, progress=False)
+    assert [h["epoch"] for h in res.history] == [1]

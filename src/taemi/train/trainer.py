@@ -154,8 +154,8 @@ def train(
     run = Path(out_dir)
     state_path = run / STATE_FILE
     if resume:
-        if not state_path.is_file():
-            raise FileNotFoundError(f"cannot resume: {state_path} does not exist (no finished epoch yet?)")
+        if not (run / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"cannot resume: {run} holds no run ({CONFIG_FILE} and {STATE_FILE} are missing)")
         saved = load_config(run / CONFIG_FILE)
         if _resume_key(saved) != _resume_key(cfg):
             raise ConfigError(
@@ -178,7 +178,9 @@ def train(
     history: list[dict] = []
     best_score, best_epoch, bad_epochs, start_epoch = -math.inf, 0, 0, 1
     best_metrics: Metrics | None = None
-    if resume:
+    if resume and not state_path.is_file():
+        log.info("%s was interrupted before its first epoch finished: starting it from epoch 1", run)
+    elif resume:
         st = torch.load(state_path, map_location="cpu", weights_only=True)
         model.load_state_dict(st["model"])
         optimizer.load_state_dict(st["optimizer"])
