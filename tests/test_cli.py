@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from taemi import EMI_EMOTIONS
 from taemi.cli.main import main
-from taemi.config import PRESETS
+from taemi.config import PRESETS, load_config
 from taemi.data.store import FeatureStore
 
 SYNTH_SETS = [
@@ -269,3 +269,20 @@ def test_resume_finished_run_does_nothing(run, data, capsys) -> None:
         main(train_args(data, out, "--resume", *tiny_cli_sets(), "--set", "model.hidden=32")) == 2
     )
     assert "cannot resume" in capsys.readouterr().err
+
+
+def test_model_input_sizes_follow_the_store_unless_set(data, tmp_path, capsys) -> None:
+    from conftest import TINY_OVERRIDES
+
+    sets: list[str] = []
+    for item in [*TINY_OVERRIDES, "train.max_epochs=1"]:
+        if "_dim=" not in item:
+            sets += ["--set", item]
+    code, _ = run_main(train_args(data, tmp_path / "auto", *sets))
+    assert code == 0
+    cfg = load_config(tmp_path / "auto" / "config.yaml")
+    assert (cfg.model.audio_dim, cfg.model.vision_dim, cfg.model.text_dim) == DIMS
+
+    code = main(train_args(data, tmp_path / "insist", *sets, "--set", f"model.audio_dim={DIMS[0] + 1}"))
+    assert code == 2
+    assert f"--set model.audio_dim={DIMS[0]}" in capsys.readouterr().err

@@ -71,10 +71,24 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_config(args: argparse.Namespace):
-    from taemi.config import build_config, parse_overrides
+def _load_config(args: argparse.Namespace, dims_from=None):
+    """Preset + --config + --set. With ``dims_from`` (a feature store), the model's input
+    sizes follow the store unless the user set them; the choice is logged and lands in
+    the run's config.yaml."""
+    from taemi.config import build_config, load_yaml, parse_overrides
 
-    return build_config(args.preset, parse_overrides(args.set or []), args.config)
+    user = parse_overrides(args.set or [])
+    if dims_from is not None:
+        given = {k for k, _ in user}
+        if args.config is not None:
+            given |= {f"model.{k}" for k in (load_yaml(args.config).get("model") or {})}
+        auto = [
+            (f"model.{m}_dim", d) for m, d in dims_from.dims.items() if f"model.{m}_dim" not in given
+        ]
+        if auto:
+            log.info("model input sizes from the store %s: %s", dims_from.root, ", ".join(f"{k}={v}" for k, v in auto))
+        user = auto + user
+    return build_config(args.preset, user, args.config)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -84,12 +98,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from taemi.model.checkpoint import CONFIG_FILE
     from taemi.train.trainer import train
 
+    store = FeatureStore(args.store)
     if args.resume and not args.set and args.config is None and args.preset is None:
         cfg = load_config(Path(args.out) / CONFIG_FILE)  # resume with the run's own config
     else:
         args.preset = args.preset or "paper"
-        cfg = _load_config(args)
-    store = FeatureStore(args.store)
+        cfg = _load_config(args, dims_from=store)
     kw = dict(emotions=cfg.data.emotions, id_column=cfg.data.id_column, store_ids=store)
     train_labels = read_labels(args.train, **kw)
     valid_labels = read_labels(args.valid, **kw)
