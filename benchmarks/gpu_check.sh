@@ -17,7 +17,7 @@ PY=${PYTHON:-python3}
 } 2>&1 | tee "$OUT/device.txt"
 
 for prec in fp32 fp16 bf16; do
-  $PY benchmarks/train_throughput.py --device cuda --precision "$prec" --steps 30 --presets paper,official \
+  $PY benchmarks/train_throughput.py --device cuda --precision "$prec" --steps 30 --presets paper official \
     ${COMPILE:+--compile} 2>&1 | tee "$OUT/throughput_$prec.txt"
 done
 
