@@ -699,3 +699,40 @@ def test_crema_d_mp3_clips() -> None:
         assert audio is not None and 2.0 < audio.seconds < 3.0, path.name
         assert np.sqrt(np.mean(audio.samples**2)) > 1e-3, path.name
         assert decode_video(path) is None, path.name
+
+
+def test_decode_video_transform_is_applied_per_frame_and_can_drop(tmp_path) -> None:
+    path = tmp_path / "t.mp4"
+    _write_video_for_transform(path, n=12)
+    calls: list[tuple[int, ...]] = []
+
+    def half_and_drop_odd(img):
+        calls.append(img.shape)
+        if len(calls) % 2 == 0:
+            return None
+        return img[::2, ::2]
+
+    video = decode_video(path, max_frames=10, transform=half_and_drop_odd)
+    assert len(calls) == 10  # max_frames counts decoded frames
+    assert len(video) == 5 and video.total_frames_seen == 10
+    h, w = calls[0][:2]
+    assert video.frames[0].shape == ((h + 1) // 2, (w + 1) // 2, 3)
+    assert (np.diff(video.timestamps) > 0).all()
+    empty = decode_video(path, max_frames=4, transform=lambda img: None)
+    assert len(empty) == 0 and empty.total_frames_seen == 4
+    uniform = decode_video(path, max_frames=4, policy="uniform", transform=lambda img: img[:8, :8])
+    assert len(uniform) == 4 and uniform.frames[0].shape == (8, 8, 3)
+
+
+def _write_video_for_transform(path, n: int) -> None:
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(n):
+            img = np.full((48, 64, 3), (i * 20) % 255, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)

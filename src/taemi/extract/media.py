@@ -46,7 +46,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 
@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 
 #: A file name as the functions here accept it.
 PathArg = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
+#: Applied to each selected RGB frame as it is decoded; ``None`` drops the frame.
+FrameTransform = Callable[[np.ndarray], Optional[np.ndarray]]
 
 #: Video frame selection policies of :func:`decode_video`.
 POLICIES = ("first", "uniform")
@@ -373,23 +375,28 @@ def _decode_first(
     stream: av.video.stream.VideoStream,
     max_frames: int,
     max_seconds: float | None,
+    transform: FrameTransform | None,
 ) -> tuple[list[np.ndarray], list[float], int, _Problems]:
     frames: list[np.ndarray] = []
     times: list[float] = []
     problems = _Problems()
     end: float | None = None
+    seen = 0
     for frame in _decoded_frames(container, stream, problems):
-        t = _frame_seconds(path, frame, stream.time_base, len(frames))
+        t = _frame_seconds(path, frame, stream.time_base, seen)
         if max_seconds is not None:
             if end is None:
                 end = t + max_seconds
             if t >= end:
                 break
-        frames.append(frame.to_ndarray(format="rgb24"))  # (H, W, 3) uint8
-        times.append(t)
-        if len(frames) >= max_frames:
+        seen += 1
+        image = _apply(transform, frame.to_ndarray(format="rgb24"))  # (H, W, 3) uint8
+        if image is not None:
+            frames.append(image)
+            times.append(t)
+        if seen >= max_frames:
             break
-    return frames, times, len(frames), problems
+    return frames, times, seen, problems
 
 
 def _packet_pts(
@@ -426,6 +433,7 @@ def _decode_uniform(
     stream: av.video.stream.VideoStream,
     max_frames: int,
     max_seconds: float | None,
+    transform: FrameTransform | None,
 ) -> tuple[list[np.ndarray], list[float], int, _Problems]:
     ticks, problems = _packet_pts(path, stream, max_seconds)  # (n,)
     if ticks.shape[0] == 0:
@@ -438,9 +446,11 @@ def _decode_uniform(
     for decoded, frame in enumerate(_decoded_frames(container, stream, problems)):
         t = _frame_seconds(path, frame, stream.time_base, decoded)
         if frame.pts in wanted and frame.pts not in kept:
-            frames.append(frame.to_ndarray(format="rgb24"))  # (H, W, 3) uint8
-            times.append(t)
             kept.add(frame.pts)
+            image = _apply(transform, frame.to_ndarray(format="rgb24"))  # (H, W, 3) uint8
+            if image is not None:
+                frames.append(image)
+                times.append(t)
         if frame.pts >= last:
             break
     if len(kept) < len(wanted):
@@ -448,7 +458,11 @@ def _decode_uniform(
             f"{len(wanted) - len(kept)} of {len(wanted)} planned frames did not decode "
             "with the timestamp of their packet"
         )
-    return frames, times, int(ticks.shape[0]), problems
+    return frames, times, int(ticks.shape[0]) if kept else 0, problems  # 0: nothing decoded
+
+
+def _apply(transform: FrameTransform | None, image: np.ndarray) -> np.ndarray | None:
+    return image if transform is None else transform(image)
 
 
 def decode_video(
@@ -457,6 +471,7 @@ def decode_video(
     max_frames: int = 400,
     policy: str = "first",
     max_seconds: float | None = None,
+    transform: FrameTransform | None = None,
 ) -> Video | None:
     """Up to ``max_frames`` RGB frames of the first video stream of ``path``; ``None`` if
     the file has no video stream (an attached cover picture does not count).
@@ -475,6 +490,12 @@ def decode_video(
     ``max_seconds``: only frames less than that many seconds after the first frame are
     considered (decoding stops there). Raises :class:`MediaError` if the file cannot be
     read or its video stream decodes to no frames.
+
+    ``transform`` (e.g. :meth:`taemi.extract.face.FaceCropper.crop_frame`) is applied to
+    each selected frame as soon as it is decoded, so memory holds transformed frames
+    only; a frame it maps to ``None`` (no face) is dropped. The frames are selected
+    before the transform: ``max_frames`` counts decoded frames, not kept ones. If every
+    frame is dropped, the result has no frames (not an error).
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown video policy {policy!r}; expected one of {POLICIES}")
@@ -487,9 +508,9 @@ def decode_video(
         if stream is None:
             return None
         decode = _decode_first if policy == "first" else _decode_uniform
-        frames, times, seen, problems = decode(path, container, stream, max_frames, max_seconds)
+        frames, times, seen, problems = decode(path, container, stream, max_frames, max_seconds, transform)
     damage = "; ".join(filter(None, [problems.describe(), *problems.notes]))
-    if not frames:
+    if not seen:
         raise _error(path, "video stream decodes to no frames" + (f" ({damage})" if damage else ""))
     if damage:
         log.warning("%s: video: %s; kept %d frames", display_path(path), damage, len(frames))
