@@ -70,7 +70,6 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from taemi.extract.encoders.base import SAMPLE_RATE, ModelLoadError
-from taemi.extract.encoders.offline import WhisperRecognizer, load_whisper
 
 log = logging.getLogger(__name__)
 
@@ -943,7 +942,7 @@ def resolve_faster_whisper(
         ) from exc
 
 
-class FasterWhisperRecognizer(WhisperRecognizer):
+class FasterWhisperRecognizer:
     """English transcripts with faster-whisper (CTranslate2), as in the release.
 
     ``model`` is a faster-whisper size name ("large-v3" for the release's train/valid
@@ -968,6 +967,10 @@ class FasterWhisperRecognizer(WhisperRecognizer):
         allow_download: bool = False,
         cache_dir: str | os.PathLike[str] | None = None,
     ):
+        # the offline profile's faster-whisper wrapper, imported here so that the other
+        # encoders of this module do not depend on it
+        from taemi.extract.encoders.offline import WhisperRecognizer, load_whisper
+
         folder = resolve_faster_whisper(model, allow_download=allow_download, cache_dir=cache_dir)
         loaded = load_whisper(
             folder,
@@ -976,9 +979,17 @@ class FasterWhisperRecognizer(WhisperRecognizer):
             cpu_threads=cpu_threads,
             checksums=checksums,
         )
-        super().__init__(loaded, language="en", beam_size=beam_size)
+        self.recognizer = WhisperRecognizer(loaded, language="en", beam_size=beam_size)
         self.name = os.fspath(model)
-        self.settings = {**self.settings, "backend": "faster-whisper", "dir": str(folder)}
+        self.settings: dict[str, Any] = {
+            **self.recognizer.settings,
+            "backend": "faster-whisper",
+            "dir": str(folder),
+        }
+
+    def transcribe(self, waveform: np.ndarray) -> str:
+        """waveform (S,) float at 16 kHz -> transcript ('' when nothing was recognised)."""
+        return self.recognizer.transcribe(waveform)
 
 
 __all__ = [
