@@ -209,6 +209,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_extract(args: argparse.Namespace) -> int:
+    from taemi.extract.pipeline import ExtractOptions, extract, find_sources, summary_counts
+    from taemi.extract.profiles import load_encoders
+
+    models = dict(_key_value(m, "--model") for m in (args.model or []))
+    sources, input_errors = find_sources(args.input)
+    if not sources and not input_errors:
+        raise FileNotFoundError(f"no media files found in {', '.join(map(str, args.input))}")
+    opts = ExtractOptions(
+        max_audio_seconds=args.max_audio_seconds, max_frames=args.max_frames, frame_policy=args.frame_policy,
+        batch_size=args.batch_size, workers=args.workers, text_tokens=args.text_tokens, force=args.force,
+    )  # fmt: skip
+    enc = load_encoders(
+        args.profile, device=args.device, batch_size=args.batch_size, models=models, face=not args.no_face,
+        trust_remote_code=args.trust_remote_code, allow_download=args.allow_download,
+    )  # fmt: skip
+    summary = extract(sources, args.out, enc, opts, input_errors=input_errors, progress=not args.no_progress)
+    _print(f"{args.out}: {summary_counts(summary)}")
+    if summary.errors_file:
+        _print(f"failures and their reasons: {summary.errors_file}")
+    return 0 if summary.ok else 1
+
+
+def _key_value(item: str, flag: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise ValueError(f"{flag} {item!r} is not of the form role=value")
+    k, v = item.split("=", 1)
+    return k.strip(), v.strip()
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from taemi.config import PRESETS, preset
 
@@ -247,6 +277,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="SynthConfig field, e.g. dims=64,48,32")
     common(sp)
     sp.set_defaults(func=cmd_synth)
+
+    sp = sub.add_parser("extract", help="extract features from media files into a feature store")
+    sp.add_argument("--input", required=True, nargs="+", help="media folder(s), list file(s) or media files")
+    sp.add_argument("--out", required=True, help="feature store folder (created or extended)")
+    sp.add_argument("--profile", default="offline", choices=("offline", "paper"))
+    sp.add_argument("--model", action="append", metavar="ROLE=ID_OR_DIR",
+                    help="replace a profile model: asr, audio, vision or text (repeatable)")  # fmt: skip
+    sp.add_argument("--device", default="cpu")
+    sp.add_argument("--batch-size", type=int, default=8, help="clips per model batch")
+    sp.add_argument("--workers", type=int, default=2, help="decoding threads")
+    sp.add_argument("--max-audio-seconds", type=float, default=12.0)
+    sp.add_argument("--max-frames", type=int, default=400)
+    sp.add_argument("--frame-policy", default="first", choices=("first", "uniform"))
+    sp.add_argument("--no-face", action="store_true", help="use whole frames (no face detection)")
+    sp.add_argument("--text-tokens", action="store_true", help="also store text token states")
+    sp.add_argument("--force", action="store_true", help="recompute clips already in the store")
+    sp.add_argument("--trust-remote-code", action="store_true", help="paper profile: allow GTE's model code")
+    sp.add_argument("--allow-download", action="store_true", help="paper profile: let Hugging Face download models")
+    common(sp)
+    sp.set_defaults(func=cmd_extract)
 
     sp = sub.add_parser("train", help="train a model on a feature store")
     sp.add_argument("--store", required=True)
@@ -317,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not args.verbose:  # per-clip chatter of third-party libraries
+        for name in ("faster_whisper", "httpx", "transformers"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     if args.debug:
         return args.func(args)
     from taemi.config import ConfigError

@@ -1,0 +1,400 @@
+"""Media files -> feature store: decoding in parallel with batched model inference.
+
+Spec section 3 (features per clip) and section 8 (traps). For every input clip:
+
+1. decode (worker threads, ahead of the models): the first ``max_audio_seconds`` of
+   16 kHz mono audio, and up to ``max_frames`` video frames (policy ``first`` or
+   ``uniform``), face-cropped as they are decoded when a face cropper is configured;
+2. recognise speech (the transcript is saved as ``STORE/transcripts/{id}.txt``);
+3. encode, batched across clips: audio frames, one vector per face crop, the transcript;
+4. write the clip to the store (atomic, resumable; see :mod:`taemi.data.store`).
+
+A clip without an audio track, without a video track, without any detected face, or
+with an empty transcript gets that modality's missing flag. A clip that cannot be
+processed at all (unreadable, corrupt, an unusable file name) is recorded in
+``STORE/extract_errors.jsonl`` with the reason, and the run goes on. The run ends with
+``STORE/extract_summary.json``: done, skipped (already in the store), failed, missing
+counts, and seconds per stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from taemi.data.clip import ClipFeatures, check_clip_id
+from taemi.data.store import StoreWriter
+from taemi.extract.encoders.base import SAMPLE_RATE, AudioEncoder, ImageEncoder, SpeechRecognizer, TextEncoder
+from taemi.extract.face import FaceCropper
+from taemi.extract.media import MediaError, decode_audio, decode_video, display_path, read_face_images
+
+log = logging.getLogger(__name__)
+
+#: File extensions taken from an input folder.
+MEDIA_EXTENSIONS = (".mp4", ".mkv", ".webm", ".flv", ".avi", ".mov", ".mp3", ".wav", ".m4a", ".flac", ".ogg")
+TRANSCRIPTS = "transcripts"
+ERRORS_FILE = "extract_errors.jsonl"
+SUMMARY_FILE = "extract_summary.json"
+STAGES = ("decode", "asr", "audio", "vision", "text", "write")
+
+
+@dataclass
+class ExtractOptions:
+    """How media become features (recorded in the store's provenance)."""
+
+    max_audio_seconds: float = 12.0  # audio kept per clip (spec: first 12 s)
+    max_frames: int = 400  # video frames considered per clip
+    frame_policy: str = "first"  # first (the release) | uniform (spread over the clip)
+    batch_size: int = 8  # clips per model batch
+    workers: int = 2  # decoding threads running ahead of the models
+    text_tokens: bool = False  # also store the text encoder's token states
+    force: bool = False  # recompute clips already in the store (replaces them)
+
+
+@dataclass
+class Encoders:
+    """One model per role; ``face`` None means frames are used uncropped."""
+
+    asr: SpeechRecognizer
+    audio: AudioEncoder
+    image: ImageEncoder
+    text: TextEncoder
+    face: FaceCropper | None
+    profile: str = "custom"
+
+    def provenance(self, opts: ExtractOptions) -> dict[str, dict]:
+        """What produced each modality, for the store manifest."""
+        common = {"profile": self.profile}
+        return {
+            "audio": {"backbone": self.audio.name, "settings": {
+                **common, **self.audio.settings, "max_seconds": opts.max_audio_seconds, "sample_rate": SAMPLE_RATE}},
+            "vision": {"backbone": self.image.name, "settings": {
+                **common, **self.image.settings, "max_frames": opts.max_frames, "frame_policy": opts.frame_policy,
+                "face": None if self.face is None else self.face.settings}},
+            "text": {"backbone": self.text.name, "settings": {
+                **common, **self.text.settings, "asr": self.asr.name, "asr_settings": self.asr.settings,
+                "token_states": opts.text_tokens}},
+        }  # fmt: skip
+
+
+@dataclass
+class Source:
+    """One clip to extract: its id and where its media are."""
+
+    clip_id: str
+    media: Path  # a video or audio file
+    face_dir: Path | None = None  # pre-cropped face images (ABAW face_images/{id}/); used instead of video frames
+
+
+@dataclass
+class Decoded:
+    source: Source
+    waveform: np.ndarray | None = None  # (S,) float32 16 kHz
+    faces: list[np.ndarray] | None = None  # RGB crops; None: no video / no face
+    error: str | None = None
+    media_seconds: float = 0.0
+    seconds: float = 0.0
+
+
+@dataclass
+class ExtractSummary:
+    store: str
+    total: int = 0
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    missing: dict[str, int] = field(default_factory=lambda: {"audio": 0, "vision": 0, "text": 0})
+    media_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=lambda: {s: 0.0 for s in STAGES})
+    errors_file: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """False only when clips were to be processed and none could be."""
+        return not (self.done == 0 and self.skipped == 0 and self.failed > 0)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def find_sources(inputs: Iterable[str | os.PathLike]) -> tuple[list[Source], list[dict]]:
+    """Sources from folders (their media files, recursively), list files (one path per
+    line) and single media files. Returns (sources sorted by id, input errors)."""
+    paths: list[Path] = []
+    errors: list[dict] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            paths += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in MEDIA_EXTENSIONS)
+        elif p.is_file() and p.suffix.lower() in (".txt", ".lst", ".list"):
+            base = p.parent
+            for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    q = Path(line)
+                    paths.append(q if q.is_absolute() else base / q)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise FileNotFoundError(f"input {p} is neither a media file, a list file nor a folder")
+    sources: dict[str, Source] = {}
+    for path in paths:
+        stem = path.stem
+        try:
+            stem.encode("utf-8")
+        except UnicodeEncodeError:
+            errors.append(_error_record(None, path, "input", "the file name is not valid UTF-8; rename the file"))
+            continue
+        try:
+            clip_id = check_clip_id(stem, source=display_path(path))
+        except ValueError as e:
+            errors.append(_error_record(None, path, "input", str(e)))
+            continue
+        if clip_id in sources:
+            errors.append(_error_record(clip_id, path, "input",
+                                        f"clip id {clip_id!r} also comes from {sources[clip_id].media}; ids must be unique"))  # fmt: skip
+            continue
+        if not path.exists():
+            errors.append(_error_record(clip_id, path, "input", "file does not exist"))
+            continue
+        sources[clip_id] = Source(clip_id, path)
+    return [sources[k] for k in sorted(sources)], errors
+
+
+def _error_record(clip_id: str | None, path: Path | None, stage: str, reason: str) -> dict:
+    return {"clip_id": clip_id, "path": None if path is None else display_path(path), "stage": stage,
+            "reason": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def decode_source(src: Source, opts: ExtractOptions, face: FaceCropper | None) -> Decoded:
+    """Decode one clip's audio and face frames; media errors are returned, not raised."""
+    t0 = time.perf_counter()
+    out = Decoded(src)
+    try:
+        audio = decode_audio(src.media, sample_rate=SAMPLE_RATE, max_seconds=opts.max_audio_seconds)
+        if audio is not None and audio.samples.shape[0] > 0:
+            out.waveform = audio.samples
+            out.media_seconds = audio.seconds
+        transform = None if face is None else face.crop_frame
+        if src.face_dir is not None:
+            video = read_face_images(src.face_dir, max_frames=opts.max_frames)
+            frames = None if video is None else [f for f in map(transform or (lambda x: x), video.frames) if f is not None]
+        else:
+            video = decode_video(src.media, max_frames=opts.max_frames, policy=opts.frame_policy, transform=transform)
+            frames = None if video is None else video.frames
+        out.faces = frames if frames else None
+        if video is not None and len(video.timestamps) > 1:
+            out.media_seconds = max(out.media_seconds, float(video.timestamps[-1] - video.timestamps[0]))
+    except MediaError as e:
+        out.error = str(e)
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+def _decoded_in_order(sources: list[Source], opts: ExtractOptions, face: FaceCropper | None) -> Iterator[Decoded]:
+    """Decode with ``opts.workers`` threads, at most a few batches ahead (bounded memory)."""
+    ahead = max(2, opts.workers) * opts.batch_size
+    with ThreadPoolExecutor(max_workers=max(1, opts.workers), thread_name_prefix="taemi-decode") as pool:
+        pending: list[Future] = []
+        it = iter(sources)
+        for src in it:
+            pending.append(pool.submit(decode_source, src, opts, face))
+            if len(pending) >= ahead:
+                break
+        while pending:
+            fut = pending.pop(0)
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(pool.submit(decode_source, nxt, opts, face))
+            yield fut.result()
+
+
+def _batches(items: Iterator[Decoded], size: int) -> Iterator[list[Decoded]]:
+    batch: list[Decoded] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+class _Timer:
+    def __init__(self, summary: ExtractSummary):
+        self.summary = summary
+
+    def __call__(self, stage: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.summary.stage_seconds[stage] += time.perf_counter() - self.t0
+
+        return _Ctx()
+
+
+def _encode_batch(batch: list[Decoded], enc: Encoders, opts: ExtractOptions, timer: _Timer) -> list[tuple[ClipFeatures, str]]:
+    """Features and transcript of every clip of a decoded batch (all decodable)."""
+    with timer("asr"):
+        transcripts = [enc.asr.transcribe(d.waveform).strip() if d.waveform is not None else "" for d in batch]
+    with timer("audio"):
+        waves = [d.waveform for d in batch if d.waveform is not None]
+        audio_feats = iter(enc.audio.encode(waves) if waves else [])
+        audio = [next(audio_feats) if d.waveform is not None else None for d in batch]
+    with timer("vision"):
+        all_faces = [f for d in batch if d.faces for f in d.faces]
+        vecs = _encode_images(enc.image, all_faces, opts.batch_size * 8) if all_faces else None
+        vision, k = [], 0
+        for d in batch:
+            if d.faces:
+                vision.append(vecs[k : k + len(d.faces)])
+                k += len(d.faces)
+            else:
+                vision.append(None)
+    with timer("text"):
+        texts = [t for t in transcripts if t]
+        tvecs, ttoks = enc.text.encode(texts, token_states=opts.text_tokens) if texts else (None, None)
+        text, tokens, k = [], [], 0
+        for t in transcripts:
+            if t:
+                text.append(tvecs[k])
+                tokens.append(ttoks[k] if ttoks is not None else None)
+                k += 1
+            else:
+                text.append(None)
+                tokens.append(None)
+    return [
+        (ClipFeatures(d.source.clip_id, a, v, t, tok if opts.text_tokens else None), tr)
+        for d, a, v, t, tok, tr in zip(batch, audio, vision, text, tokens, transcripts)
+    ]
+
+
+def _encode_images(encoder: ImageEncoder, images: list[np.ndarray], chunk: int) -> np.ndarray:
+    parts = [encoder.encode(images[i : i + chunk]) for i in range(0, len(images), chunk)]
+    return np.concatenate(parts, axis=0)  # (N, D_v)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def extract(
+    sources: list[Source],
+    store: str | os.PathLike,
+    encoders: Encoders,
+    opts: ExtractOptions | None = None,
+    *,
+    input_errors: Iterable[dict] = (),
+    progress: bool = True,
+) -> ExtractSummary:
+    """Extract ``sources`` into the feature store at ``store``; see the module docstring."""
+    opts = opts or ExtractOptions()
+    if opts.frame_policy not in ("first", "uniform"):
+        raise ValueError(f"frame_policy={opts.frame_policy!r}: expected 'first' or 'uniform'")
+    root = Path(store)
+    t_start = time.perf_counter()
+    summary = ExtractSummary(store=str(root), total=len(sources))
+    timer = _Timer(summary)
+    dims = {"audio": encoders.audio.dim, "vision": encoders.image.dim, "text": encoders.text.dim}
+    errors: list[dict] = list(input_errors)
+    summary.failed += len(errors)
+
+    with StoreWriter(root, dims=dims, text_tokens=opts.text_tokens,
+                     modalities=encoders.provenance(opts)) as writer:  # fmt: skip
+        (root / TRANSCRIPTS).mkdir(exist_ok=True)
+        todo = [s for s in sources if opts.force or s.clip_id not in writer]
+        summary.skipped = len(sources) - len(todo)
+        if summary.skipped:
+            log.info("%d of %d clips are already in %s: skipped (use --force to recompute)",
+                     summary.skipped, len(sources), root)  # fmt: skip
+        bar = tqdm(total=len(todo), desc="extract", unit="clip", disable=not progress, dynamic_ncols=True)
+        for batch in _batches(_decoded_in_order(todo, opts, encoders.face), opts.batch_size):
+            ok = []
+            for d in batch:
+                summary.stage_seconds["decode"] += d.seconds
+                if d.error is not None:
+                    errors.append(_error_record(d.source.clip_id, d.source.media, "decode", d.error))
+                else:
+                    ok.append(d)
+            for clip, transcript, d in _encode_isolating_failures(ok, encoders, opts, timer, errors):
+                with timer("write"):
+                    try:
+                        writer.add(clip, replace=opts.force)
+                    except ValueError as e:  # e.g. non-finite features: this clip only
+                        errors.append(_error_record(clip.clip_id, d.source.media, "write", str(e)))
+                        continue
+                    _write_text(root / TRANSCRIPTS / f"{clip.clip_id}.txt", transcript)
+                summary.done += 1
+                summary.media_seconds += d.media_seconds
+                for m, miss in zip(("audio", "vision", "text"), clip.missing):
+                    summary.missing[m] += int(miss)
+            summary.failed = len(errors)
+            bar.update(len(batch))
+            bar.set_postfix(failed=summary.failed)
+        bar.close()
+
+    summary.failed = len(errors)
+    summary.wall_seconds = time.perf_counter() - t_start
+    if errors:
+        with open(root / ERRORS_FILE, "a", encoding="utf-8") as fh:
+            for e in errors:
+                fh.write(json.dumps(e, ensure_ascii=True) + "\n")
+        summary.errors_file = str(root / ERRORS_FILE)
+        for e in errors[:20]:
+            log.warning("failed: %s (%s): %s", e["path"], e["stage"], e["reason"])
+    (root / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2), encoding="utf-8")
+    return summary
+
+
+def _encode_isolating_failures(batch: list[Decoded], enc: Encoders, opts: ExtractOptions, timer: _Timer,
+                               errors: list[dict]) -> list[tuple[ClipFeatures, str, Decoded]]:  # fmt: skip
+    """Encode a batch; if it fails, encode its clips one by one so only the bad clip fails."""
+    if not batch:
+        return []
+    try:
+        return [(c, t, d) for (c, t), d in zip(_encode_batch(batch, enc, opts, timer), batch)]
+    except (ValueError, RuntimeError, MemoryError) as e:
+        if len(batch) == 1:
+            d = batch[0]
+            errors.append(_error_record(d.source.clip_id, d.source.media, "encode", f"{type(e).__name__}: {e}"))
+            return []
+        log.warning("a batch of %d clips failed to encode (%s); retrying clip by clip", len(batch), e)
+        out = []
+        for d in batch:
+            out += _encode_isolating_failures([d], enc, opts, timer, errors)
+        return out
+
+
+def summary_counts(summary: ExtractSummary) -> str:
+    c = Counter(summary.missing)
+    return (
+        f"{summary.done} done, {summary.skipped} skipped, {summary.failed} failed; missing: "
+        f"audio {c['audio']}, vision {c['vision']}, text {c['text']}; "
+        f"{summary.media_seconds:.0f} s of media in {summary.wall_seconds:.0f} s"
+    )
