@@ -109,7 +109,7 @@ class Decoded:
 @dataclass
 class ExtractSummary:
     store: str
-    total: int = 0
+    total: int = 0  # inputs considered: sources plus files rejected by find_sources
     done: int = 0
     skipped: int = 0
     failed: int = 0
@@ -323,6 +323,7 @@ def extract(
     timer = _Timer(summary)
     dims = {"audio": encoders.audio.dim, "vision": encoders.image.dim, "text": encoders.text.dim}
     errors: list[dict] = list(input_errors)
+    summary.total += len(errors)  # so that total = done + skipped + failed
     summary.failed += len(errors)
 
     with StoreWriter(root, dims=dims, text_tokens=opts.text_tokens,
