@@ -1,0 +1,170 @@
+"""Helpers shared by the store benchmarks: paper-dimension synthetic stores, page-cache
+control and /proc memory readings. Not a benchmark itself.
+
+Linux only for the page-cache and /proc parts (``os.posix_fadvise``, ``/proc/self/status``,
+optionally util-linux ``fincore``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from taemi.data.clip import ClipFeatures
+from taemi.data.store import FeatureStore, StoreError, StoreWriter
+
+#: Feature sizes of the paper's backbones (spec section 3).
+PAPER_DIMS = {"audio": 1027, "vision": 768, "text": 768}
+
+
+def length_range(max_len: int) -> tuple[int, int]:
+    """Clip lengths are drawn uniformly from [ceil(max/2), max]: 599 -> 300..599, 400 -> 200..400."""
+    return (max_len + 1) // 2, max_len
+
+
+def expected_bytes(n_clips: int, max_audio_len: int, max_vision_len: int, itemsize: int = 2) -> int:
+    """Mean on-disk size of a store built by :func:`build_store` (data files only)."""
+    a_lo, a_hi = length_range(max_audio_len)
+    v_lo, v_hi = length_range(max_vision_len)
+    per_clip = (
+        (a_lo + a_hi) / 2 * PAPER_DIMS["audio"]
+        + (v_lo + v_hi) / 2 * PAPER_DIMS["vision"]
+        + PAPER_DIMS["text"]
+    )
+    return int(n_clips * per_clip * itemsize)
+
+
+def build_store(
+    root: Path, n_clips: int, *, max_audio_len: int = 599, max_vision_len: int = 400, seed: int = 0
+) -> FeatureStore:
+    """A float16 store of ``n_clips`` paper-dimension clips with N(0, 1) values, or the one
+    already at ``root`` if it holds exactly those clips (ids ``00000``, ``00001``, ...).
+
+    Lengths: T_a, T_v uniform in :func:`length_range`; every modality present. Written clip
+    by clip through :class:`StoreWriter` (256 clips per shard, the writer's default).
+    """
+    ids = [f"{k:05d}" for k in range(n_clips)]
+    if (root / "manifest.json").exists():
+        try:
+            store = FeatureStore(root)
+        except StoreError as exc:
+            raise SystemExit(
+                f"{root} holds a damaged store ({exc}); delete it or choose another --workdir"
+            ) from None
+        a_lo, a_hi = length_range(max_audio_len)
+        v_lo, v_hi = length_range(max_vision_len)
+        fits = (
+            store.ids == ids
+            and store.dims == PAPER_DIMS
+            and store.manifest["dtype"] == "float16"
+            and a_lo <= store.lengths["audio"].min() <= store.lengths["audio"].max() <= a_hi
+            and v_lo <= store.lengths["vision"].min() <= store.lengths["vision"].max() <= v_hi
+        )
+        if not fits:
+            raise SystemExit(
+                f"{root} holds a store that is not the requested one ({len(store)} clips, "
+                f"dims {store.dims}); delete it or choose another --workdir"
+            )
+        print(f"reusing {root} ({n_clips} clips)")
+        return store
+
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape: int) -> np.ndarray:
+        return rng.standard_normal(shape, dtype=np.float32).astype(np.float16)
+
+    a_lo, a_hi = length_range(max_audio_len)
+    v_lo, v_hi = length_range(max_vision_len)
+    with StoreWriter(root, dims=PAPER_DIMS, dtype="float16") as writer:
+        for cid in tqdm(ids, desc=f"writing {root.name}", unit="clip", mininterval=2.0):
+            t_a = int(rng.integers(a_lo, a_hi + 1))
+            t_v = int(rng.integers(v_lo, v_hi + 1))
+            writer.add(
+                ClipFeatures(
+                    clip_id=cid,
+                    audio=normal(t_a, PAPER_DIMS["audio"]),  # (T_a, 1027)
+                    vision=normal(t_v, PAPER_DIMS["vision"]),  # (T_v, 768)
+                    text=normal(PAPER_DIMS["text"]),  # (768,)
+                )
+            )
+    return FeatureStore(root)
+
+
+def data_files(store: FeatureStore) -> list[Path]:
+    """The store's ``*.bin`` files, shard by shard."""
+    out = []
+    for shard in store.manifest["shards"]:
+        sdir = store.root / "shards" / shard["name"]
+        out += sorted(sdir.glob("*.bin"))
+    return out
+
+
+def check_free_disk(where: Path, need: int, what: str) -> None:
+    """Exit with a clear message when ``where`` has less than ``need`` bytes free (+ 1 GB margin)."""
+    free = shutil.disk_usage(where).free
+    margin = 1 << 30
+    if free < need + margin:
+        raise SystemExit(
+            f"not enough disk space for {what}: need about {need / 1e9:.1f} GB (+1 GB margin) in "
+            f"{where}, only {free / 1e9:.1f} GB free. Pass --workdir on a bigger disk or ask for less."
+        )
+
+
+# --------------------------------------------------------------------------- page cache
+
+
+def drop_from_page_cache(paths: list[Path]) -> bool:
+    """Ask the kernel to drop the files' clean cached pages (POSIX_FADV_DONTNEED).
+
+    Pages still mapped by a process stay. Returns False where fadvise is unavailable. On a
+    virtual machine the host may still cache the blocks, so "cold" can be faster than disk.
+    """
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True
+
+
+def resident_fraction(paths: list[Path]) -> float | None:
+    """Fraction of the files' bytes in the page cache (util-linux ``fincore``), None if unknown."""
+    exe = shutil.which("fincore")
+    if exe is None:
+        return None
+    res = subprocess.run(
+        [exe, "--bytes", "--noheadings", "--raw", "--output", "RES,SIZE", *map(str, paths)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if res.returncode != 0:
+        return None
+    resident = total = 0
+    for line in res.stdout.split("\n"):
+        if line.strip():
+            r, s = line.split()
+            resident, total = resident + int(r), total + int(s)
+    return resident / total if total else None
+
+
+# --------------------------------------------------------------------------- /proc
+
+
+def proc_status(pid: str = "self") -> dict[str, int]:
+    """Memory lines of ``/proc/<pid>/status`` in bytes: VmHWM, VmRSS, RssAnon, RssFile, RssShmem."""
+    out = {}
+    with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+        for line in fh:
+            key, _, rest = line.partition(":")
+            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                out[key] = int(rest.split()[0]) * 1024  # reported in kB
+    return out
