@@ -487,7 +487,7 @@ def test_mixed_corpus_error_report(mixed):
     by_name = {Path(e["path"]).name: e for e in lines}
     assert set(by_name) == {"empty.mp4", "garbage.mp4", "truncated.mp4", "bad_\\xff.wav"}
     for e in lines:
-        assert set(e) == {"clip_id", "path", "stage", "reason", "time"}
+        assert set(e) == {"clip_id", "path", "stage", "reason", "time", "run"}
     for cid in DECODE_FAILS:
         e = by_name[f"{cid}.mp4"]
         assert e["clip_id"] == cid and e["stage"] == "decode"
@@ -847,3 +847,37 @@ def test_cli_extract_refuses_mixed_settings(tmp_path, cli_fakes, capsys):
     )
     err = capsys.readouterr().err
     assert err.startswith("taemi: error: ") and "must not be mixed" in err and err.count("\n") == 1
+
+
+def test_interrupted_run_still_reports_its_failures(tmp_path) -> None:
+    """Ctrl-C during a run: this run's failures and the summary (interrupted) are written."""
+    import wave
+
+    from taemi.extract import pipeline
+
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "a_bad.mp4").write_bytes(b"not a video at all" * 10)
+    with wave.open(str(media / "b_good.wav"), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.sin(np.arange(16000) / 5.0) * 8000).astype("<i2").tobytes())
+    sources, _ = pipeline.find_sources([media])
+
+    class Boom:
+        name, settings, dim, frame_rate, max_tokens = "boom", {}, 4, 50.0, 8
+
+        def transcribe(self, wave):
+            raise KeyboardInterrupt
+
+    boom = Boom()
+    enc = pipeline.Encoders(asr=boom, audio=boom, image=boom, text=boom, face=None)
+    store = tmp_path / "store"
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.extract(sources, store, enc, pipeline.ExtractOptions(batch_size=1, workers=1), progress=False)
+    summary = json.loads((store / pipeline.SUMMARY_FILE).read_text())
+    assert summary["interrupted"] and summary["failed"] == 1 and summary["done"] == 0
+    (line,) = (store / pipeline.ERRORS_FILE).read_text().splitlines()
+    rec = json.loads(line)
+    assert rec["clip_id"] == "a_bad" and rec["run"] == summary["started"]

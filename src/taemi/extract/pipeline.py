@@ -118,6 +118,8 @@ class ExtractSummary:
     wall_seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=lambda: {s: 0.0 for s in STAGES})
     errors_file: str | None = None
+    started: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))  # marks this run's error lines
+    interrupted: bool = False  # the run stopped early (exception or Ctrl-C)
 
     @property
     def ok(self) -> bool:
@@ -326,6 +328,21 @@ def extract(
     summary.total += len(errors)  # so that total = done + skipped + failed
     summary.failed += len(errors)
 
+    try:
+        _run(sources, root, encoders, opts, dims, summary, timer, errors, progress)
+    except BaseException:
+        summary.interrupted = True
+        raise
+    finally:  # also after a crash or Ctrl-C: what failed so far is reported
+        summary.failed = len(errors)
+        summary.wall_seconds = time.perf_counter() - t_start
+        if root.is_dir():
+            _report(root, summary, errors)
+    return summary
+
+
+def _run(sources: list[Source], root: Path, encoders: Encoders, opts: ExtractOptions, dims: dict[str, int],
+         summary: ExtractSummary, timer: _Timer, errors: list[dict], progress: bool) -> None:  # fmt: skip
     with StoreWriter(root, dims=dims, text_tokens=opts.text_tokens,
                      modalities=encoders.provenance(opts)) as writer:  # fmt: skip
         (root / TRANSCRIPTS).mkdir(exist_ok=True)
@@ -360,17 +377,19 @@ def extract(
             bar.set_postfix(failed=summary.failed)
         bar.close()
 
-    summary.failed = len(errors)
-    summary.wall_seconds = time.perf_counter() - t_start
+
+def _report(root: Path, summary: ExtractSummary, errors: list[dict]) -> None:
+    """Append this run's failures to the error report and write the run summary."""
     if errors:
         with open(root / ERRORS_FILE, "a", encoding="utf-8") as fh:
             for e in errors:
-                fh.write(json.dumps(e, ensure_ascii=True) + "\n")
+                fh.write(json.dumps({**e, "run": summary.started}, ensure_ascii=True) + "\n")
         summary.errors_file = str(root / ERRORS_FILE)
         for e in errors[:20]:
             log.warning("failed: %s (%s): %s", e["path"], e["stage"], e["reason"])
+        if len(errors) > 20:
+            log.warning("... and %d more failures, see %s", len(errors) - 20, root / ERRORS_FILE)
     (root / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2), encoding="utf-8")
-    return summary
 
 
 def _encode_isolating_failures(batch: list[Decoded], enc: Encoders, opts: ExtractOptions, timer: _Timer,
