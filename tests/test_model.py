@@ -638,3 +638,112 @@ def test_every_parameter_gets_a_finite_nonzero_gradient() -> None:
         assert p.grad is not None, f"{k}: no gradient"
         assert torch.isfinite(p.grad).all(), f"{k}: non-finite gradient"
         assert p.grad.abs().sum() > 0, f"{k}: zero gradient"
+
+
+# --------------------------------------------------------------------------- missing tokens: cost
+
+
+def _substituted_first(model: TAEMI, batch: Batch) -> Batch:
+    """The spec's wording done literally: each missing sample's RAW features replaced by its
+    token (broadcast over time, keeping the token's gradient path) before the model sees
+    them, its mask all-valid, and nothing flagged missing."""
+    flags = batch.missing  # (B, 3)
+
+    def fill(m: str, x: torch.Tensor | None) -> torch.Tensor | None:
+        if x is None:
+            return None
+        i = MODS.index(m)
+        token = getattr(model.missing, m)  # (D,)
+        return torch.where(flags[:, i].view(-1, *[1] * (x.dim() - 1)), token, x)
+
+    def valid(m: str, mask: torch.Tensor | None) -> torch.Tensor | None:
+        return None if mask is None else mask | flags[:, MODS.index(m)].view(-1, 1)
+
+    return Batch(
+        audio=fill("audio", batch.audio),
+        audio_mask=valid("audio", batch.audio_mask),
+        vision=fill("vision", batch.vision),
+        vision_mask=valid("vision", batch.vision_mask),
+        text=fill("text", batch.text),
+        missing=torch.zeros_like(flags),
+        text_tokens=fill("text", batch.text_tokens),
+        text_tokens_mask=valid("text", batch.text_tokens_mask),
+    )
+
+
+def _missing_batch(tokens: bool, lengths: int = 1) -> Batch:
+    """Clips with each modality missing somewhere (one with empty sequences), garbage padding."""
+    g = torch.Generator().manual_seed(16)
+    n = lengths
+    clips = [
+        make_clip(g, 5 * n, 4 * n, 3),
+        make_clip(g, 3 * n, 2 * n, 2, (True, False, False)),
+        make_clip(g, 4 * n, 6 * n, 4, (False, True, False)),
+        make_clip(g, 2 * n, 3 * n, 1, (False, False, True)),
+        make_clip(g, 0, 0, 2, (True, True, False)),
+        make_clip(g, 1, 1, 1, (True, True, True)),
+    ]
+    return collate(clips, tokens=tokens)
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+@pytest.mark.parametrize("name", MISSING_PRESETS)
+def test_missing_tokens_equal_substituting_raw_features_first(name: str, tokens: bool) -> None:
+    """Projecting first and substituting the projected token after is exact: outputs and
+    every parameter's gradient equal those of filling the raw features first."""
+    model = make_model(
+        name, modality_dropout=0.0, attn_dropout=0.0, sa_dropout=0.0, head_dropout=0.0
+    ).train()
+    batch = _missing_batch(tokens)
+    outputs, grads = [], []
+    for b in (batch, _substituted_first(model, batch)):
+        model.zero_grad(set_to_none=True)
+        out = model(b)
+        out.square().sum().backward()
+        outputs.append(out.detach())
+        grads.append({k: p.grad for k, p in model.named_parameters()})
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=1e-6)
+    assert set(grads[0]) == set(grads[1])
+    for k, grad in grads[0].items():
+        ref = grads[1][k]
+        assert grad is not None and ref is not None, k
+        torch.testing.assert_close(grad, ref, rtol=0, atol=1e-6, msg=k)
+    if model.missing.learned:
+        assert model.missing.audio.grad is not None  # audio is missing in two clips
+
+
+def _train_flops(model: TAEMI, batch: Batch) -> int:
+    """Matrix-product FLOPs of one forward + backward (FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.zero_grad(set_to_none=True)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(batch).square().sum().backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("name", ["paper", "official"])
+def test_learned_tokens_cost_no_gradient_of_the_raw_inputs(name: str) -> None:
+    """A learned token must not make backward compute the gradient of the whole (B, T, D)
+    raw input of the first linear layers (substituting it before them did: an extra matmul
+    as large as the forward one). Learned tokens then cost what fixed zero tokens cost, up
+    to the token rows' own gradients (one D x H product per first linear layer) and the
+    gradient of the (B, D_t) text query, which the text token makes trainable."""
+    batch = _missing_batch(tokens=False, lengths=6)  # (6, 30, D_a), (6, 36, D_v)
+    assert not (batch.audio.requires_grad or batch.vision.requires_grad)
+    B = batch.audio.shape[0]
+    first_linears = 2 if name == "official" else 1  # CA k_proj + v_proj, or the encoder's proj
+    token_rows = first_linears * 2 * (DA + DV) * H  # the token rows' input-gradient products
+    text_query = 2 * (2 * B * DT * H)  # input gradient of q_proj, in ca_audio and ca_vision
+    allowance = token_rows + text_query
+    one_input_grad = 2 * B * batch.audio.shape[1] * DA * H  # what substituting first cost (audio)
+    assert one_input_grad > 10 * allowance
+    for missing in (batch.missing, torch.zeros_like(batch.missing)):  # some missing, none missing
+        batch.missing = missing
+        flops = {}
+        for kind in ("learned", "zeros"):
+            model = make_model(name, missing_tokens=kind, modality_dropout=0.0).train()
+            flops[kind] = _train_flops(model, batch)
+        assert 0 <= flops["learned"] - flops["zeros"] <= allowance, flops
+    assert batch.audio.grad is None and batch.vision.grad is None
