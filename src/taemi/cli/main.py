@@ -200,8 +200,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from taemi.demo import run_demo
 
     s = run_demo(args.out, clips=args.clips, epochs=args.epochs, preset=args.preset, seed=args.seed,
-                 resume=args.resume, progress=not args.no_progress)  # fmt: skip
-    _print(_metrics_table(s["valid"], f"{args.preset} preset on synthetic data, valid split:"))
+                 max_frames=args.max_frames, synthetic_features=args.synthetic_features, resume=args.resume,
+                 progress=not args.no_progress)  # fmt: skip
+    _print(_metrics_table(s["valid"], f"{args.preset} preset, {s['data']}, valid split:"))
     _print(
         f"valid mean Pearson {s['valid']['mean_pearson']:.4f} vs oracle ceiling {s['oracle_mean_pearson']:.4f} "
         f"({100 * s['share_of_oracle']:.0f}% of the ceiling); details in {Path(args.out) / 'summary.json'}"
@@ -345,12 +346,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--emotions", help="comma-separated output names (default: the EMI six)")
     sp.set_defaults(func=cmd_import_release)
 
-    sp = sub.add_parser("demo", help="the main job on embedded synthetic data: synth -> train -> evaluate -> predict")
+    sp = sub.add_parser("demo", help="the main job: generated media -> extract -> train -> evaluate -> predict")
     sp.add_argument("--out", default="demo", help="output folder (default: ./demo)")
-    sp.add_argument("--clips", type=int, default=600)
-    sp.add_argument("--epochs", type=int, default=6)
+    sp.add_argument("--clips", type=int, default=160)
+    sp.add_argument("--epochs", type=int, default=30)
     sp.add_argument("--preset", default="paper")
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--max-frames", type=int, default=8, help="video frames per clip (uniform policy)")
+    sp.add_argument("--synthetic-features", action="store_true",
+                    help="skip media: train on a synthetic feature store at paper sizes")  # fmt: skip
     sp.add_argument("--resume", action="store_true", help="reuse finished steps in --out")
     common(sp)
     sp.set_defaults(func=cmd_demo)
