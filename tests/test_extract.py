@@ -881,3 +881,20 @@ def test_interrupted_run_still_reports_its_failures(tmp_path) -> None:
     (line,) = (store / pipeline.ERRORS_FILE).read_text().splitlines()
     rec = json.loads(line)
     assert rec["clip_id"] == "a_bad" and rec["run"] == summary["started"]
+
+
+def test_separate_audio_file_replaces_the_media_track(tmp_path):
+    """ABAW ships audio/{id}.mp3 beside raw/{id}.mp4: Source.audio is decoded instead."""
+    from taemi.extract.pipeline import Source
+
+    video = write_clip(tmp_path / "00007.mp4", hz=None, frames=colour_frames(5))
+    audio = write_clip(tmp_path / "00007.wav", hz=550.0, seconds=1.0)
+    enc = fake_encoders()
+    store = tmp_path / "store"
+    summary = extract([Source("00007", video, audio=audio)], store, enc, ExtractOptions(), progress=False)
+    assert summary.done == 1 and summary.missing == {"audio": 0, "vision": 0, "text": 0}
+    clip = FeatureStore(store).get("00007")
+    assert clip.audio is not None and clip.vision is not None
+    # without it the same video has no audio track
+    summary = extract([Source("00008", video)], store, enc, ExtractOptions(), progress=False)
+    assert summary.missing["audio"] == 1

@@ -94,6 +94,7 @@ class Source:
     clip_id: str
     media: Path  # a video or audio file
     face_dir: Path | None = None  # pre-cropped face images (ABAW face_images/{id}/); used instead of video frames
+    audio: Path | None = None  # a separate audio file (ABAW audio/{id}.mp3); used instead of the media's track
 
 
 @dataclass
@@ -187,7 +188,7 @@ def decode_source(src: Source, opts: ExtractOptions, face: FaceCropper | None) -
     t0 = time.perf_counter()
     out = Decoded(src)
     try:
-        audio = decode_audio(src.media, sample_rate=SAMPLE_RATE, max_seconds=opts.max_audio_seconds)
+        audio = decode_audio(src.audio or src.media, sample_rate=SAMPLE_RATE, max_seconds=opts.max_audio_seconds)
         if audio is not None and audio.samples.shape[0] > 0:
             out.waveform = audio.samples
             out.media_seconds = audio.seconds
