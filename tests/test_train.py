@@ -427,3 +427,78 @@ def test_resume_of_a_run_interrupted_in_its_first_epoch_starts_it_afresh(store, 
     assert (run / "config.yaml").is_file() and not (run / STATE_FILE).exists()
     res = train(cfg, store, *labels, run, resume=True, progress=False)
     assert [h["epoch"] for h in res.history] == [1]
+
+
+# --------------------------------------------------------------------------- train on all
+
+
+def test_train_on_all_runs_fixed_epochs_without_validation(tmp_path, store, labels, tiny_config) -> None:
+    """valid_labels=None: exactly fixed_epochs epochs of the usual schedule, no validation,
+    best = last."""
+    cfg = tiny_config("train.max_epochs=4")  # patience 5 (preset): irrelevant without validation
+    validated = tmp_path / "validated"
+    with pytest.raises(KeyboardInterrupt):  # its weights after epoch 2 of 4
+        train(cfg, store, *labels, validated, progress=False, callbacks=[Interrupt(after=2)])
+    run = tmp_path / "all"
+    res = train(cfg, store, labels[0], None, run, fixed_epochs=2, progress=False)
+
+    assert res.best is None and res.best_epoch == 2 and not res.stopped_early
+    assert [h["epoch"] for h in res.history] == [1, 2]
+    rows = read_history(run)
+    assert list(rows[0]) == ["epoch", "train_loss", "lr", "seconds"]  # no valid columns
+    assert all(math.isfinite(float(v)) for r in rows for v in r.values())
+    # the cosine schedule spans max_epochs (4), as in the validated run: not decayed to 0 at epoch 2
+    assert 0 < res.history[-1]["lr"] < cfg.train.lr
+    assert [h["lr"] for h in res.history] == [float(r["lr"]) for r in read_history(validated)]
+    # the same first epoch (later ones differ: validating draws a DataLoader seed from the global RNG)
+    assert res.history[0]["train_loss"] == float(read_history(validated)[0]["train_loss"])
+    assert_same_weights(run / "best.safetensors", run / "last.safetensors")
+
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["valid"] is None and m["train_on_all"] is True and m["fixed_epochs"] == 2
+    assert m["best_epoch"] == 2 and m["epochs_run"] == 2 and m["finished"] is True
+    assert m["train_clips"] == len(labels[0]) and m["stopped_early"] is False
+    assert json.loads((validated / "metrics.json").read_text())["train_on_all"] is False
+    assert load_config(run / "config.yaml").train.patience == 0  # resolved: no early stopping
+    assert not (run / "valid_predictions.csv").exists() and not (run / "plots").exists()
+
+
+def test_train_on_all_resume_and_guards(tmp_path, store, labels, tiny_config) -> None:
+    cfg = tiny_config("train.max_epochs=3")
+    with pytest.raises(ValueError, match="needs fixed_epochs"):
+        train(cfg, store, labels[0], None, tmp_path / "a", progress=False)
+    with pytest.raises(ConfigError, match="between 1 and train.max_epochs=3"):
+        train(cfg, store, labels[0], None, tmp_path / "a", fixed_epochs=4, progress=False)
+    with pytest.raises(ValueError, match="without validation"):
+        train(cfg, store, *labels, tmp_path / "a", fixed_epochs=2, progress=False)
+    assert not (tmp_path / "a").exists()
+
+    straight = train(cfg, store, labels[0], None, tmp_path / "straight", fixed_epochs=3, progress=False)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, store, labels[0], None, run, fixed_epochs=3, progress=False, callbacks=[Interrupt(after=1)])
+    with pytest.raises(ConfigError, match="fixed_epochs=3"):
+        train(cfg, store, labels[0], None, run, fixed_epochs=2, resume=True, progress=False)
+    res = train(cfg, store, labels[0], None, run, fixed_epochs=3, resume=True, progress=False)
+    assert [h["train_loss"] for h in res.history] == [h["train_loss"] for h in straight.history]
+    assert_same_weights(run / "best.safetensors", tmp_path / "straight" / "best.safetensors")
+
+
+def test_run_records_its_features(short_run, store) -> None:
+    """RUN/features.json: the store's dims, dtype and per-modality provenance."""
+    res, _ = short_run
+    rec = trainer.load_features_record(res.run_dir)
+    assert rec["dims"] == store.dims and rec["dtype"] == store.manifest["dtype"]
+    assert rec["text_tokens"] is False and rec["clips"] == len(store)
+    assert rec["modalities"] == store.manifest["modalities"] and set(rec["modalities"]) == {"audio", "vision", "text"}
+    assert trainer.load_features_record(res.run_dir / "absent") is None
+
+
+def test_resume_refuses_features_of_another_kind(tmp_path, store, synth_tokens, labels, tiny_config) -> None:
+    cfg = tiny_config("train.max_epochs=2", "data.text_tokens=no")
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, store, *labels, run, progress=False, callbacks=[Interrupt(after=1)])
+    other = read_labels(synth_tokens.train_csv), read_labels(synth_tokens.valid_csv)
+    with pytest.raises(ConfigError, match="features of another kind"):
+        train(cfg, synth_tokens.store, *other, run, resume=True, progress=False)

@@ -5,6 +5,19 @@ decay to 0 over all ``max_epochs``; mixed precision (fp16 + grad scaling on CUDA
 optional bf16 autocast on CPU); gradient clipping by value (release) or norm; early
 stopping on validation mean Pearson; best and last checkpoints; exact resume.
 
+Training on everything (``valid_labels=None``, ``fixed_epochs=N``): the final model of
+a challenge entry is trained on train + valid for the number of epochs a validated run
+chose (its ``best_epoch``). There is no validation split, so there is no early stopping
+and no selection: the run trains exactly ``N`` epochs of the usual schedule (warm-up,
+then cosine over all ``train.max_epochs``, so epoch ``k`` has the learning rate it had in
+the validated run) and ``best.safetensors`` is the last epoch's weights. ``history.csv``
+then has no valid columns, ``metrics.json`` has ``"valid": null`` and
+``"train_on_all": true``, and no plots are drawn (there is no validation curve).
+
+Every run folder records the features it was trained on in ``features.json`` (the
+store's dims, dtype, text-token flag and per-modality provenance: extraction profile,
+models and options), so that predicting from media can extract features the same way.
+
 Resume is exact at epoch granularity: everything that decides the next epoch (model,
 optimiser, scheduler, grad scaler, RNG states, early-stopping state, history) is
 saved atomically in ``state.pt`` after every epoch, and the shuffling order of epoch
@@ -43,16 +56,48 @@ from taemi.train.schedule import make_scheduler
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
+#: The run's record of its input features (see :func:`features_record`).
+FEATURES_FILE = "features.json"
 EpochCallback = Callable[[int, dict], None]
 
 
 @dataclass
 class TrainResult:
     run_dir: Path
-    best_epoch: int
-    best: Metrics
+    best_epoch: int  # the last epoch when trained without validation
+    best: Metrics | None  # None when trained without validation
     history: list[dict]
     stopped_early: bool
+
+
+def features_record(store: FeatureStore) -> dict:
+    """What a run remembers of its input features: the store's dims, dtype, whether it
+    holds text token states, and the manifest's per-modality provenance (backbone and
+    settings, incl. the extraction ``profile`` and options such as ``max_frames``)."""
+    return {
+        "store": str(store.root),
+        "clips": len(store),
+        "dims": dict(store.dims),
+        "dtype": store.manifest["dtype"],
+        "text_tokens": store.has_text_tokens,
+        "modalities": store.manifest.get("modalities", {}),
+    }
+
+
+#: Keys of features.json that must agree when a run is resumed (the store may move or grow).
+_FEATURE_KEYS = ("dims", "dtype", "text_tokens", "modalities")
+
+
+def load_features_record(run_dir: str | os.PathLike) -> dict | None:
+    """``RUN/features.json``, or None for a run folder without one (an imported release,
+    or a run trained before runs recorded their features)."""
+    path = Path(run_dir) / FEATURES_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
 
 
 def check_store_fits(cfg: RunConfig, store: FeatureStore) -> None:
@@ -135,14 +180,35 @@ def train(
     cfg: RunConfig,
     store: FeatureStore | str | os.PathLike,
     train_labels: Labels,
-    valid_labels: Labels,
+    valid_labels: Labels | None,
     out_dir: str | os.PathLike,
     *,
+    fixed_epochs: int | None = None,
     resume: bool = False,
     progress: bool = True,
     callbacks: Iterable[EpochCallback] = (),
 ) -> TrainResult:
-    """Train ``cfg`` on ``train_labels``' clips, select on ``valid_labels``; write ``out_dir``."""
+    """Train ``cfg`` on ``train_labels``' clips, select on ``valid_labels``; write ``out_dir``.
+
+    With ``valid_labels=None`` the run trains exactly ``fixed_epochs`` epochs with no
+    validation (see the module docstring); ``fixed_epochs`` is only for that case.
+    """
+    if valid_labels is None:
+        if fixed_epochs is None:
+            raise ValueError("training without validation labels needs fixed_epochs (how many epochs to run)")
+        if not 1 <= fixed_epochs <= cfg.train.max_epochs:
+            raise ConfigError(
+                f"fixed_epochs={fixed_epochs} must be between 1 and train.max_epochs={cfg.train.max_epochs} "
+                "(the length of the learning-rate schedule); raise train.max_epochs"
+            )
+        if cfg.train.patience:
+            log.info("no validation split: early stopping is off (train.patience %d -> 0)", cfg.train.patience)
+            cfg = replace(cfg, train=replace(cfg.train, patience=0))
+    elif fixed_epochs is not None:
+        raise ValueError(
+            "fixed_epochs is for training without validation (valid_labels=None); with a validation "
+            "split use train.max_epochs (and train.patience=0 to turn early stopping off)"
+        )
     store = store if isinstance(store, FeatureStore) else FeatureStore(store)
     cfg = resolve_text_tokens(cfg.validate(), store)
     check_store_fits(cfg, store)
@@ -150,7 +216,9 @@ def train(
     device = resolve_device(tc.device)
     precision = resolve_precision(tc.precision, device)
     train_ds = make_dataset(cfg, store, train_labels)  # checked before the run folder is touched
-    valid_ds = make_dataset(cfg, store, valid_labels)
+    valid_ds = None if valid_labels is None else make_dataset(cfg, store, valid_labels)
+    last_epoch = tc.max_epochs if fixed_epochs is None else fixed_epochs
+    features = features_record(store)
     run = Path(out_dir)
     state_path = run / STATE_FILE
     if resume:
@@ -162,10 +230,18 @@ def train(
                 f"cannot resume {run}: the config differs from the one it was started with "
                 f"({run / CONFIG_FILE}); resume with the same preset and --set options"
             )
+        before = load_features_record(run)
+        if before is not None and {k: before.get(k) for k in _FEATURE_KEYS} != {k: features[k] for k in _FEATURE_KEYS}:
+            raise ConfigError(
+                f"cannot resume {run}: it was trained on features of another kind ({run / FEATURES_FILE}: "
+                f"{ {k: before.get(k) for k in ('dims', 'dtype', 'text_tokens')} }) than the store {store.root} "
+                f"holds ({ {k: features[k] for k in ('dims', 'dtype', 'text_tokens')} }, or other provenance)"
+            )
     elif (run / CONFIG_FILE).exists():
         raise FileExistsError(f"{run} already holds a run; use --resume to continue it or choose another --out")
     run.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run / CONFIG_FILE)
+    _atomic_write_text(run / FEATURES_FILE, json.dumps(features, indent=2))
 
     seed_everything(tc.seed, tc.deterministic)
     model = build_model(cfg).to(device)
@@ -182,6 +258,11 @@ def train(
         log.info("%s was interrupted before its first epoch finished: starting it from epoch 1", run)
     elif resume:
         st = torch.load(state_path, map_location="cpu", weights_only=True)
+        if st.get("fixed_epochs") != fixed_epochs:
+            raise ConfigError(
+                f"cannot resume {run}: it was started with fixed_epochs={st.get('fixed_epochs')} "
+                f"(train on all: {st.get('fixed_epochs') is not None}), now fixed_epochs={fixed_epochs}"
+            )
         model.load_state_dict(st["model"])
         optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
@@ -193,15 +274,18 @@ def train(
         bad_epochs, start_epoch = st["bad_epochs"], st["epoch"] + 1
         best_metrics = Metrics(**st["best_metrics"]) if st["best_metrics"] else None
         log.info("resuming %s after epoch %d (best %.4f at epoch %d)", run, st["epoch"], best_score, best_epoch)
+    fixed = {"fixed_epochs": fixed_epochs, "train_clips": len(train_ds)}
 
     collate = Collator(store.dims, train_ds.text_tokens)
     stopped_early = bool(history) and tc.patience > 0 and bad_epochs >= tc.patience
     log.info(
-        "training %s (%d parameters) on %d clips, validating on %d; %s, %s",
-        cfg.preset, sum(p.numel() for p in model.parameters()), len(train_ds), len(valid_ds), device, precision,
+        "training %s (%d parameters) on %d clips, %s; %s, %s",
+        cfg.preset, sum(p.numel() for p in model.parameters()), len(train_ds),
+        f"validating on {len(valid_ds)}" if valid_ds is not None else f"no validation: exactly {fixed_epochs} epochs",
+        device, precision,
     )  # fmt: skip
 
-    for epoch in range(start_epoch, tc.max_epochs + 1):
+    for epoch in range(start_epoch, last_epoch + 1):
         if stopped_early:
             break
         t0 = time.perf_counter()
@@ -212,7 +296,7 @@ def train(
         )  # fmt: skip
         model.train()
         loss_sum, n_seen = torch.zeros((), device=device), 0
-        bar = tqdm(loader, desc=f"epoch {epoch}/{tc.max_epochs}", disable=not progress, leave=False, unit="batch")
+        bar = tqdm(loader, desc=f"epoch {epoch}/{last_epoch}", disable=not progress, leave=False, unit="batch")
         for step, batch in enumerate(bar, 1):
             batch = batch.to(device, non_blocking=True)
             with autocast(device, precision):
@@ -233,51 +317,60 @@ def train(
                 log.info("epoch %d step %d: train loss %.5f", epoch, step, loss_sum.item() / n_seen)
         loss_sum = float(loss_sum)
 
-        pred, valid_loss = predict_dataset(
-            model, valid_ds, batch_size=tc.eval_batch_size, device=device, precision=precision,
-            num_workers=cfg.data.num_workers, progress=progress, desc="validate",
-        )  # fmt: skip
-        metrics = compute_metrics(pred, valid_ds.targets, cfg.data.emotions)
-        row = {
-            "epoch": epoch,
-            "train_loss": loss_sum / max(n_seen, 1),
-            "lr": scheduler.get_last_lr()[0],
-            "valid_loss": valid_loss,
-            "valid_mean_pearson": metrics.mean_pearson,
-            **{f"pearson_{e}": metrics.pearson[e] for e in cfg.data.emotions},
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
-        history.append(row)
-        improved = metrics.mean_pearson > best_score
-        if improved:
-            best_score, best_epoch, bad_epochs, best_metrics = metrics.mean_pearson, epoch, 0, metrics
+        if valid_ds is None:  # train on all: no validation, the last epoch is the model
+            row = {"epoch": epoch, "train_loss": loss_sum / max(n_seen, 1), "lr": scheduler.get_last_lr()[0],
+                   "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
+            history.append(row)
+            best_epoch = epoch
             save_weights(model, run / "best.safetensors")
-            _write_valid_predictions(run / "valid_predictions.csv", valid_ds.ids, cfg.data.emotions, pred)
+            log.info("epoch %d/%d: train loss %.4f", epoch, last_epoch, row["train_loss"])
         else:
-            bad_epochs += 1
+            pred, valid_loss = predict_dataset(
+                model, valid_ds, batch_size=tc.eval_batch_size, device=device, precision=precision,
+                num_workers=cfg.data.num_workers, progress=progress, desc="validate",
+            )  # fmt: skip
+            metrics = compute_metrics(pred, valid_ds.targets, cfg.data.emotions)
+            row = {
+                "epoch": epoch,
+                "train_loss": loss_sum / max(n_seen, 1),
+                "lr": scheduler.get_last_lr()[0],
+                "valid_loss": valid_loss,
+                "valid_mean_pearson": metrics.mean_pearson,
+                **{f"pearson_{e}": metrics.pearson[e] for e in cfg.data.emotions},
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+            history.append(row)
+            improved = metrics.mean_pearson > best_score
+            if improved:
+                best_score, best_epoch, bad_epochs, best_metrics = metrics.mean_pearson, epoch, 0, metrics
+                save_weights(model, run / "best.safetensors")
+                _write_valid_predictions(run / "valid_predictions.csv", valid_ds.ids, cfg.data.emotions, pred)
+            else:
+                bad_epochs += 1
+            log.info(
+                "epoch %d: train loss %.4f, valid loss %.4f, valid mean Pearson %.4f%s",
+                epoch, row["train_loss"], valid_loss, metrics.mean_pearson, " (best)" if improved else "",
+            )  # fmt: skip
         stopped_early = tc.patience > 0 and bad_epochs >= tc.patience
         save_weights(model, run / "last.safetensors")
         _save_state(state_path, model, optimizer, scheduler, scaler, device, epoch=epoch, history=history,
                     best_score=best_score, best_epoch=best_epoch, bad_epochs=bad_epochs,
-                    best_metrics=best_metrics)  # fmt: skip
+                    best_metrics=best_metrics, fixed_epochs=fixed_epochs)  # fmt: skip
         _write_history(run / "history.csv", history)
         _write_metrics(run, best_epoch, best_metrics, history, stopped_early, finished=False,
-                       device=str(device), precision=precision)
-        log.info(
-            "epoch %d: train loss %.4f, valid loss %.4f, valid mean Pearson %.4f%s",
-            epoch, row["train_loss"], valid_loss, metrics.mean_pearson, " (best)" if improved else "",
-        )  # fmt: skip
+                       device=str(device), precision=precision, **fixed)  # fmt: skip
         for cb in callbacks:
             cb(epoch, row)
         if stopped_early:
             log.info("early stopping: no improvement for %d epochs; best epoch %d", tc.patience, best_epoch)
 
-    assert best_metrics is not None
     _write_metrics(run, best_epoch, best_metrics, history, stopped_early, finished=True,
-                   device=str(device), precision=precision)
-    plot_history(history, run / "plots" / "learning_curves.png")
-    plot_per_emotion(best_metrics.pearson, run / "plots" / "per_emotion_pearson.png",
-                     title=f"valid Pearson per emotion (best epoch {best_epoch})")  # fmt: skip
+                   device=str(device), precision=precision, **fixed)  # fmt: skip
+    if valid_ds is not None:
+        assert best_metrics is not None
+        plot_history(history, run / "plots" / "learning_curves.png")
+        plot_per_emotion(best_metrics.pearson, run / "plots" / "per_emotion_pearson.png",
+                         title=f"valid Pearson per emotion (best epoch {best_epoch})")  # fmt: skip
     return TrainResult(run, best_epoch, best_metrics, history, stopped_early)
 
 
@@ -299,10 +392,14 @@ def _save_state(path: Path, model, optimizer, scheduler, scaler, device, **extra
 
 
 def _write_metrics(run: Path, best_epoch: int, best: Metrics | None, history: list[dict], stopped_early: bool,
-                   finished: bool, device: str, precision: str) -> None:  # fmt: skip
+                   finished: bool, device: str, precision: str, fixed_epochs: int | None,
+                   train_clips: int) -> None:  # fmt: skip
     data = {
         "best_epoch": best_epoch,
         "valid": None if best is None else best.to_dict(),
+        "train_on_all": fixed_epochs is not None,
+        "fixed_epochs": fixed_epochs,
+        "train_clips": train_clips,
         "epochs_run": len(history),
         "stopped_early": stopped_early,
         "finished": finished,
