@@ -161,9 +161,14 @@ def test_predict_abaw_csv(shifted_run, data, tmp_path) -> None:
     store = FeatureStore(data / "store")
     common = ["--run", str(shifted_run), "--store", str(data / "store"), "--no-progress"]
     raw_csv, clipped_csv = tmp_path / "raw.csv", tmp_path / "clipped.csv"
-    code, stdout = run_main(["predict", *common, "--out", str(raw_csv)])
-    assert code == 0 and "64 predictions" in stdout and "raw" in stdout
-    assert run_main(["predict", *common, "--out", str(clipped_csv), "--clip"])[0] == 0
+    code, stdout = run_main(["predict", *common, "--out", str(raw_csv), "--no-clip"])
+    assert code == 0 and "64 predictions" in stdout and "raw, not clipped" in stdout
+    # a submission is clipped by default (spec: clip only when writing a submission)
+    code, stdout = run_main(["predict", *common, "--out", str(clipped_csv)])
+    assert code == 0 and "clipped to [0, 1]" in stdout
+    same_csv = tmp_path / "same.csv"  # --clip: the default, said explicitly
+    assert run_main(["predict", *common, "--out", str(same_csv), "--clip"])[0] == 0
+    assert same_csv.read_bytes() == clipped_csv.read_bytes()
 
     header, ids, raw = read_rows(raw_csv)
     assert header == ["Filename", *EMI_EMOTIONS]
@@ -180,7 +185,7 @@ def test_predict_abaw_csv(shifted_run, data, tmp_path) -> None:
     id_list = tmp_path / "ids.csv"
     id_list.write_text("Filename\n00042\n00007\n00010\n", encoding="utf-8")
     sub_csv = tmp_path / "sub.csv"
-    assert run_main(["predict", *common, "--ids", str(id_list), "--out", str(sub_csv)])[0] == 0
+    assert run_main(["predict", *common, "--ids", str(id_list), "--out", str(sub_csv), "--no-clip"])[0] == 0
     _, sub_ids, sub = read_rows(sub_csv)
     assert sub_ids == ["00007", "00010", "00042"]
     # same clips, other batch padding: equal up to float rounding
@@ -286,3 +291,63 @@ def test_model_input_sizes_follow_the_store_unless_set(data, tmp_path, capsys) -
     code = main(train_args(data, tmp_path / "insist", *sets, "--set", f"model.audio_dim={DIMS[0] + 1}"))
     assert code == 2
     assert f"--set model.audio_dim={DIMS[0]}" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- train on all
+
+
+def test_train_on_all_epochs_from_a_validated_run(run, data, tmp_path, capsys) -> None:
+    """The final model: train + valid, as many epochs as the validated run's best epoch,
+    with that run's config; no validation, best = last."""
+    out, _ = run
+    best_epoch = json.loads((out / "metrics.json").read_text())["best_epoch"]
+    final = tmp_path / "final"
+    code, stdout = run_main(train_args(data, final, "--train-on-all", "--epochs-from", str(out)))
+    assert code == 0
+    assert "trained on all 64 clips" in stdout and f"for {best_epoch} epoch" in stdout
+    assert "best = last" in stdout and str(final) in stdout
+    m = json.loads((final / "metrics.json").read_text())
+    assert m["train_on_all"] is True and m["valid"] is None and m["fixed_epochs"] == best_epoch
+    assert m["best_epoch"] == best_epoch == m["epochs_run"] and m["train_clips"] == 64
+    cfg, validated = load_config(final / "config.yaml"), load_config(out / "config.yaml")
+    assert cfg.model == validated.model and cfg.train.max_epochs == validated.train.max_epochs
+    assert cfg.train.patience == 0
+    assert json.loads((final / "features.json").read_text())["dims"] == {"audio": 12, "vision": 10, "text": 8}
+    assert run_main(["predict", "--run", str(final), "--store", str(data / "store"), "--out",
+                     str(tmp_path / "p.csv"), "--no-progress"])[0] == 0  # fmt: skip
+
+    # --epochs N, training clips only (no --valid)
+    args = train_args(data, tmp_path / "n", *tiny_cli_sets(), "--train-on-all", "--epochs", "1")
+    del args[args.index("--valid") : args.index("--valid") + 2]
+    code, stdout = run_main(args)
+    assert code == 0 and "trained on all 48 clips" in stdout and "for 1 epoch (--epochs)" in stdout
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--train-on-all"], "--epochs N or --epochs-from RUN"),
+        (["--train-on-all", "--epochs", "1", "--epochs-from", "x"], "--epochs N or --epochs-from RUN"),
+        (["--epochs", "2"], "go with --train-on-all"),
+        (["--train-on-all", "--epochs-from", "nowhere"], "metrics.json does not exist"),
+        (["--train-on-all", "--epochs", "9"], "between 1 and train.max_epochs=3"),
+    ],
+)
+def test_train_on_all_errors(data, tmp_path, capsys, extra, message) -> None:
+    assert main(train_args(data, tmp_path / "r", *tiny_cli_sets(), *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_train_needs_valid_unless_train_on_all(data, tmp_path, capsys) -> None:
+    args = train_args(data, tmp_path / "r", *tiny_cli_sets())
+    del args[args.index("--valid") : args.index("--valid") + 2]
+    assert main(args) == 2
+    assert "--valid is required" in capsys.readouterr().err
+
+
+def test_train_on_all_refuses_overlapping_splits(data, tmp_path, capsys) -> None:
+    args = train_args(data, tmp_path / "r", *tiny_cli_sets(), "--train-on-all", "--epochs", "1")
+    args[args.index("--valid") + 1] = str(data / "train.csv")
+    assert main(args) == 2
+    assert "48 ids are in both" in capsys.readouterr().err

@@ -91,6 +91,32 @@ def _load_config(args: argparse.Namespace, dims_from=None):
     return build_config(args.preset, user, args.config)
 
 
+def _epochs_from(run: str) -> int:
+    """The best epoch a finished validated run chose (its metrics.json)."""
+    path = Path(run) / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"--epochs-from {run}: {path} does not exist (not a trained run folder?)")
+    m = json.loads(path.read_text(encoding="utf-8"))
+    epoch = m.get("best_epoch")
+    if not isinstance(epoch, int) or epoch < 1:
+        raise ValueError(f"--epochs-from {run}: {path} has best_epoch={epoch!r}, not a positive epoch number")
+    if not m.get("finished"):
+        log.warning("--epochs-from %s: that run has not finished; using its best epoch so far (%d)", run, epoch)
+    return epoch
+
+
+def _concat_labels(a, b):
+    """Labels of two disjoint splits, one after the other (train on all)."""
+    import numpy as np
+
+    from taemi.data.labels import Labels
+
+    both = sorted(set(a.ids) & set(b.ids))
+    if both:
+        raise ValueError(f"{len(both)} ids are in both {a.source} and {b.source}, e.g. {both[:5]}")
+    return Labels(a.ids + b.ids, a.emotions, np.concatenate([a.values, b.values]), f"{a.source} + {b.source}")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from taemi.config import load_config
     from taemi.data.labels import read_labels
@@ -98,17 +124,44 @@ def cmd_train(args: argparse.Namespace) -> int:
     from taemi.model.checkpoint import CONFIG_FILE
     from taemi.train.trainer import train
 
+    fixed_epochs = None
+    if args.train_on_all:
+        if (args.epochs is None) == (args.epochs_from is None):
+            raise ValueError("--train-on-all needs the number of epochs: --epochs N or --epochs-from RUN (one of them)")
+        fixed_epochs = args.epochs if args.epochs is not None else _epochs_from(args.epochs_from)
+    else:
+        if args.epochs is not None or args.epochs_from is not None:
+            raise ValueError("--epochs and --epochs-from go with --train-on-all (validated runs stop early on --valid)")
+        if args.valid is None:
+            raise ValueError("--valid is required (model selection and early stopping), unless --train-on-all")
     store = FeatureStore(args.store)
-    if args.resume and not args.set and args.config is None and args.preset is None:
+    own = not args.set and args.config is None and args.preset is None
+    if args.resume and own:
         cfg = load_config(Path(args.out) / CONFIG_FILE)  # resume with the run's own config
+    elif args.epochs_from and own:
+        cfg = load_config(Path(args.epochs_from) / CONFIG_FILE)  # the validated run's recipe
+        log.info("train on all: the config of %s (give --preset/--set/--config to change it)", args.epochs_from)
     else:
         args.preset = args.preset or "paper"
         cfg = _load_config(args, dims_from=store)
     kw = dict(emotions=cfg.data.emotions, id_column=cfg.data.id_column, store_ids=store)
     train_labels = read_labels(args.train, **kw)
-    valid_labels = read_labels(args.valid, **kw)
-    res = train(cfg, store, train_labels, valid_labels, args.out, resume=args.resume, progress=not args.no_progress)
-    _print(_metrics_table(res.best.to_dict(), f"best epoch {res.best_epoch} of {len(res.history)} (valid):"))
+    valid_labels = read_labels(args.valid, **kw) if args.valid else None
+    if args.train_on_all:
+        if valid_labels is not None:
+            train_labels = _concat_labels(train_labels, valid_labels)
+        valid_labels = None
+    res = train(cfg, store, train_labels, valid_labels, args.out, fixed_epochs=fixed_epochs, resume=args.resume,
+                progress=not args.no_progress)  # fmt: skip
+    if res.best is None:
+        origin = f"the best epoch of {args.epochs_from}" if args.epochs_from else "--epochs"
+        _print(
+            f"trained on all {len(train_labels)} clips ({train_labels.source}) for {fixed_epochs} "
+            f"epoch{'' if fixed_epochs == 1 else 's'} "
+            f"({origin}); no validation: the final weights are best = last"
+        )
+    else:
+        _print(_metrics_table(res.best.to_dict(), f"best epoch {res.best_epoch} of {len(res.history)} (valid):"))
     _print(f"run folder: {res.run_dir}")
     return 0
 
@@ -143,9 +196,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from taemi.data.labels import write_predictions
+    if args.inputs:
+        if args.store or args.ids:
+            raise ValueError("predict takes media files (positional) or --store [--ids], not both")
+        return _predict_media(args)
+    if not args.store:
+        raise ValueError("predict needs --store STORE (features) or media files/folders to extract features from")
+    if not args.out:
+        raise ValueError("predict --store needs --out (the submission CSV)")
+    for flag, given in (("--features", args.features), ("--profile", args.profile), ("--model", args.model)):
+        if given:
+            raise ValueError(f"{flag} is for predicting from media files, not from --store")
     from taemi.data.store import FeatureStore
     from taemi.eval.predict import predict_dataset
+    from taemi.eval.submission import write_submission
     from taemi.model.checkpoint import load_run
     from taemi.train.runtime import resolve_device, resolve_precision
     from taemi.train.trainer import check_store_fits, make_dataset
@@ -160,9 +224,52 @@ def cmd_predict(args: argparse.Namespace) -> int:
         model.to(device), ds, batch_size=cfg.train.eval_batch_size, device=device,
         precision=resolve_precision(args.precision, device), progress=not args.no_progress,
     )  # fmt: skip
-    write_predictions(args.out, ids, cfg.data.emotions, pred, clip=args.clip)
-    _print(f"wrote {len(ids)} predictions ({'clipped to [0, 1]' if args.clip else 'raw'}) to {args.out}")
+    write_submission(args.out, ids, cfg.data.emotions, pred, clip=args.clip)
+    _print(f"wrote {len(ids)} predictions ({_clip_words(args.clip)}) to {args.out}")
     return 0
+
+
+def _clip_words(clip: bool) -> str:
+    return "clipped to [0, 1]" if clip else "raw, not clipped (--no-clip)"
+
+
+def _predict_media(args: argparse.Namespace) -> int:
+    from taemi.predict_media import format_table, predict_media
+
+    models = dict(_key_value(m, "--model") for m in (args.model or []))
+    res = predict_media(
+        args.run, args.inputs, which=args.which, features_dir=args.features, profile=args.profile,
+        models=models, device=args.device, precision=args.precision, batch_size=args.batch_size,
+        workers=args.workers, clip=args.clip, progress=not args.no_progress,
+    )  # fmt: skip
+    _print(format_table(res))
+    if args.out:
+        out = Path(args.out)
+        res.write(out)
+        _print(f"wrote {len(res.clips)} predictions ({_clip_words(args.clip)}) to {out} and {out.with_suffix('.json')}")
+    else:
+        _print(f"predictions {_clip_words(args.clip)}; --out FILE.csv also writes them (and FILE.json)")
+    return 1 if res.failures else 0
+
+
+def cmd_check_submission(args: argparse.Namespace) -> int:
+    from taemi import EMI_EMOTIONS
+    from taemi.eval.submission import check_submission
+
+    emotions = tuple(e.strip() for e in args.emotions.split(",")) if args.emotions else EMI_EMOTIONS
+    ids = _read_ids(args.ids, args.id_column)
+    report = check_submission(args.file, ids, emotions, id_column=args.id_column, max_listed=args.show)
+    if report.ok:
+        _print(f"{args.file}: valid submission ({report.rows} rows = the {len(ids)} test ids, sorted; "
+               f"columns {args.id_column},{','.join(emotions)}; values in [0, 1])")  # fmt: skip
+    else:
+        _print(f"{args.file}: NOT a valid submission for {args.ids} ({len(report.problems)} kind(s) of problem, "
+               f"{report.rows} rows read, {len(ids)} test ids)")  # fmt: skip
+        for p in report.problems:
+            _print(f"  - {p}")
+    for w in report.warnings:
+        _print(f"  warning: {w}")
+    return 0 if report.ok else 1
 
 
 def cmd_store_info(args: argparse.Namespace) -> int:
@@ -302,32 +409,63 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("train", help="train a model on a feature store")
     sp.add_argument("--store", required=True)
     sp.add_argument("--train", required=True, help="training label CSV")
-    sp.add_argument("--valid", required=True, help="validation label CSV (model selection, early stopping)")
+    sp.add_argument("--valid", help="validation label CSV (model selection, early stopping); with --train-on-all "
+                    "its clips are trained on too")  # fmt: skip
     sp.add_argument("--out", required=True, help="run folder")
     sp.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    sp.add_argument("--train-on-all", action="store_true",
+                    help="final model: train on --train + --valid for a fixed number of epochs, no validation, "
+                         "no early stopping (best = last)")  # fmt: skip
+    sp.add_argument("--epochs", type=int, help="with --train-on-all: train exactly N epochs")
+    sp.add_argument("--epochs-from", metavar="RUN",
+                    help="with --train-on-all: as many epochs as RUN's best epoch (its metrics.json); "
+                         "RUN's config too, unless --preset/--config/--set are given")  # fmt: skip
     config_opts(sp, None)
     common(sp)
     sp.set_defaults(func=cmd_train)
 
-    for name, func, helptext in (
-        ("evaluate", cmd_evaluate, "score a run on labelled clips"),
-        ("predict", cmd_predict, "write predictions in the ABAW submission format"),
-    ):
-        sp = sub.add_parser(name, help=helptext)
+    def run_opts(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--run", required=True, help="run folder (from train or import-release)")
-        sp.add_argument("--store", required=True)
         sp.add_argument("--which", default="best", choices=("best", "last"), help="which weights")
         sp.add_argument("--device", default="auto")
         sp.add_argument("--precision", default="fp32", choices=("auto", "fp32", "fp16", "bf16"))
-        sp.add_argument("--clip", action="store_true", help="clip predictions to [0, 1]")
-        if name == "evaluate":
-            sp.add_argument("--labels", required=True, help="label CSV")
-            sp.add_argument("--out", help="metrics JSON (default: RUN/eval_<labels>.json)")
-        else:
-            sp.add_argument("--ids", help="CSV whose id column lists the clips (default: every clip in the store)")
-            sp.add_argument("--out", required=True, help="predictions CSV")
-        common(sp)
-        sp.set_defaults(func=func)
+
+    sp = sub.add_parser("evaluate", help="score a run on labelled clips")
+    run_opts(sp)
+    sp.add_argument("--store", required=True)
+    sp.add_argument("--clip", action="store_true", help="clip predictions to [0, 1] before scoring (default: raw)")
+    sp.add_argument("--labels", required=True, help="label CSV")
+    sp.add_argument("--out", help="metrics JSON (default: RUN/eval_<labels>.json)")
+    common(sp)
+    sp.set_defaults(func=cmd_evaluate)
+
+    sp = sub.add_parser("predict", help="predictions from a feature store (ABAW submission CSV) or from media files")
+    run_opts(sp)
+    sp.add_argument("inputs", nargs="*", metavar="MEDIA",
+                    help="video/audio files or folders: extract their features as the run's were, then predict")  # fmt: skip
+    sp.add_argument("--store", help="feature store to predict from (instead of MEDIA)")
+    sp.add_argument("--ids", help="with --store: CSV whose id column lists the clips (default: every clip in the store)")
+    sp.add_argument("--out", help="predictions CSV (ABAW format); with MEDIA also a JSON next to it (same name, .json)")
+    sp.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
+                    help="clip predictions to [0, 1] as a submission needs (default); --no-clip writes raw values")  # fmt: skip
+    sp.add_argument("--features", metavar="DIR",
+                    help="MEDIA: keep the extracted features in this store (default: a temporary one)")  # fmt: skip
+    sp.add_argument("--profile", choices=("offline", "paper"),
+                    help="MEDIA: extraction profile; needed when the run has no features.json (e.g. imported weights)")  # fmt: skip
+    sp.add_argument("--model", action="append", metavar="ROLE=ID_OR_DIR",
+                    help="MEDIA: the model of a role (asr, audio, vision, text) when it is not the profile's")  # fmt: skip
+    sp.add_argument("--batch-size", type=int, default=8, help="MEDIA: clips per extraction model batch")
+    sp.add_argument("--workers", type=int, default=2, help="MEDIA: decoding threads")
+    common(sp)
+    sp.set_defaults(func=cmd_predict)
+
+    sp = sub.add_parser("check-submission", help="validate a submission CSV against the test id list")
+    sp.add_argument("file", help="the submission CSV")
+    sp.add_argument("--ids", required=True, help="CSV whose id column lists every test id")
+    sp.add_argument("--emotions", help="comma-separated value columns, in order (default: the EMI six)")
+    sp.add_argument("--id-column", default="Filename", help="id column of both files (default: Filename)")
+    sp.add_argument("--show", type=int, default=5, help="examples listed per kind of problem (default: 5)")
+    sp.set_defaults(func=cmd_check_submission)
 
     sp = sub.add_parser("store", help="inspect a feature store")
     ssub = sp.add_subparsers(dest="store_command", required=True, metavar="ACTION")

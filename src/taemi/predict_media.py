@@ -1,0 +1,381 @@
+"""Predict from media files: extract features the way a run's were extracted, then predict.
+
+The whole chain for new clips (spec sections 3-4): media -> features (with the run's
+extraction profile and options) -> the run's model -> six intensities per clip.
+
+1. The run's ``features.json`` (written by training, see :mod:`taemi.train.trainer`)
+   says how its input features were made: the extraction ``profile`` and, per modality,
+   the backbone and settings. The options that shape features are taken from it:
+   ``max_seconds`` (audio), ``max_frames``, ``frame_policy`` and face cropping on/off
+   (vision), text token states (text). A run without ``features.json`` (imported release
+   weights, older runs) needs ``profile=`` and then uses the extraction defaults (12 s of
+   audio, the first 400 frames, face crops).
+2. The profile's models are loaded once per process (:func:`load_encoders_once`) and
+   must be the run's: a backbone (or speech recogniser) other than the recorded one is
+   an error naming the model to pass (``--model role=ID_OR_DIR``); other setting
+   differences (device, library versions) are logged and reported.
+3. :func:`taemi.extract.pipeline.extract` writes the clips into a feature store, a
+   temporary one unless ``features_dir`` is given (clips already there are reused, by
+   clip id = file name without extension, like ``taemi extract``). A clip without a
+   modality (an MP3 has no video; no face found; an empty transcript) still gets a
+   prediction: the model substitutes its learned missing token (spec section 5). A file
+   that cannot be decoded is reported with its reason; the others are still predicted.
+4. The run's model predicts every extracted clip; values are clipped to [0, 1] unless
+   ``clip=False`` (as for a submission, spec section 8).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from taemi import MODALITIES
+from taemi.extract import profiles
+from taemi.extract.pipeline import (
+    ERRORS_FILE,
+    TRANSCRIPTS,
+    Encoders,
+    ExtractOptions,
+    extract,
+    find_sources,
+)
+from taemi.train.trainer import FEATURES_FILE, load_features_record
+
+__all__ = [
+    "ClipPrediction",
+    "MediaPredictions",
+    "extraction_plan",
+    "format_table",
+    "load_encoders_once",
+    "predict_media",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClipPrediction:
+    """One predicted clip."""
+
+    clip_id: str  # the file name without extension
+    path: str  # the media file
+    intensities: dict[str, float]  # emotion -> value (clipped to [0, 1] unless clip=False)
+    present: dict[str, bool]  # audio/vision/text -> the modality was extracted (False: missing token used)
+    transcript: str  # what speech recognition heard ('' = text missing)
+
+
+@dataclass
+class MediaPredictions:
+    """Result of :func:`predict_media`."""
+
+    run: str
+    weights: str  # best | last
+    emotions: tuple[str, ...]
+    clipped: bool
+    profile: str
+    options: dict[str, Any]  # the extraction options used (max_audio_seconds, max_frames, frame_policy, face, text_tokens)
+    store: str | None  # the feature store written (None: a temporary one, deleted)
+    clips: list[ClipPrediction] = field(default_factory=list)  # sorted by clip id
+    failures: list[dict[str, str | None]] = field(default_factory=list)  # {clip_id, path, stage, reason}
+    provenance_differences: list[str] = field(default_factory=list)  # settings that differ from the run's
+
+    def values(self) -> np.ndarray:
+        """(N, E) float32 intensities in ``clips`` order."""
+        rows = [[c.intensities[e] for e in self.emotions] for c in self.clips]
+        return np.array(rows, dtype=np.float32).reshape(len(self.clips), len(self.emotions))  # the model's float32
+
+    def to_json(self) -> dict[str, Any]:
+        extraction = {
+            "profile": self.profile,
+            "options": self.options,
+            "store": self.store,
+            "provenance_differences": self.provenance_differences,
+        }
+        clips = [
+            {
+                "id": c.clip_id,
+                "path": c.path,
+                "intensities": c.intensities,
+                "present": c.present,
+                "missing": [m for m, p in c.present.items() if not p],
+                "transcript": c.transcript,
+            }
+            for c in self.clips
+        ]
+        return {
+            "run": self.run,
+            "weights": self.weights,
+            "clipped": self.clipped,
+            "emotions": list(self.emotions),
+            "extraction": extraction,
+            "clips": clips,
+            "failures": self.failures,
+        }
+
+    def write(self, csv_path: str | os.PathLike[str]) -> tuple[Path, Path]:
+        """The ABAW CSV at ``csv_path`` and the JSON (per clip: intensities, present
+        modalities, transcript; failures) next to it with the suffix ``.json``."""
+        from taemi.eval.submission import write_submission
+
+        csv_path = Path(csv_path)
+        json_path = csv_path.with_suffix(".json")
+        if json_path == csv_path:
+            raise ValueError(f"--out {csv_path}: give the CSV a name not ending in .json")
+        # values are already clipped (or deliberately raw): write them as they are
+        write_submission(csv_path, [c.clip_id for c in self.clips], self.emotions, self.values(), clip=False)
+        tmp = json_path.with_name(json_path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, json_path)
+        return csv_path, json_path
+
+
+# --------------------------------------------------------------------------- the run's extraction
+
+
+def extraction_plan(features: dict | None, profile: str | None, *, run: str = "RUN") -> tuple[str, ExtractOptions, bool]:
+    """(profile, extraction options, face cropping on) that reproduce a run's features.
+
+    ``features`` is the run's ``features.json`` (None when it has none: then ``profile``
+    is required and the extraction defaults apply). A ``profile`` that contradicts the
+    recorded one is an error.
+    """
+    if features is None:
+        if profile is None:
+            raise ValueError(
+                f"{run} has no {FEATURES_FILE} (imported release weights, or a run trained before runs recorded "
+                "their features), so how its features were extracted is unknown: pass --profile offline|paper "
+                "(the extraction defaults then apply: 12 s of audio, the first 400 frames, face crops)"
+            )
+        log.warning("%s has no %s: extracting with the %s profile's defaults", run, FEATURES_FILE, profile)
+        return profile, ExtractOptions(), True
+    mods = features.get("modalities") or {}
+    if set(mods) != set(MODALITIES):
+        raise ValueError(
+            f"{run}/{FEATURES_FILE} records no extraction provenance for {sorted(set(MODALITIES) - set(mods))} "
+            "(the store was not written by taemi extract): its features cannot be extracted from media"
+        )
+    recorded = {m: (mods[m].get("settings") or {}).get("profile") for m in MODALITIES}
+    if len(set(recorded.values())) != 1 or None in recorded.values():
+        backbones = {m: mods[m].get("backbone") for m in MODALITIES}
+        raise ValueError(
+            f"{run} was trained on features without one extraction profile (profiles {recorded}, backbones "
+            f"{backbones}), e.g. synthetic features: they cannot be extracted from media"
+        )
+    run_profile = recorded["audio"]
+    if profile is not None and profile != run_profile:
+        raise ValueError(
+            f"--profile {profile}: {run} was trained on features of the {run_profile!r} profile "
+            f"({run}/{FEATURES_FILE}); features of another profile do not fit its model"
+        )
+    a, v, t = (mods[m]["settings"] for m in MODALITIES)
+    try:
+        opts = ExtractOptions(
+            max_audio_seconds=float(a["max_seconds"]),
+            max_frames=int(v["max_frames"]),
+            frame_policy=str(v["frame_policy"]),
+            text_tokens=bool(t["token_states"]),
+        )
+        face = v["face"] is not None
+    except KeyError as e:
+        raise ValueError(f"{run}/{FEATURES_FILE}: the recorded settings lack {e.args[0]!r}") from None
+    return run_profile, opts, face
+
+
+_ENCODERS: dict[tuple, Encoders] = {}
+
+
+def load_encoders_once(
+    profile: str,
+    *,
+    face: bool,
+    device: str = "cpu",
+    batch_size: int = 8,
+    models: Mapping[str, str] | None = None,
+    trust_remote_code: bool = False,
+    allow_download: bool = False,
+) -> Encoders:
+    """:func:`taemi.extract.profiles.load_encoders`, cached for the life of the process
+    (keyed by every argument): predicting again does not load the models again."""
+    key = (profile, face, device, batch_size, tuple(sorted((models or {}).items())), trust_remote_code, allow_download)
+    if key not in _ENCODERS:
+        _ENCODERS[key] = profiles.load_encoders(
+            profile, device=device, batch_size=batch_size, models=dict(models or {}), face=face,
+            trust_remote_code=trust_remote_code, allow_download=allow_download,
+        )  # fmt: skip
+    return _ENCODERS[key]
+
+
+def check_provenance(features: dict | None, encoders: Encoders, opts: ExtractOptions, *, run: str = "RUN") -> list[str]:
+    """The loaded models must be the run's. A different backbone or speech recogniser is an
+    error; returns the settings that differ otherwise (device, library versions ...)."""
+    if features is None:
+        return []
+    now = encoders.provenance(opts)
+    mods = features["modalities"]
+    role = {"audio": "audio", "vision": "vision", "text": "text"}
+    pairs = [(role[m], mods[m]["backbone"], now[m]["backbone"]) for m in MODALITIES]
+    pairs.append(("asr", mods["text"]["settings"].get("asr"), now["text"]["settings"].get("asr")))
+    for r, was, is_ in pairs:
+        if was != is_:
+            raise ValueError(
+                f"{run}'s {r} model was {was!r} but the {encoders.profile} profile loaded {is_!r}; "
+                f"pass --model {r}=<that model's hub id or folder> to extract features that fit the run"
+            )
+    diffs: list[str] = []
+    for m in MODALITIES:
+        _diff(mods[m]["settings"], json.loads(json.dumps(now[m]["settings"])), f"{m}.", diffs)
+    if diffs:
+        log.warning("extraction settings that differ from %s's: %s", run, "; ".join(diffs))
+    return diffs
+
+
+def _diff(was: Any, now: Any, prefix: str, out: list[str]) -> None:
+    if isinstance(was, dict) and isinstance(now, dict):
+        for k in sorted(set(was) | set(now)):
+            _diff(was.get(k), now.get(k), f"{prefix}{k}.", out)
+    elif was != now:
+        out.append(f"{prefix.rstrip('.')}: {was!r} (run) vs {now!r} (now)")
+
+
+# --------------------------------------------------------------------------- predicting
+
+
+def predict_media(
+    run: str | os.PathLike[str],
+    inputs: Sequence[str | os.PathLike[str]],
+    *,
+    which: str = "best",
+    features_dir: str | os.PathLike[str] | None = None,
+    profile: str | None = None,
+    models: Mapping[str, str] | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+    batch_size: int = 8,
+    workers: int = 2,
+    clip: bool = True,
+    encoders: Encoders | None = None,
+    trust_remote_code: bool = False,
+    allow_download: bool = False,
+    progress: bool = False,
+) -> MediaPredictions:
+    """Predict the clips of ``inputs`` (media files, folders, list files) with ``run``.
+
+    See the module docstring. ``encoders`` replaces the profile's models (tests, custom
+    stand-ins); otherwise they are loaded once per process. Failing files are in
+    ``failures`` with their reason; they never stop the others.
+
+    Raises:
+        ValueError: the run's extraction cannot be reproduced (no features.json and no
+            ``profile``, a contradicting profile, other models), or no input at all.
+        FileNotFoundError: an input path does not exist, or no media in the inputs.
+    """
+    from taemi.data.store import FeatureStore
+    from taemi.eval.predict import predict_dataset
+    from taemi.model.checkpoint import load_run
+    from taemi.train.runtime import resolve_device, resolve_precision
+    from taemi.train.trainer import check_store_fits, make_dataset
+
+    run_name = str(run)
+    model, cfg = load_run(run, which)  # first: a wrong run folder fails before any model loads
+    features = load_features_record(run)
+    profile, opts, face = extraction_plan(features, profile, run=run_name)
+    opts.batch_size, opts.workers = batch_size, workers
+    sources, input_errors = find_sources(inputs)
+    if not sources and not input_errors:
+        raise FileNotFoundError(f"no media files found in {', '.join(map(str, inputs))}")
+    torch_device = resolve_device(device)
+    if encoders is None:
+        encoders = load_encoders_once(
+            profile, face=face, device=torch_device.type, batch_size=batch_size, models=models,
+            trust_remote_code=trust_remote_code, allow_download=allow_download,
+        )  # fmt: skip
+    diffs = check_provenance(features, encoders, opts, run=run_name)
+    options = {"max_audio_seconds": opts.max_audio_seconds, "max_frames": opts.max_frames,
+               "frame_policy": opts.frame_policy, "face": face, "text_tokens": opts.text_tokens}  # fmt: skip
+    result = MediaPredictions(
+        run=run_name, weights=which, emotions=tuple(cfg.data.emotions), clipped=clip, profile=profile,
+        options=options, store=None if features_dir is None else str(features_dir), provenance_differences=diffs,
+    )  # fmt: skip
+
+    with tempfile.TemporaryDirectory(prefix="taemi-predict-") as tmp:
+        root = Path(features_dir) if features_dir is not None else Path(tmp) / "features"
+        errors_file = root / ERRORS_FILE
+        seen_errors = _count_lines(errors_file)
+        extract(sources, root, encoders, opts, input_errors=input_errors, progress=progress)
+        result.failures = [
+            {k: e.get(k) for k in ("clip_id", "path", "stage", "reason")} for e in _read_jsonl(errors_file, seen_errors)
+        ]
+        if not root.is_dir() or not (root / "manifest.json").is_file():
+            return result  # nothing could be extracted: every input failed
+        store = FeatureStore(root)
+        check_store_fits(cfg, store)
+        done = [s for s in sources if s.clip_id in store]
+        if not done:
+            return result
+        ids = [s.clip_id for s in done]
+        ds = make_dataset(cfg, store, None, ids=ids)
+        pred, _ = predict_dataset(
+            model.to(torch_device), ds, batch_size=cfg.train.eval_batch_size, device=torch_device,
+            precision=resolve_precision(precision, torch_device),
+        )  # fmt: skip
+        values = np.clip(pred, 0.0, 1.0) if clip else pred  # (N, E)
+        for s, row in zip(done, values):
+            missing = store.missing[store.index(s.clip_id)]  # (3,) audio, vision, text
+            transcript_file = root / TRANSCRIPTS / f"{s.clip_id}.txt"
+            result.clips.append(
+                ClipPrediction(
+                    clip_id=s.clip_id,
+                    path=str(s.media),
+                    intensities={e: float(v) for e, v in zip(result.emotions, row)},
+                    present={m: not bool(x) for m, x in zip(MODALITIES, missing)},
+                    transcript=transcript_file.read_text(encoding="utf-8").strip() if transcript_file.is_file() else "",
+                )
+            )
+    return result
+
+
+def _count_lines(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    with open(path, "rb") as fh:
+        return sum(1 for _ in fh)
+
+
+def _read_jsonl(path: Path, skip: int) -> list[dict]:
+    """The records of ``path`` after its first ``skip`` lines (this run's error records)."""
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for i, line in enumerate(fh) if i >= skip and line.strip()]
+
+
+def format_table(res: MediaPredictions) -> str:
+    """One line per clip: id, the intensities, the modalities present (or what is missing);
+    then one line per failed input with its reason."""
+    width = max([len("clip"), *(len(c.clip_id) for c in res.clips)]) + 2
+    cols = [max(len(e), 6) + 2 for e in res.emotions]
+    head = f"{'clip':<{width}}" + "".join(f"{e:>{w}}" for e, w in zip(res.emotions, cols)) + "  modalities"
+    lines = [head]
+    for c in res.clips:
+        missing = [m for m, p in c.present.items() if not p]
+        mods = "all three" if not missing else f"{' + '.join(m for m, p in c.present.items() if p) or 'none'} " \
+                                               f"({', '.join(missing)} missing)"  # fmt: skip
+        vals = "".join(f"{c.intensities[e]:>{w}.3f}" for e, w in zip(res.emotions, cols))
+        lines.append(f"{c.clip_id:<{width}}{vals}  {mods}")
+    for f in res.failures:
+        lines.append(f"FAILED {f['path']} ({f['stage']}): {f['reason']}")
+    lines.append(
+        f"{len(res.clips)} predicted, {len(res.failures)} failed; "
+        f"{'clipped to [0, 1]' if res.clipped else 'raw values (not clipped)'}; "
+        f"features: {res.profile} profile, {res.options['max_frames']} frames ({res.options['frame_policy']}), "
+        f"faces {'cropped' if res.options['face'] else 'not cropped'}"
+    )
+    return "\n".join(lines)
