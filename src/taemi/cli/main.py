@@ -240,7 +240,8 @@ def _predict_media(args: argparse.Namespace) -> int:
     res = predict_media(
         args.run, args.inputs, which=args.which, features_dir=args.features, profile=args.profile,
         models=models, device=args.device, precision=args.precision, batch_size=args.batch_size,
-        workers=args.workers, clip=args.clip, progress=not args.no_progress,
+        workers=args.workers, clip=args.clip, trust_remote_code=args.trust_remote_code,
+        allow_download=args.allow_download, progress=not args.no_progress,
     )  # fmt: skip
     _print(format_table(res))
     if args.out:
@@ -456,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="MEDIA: the model of a role (asr, audio, vision, text) when it is not the profile's")  # fmt: skip
     sp.add_argument("--batch-size", type=int, default=8, help="MEDIA: clips per extraction model batch")
     sp.add_argument("--workers", type=int, default=2, help="MEDIA: decoding threads")
+    sp.add_argument("--trust-remote-code", action="store_true", help="MEDIA, paper profile: allow GTE's model code")
+    sp.add_argument("--allow-download", action="store_true", help="MEDIA, paper profile: let Hugging Face download")
     common(sp)
     sp.set_defaults(func=cmd_predict)
 
