@@ -322,8 +322,20 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from taemi.extract.pipeline import ExtractOptions, extract, find_sources, summary_counts
     from taemi.extract.profiles import load_encoders
 
+    from taemi.data.abaw import is_abaw_root, open_abaw
+
     models = dict(_key_value(m, "--model") for m in (args.model or []))
-    sources, input_errors = find_sources(args.input)
+    sources, input_errors = [], []
+    plain = [i for i in args.input if not is_abaw_root(i)]
+    for root in (i for i in args.input if is_abaw_root(i)):
+        layout = open_abaw(root)
+        s, e = layout.sources(None if args.split == "all" else args.split, use_face_images=not args.no_face_images,
+                              use_audio_files=not args.no_audio_files)  # fmt: skip
+        log.info("%s: ABAW layout, %s: %d clips", root, args.split, len(s))
+        sources, input_errors = sources + s, input_errors + e
+    if plain:
+        s, e = find_sources(plain)
+        sources, input_errors = sources + s, input_errors + e
     if not sources and not input_errors:
         raise FileNotFoundError(f"no media files found in {', '.join(map(str, args.input))}")
     opts = ExtractOptions(
@@ -400,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-frames", type=int, default=400)
     sp.add_argument("--frame-policy", default="first", choices=("first", "uniform"))
     sp.add_argument("--no-face", action="store_true", help="use whole frames (no face detection)")
+    sp.add_argument("--split", default="all", help="ABAW root: train | valid | test | all (default)")
+    sp.add_argument("--no-face-images", action="store_true", help="ABAW root: decode video frames, not face_images/")
+    sp.add_argument("--no-audio-files", action="store_true", help="ABAW root: use the video's audio, not audio/*.mp3")
     sp.add_argument("--text-tokens", action="store_true", help="also store text token states")
     sp.add_argument("--force", action="store_true", help="recompute clips already in the store")
     sp.add_argument("--trust-remote-code", action="store_true", help="paper profile: allow GTE's model code")
@@ -500,6 +515,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.set_defaults(func=cmd_demo)
 
+    from taemi.cli import import_cmd
+
+    import_cmd.register(sub, common)
+
     sp = sub.add_parser("presets", help="list the named presets and how they differ from the paper model")
     sp.set_defaults(func=cmd_presets)
     return p
@@ -520,7 +539,9 @@ def main(argv: list[str] | None = None) -> int:
     from taemi.config import ConfigError
     from taemi.data.store import StoreError
 
-    expected = (ConfigError, StoreError, FileNotFoundError, FileExistsError, ValueError, KeyError)
+    from taemi.extract.encoders.base import ModelLoadError
+
+    expected = (ConfigError, StoreError, ModelLoadError, FileNotFoundError, FileExistsError, ValueError, KeyError)
     try:
         return args.func(args)
     except expected as e:

@@ -32,6 +32,7 @@ def predict_dataset(
         shuffle=False,
         num_workers=num_workers,
         collate_fn=Collator(model.dims, dataset.text_tokens),
+        generator=torch.Generator(),  # its own: inference never advances the global RNG (training stays resumable)
     )
     was_training = model.training
     model.eval()

@@ -193,9 +193,9 @@ def decode_source(src: Source, opts: ExtractOptions, face: FaceCropper | None) -
             out.waveform = audio.samples
             out.media_seconds = audio.seconds
         transform = None if face is None else face.crop_frame
-        if src.face_dir is not None:
+        if src.face_dir is not None:  # aligned face crops already (ABAW face_images): used as they are
             video = read_face_images(src.face_dir, max_frames=opts.max_frames)
-            frames = None if video is None else [f for f in map(transform or (lambda x: x), video.frames) if f is not None]
+            frames = None if video is None else video.frames
         else:
             video = decode_video(src.media, max_frames=opts.max_frames, policy=opts.frame_policy, transform=transform)
             frames = None if video is None else video.frames
