@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -168,3 +170,30 @@ def proc_status(pid: str = "self") -> dict[str, int]:
             if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
                 out[key] = int(rest.split()[0]) * 1024  # reported in kB
     return out
+
+
+class PeakSampler(threading.Thread):
+    """Polls /proc/self/status every ``interval`` s and keeps the maxima (torch and the
+    ONNX/CTranslate2 runtimes release the GIL in their kernels, so samples land during
+    model calls too)."""
+
+    def __init__(self, interval: float = 0.005):
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.peak: dict[str, int] = {}
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            self.sample()
+            time.sleep(self.interval)
+
+    def sample(self) -> None:
+        for k, v in proc_status().items():
+            self.peak[k] = max(self.peak.get(k, 0), v)
+
+    def stop(self) -> dict[str, int]:
+        self._done.set()
+        self.join()
+        self.sample()
+        return self.peak

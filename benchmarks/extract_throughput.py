@@ -68,11 +68,11 @@ import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
+from _paper_store import PeakSampler, proc_status
 
 MiB = 1 << 20
 DEFAULT_INPUT = Path(__file__).resolve().parents[2] / "shared" / "data" / "crema-d-sample" / "media"
@@ -80,17 +80,6 @@ SHORT_SECONDS = 10.0
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def proc_status() -> dict[str, int]:
-    """Memory lines of /proc/self/status in bytes."""
-    out = {}
-    with open("/proc/self/status", encoding="ascii") as fh:
-        for line in fh:
-            key, _, rest = line.partition(":")
-            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
-                out[key] = int(rest.split()[0]) * 1024
-    return out
 
 
 def reset_peak_rss() -> bool:
@@ -101,30 +90,6 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
-
-
-class PeakSampler(threading.Thread):
-    """Polls /proc/self/status every ``interval`` s and keeps the maxima."""
-
-    def __init__(self, interval: float = 0.01):
-        super().__init__(daemon=True)
-        self.interval, self.peak = interval, {}
-        self._done = threading.Event()
-
-    def run(self) -> None:
-        while not self._done.is_set():
-            self.sample()
-            time.sleep(self.interval)
-
-    def sample(self) -> None:
-        for k, v in proc_status().items():
-            self.peak[k] = max(self.peak.get(k, 0), v)
-
-    def stop(self) -> dict[str, int]:
-        self._done.set()
-        self.join()
-        self.sample()
-        return self.peak
 
 
 def cpu_seconds() -> float:

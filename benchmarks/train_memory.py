@@ -36,42 +36,15 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from _paper_store import build_store, check_free_disk, expected_bytes, proc_status
+from _paper_store import PeakSampler, build_store, check_free_disk, expected_bytes, proc_status
 
 MiB = 1 << 20
 
 
 # --------------------------------------------------------------------------- child
-
-
-class PeakSampler(threading.Thread):
-    """Polls /proc/self/status every ``interval`` s and keeps the maxima (torch releases the
-    GIL inside its kernels, so the samples land during forward/backward as well)."""
-
-    def __init__(self, interval: float = 0.005):
-        super().__init__(daemon=True)
-        self.interval = interval
-        self.peak: dict[str, int] = {}
-        self._done = threading.Event()
-
-    def run(self) -> None:
-        while not self._done.is_set():
-            self.sample()
-            time.sleep(self.interval)
-
-    def sample(self) -> None:
-        for k, v in proc_status().items():
-            self.peak[k] = max(self.peak.get(k, 0), v)
-
-    def stop(self) -> dict[str, int]:
-        self._done.set()
-        self.join()
-        self.sample()
-        return self.peak
 
 
 def child(args: argparse.Namespace) -> None:
