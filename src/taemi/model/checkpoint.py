@@ -6,8 +6,10 @@ A run folder holds at least::
     RUN/best.safetensors     weights of the epoch with the best validation mean Pearson
     RUN/last.safetensors     weights after the last finished epoch
 
-Training also writes ``state.pt`` (optimiser, scheduler, scaler, RNG states: what
-``--resume`` needs), ``history.csv``, ``metrics.json`` and ``plots/``.
+Training also writes ``features.json`` (the store's dims and per-modality provenance,
+so ``taemi predict`` on media extracts features the same way), ``state.pt`` (optimiser,
+scheduler, scaler, RNG states: what ``--resume`` needs), ``history.csv``,
+``metrics.json`` and ``plots/``.
 """
 
 from __future__ import annotations
