@@ -6,8 +6,10 @@ Run ``taemi COMMAND --help`` for each command's options.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -534,6 +536,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:  # per-clip chatter of third-party libraries
         for name in ("faster_whisper", "httpx", "transformers"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    loads_models = args.command in ("extract", "import", "predict", "demo")
+    if loads_models and getattr(args, "no_progress", False):  # model-loading bars of transformers / HF hub
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if "transformers" in sys.modules or importlib.util.find_spec("transformers") is not None:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
     if args.debug:
         return args.func(args)
     from taemi.config import ConfigError
