@@ -84,6 +84,7 @@ class DataConfig:
     max_vision_len: int = 400  # face frames kept per clip (first ones, as released)
     max_text_tokens: int = 128  # text token states kept per clip (when used)
     text_tokens: str = "auto"  # use the store's text token states as K/V (non-text anchors): auto | yes | no
+    modalities: tuple[str, ...] = ("audio", "vision", "text")  # what the model may see; others are always missing
     num_workers: int = 0  # DataLoader worker processes
 
 
@@ -132,6 +133,8 @@ class RunConfig:
         self.train.validate()
         if not self.data.emotions or len(set(self.data.emotions)) != len(self.data.emotions):
             raise ConfigError(f"data.emotions={list(self.data.emotions)}: need distinct names")
+        if not self.data.modalities or not set(self.data.modalities) <= set(ANCHORS):
+            raise ConfigError(f"data.modalities={list(self.data.modalities)}: a non-empty subset of {ANCHORS}")
         if self.data.text_tokens not in ("auto", "yes", "no"):
             raise ConfigError(f"data.text_tokens={self.data.text_tokens!r}: expected auto|yes|no")
         return self

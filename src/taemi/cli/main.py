@@ -517,9 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.set_defaults(func=cmd_demo)
 
-    from taemi.cli import import_cmd
+    from taemi.cli import ablate_cmd, import_cmd
 
     import_cmd.register(sub, common)
+    ablate_cmd.register(sub, common)
 
     sp = sub.add_parser("presets", help="list the named presets and how they differ from the paper model")
     sp.set_defaults(func=cmd_presets)

@@ -48,6 +48,7 @@ class ClipDataset(Dataset):
         max_vision_len: int = 400,
         max_text_tokens: int = 128,
         text_tokens: bool = False,
+        modalities: Sequence[str] = ("audio", "vision", "text"),
     ):
         missing = [i for i in ids if i not in store]
         if missing:
@@ -66,12 +67,17 @@ class ClipDataset(Dataset):
         self.max_vision_len = max_vision_len
         self.max_text_tokens = max_text_tokens
         self.text_tokens = text_tokens
+        self.hidden = {m for m in ("audio", "vision", "text") if m not in modalities}  # always missing
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, i: int) -> Item:
         clip = self.store.get(self.ids[i])
+        for m in self.hidden:  # a unimodal / bimodal baseline: the model never sees these
+            setattr(clip, m, None)
+            if m == "text":
+                clip.text_tokens = None
         return Item(
             clip_id=clip.clip_id,
             audio=None if clip.audio is None else clip.audio[: self.max_audio_len],

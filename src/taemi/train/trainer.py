@@ -136,6 +136,7 @@ def make_dataset(cfg: RunConfig, store: FeatureStore, labels: Labels | None, ids
         max_vision_len=cfg.data.max_vision_len,
         max_text_tokens=cfg.data.max_text_tokens,
         text_tokens=cfg.data.text_tokens == "yes",
+        modalities=cfg.data.modalities,
     )
 
 
