@@ -517,10 +517,13 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.set_defaults(func=cmd_demo)
 
-    from taemi.cli import ablate_cmd, import_cmd
+    from taemi.cli import ablate_cmd, compare_cmd, import_cmd, report_cmd, robustness_cmd
 
     import_cmd.register(sub, common)
     ablate_cmd.register(sub, common)
+    robustness_cmd.register(sub, common)
+    compare_cmd.register(sub, common)
+    report_cmd.register(sub, common)
 
     sp = sub.add_parser("presets", help="list the named presets and how they differ from the paper model")
     sp.set_defaults(func=cmd_presets)
