@@ -26,6 +26,8 @@ import pytest
 
 av = pytest.importorskip("av", reason="PyAV is not installed (media extra)")
 
+from media_helpers import write_media
+
 from taemi.cli.main import main
 from taemi.data.store import FeatureStore, StoreError, verify_store
 from taemi.extract import pipeline
@@ -237,41 +239,14 @@ def write_clip(
     frames: list[np.ndarray] | None = None,
     fps: int = 25,
 ) -> Path | bytes:
-    """A clip written by PyAV: ``frames`` (RGB uint8, all one size) as H.264 video when
-    given, and a mono sine tone of ``hz`` when ``hz`` is not None (AAC in .mp4, 16-bit
-    PCM in .wav), written in 10 s blocks so long recordings stay cheap."""
-    name = os.fsdecode(path)
-    mp4 = name.endswith(".mp4")
-    container = av.open(name, "w")
-    vstream = astream = None
-    if frames is not None:
-        vstream = container.add_stream("libx264", rate=fps)
-        vstream.height, vstream.width = frames[0].shape[:2]
-        vstream.pix_fmt = "yuv420p"
-    if hz is not None:
-        astream = container.add_stream("aac" if mp4 else "pcm_s16le", rate=rate, layout="mono")
-    if vstream is not None:
-        for i, image in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            frame.pts = i
-            for packet in vstream.encode(frame):
-                container.mux(packet)
-        for packet in vstream.encode():
-            container.mux(packet)
-    if astream is not None:
-        n = round(seconds * rate)
-        block = 10 * rate
-        for start in range(0, n, block):
-            t = np.arange(start, min(n, start + block)) / rate
-            signal = (amplitude * np.sin(2 * np.pi * hz * t)).astype(np.float32)[None]  # (1, n)
-            frame = av.AudioFrame.from_ndarray(signal, format="fltp", layout="mono")
-            frame.rate, frame.pts = rate, start
-            for packet in astream.encode(frame):
-                container.mux(packet)
-        for packet in astream.encode():
-            container.mux(packet)
-    container.close()
-    return path
+    """A clip: ``frames`` as video when given, and a mono sine tone of ``hz`` when ``hz``
+    is not None, generated block by block so long recordings stay cheap."""
+
+    def tone_block(start: int, stop: int) -> np.ndarray:
+        return amplitude * np.sin(2 * np.pi * hz * np.arange(start, stop) / rate)
+
+    return write_media(path, samples=None if hz is None else tone_block, n_samples=round(seconds * rate),
+                       rate=rate, frames=frames, fps=fps)  # fmt: skip
 
 
 def colour_frames(n: int = 25, size: tuple[int, int] = (48, 64)) -> list[np.ndarray]:

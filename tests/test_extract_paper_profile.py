@@ -35,6 +35,8 @@ from transformers import (
     Wav2Vec2FeatureExtractor,
 )
 
+from media_helpers import write_media
+
 from taemi.data.store import FeatureStore, verify_store
 from taemi.extract.encoders.base import SAMPLE_RATE, ModelLoadError
 from taemi.extract.encoders.paper import Wav2Vec2EmotionModel
@@ -161,50 +163,6 @@ def speech_or_silence() -> tuple[np.ndarray, int, bool]:
         if pcm.size:
             return (pcm.astype(np.float32) / 32768.0) * 0.9, tts.sample_rate, True
     return np.zeros(round(1.5 * SAMPLE_RATE), np.float32), SAMPLE_RATE, False
-
-
-def write_media(
-    path: Path,
-    *,
-    samples: np.ndarray | None = None,
-    rate: int = SAMPLE_RATE,
-    frames: list[np.ndarray] | None = None,
-    fps: int = 25,
-) -> Path:
-    """H.264 video from ``frames`` (RGB uint8) and/or mono audio ``samples`` (AAC in
-    .mp4, 16-bit PCM in .wav)."""
-    container = av.open(str(path), "w")
-    vstream = astream = None
-    if frames is not None:
-        vstream = container.add_stream("libx264", rate=fps)
-        vstream.height, vstream.width = frames[0].shape[:2]
-        vstream.pix_fmt = "yuv420p"
-    if samples is not None:
-        codec = "aac" if path.suffix == ".mp4" else "pcm_s16le"
-        astream = container.add_stream(codec, rate=rate, layout="mono")
-    if vstream is not None:
-        for i, image in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            frame.pts = i
-            for packet in vstream.encode(frame):
-                container.mux(packet)
-        for packet in vstream.encode():
-            container.mux(packet)
-    if astream is not None:
-        block = rate  # one-second frames
-        for start in range(0, len(samples), block):
-            frame = av.AudioFrame.from_ndarray(
-                np.ascontiguousarray(samples[None, start : start + block]),
-                format="fltp",
-                layout="mono",
-            )
-            frame.rate, frame.pts = rate, start
-            for packet in astream.encode(frame):
-                container.mux(packet)
-        for packet in astream.encode():
-            container.mux(packet)
-    container.close()
-    return path
 
 
 def frames(n: int, seed: int) -> list[np.ndarray]:
