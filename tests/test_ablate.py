@@ -80,3 +80,25 @@ def test_ablate_runs_are_reused_and_outputs_written(synth, tmp_path, monkeypatch
 
 def test_store_fixture_has_all_modalities(store: FeatureStore) -> None:
     assert not np.asarray(store.missing).all(axis=0).any()
+
+
+def test_identical_variants_share_their_runs(synth, tmp_path, monkeypatch) -> None:
+    """In --grid all, anchor_text is the full model and all_concat is simple concat: trained once."""
+    import taemi.eval.ablate as ab
+
+    trained: list[str] = []
+
+    def fake_run(job):
+        trained.append(job["run"])
+        valid = {"mean_pearson": 0.5, "pearson": {"Joy": 0.5}}
+        return ab._row(job, 1, valid)
+
+    monkeypatch.setattr(ab, "_run_one", fake_run)
+    monkeypatch.setattr(ab, "_write_outputs", lambda *a: None)
+    rows = ab.ablate(synth.store, synth.train_csv, synth.valid_csv, tmp_path / "g", grid="all", seeds=2)
+    names = {r["variant"] for r in rows}
+    assert {"full", "anchor_text", "simple_concat", "all_concat"} <= names
+    assert len(rows) == 2 * len(ab.grid_variants("all"))
+    assert len(trained) == len(set(trained)) == 2 * (len(ab.grid_variants("all")) - 2)
+    by = {(r["variant"], r["seed"]): r["run"] for r in rows}
+    assert by[("anchor_text", 3407)] == by[("full", 3407)]

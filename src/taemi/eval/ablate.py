@@ -110,10 +110,12 @@ def ablate(
     for v in variants:  # fail fast on a bad preset/override before any training
         build_config(v.preset, [*v.overrides, *overrides])
     todo, rows = [], []
+    first_of: dict[tuple, str] = {}  # identical configs (anchor_text == full, ...) share their runs
     for v in variants:
+        same_as = first_of.setdefault((v.preset, v.overrides), v.name)
         for k in range(seeds):
             seed = first_seed + k
-            run = out / "runs" / v.name / f"seed{seed}"
+            run = out / "runs" / same_as / f"seed{seed}"
             job = {"variant": v.name, "preset": v.preset, "overrides": v.overrides, "extra": overrides,
                    "seed": seed, "run": str(run), "store": str(store), "train": str(train_csv),
                    "valid": str(valid_csv), "paper": v.paper}  # fmt: skip
@@ -126,11 +128,13 @@ def ablate(
                 todo.append(job)
     log.info("ablation grid %s: %d runs, %d already finished, %d to train", grid, len(rows) + len(todo),
              len(rows), len(todo))  # fmt: skip
-    if jobs > 1 and len(todo) > 1:
+    unique = list({j["run"]: j for j in todo}.values())  # a shared run is trained once
+    if jobs > 1 and len(unique) > 1:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
-            rows += list(pool.map(_run_one, todo))
+            trained = dict(zip([j["run"] for j in unique], pool.map(_run_one, unique)))
     else:
-        rows += [_run_one(j) for j in todo]
+        trained = {j["run"]: _run_one(j) for j in unique}
+    rows += [{**trained[j["run"]], "variant": j["variant"], "paper": j["paper"]} for j in todo]
     order = {v.name: i for i, v in enumerate(variants)}
     rows.sort(key=lambda r: (order[r["variant"]], r["seed"]))
     _write_outputs(out, rows, variants)
