@@ -107,6 +107,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     eval_batch_size: int = 64  # clips per evaluation forward pass
     log_every: int = 0  # log the running train loss every N steps (0: per epoch only)
+    grad_accum_steps: int = 1  # micro-batches per optimiser step (batch_size is the micro-batch)
 
     def validate(self) -> None:
         if self.grad_clip_mode not in ("value", "norm"):
@@ -115,8 +116,92 @@ class TrainConfig:
             raise ConfigError(f"train.precision={self.precision!r}: expected auto|fp32|fp16|bf16")
         if self.batch_size <= 0 or self.max_epochs <= 0:
             raise ConfigError("train.batch_size and train.max_epochs must be positive")
+        if self.grad_accum_steps < 1:
+            raise ConfigError(f"train.grad_accum_steps={self.grad_accum_steps}: must be >= 1")
         if self.patience < 0 or self.warmup_epochs < 0 or self.lr <= 0:
             raise ConfigError("train.patience and train.warmup_epochs must be >= 0 and train.lr > 0")
+
+
+MODES = ("frozen", "finetune")
+
+
+@dataclass
+class AugmentConfig:
+    """Waveform augmentation while fine-tuning (:mod:`taemi.data.augment`); all off by default.
+
+    Each operation is applied to a training clip with its own probability; every random
+    draw depends only on (seed, epoch, clip), never on worker processes or batch order.
+    """
+
+    seed: int = 0  # augmentation seed (combined with the epoch and the clip's position)
+    noise_prob: float = 0.0  # probability of additive white noise
+    noise_snr_db: tuple[float, float] = (10.0, 30.0)  # SNR range of the noise, dB against the clip's own power
+    stretch_prob: float = 0.0  # probability of a time-stretch (tempo changes, pitch does not)
+    stretch_max: float = 0.1  # stretch rate drawn from [1 - s, 1 + s]
+    pitch_prob: float = 0.0  # probability of a pitch shift (duration kept)
+    pitch_semitones: float = 2.0  # pitch shift drawn from [-k, +k] semitones
+    shift_prob: float = 0.0  # probability of a time shift (zero fill, length kept)
+    shift_seconds: float = 0.5  # shift drawn from [-t, +t] seconds
+
+    @property
+    def enabled(self) -> bool:
+        return any(p > 0 for p in (self.noise_prob, self.stretch_prob, self.pitch_prob, self.shift_prob))
+
+    def validate(self) -> None:
+        for name in ("noise_prob", "stretch_prob", "pitch_prob", "shift_prob"):
+            p = getattr(self, name)
+            if not 0.0 <= p <= 1.0:
+                raise ConfigError(f"finetune.augment.{name}={p}: must be in [0, 1]")
+        lo, hi = self.noise_snr_db
+        if lo > hi:
+            raise ConfigError(f"finetune.augment.noise_snr_db={self.noise_snr_db}: min above max")
+        if not 0.0 <= self.stretch_max < 0.5:
+            raise ConfigError(f"finetune.augment.stretch_max={self.stretch_max}: must be in [0, 0.5)")
+        if not 0.0 <= self.pitch_semitones <= 12.0:
+            raise ConfigError(f"finetune.augment.pitch_semitones={self.pitch_semitones}: must be in [0, 12]")
+        if self.shift_seconds < 0:
+            raise ConfigError(f"finetune.augment.shift_seconds={self.shift_seconds}: must be >= 0")
+
+
+@dataclass
+class FinetuneConfig:
+    """End-to-end fine-tuning of the audio and text backbones (``mode: finetune``; spec
+    sections 3 and 6: the authors fine-tuned wav2vec2 on raw audio and GTE on transcripts
+    jointly with the fusion model, vision features pre-extracted)."""
+
+    audio_backbone: str = "offline"  # offline (packaged Whisper tiny.en) | paper (audeering wav2vec2) | hub id | local dir
+    text_backbone: str = "offline"  # offline (packaged all-MiniLM-L6-v2) | paper (GTE-base) | hub id | local dir
+    audio_window: str = "clip"  # Whisper backbones: clip (pad to max_audio_seconds) | full (30 s, as frozen extraction)
+    max_audio_seconds: float = 12.0  # audio kept per clip (spec: first 12 s)
+    text_pooling: str = "auto"  # cls | mean | auto (a sentence-transformers folder's own pooling, else CLS)
+    max_text_tokens: int = 128  # transcript tokens kept (special tokens included)
+    trust_remote_code: bool = False  # allow model code shipped with a backbone (GTE's "new" architecture)
+    allow_download: bool = False  # let Hugging Face download backbones (off: local files / caches only)
+    backbone_lr: float = 1e-4  # peak learning rate of both backbones (release: 1e-4, as the fusion model)
+    backbone_weight_decay: float = 0.01  # AdamW weight decay of the backbones
+    freeze_feature_encoder: bool = True  # keep the audio CNN feature encoder (and Whisper's convs) fixed
+    freeze_audio_layers: int = 0  # also freeze the first N transformer layers of the audio backbone
+    freeze_text_layers: int = 0  # freeze the text embeddings and the first N transformer layers
+    gradient_checkpointing: bool = False  # recompute backbone activations in backward (less memory, ~30% slower)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # waveform augmentation while training
+
+    def validate(self) -> None:
+        if self.audio_window not in ("clip", "full"):
+            raise ConfigError(f"finetune.audio_window={self.audio_window!r}: expected 'clip' or 'full'")
+        if self.text_pooling not in ("auto", "cls", "mean"):
+            raise ConfigError(f"finetune.text_pooling={self.text_pooling!r}: expected auto|cls|mean")
+        if not 0 < self.max_audio_seconds <= 30:
+            raise ConfigError(f"finetune.max_audio_seconds={self.max_audio_seconds}: must be in (0, 30]")
+        if self.max_text_tokens < 2:
+            raise ConfigError(f"finetune.max_text_tokens={self.max_text_tokens}: must be >= 2")
+        if self.backbone_lr < 0 or self.backbone_weight_decay < 0:
+            raise ConfigError("finetune.backbone_lr and finetune.backbone_weight_decay must be >= 0")
+        if self.freeze_audio_layers < 0 or self.freeze_text_layers < 0:
+            raise ConfigError("finetune.freeze_audio_layers and finetune.freeze_text_layers must be >= 0")
+        for name in ("audio_backbone", "text_backbone"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"finetune.{name} is empty: give offline, paper, a hub id or a local folder")
+        self.augment.validate()
 
 
 @dataclass
@@ -124,13 +209,20 @@ class RunConfig:
     """Everything a training run needs, written to ``RUN/config.yaml``."""
 
     preset: str = "paper"  # the preset this config started from (informational)
+    mode: str = "frozen"  # frozen (train on the feature store) | finetune (audio/text backbones trained end to end)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # used when mode=finetune
 
     def validate(self) -> "RunConfig":
+        if self.mode not in MODES:
+            raise ConfigError(f"mode={self.mode!r}: expected one of {MODES}")
         self.model.validate()
         self.train.validate()
+        self.finetune.validate()
+        if self.mode == "finetune" and self.data.text_tokens == "yes":
+            raise ConfigError("data.text_tokens=yes does not apply to mode=finetune (the text backbone gives one vector)")
         if not self.data.emotions or len(set(self.data.emotions)) != len(self.data.emotions):
             raise ConfigError(f"data.emotions={list(self.data.emotions)}: need distinct names")
         if not self.data.modalities or not set(self.data.modalities) <= set(ANCHORS):

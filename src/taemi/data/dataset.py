@@ -91,6 +91,10 @@ class ClipDataset(Dataset):
             target=None if self.targets is None else self.targets[i],
         )
 
+    def collator(self) -> "Collator":
+        """The ``collate_fn`` that batches this dataset's items."""
+        return Collator(self.store.dims, self.text_tokens)
+
 
 def _pad(seqs: list[np.ndarray | None], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack variable-length (T_i, D) arrays (None = missing: one zero step) -> (B, T, D), mask (B, T)."""

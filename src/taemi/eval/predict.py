@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from taemi.data.dataset import ClipDataset, Collator
-from taemi.model.taemi import TAEMI
 from taemi.train.runtime import autocast
 
 
 @torch.no_grad()
 def predict_dataset(
-    model: TAEMI,
-    dataset: ClipDataset,
+    model: torch.nn.Module,
+    dataset: Dataset,
     *,
     batch_size: int = 64,
     device: torch.device | str = "cpu",
@@ -24,14 +22,18 @@ def predict_dataset(
     progress: bool = False,
     desc: str = "predict",
 ) -> tuple[np.ndarray, float | None]:
-    """Raw predictions (N, E) float32 in dataset order, and the MSE loss when targets exist."""
+    """Raw predictions (N, E) float32 in dataset order, and the MSE loss when targets exist.
+
+    ``dataset`` is a :class:`~taemi.data.dataset.ClipDataset` (frozen features, model
+    :class:`~taemi.model.taemi.TAEMI`) or a :class:`~taemi.finetune.data.FinetuneDataset`
+    (model :class:`~taemi.finetune.model.FinetuneModel`); it supplies its ``collator()``."""
     device = torch.device(device)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=Collator(model.dims, dataset.text_tokens),
+        collate_fn=dataset.collator(),
         generator=torch.Generator(),  # its own: inference never advances the global RNG (training stays resumable)
     )
     was_training = model.training

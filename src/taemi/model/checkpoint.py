@@ -9,7 +9,10 @@ A run folder holds at least::
 Training also writes ``features.json`` (the store's dims and per-modality provenance,
 so ``taemi predict`` on media extracts features the same way), ``state.pt`` (optimiser,
 scheduler, scaler, RNG states: what ``--resume`` needs), ``history.csv``,
-``metrics.json`` and ``plots/``.
+``metrics.json`` and ``plots/``. A fine-tuning run (``mode: finetune``) also holds
+``backbones/audio`` and ``backbones/text`` (the backbones' configs and tokenizer, no
+weights); its safetensors hold backbone and fusion weights (``audio.*``, ``text.*``,
+``fusion.*``).
 """
 
 from __future__ import annotations
@@ -66,13 +69,21 @@ def write_run(run_dir: str | Path, cfg: RunConfig, model: torch.nn.Module, *, na
     return run_dir
 
 
-def load_run(run_dir: str | Path, which: str = "best") -> tuple[TAEMI, RunConfig]:
-    """Rebuild the model of a run folder from its config and ``which`` weights; eval mode."""
+def load_run(run_dir: str | Path, which: str = "best") -> tuple[torch.nn.Module, RunConfig]:
+    """Rebuild the model of a run folder from its config and ``which`` weights; eval mode.
+
+    A ``mode: finetune`` run gives a :class:`~taemi.finetune.model.FinetuneModel` (its
+    weights hold the fine-tuned backbones too); any other a :class:`TAEMI`."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / CONFIG_FILE
     if not cfg_path.is_file():
         raise ConfigError(f"{run_dir} is not a taemi run folder: {CONFIG_FILE} is missing")
     cfg = load_config(cfg_path)
-    model = build_model(cfg)
+    if cfg.mode == "finetune":  # backbones + fusion, architecture from RUN/backbones/
+        from taemi.finetune.model import load_finetune_model
+
+        model = load_finetune_model(run_dir, cfg)
+    else:
+        model = build_model(cfg)
     load_weights(model, run_dir / f"{which}.safetensors")
     return model.eval(), cfg

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
 from taemi.config import ConfigError, RunConfig, load_config, save_config
-from taemi.data.dataset import ClipDataset, Collator
+from taemi.data.dataset import ClipDataset
 from taemi.data.labels import Labels
 from taemi.data.store import FeatureStore
 from taemi.eval.metrics import Metrics, compute_metrics
@@ -101,8 +101,11 @@ def load_features_record(run_dir: str | os.PathLike) -> dict | None:
 
 
 def check_store_fits(cfg: RunConfig, store: FeatureStore) -> None:
-    """The model's input sizes must equal the store's feature sizes (no silent reshaping)."""
+    """The model's input sizes must equal the store's feature sizes (no silent reshaping).
+    In fine-tuning only vision comes from the store (audio and text from the backbones)."""
     want = {"audio": cfg.model.audio_dim, "vision": cfg.model.vision_dim, "text": cfg.model.text_dim}
+    if cfg.mode == "finetune":
+        want = {"vision": cfg.model.vision_dim}
     for m, d in want.items():
         if store.dims[m] != d:
             raise ConfigError(
@@ -115,6 +118,8 @@ def resolve_text_tokens(cfg: RunConfig, store: FeatureStore) -> RunConfig:
     """Turn ``data.text_tokens=auto`` into yes/no: token states are used when the store has
     them and text is a key/value modality (non-text anchor)."""
     mode = cfg.data.text_tokens
+    if cfg.mode == "finetune":  # the text backbone gives one vector per clip
+        return replace(cfg, data=replace(cfg.data, text_tokens="no"))
     if mode == "auto":
         mode = "yes" if store.has_text_tokens and cfg.model.anchor != "text" else "no"
     if mode == "yes" and not store.has_text_tokens:
@@ -122,12 +127,23 @@ def resolve_text_tokens(cfg: RunConfig, store: FeatureStore) -> RunConfig:
     return replace(cfg, data=replace(cfg.data, text_tokens=mode))
 
 
-def make_dataset(cfg: RunConfig, store: FeatureStore, labels: Labels | None, ids=None) -> ClipDataset:
+def make_dataset(cfg: RunConfig, store: FeatureStore, labels: Labels | None, ids=None, *, training: bool = False):
+    """The clips of ``labels`` (or ``ids``) for ``cfg``'s mode: a :class:`ClipDataset` of
+    stored features, or for ``mode=finetune`` a :class:`~taemi.finetune.data.FinetuneDataset`
+    of raw audio, transcripts and stored vision (augmented when ``training``)."""
     if labels is not None and tuple(labels.emotions) != tuple(cfg.data.emotions):
         raise ConfigError(
             f"labels {labels.source} have emotions {list(labels.emotions)} but the config expects "
             f"{list(cfg.data.emotions)} (data.emotions)"
         )
+    if cfg.mode == "finetune":
+        from taemi.finetune.data import FinetuneDataset
+
+        return FinetuneDataset(
+            store, labels.ids if labels is not None else ids, None if labels is None else labels.values,
+            max_audio_seconds=cfg.finetune.max_audio_seconds, max_vision_len=cfg.data.max_vision_len,
+            modalities=cfg.data.modalities, augment=cfg.finetune.augment if training else None,
+        )  # fmt: skip
     return ClipDataset(
         store,
         labels.ids if labels is not None else ids,
@@ -166,6 +182,45 @@ def _write_history(path: Path, history: list[dict]) -> None:
         w.writeheader()
         w.writerows(history)
     os.replace(tmp, path)
+
+
+def build_training_model(cfg: RunConfig) -> tuple[RunConfig, torch.nn.Module]:
+    """The model to train and the config it implies. Frozen mode: :class:`TAEMI`. Finetune
+    mode: pretrained backbones (freezing, checkpointing applied) + TAEMI, with
+    ``model.audio_dim``/``text_dim`` set to the backbones' output sizes."""
+    if cfg.mode != "finetune":
+        return cfg, build_model(cfg)
+    from taemi.finetune.model import FinetuneModel, load_backbones, resolve_finetune_dims
+
+    audio, text = load_backbones(cfg)
+    cfg = resolve_finetune_dims(cfg, audio, text)
+    return cfg, FinetuneModel(audio, text, build_model(cfg))
+
+
+def make_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW; in fine-tuning two parameter groups: fusion (train.lr) and backbones
+    (finetune.backbone_lr). Frozen parameters are left out."""
+    tc = cfg.train
+    if cfg.mode != "finetune":
+        return torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas)
+    ft = cfg.finetune
+    groups = [{"params": model.fusion_parameters(), "lr": tc.lr, "weight_decay": tc.weight_decay}]
+    backbone = model.backbone_parameters()
+    if backbone:
+        groups.append({"params": backbone, "lr": ft.backbone_lr, "weight_decay": ft.backbone_weight_decay})
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas)
+
+
+def _micro_batch_groups(loader: Iterable, size: int) -> Iterable[list]:
+    """Consecutive micro-batches of one optimiser step (the last group may be shorter)."""
+    group: list = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def _clip_gradients(model: torch.nn.Module, cfg: RunConfig) -> None:
@@ -216,10 +271,16 @@ def train(
     tc = cfg.train
     device = resolve_device(tc.device)
     precision = resolve_precision(tc.precision, device)
-    train_ds = make_dataset(cfg, store, train_labels)  # checked before the run folder is touched
+    train_ds = make_dataset(cfg, store, train_labels, training=True)  # checked before the run folder is touched
     valid_ds = None if valid_labels is None else make_dataset(cfg, store, valid_labels)
     last_epoch = tc.max_epochs if fixed_epochs is None else fixed_epochs
+    seed_everything(tc.seed, tc.deterministic)
+    cfg, model = build_training_model(cfg)  # fine-tuning: loads the backbones, sets their sizes
     features = features_record(store)
+    if cfg.mode == "finetune":
+        features["backbones"] = {
+            role: {"backbone": bb.name, "settings": bb.settings} for role, bb in (("audio", model.audio), ("text", model.text))
+        }
     run = Path(out_dir)
     state_path = run / STATE_FILE
     if resume:
@@ -242,12 +303,16 @@ def train(
         raise FileExistsError(f"{run} already holds a run; use --resume to continue it or choose another --out")
     run.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run / CONFIG_FILE)
-    _atomic_write_text(run / FEATURES_FILE, json.dumps(features, indent=2))
+    _atomic_write_text(run / FEATURES_FILE, json.dumps(features, indent=2, default=str))
+    if cfg.mode == "finetune":
+        from taemi.finetune.model import save_backbone_architectures
 
-    seed_everything(tc.seed, tc.deterministic)
-    model = build_model(cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas)
-    steps_per_epoch = math.ceil(len(train_ds) / tc.batch_size)
+        save_backbone_architectures(model, run)
+
+    model = model.to(device)
+    optimizer = make_optimizer(cfg, model)
+    accum = tc.grad_accum_steps
+    steps_per_epoch = math.ceil(math.ceil(len(train_ds) / tc.batch_size) / accum)
     warmup = max(1, round(tc.warmup_epochs * steps_per_epoch)) if tc.warmup_epochs > 0 else 0
     scheduler = make_scheduler(optimizer, warmup, tc.max_epochs * steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -277,11 +342,13 @@ def train(
         log.info("resuming %s after epoch %d (best %.4f at epoch %d)", run, st["epoch"], best_score, best_epoch)
     fixed = {"fixed_epochs": fixed_epochs, "train_clips": len(train_ds)}
 
-    collate = Collator(store.dims, train_ds.text_tokens)
+    collate = train_ds.collator()
     stopped_early = bool(history) and tc.patience > 0 and bad_epochs >= tc.patience
     log.info(
-        "training %s (%d parameters) on %d clips, %s; %s, %s",
-        cfg.preset, sum(p.numel() for p in model.parameters()), len(train_ds),
+        "training %s%s (%d parameters, %d trainable) on %d clips, %s; %s, %s",
+        cfg.preset, " end to end (finetune)" if cfg.mode == "finetune" else "",
+        sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad),
+        len(train_ds),
         f"validating on {len(valid_ds)}" if valid_ds is not None else f"no validation: exactly {fixed_epochs} epochs",
         device, precision,
     )  # fmt: skip
@@ -291,31 +358,41 @@ def train(
             break
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)  # shuffle depends on (seed, epoch) only
+        if hasattr(train_ds, "set_epoch"):
+            train_ds.set_epoch(epoch)  # augmentation draws depend on (seed, epoch, clip)
         loader = DataLoader(
             train_ds, batch_size=tc.batch_size, sampler=RandomSampler(train_ds, generator=gen),
             num_workers=cfg.data.num_workers, collate_fn=collate, pin_memory=device.type == "cuda",
         )  # fmt: skip
         model.train()
         loss_sum, n_seen = torch.zeros((), device=device), 0
-        bar = tqdm(loader, desc=f"epoch {epoch}/{last_epoch}", disable=not progress, leave=False, unit="batch")
-        for step, batch in enumerate(bar, 1):
-            batch = batch.to(device, non_blocking=True)
-            with autocast(device, precision):
-                pred = model(batch)  # (B, E)
-            loss = F.mse_loss(pred.float(), batch.target)
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{last_epoch}", disable=not progress, leave=False,
+                   unit="step")  # fmt: skip
+        for step, group in enumerate(_micro_batch_groups(loader, accum), 1):
+            # one optimiser step over the group's micro-batches; each micro-batch's mean loss is
+            # weighted by its share of the group's clips, so the step's loss is the mean over them
+            n_group = sum(len(b) for b in group)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            for batch in group:
+                batch = batch.to(device, non_blocking=True)
+                with autocast(device, precision):
+                    pred = model(batch)  # (B, E)
+                loss = F.mse_loss(pred.float(), batch.target)
+                weight = len(batch) / n_group
+                scaler.scale(loss * weight if weight != 1.0 else loss).backward()
+                loss_sum += loss.detach() * len(batch)  # stays on the device: no sync per step
+                n_seen += len(batch)
+            bar.update(1)
             scaler.unscale_(optimizer)
             _clip_gradients(model, cfg)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            loss_sum += loss.detach() * len(batch)  # stays on the device: no sync per step
-            n_seen += len(batch)
-            if progress and (step % 10 == 0 or step == len(loader)):
+            if progress and (step % 10 == 0 or step == steps_per_epoch):
                 bar.set_postfix(loss=f"{loss_sum.item() / n_seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if tc.log_every and step % tc.log_every == 0:
                 log.info("epoch %d step %d: train loss %.5f", epoch, step, loss_sum.item() / n_seen)
+        bar.close()
         loss_sum = float(loss_sum)
 
         if valid_ds is None:  # train on all: no validation, the last epoch is the model
