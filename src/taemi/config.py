@@ -86,6 +86,7 @@ class DataConfig:
     text_tokens: str = "auto"  # use the store's text token states as K/V (non-text anchors): auto | yes | no
     modalities: tuple[str, ...] = ("audio", "vision", "text")  # what the model may see; others are always missing
     num_workers: int = 0  # DataLoader worker processes
+    batching: str = "random"  # random (the recipe: shuffled batches) | bucket (clips of similar lengths share a batch: little padding, faster)
 
 
 @dataclass
@@ -227,6 +228,8 @@ class RunConfig:
             raise ConfigError(f"data.emotions={list(self.data.emotions)}: need distinct names")
         if not self.data.modalities or not set(self.data.modalities) <= set(ANCHORS):
             raise ConfigError(f"data.modalities={list(self.data.modalities)}: a non-empty subset of {ANCHORS}")
+        if self.data.batching not in ("random", "bucket"):
+            raise ConfigError(f"data.batching={self.data.batching!r}: expected random|bucket")
         if self.data.text_tokens not in ("auto", "yes", "no"):
             raise ConfigError(f"data.text_tokens={self.data.text_tokens!r}: expected auto|yes|no")
         return self

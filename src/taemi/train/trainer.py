@@ -18,6 +18,16 @@ Every run folder records the features it was trained on in ``features.json`` (th
 store's dims, dtype, text-token flag and per-modality provenance: extraction profile,
 models and options), so that predicting from media can extract features the same way.
 
+Distributed data parallel (``torchrun --nproc-per-node N -m taemi train ...``; gloo on
+CPU, NCCL on CUDA, one GPU per process): ``train.batch_size`` stays the GLOBAL batch.
+Every rank builds the same global batches (from (seed, epoch), exactly those of a single
+process) and takes its share of each; each rank's micro-batch loss is weighted by its share
+of the step's clips, so the averaged gradient is that of the global batch's mean loss.
+Every rank validates on the whole validation split (identical weights give identical
+metrics and early-stopping decisions without communication); only rank 0 writes the run
+folder (config, weights, state, history, metrics, plots). ``state.pt`` keeps every rank's
+RNG state, so a resumed run with the same number of processes continues exactly.
+
 Resume is exact at epoch granularity: everything that decides the next epoch (model,
 optimiser, scheduler, grad scaler, RNG states, early-stopping state, history) is
 saved atomically in ``state.pt`` after every epoch, and the shuffling order of epoch
@@ -26,6 +36,7 @@ saved atomically in ``state.pt`` after every epoch, and the shuffling order of e
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -39,7 +50,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from taemi.config import ConfigError, RunConfig, load_config, save_config
@@ -211,6 +222,80 @@ def make_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimi
     return torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas)
 
 
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in a distributed run (world 1 = not distributed)."""
+
+    world: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> DistInfo:
+    """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR);
+    gloo on CPU, NCCL on CUDA. Outside torchrun: world 1, nothing initialised."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        cuda = device != "cpu" and torch.cuda.is_available()
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return DistInfo(dist.get_world_size(), dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _all_reduce_sum(x: torch.Tensor, dist_info: DistInfo) -> torch.Tensor:
+    if dist_info.world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def _barrier(dist_info: DistInfo) -> None:
+    if dist_info.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def epoch_batches(cfg: RunConfig, dataset, store: FeatureStore, epoch: int, dist_info: DistInfo) -> list[list[int]]:
+    """This rank's batches (dataset indices) of ``epoch``; they depend on (seed, epoch) only.
+
+    ``data.batching=random``: the shuffled order of a ``RandomSampler`` seeded by (seed,
+    epoch), cut into global batches of ``train.batch_size``. ``bucket``: length-bucketed
+    global batches (:class:`taemi.data.sampler.LengthBucketBatchSampler`). With N ranks,
+    rank r takes its share of every global batch (a last global batch smaller than N is
+    completed with its own first clips, as DistributedSampler pads).
+    """
+    tc = cfg.train
+    n = len(dataset)
+    if cfg.data.batching == "bucket":
+        from taemi.data.sampler import LengthBucketBatchSampler, dataset_lengths
+
+        lengths = dataset_lengths(store, dataset.ids, cfg.data.max_audio_len, cfg.data.max_vision_len,
+                                  modalities=cfg.data.modalities)  # fmt: skip
+        sampler = LengthBucketBatchSampler(lengths, tc.batch_size, seed=tc.seed, epoch=epoch,
+                                           num_replicas=dist_info.world, rank=dist_info.rank)  # fmt: skip
+        return [list(map(int, b)) for b in sampler]
+    gen = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)  # shuffle depends on (seed, epoch) only
+    order = torch.randperm(n, generator=gen).tolist()  # the order RandomSampler(generator=gen) yields
+    out = []
+    for start in range(0, n, tc.batch_size):
+        glob = order[start : start + tc.batch_size]
+        if dist_info.world > 1:
+            while len(glob) < dist_info.world:
+                glob = glob + glob[: dist_info.world - len(glob)]
+            glob = np.array_split(np.asarray(glob), dist_info.world)[dist_info.rank].tolist()
+        out.append(glob)
+    return out
+
+
 def _micro_batch_groups(loader: Iterable, size: int) -> Iterable[list]:
     """Consecutive micro-batches of one optimiser step (the last group may be shorter)."""
     group: list = []
@@ -269,7 +354,11 @@ def train(
     cfg = resolve_text_tokens(cfg.validate(), store)
     check_store_fits(cfg, store)
     tc = cfg.train
+    dist_info = init_distributed(tc.device)
     device = resolve_device(tc.device)
+    if dist_info.world > 1 and device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)  # one GPU per process
+        torch.cuda.set_device(device)
     precision = resolve_precision(tc.precision, device)
     train_ds = make_dataset(cfg, store, train_labels, training=True)  # checked before the run folder is touched
     valid_ds = None if valid_labels is None else make_dataset(cfg, store, valid_labels)
@@ -301,13 +390,16 @@ def train(
             )
     elif (run / CONFIG_FILE).exists():
         raise FileExistsError(f"{run} already holds a run; use --resume to continue it or choose another --out")
-    run.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run / CONFIG_FILE)
-    _atomic_write_text(run / FEATURES_FILE, json.dumps(features, indent=2, default=str))
-    if cfg.mode == "finetune":
-        from taemi.finetune.model import save_backbone_architectures
+    _barrier(dist_info)  # every rank has checked the folder before rank 0 writes to it
+    main = dist_info.main
+    if main:
+        run.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run / CONFIG_FILE)
+        _atomic_write_text(run / FEATURES_FILE, json.dumps(features, indent=2, default=str))
+        if cfg.mode == "finetune":
+            from taemi.finetune.model import save_backbone_architectures
 
-        save_backbone_architectures(model, run)
+            save_backbone_architectures(model, run)
 
     model = model.to(device)
     optimizer = make_optimizer(cfg, model)
@@ -333,7 +425,14 @@ def train(
         optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
         scaler.load_state_dict(st["scaler"])
-        torch.set_rng_state(st["rng_cpu"])
+        ranks = st.get("rng_cpu_ranks")
+        if dist_info.world > 1 and ranks is not None and len(ranks) == dist_info.world:
+            torch.set_rng_state(ranks[dist_info.rank])
+        else:
+            if dist_info.world > 1 or (ranks is not None and len(ranks) > 1):
+                log.warning("resuming with %d processes a run saved with %s: random draws (dropout) differ from "
+                            "an uninterrupted run", dist_info.world, len(ranks) if ranks else 1)  # fmt: skip
+            torch.set_rng_state(st["rng_cpu"])
         if device.type == "cuda" and st.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(st["rng_cuda"], device)
         history, best_score, best_epoch = st["history"], st["best_score"], st["best_epoch"]
@@ -343,6 +442,16 @@ def train(
     fixed = {"fixed_epochs": fixed_epochs, "train_clips": len(train_ds)}
 
     collate = train_ds.collator()
+    train_model = model
+    if dist_info.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        if not resume or not state_path.is_file():
+            torch.manual_seed(tc.seed + 1_000_003 * dist_info.rank)  # ranks draw different dropout masks
+        train_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=cfg.mode == "finetune",  # a batch without audio skips the audio backbone
+        )  # fmt: skip
     stopped_early = bool(history) and tc.patience > 0 and bad_epochs >= tc.patience
     log.info(
         "training %s%s (%d parameters, %d trainable) on %d clips, %s; %s, %s",
@@ -357,29 +466,34 @@ def train(
         if stopped_early:
             break
         t0 = time.perf_counter()
-        gen = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)  # shuffle depends on (seed, epoch) only
         if hasattr(train_ds, "set_epoch"):
             train_ds.set_epoch(epoch)  # augmentation draws depend on (seed, epoch, clip)
+        batches = epoch_batches(cfg, train_ds, store, epoch, dist_info)
+        steps_this_epoch = math.ceil(len(batches) / accum)
         loader = DataLoader(
-            train_ds, batch_size=tc.batch_size, sampler=RandomSampler(train_ds, generator=gen),
-            num_workers=cfg.data.num_workers, collate_fn=collate, pin_memory=device.type == "cuda",
+            train_ds, batch_sampler=batches, num_workers=cfg.data.num_workers, collate_fn=collate,
+            pin_memory=device.type == "cuda",
         )  # fmt: skip
         model.train()
         loss_sum, n_seen = torch.zeros((), device=device), 0
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{last_epoch}", disable=not progress, leave=False,
-                   unit="step")  # fmt: skip
+        bar = tqdm(total=steps_this_epoch, desc=f"epoch {epoch}/{last_epoch}", disable=not (progress and main),
+                   leave=False, unit="step")  # fmt: skip
         for step, group in enumerate(_micro_batch_groups(loader, accum), 1):
-            # one optimiser step over the group's micro-batches; each micro-batch's mean loss is
-            # weighted by its share of the group's clips, so the step's loss is the mean over them
+            # one optimiser step over the group's micro-batches (of all ranks); each micro-batch's
+            # mean loss is weighted by its share of the step's clips, so the step's loss is their mean
             n_group = sum(len(b) for b in group)
+            if dist_info.world > 1:  # DDP averages gradients over ranks: weight by world / global count
+                n_group = int(_all_reduce_sum(torch.tensor(n_group, device=device), dist_info)) / dist_info.world
             optimizer.zero_grad(set_to_none=True)
-            for batch in group:
+            for j, batch in enumerate(group):
                 batch = batch.to(device, non_blocking=True)
-                with autocast(device, precision):
-                    pred = model(batch)  # (B, E)
-                loss = F.mse_loss(pred.float(), batch.target)
-                weight = len(batch) / n_group
-                scaler.scale(loss * weight if weight != 1.0 else loss).backward()
+                sync = dist_info.world == 1 or j == len(group) - 1  # all-reduce once per optimiser step
+                with contextlib.nullcontext() if sync else train_model.no_sync():
+                    with autocast(device, precision):
+                        pred = train_model(batch)  # (B, E)
+                    loss = F.mse_loss(pred.float(), batch.target)
+                    weight = len(batch) / n_group
+                    scaler.scale(loss * weight if weight != 1.0 else loss).backward()
                 loss_sum += loss.detach() * len(batch)  # stays on the device: no sync per step
                 n_seen += len(batch)
             bar.update(1)
@@ -388,11 +502,14 @@ def train(
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            if progress and (step % 10 == 0 or step == steps_per_epoch):
+            if progress and main and (step % 10 == 0 or step == steps_this_epoch):
                 bar.set_postfix(loss=f"{loss_sum.item() / n_seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            if tc.log_every and step % tc.log_every == 0:
+            if main and tc.log_every and step % tc.log_every == 0:
                 log.info("epoch %d step %d: train loss %.5f", epoch, step, loss_sum.item() / n_seen)
         bar.close()
+        if dist_info.world > 1:  # the epoch's train loss over every rank's clips
+            totals = _all_reduce_sum(torch.stack([loss_sum.float(), torch.tensor(float(n_seen), device=device)]), dist_info)
+            loss_sum, n_seen = totals[0], int(totals[1])
         loss_sum = float(loss_sum)
 
         if valid_ds is None:  # train on all: no validation, the last epoch is the model
@@ -400,12 +517,13 @@ def train(
                    "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
             history.append(row)
             best_epoch = epoch
-            save_weights(model, run / "best.safetensors")
+            if main:
+                save_weights(model, run / "best.safetensors")
             log.info("epoch %d/%d: train loss %.4f", epoch, last_epoch, row["train_loss"])
         else:
             pred, valid_loss = predict_dataset(
                 model, valid_ds, batch_size=tc.eval_batch_size, device=device, precision=precision,
-                num_workers=cfg.data.num_workers, progress=progress, desc="validate",
+                num_workers=cfg.data.num_workers, progress=progress and main, desc="validate",
             )  # fmt: skip
             metrics = compute_metrics(pred, valid_ds.targets, cfg.data.emotions)
             row = {
@@ -421,8 +539,9 @@ def train(
             improved = metrics.mean_pearson > best_score
             if improved:
                 best_score, best_epoch, bad_epochs, best_metrics = metrics.mean_pearson, epoch, 0, metrics
-                save_weights(model, run / "best.safetensors")
-                _write_valid_predictions(run / "valid_predictions.csv", valid_ds.ids, cfg.data.emotions, pred)
+                if main:
+                    save_weights(model, run / "best.safetensors")
+                    _write_valid_predictions(run / "valid_predictions.csv", valid_ds.ids, cfg.data.emotions, pred)
             else:
                 bad_epochs += 1
             log.info(
@@ -430,26 +549,43 @@ def train(
                 epoch, row["train_loss"], valid_loss, metrics.mean_pearson, " (best)" if improved else "",
             )  # fmt: skip
         stopped_early = tc.patience > 0 and bad_epochs >= tc.patience
-        save_weights(model, run / "last.safetensors")
-        _save_state(state_path, model, optimizer, scheduler, scaler, device, epoch=epoch, history=history,
-                    best_score=best_score, best_epoch=best_epoch, bad_epochs=bad_epochs,
-                    best_metrics=best_metrics, fixed_epochs=fixed_epochs)  # fmt: skip
-        _write_history(run / "history.csv", history)
-        _write_metrics(run, best_epoch, best_metrics, history, stopped_early, finished=False,
-                       device=str(device), precision=precision, **fixed)  # fmt: skip
+        rng_ranks = _gather_rng_states(dist_info)
+        if main:
+            save_weights(model, run / "last.safetensors")
+            _save_state(state_path, model, optimizer, scheduler, scaler, device, epoch=epoch, history=history,
+                        best_score=best_score, best_epoch=best_epoch, bad_epochs=bad_epochs,
+                        best_metrics=best_metrics, fixed_epochs=fixed_epochs, rng_cpu_ranks=rng_ranks,
+                        world_size=dist_info.world)  # fmt: skip
+            _write_history(run / "history.csv", history)
+            _write_metrics(run, best_epoch, best_metrics, history, stopped_early, finished=False,
+                           device=str(device), precision=precision, world_size=dist_info.world, **fixed)  # fmt: skip
+        _barrier(dist_info)  # the epoch is on disk before any rank moves on (or is interrupted)
         for cb in callbacks:
             cb(epoch, row)
         if stopped_early:
             log.info("early stopping: no improvement for %d epochs; best epoch %d", tc.patience, best_epoch)
 
-    _write_metrics(run, best_epoch, best_metrics, history, stopped_early, finished=True,
-                   device=str(device), precision=precision, **fixed)  # fmt: skip
-    if valid_ds is not None:
-        assert best_metrics is not None
-        plot_history(history, run / "plots" / "learning_curves.png")
-        plot_per_emotion(best_metrics.pearson, run / "plots" / "per_emotion_pearson.png",
-                         title=f"valid Pearson per emotion (best epoch {best_epoch})")  # fmt: skip
+    if main:
+        _write_metrics(run, best_epoch, best_metrics, history, stopped_early, finished=True,
+                       device=str(device), precision=precision, world_size=dist_info.world, **fixed)  # fmt: skip
+        if valid_ds is not None:
+            assert best_metrics is not None
+            plot_history(history, run / "plots" / "learning_curves.png")
+            plot_per_emotion(best_metrics.pearson, run / "plots" / "per_emotion_pearson.png",
+                             title=f"valid Pearson per emotion (best epoch {best_epoch})")  # fmt: skip
+    _barrier(dist_info)
     return TrainResult(run, best_epoch, best_metrics, history, stopped_early)
+
+
+def _gather_rng_states(dist_info: DistInfo) -> list[torch.Tensor] | None:
+    """Every rank's CPU RNG state (rank order), for an exact distributed resume."""
+    if dist_info.world == 1:
+        return None
+    import torch.distributed as dist
+
+    states: list = [None] * dist_info.world
+    dist.all_gather_object(states, torch.get_rng_state())
+    return states
 
 
 def _save_state(path: Path, model, optimizer, scheduler, scaler, device, **extra) -> None:
@@ -471,7 +607,7 @@ def _save_state(path: Path, model, optimizer, scheduler, scaler, device, **extra
 
 def _write_metrics(run: Path, best_epoch: int, best: Metrics | None, history: list[dict], stopped_early: bool,
                    finished: bool, device: str, precision: str, fixed_epochs: int | None,
-                   train_clips: int) -> None:  # fmt: skip
+                   train_clips: int, world_size: int = 1) -> None:  # fmt: skip
     data = {
         "best_epoch": best_epoch,
         "valid": None if best is None else best.to_dict(),
@@ -484,6 +620,7 @@ def _write_metrics(run: Path, best_epoch: int, best: Metrics | None, history: li
         "predictions": "raw (not clipped)",
         "device": device,
         "precision": precision,
+        "processes": world_size,
     }
     _atomic_write_text(run / "metrics.json", json.dumps(data, indent=2))
 
