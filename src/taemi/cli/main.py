@@ -368,6 +368,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
     paper = preset("paper").to_dict()["model"]
     for name in PRESETS:
         m = preset(name).to_dict()["model"]
+        waveforms=args.waveforms,
         diff = {k: v for k, v in m.items() if v != paper[k]}
         _print(f"{name:<22}{diff if diff else '(the paper model)'}")
     return 0
@@ -451,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("evaluate", help="score a run on labelled clips")
     run_opts(sp)
     sp.add_argument("--store", required=True)
+    sp.add_argument("--waveforms", action="store_true",
+                    help="also cache the decoded 16 kHz audio (STORE/waveforms/) for end-to-end fine-tuning; "
+                         "clips already in the store only get their audio decoded and cached")  # fmt: skip
     sp.add_argument("--clip", action="store_true", help="clip predictions to [0, 1] before scoring (default: raw)")
     sp.add_argument("--labels", required=True, help="label CSV")
     sp.add_argument("--out", help="metrics JSON (default: RUN/eval_<labels>.json)")

@@ -30,6 +30,8 @@ Layout::
                                     Saved and loaded with allow_pickle=False.
       .lock                         writer lock (fcntl.flock), present while a writer is
                                     open (a killed writer leaves it behind; harmless)
+      waveforms/                    optional decoded audio for fine-tuning, written by
+                                    ``taemi extract --waveforms`` (:mod:`taemi.data.waveforms`)
 
 ``*.bin`` files are raw little-endian float16 (or float32, chosen at creation), C order,
 no header. A missing audio/vision/text-token sequence has length 0 (no rows) and its
@@ -1044,7 +1046,21 @@ def store_info(root: str | os.PathLike[str]) -> dict[str, Any]:
         "superseded": rows - len(store),
         "taemi_version": m.get("taemi_version"),
         "created": m.get("created"),
+        "waveforms": _waveform_info(store.root),
     }
+
+
+def _waveform_info(root: Path) -> dict[str, Any] | None:
+    """The waveform cache's :meth:`~taemi.data.waveforms.WaveformCache.info`, None without
+    one, ``{"error": message}`` when it cannot be opened."""
+    from taemi.data.waveforms import WAVEFORMS, WaveformCache  # imports this module
+
+    if not (root / WAVEFORMS).is_dir():
+        return None
+    try:
+        return WaveformCache(root, max_seconds=None).info()
+    except StoreError as exc:
+        return {"error": str(exc)}
 
 
 def _human_bytes(n: int) -> str:
@@ -1094,6 +1110,15 @@ def format_info(info: dict[str, Any]) -> str:
             lines.append(f"{head}{m:<7} {entry['backbone']}  {settings}")
     else:
         lines.append("  backbones    (not recorded)")
+    wave = info.get("waveforms")
+    if wave is not None and "error" in wave:
+        lines.append(f"  waveforms    unreadable: {wave['error']}")
+    elif wave is not None:
+        lines.append(
+            f"  waveforms    {wave['n_clips']} clips, {wave['seconds'] / 3600:.2f} h of "
+            f"{wave['sample_rate'] // 1000} kHz audio (<= {wave['max_seconds']:g} s each), "
+            f"{_human_bytes(wave['bytes'])}"
+        )
     if info.get("created"):
         lines.append(f"  created      {info['created']} (taemi {info.get('taemi_version')})")
     return "\n".join(lines)
@@ -1140,7 +1165,8 @@ def verify_store(root: str | os.PathLike[str], *, progress: bool = False) -> lis
     sizes against the index (rows x D x itemsize), index consistency (contiguous offsets,
     missing flag <=> length 0, unique valid ids), NaN/Inf values (naming clip and
     modality) and non-zero text rows of clips whose text is missing. Reads every byte
-    once, in bounded chunks; ``progress=True`` shows a tqdm bar over bytes.
+    once, in bounded chunks; ``progress=True`` shows a tqdm bar over bytes. A waveform
+    cache (``waveforms/``, :mod:`taemi.data.waveforms`) is checked too (headers and sizes).
     """
     root = Path(root)
     try:
@@ -1162,6 +1188,13 @@ def verify_store(root: str | os.PathLike[str], *, progress: bool = False) -> lis
     with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=not progress) as bar:
         for shard in manifest["shards"]:
             problems += _verify_shard(root, shard, dims, dtype, tokens, bar.update)
+    from taemi.data.waveforms import WAVEFORMS, WaveformCache  # imports this module
+
+    if (root / WAVEFORMS).is_dir():
+        try:
+            problems += WaveformCache(root, max_seconds=None).verify()
+        except StoreError as exc:
+            problems.append(str(exc))
     return problems
 
 

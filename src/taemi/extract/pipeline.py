@@ -15,6 +15,13 @@ processed at all (unreadable, corrupt, an unusable file name) is recorded in
 ``STORE/extract_errors.jsonl`` with the reason, and the run goes on. The run ends with
 ``STORE/extract_summary.json``: done, skipped (already in the store), failed, missing
 counts, and seconds per stage.
+
+With ``ExtractOptions.waveforms`` (``taemi extract --waveforms``) the decoded audio of every
+clip that has audio is also kept in the store's waveform cache (``STORE/waveforms/``, see
+:mod:`taemi.data.waveforms`) for end-to-end fine-tuning. A clip already in the store whose
+waveform is not cached yet has only its audio decoded and cached (no model runs, the store
+is not touched). A waveform that cannot be cached is reported in the error file, stage
+``waveform``, and counted in ``waveforms_failed``, not in ``failed`` (its features are fine).
 """
 
 from __future__ import annotations
@@ -27,13 +34,14 @@ from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from taemi.data.clip import ClipFeatures, check_clip_id
-from taemi.data.store import StoreWriter
+from taemi.data.store import FeatureStore, StoreWriter
+from taemi.data.waveforms import WaveformCache
 from taemi.extract.encoders.base import SAMPLE_RATE, AudioEncoder, ImageEncoder, SpeechRecognizer, TextEncoder
 from taemi.extract.face import FaceCropper
 from taemi.extract.media import MediaError, decode_audio, decode_video, display_path, read_face_images
@@ -59,6 +67,7 @@ class ExtractOptions:
     workers: int = 2  # decoding threads running ahead of the models
     text_tokens: bool = False  # also store the text encoder's token states
     force: bool = False  # recompute clips already in the store (replaces them)
+    waveforms: bool = False  # also cache the decoded audio in STORE/waveforms/ (fine-tuning); not in the provenance
 
 
 @dataclass
@@ -121,11 +130,15 @@ class ExtractSummary:
     errors_file: str | None = None
     started: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))  # marks this run's error lines
     interrupted: bool = False  # the run stopped early (exception or Ctrl-C)
+    waveforms: int = 0  # --waveforms: waveform files written in this run (all of them)
+    waveforms_added: int = 0  # ... of which for clips already in the store (only their audio decoded)
+    waveforms_failed: int = 0  # --waveforms: waveforms that could not be cached (in the error file)
 
     @property
     def ok(self) -> bool:
-        """False only when clips were to be processed and none could be."""
-        return not (self.done == 0 and self.skipped == 0 and self.failed > 0)
+        """False only when clips (or waveforms) were to be processed and none could be."""
+        nothing_extracted = self.done == 0 and self.skipped == 0 and self.failed > 0
+        return not (nothing_extracted or (self.waveforms == 0 and self.waveforms_failed > 0))
 
 
 # --------------------------------------------------------------------------- inputs
@@ -208,21 +221,40 @@ def decode_source(src: Source, opts: ExtractOptions, face: FaceCropper | None) -
     return out
 
 
-def _decoded_in_order(sources: list[Source], opts: ExtractOptions, face: FaceCropper | None) -> Iterator[Decoded]:
-    """Decode with ``opts.workers`` threads, at most a few batches ahead (bounded memory)."""
+def decode_waveform(src: Source, opts: ExtractOptions, face: FaceCropper | None = None) -> Decoded:
+    """Decode only one clip's audio, exactly as :func:`decode_source` does (``faces`` stays None)."""
+    t0 = time.perf_counter()
+    out = Decoded(src)
+    try:
+        audio = decode_audio(src.audio or src.media, sample_rate=SAMPLE_RATE, max_seconds=opts.max_audio_seconds)
+        if audio is not None and audio.samples.shape[0] > 0:
+            out.waveform = audio.samples  # (S,) float32
+            out.media_seconds = audio.seconds
+    except MediaError as e:
+        out.error = str(e)
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+def _decoded_in_order(sources: list[Source], opts: ExtractOptions, face: FaceCropper | None,
+                      decode: Callable[[Source, ExtractOptions, FaceCropper | None], Decoded] | None = None,
+                      ) -> Iterator[Decoded]:  # fmt: skip
+    """Decode with ``opts.workers`` threads, at most a few batches ahead (bounded memory);
+    ``decode`` defaults to :func:`decode_source`."""
+    decode = decode or decode_source
     ahead = max(2, opts.workers) * opts.batch_size
     with ThreadPoolExecutor(max_workers=max(1, opts.workers), thread_name_prefix="taemi-decode") as pool:
         pending: list[Future] = []
         it = iter(sources)
         for src in it:
-            pending.append(pool.submit(decode_source, src, opts, face))
+            pending.append(pool.submit(decode, src, opts, face))
             if len(pending) >= ahead:
                 break
         while pending:
             fut = pending.pop(0)
             nxt = next(it, None)
             if nxt is not None:
-                pending.append(pool.submit(decode_source, nxt, opts, face))
+                pending.append(pool.submit(decode, nxt, opts, face))
             yield fut.result()
 
 
@@ -328,30 +360,37 @@ def extract(
     errors: list[dict] = list(input_errors)
     summary.total += len(errors)  # so that total = done + skipped + failed
     summary.failed += len(errors)
+    wave_errors: list[dict] = []  # --waveforms: reported, but not counted in failed
 
     try:
-        _run(sources, root, encoders, opts, dims, summary, timer, errors, progress)
+        _run(sources, root, encoders, opts, dims, summary, timer, errors, progress, wave_errors)
     except BaseException:
         summary.interrupted = True
         raise
     finally:  # also after a crash or Ctrl-C: what failed so far is reported
         summary.failed = len(errors)
+        summary.waveforms_failed = len(wave_errors)
         summary.wall_seconds = time.perf_counter() - t_start
         if root.is_dir():
-            _report(root, summary, errors)
+            _report(root, summary, errors + wave_errors)
     return summary
 
 
 def _run(sources: list[Source], root: Path, encoders: Encoders, opts: ExtractOptions, dims: dict[str, int],
-         summary: ExtractSummary, timer: _Timer, errors: list[dict], progress: bool) -> None:  # fmt: skip
+         summary: ExtractSummary, timer: _Timer, errors: list[dict], progress: bool,
+         wave_errors: list[dict]) -> None:  # fmt: skip
     with StoreWriter(root, dims=dims, text_tokens=opts.text_tokens,
                      modalities=encoders.provenance(opts)) as writer:  # fmt: skip
         (root / TRANSCRIPTS).mkdir(exist_ok=True)
+        cache = WaveformCache(root, create=True, max_seconds=opts.max_audio_seconds,
+                              sample_rate=SAMPLE_RATE) if opts.waveforms else None  # fmt: skip
         todo = [s for s in sources if opts.force or s.clip_id not in writer]
         summary.skipped = len(sources) - len(todo)
         if summary.skipped:
             log.info("%d of %d clips are already in %s: skipped (use --force to recompute)",
                      summary.skipped, len(sources), root)  # fmt: skip
+        if cache is not None and summary.skipped:
+            _cache_missing_waveforms(sources, root, writer, cache, opts, summary, timer, wave_errors, progress)
         bar = tqdm(total=len(todo), desc="extract", unit="clip", disable=not progress, dynamic_ncols=True)
         for batch in _batches(_decoded_in_order(todo, opts, encoders.face), opts.batch_size):
             ok = []
@@ -369,6 +408,8 @@ def _run(sources: list[Source], root: Path, encoders: Encoders, opts: ExtractOpt
                         errors.append(_error_record(clip.clip_id, d.source.media, "write", str(e)))
                         continue
                     _write_text(root / TRANSCRIPTS / f"{clip.clip_id}.txt", transcript)
+                    if cache is not None:
+                        _cache_waveform(cache, d, summary, wave_errors)
                 summary.done += 1
                 summary.media_seconds += d.media_seconds
                 for m, miss in zip(("audio", "vision", "text"), clip.missing):
@@ -377,6 +418,48 @@ def _run(sources: list[Source], root: Path, encoders: Encoders, opts: ExtractOpt
             bar.update(len(batch))
             bar.set_postfix(failed=summary.failed)
         bar.close()
+
+
+def _cache_waveform(cache: WaveformCache, d: Decoded, summary: ExtractSummary, wave_errors: list[dict]) -> bool:
+    """Cache ``d.waveform`` (or drop a stale file when the clip has no audio); False on failure."""
+    try:
+        if d.waveform is None:
+            cache.discard(d.source.clip_id)  # only a --force rerun can find one
+            return True
+        cache.put(d.source.clip_id, d.waveform)
+    except (OSError, ValueError) as e:
+        wave_errors.append(_error_record(d.source.clip_id, d.source.media, "waveform", f"{type(e).__name__}: {e}"))
+        return False
+    summary.waveforms += 1
+    return True
+
+
+def _cache_missing_waveforms(sources: list[Source], root: Path, writer: StoreWriter, cache: WaveformCache,
+                             opts: ExtractOptions, summary: ExtractSummary, timer: _Timer,
+                             wave_errors: list[dict], progress: bool) -> None:  # fmt: skip
+    """Clips already in the store whose audio is present but not cached: decode their audio
+    only and cache it; no model runs and the store is not touched."""
+    todo = [s for s in sources if s.clip_id in writer and s.clip_id not in cache]
+    if not todo or opts.force:  # with --force every clip is recomputed (and cached) anyway
+        return
+    store = FeatureStore(root)  # committed clips: their audio missing flags
+    todo = [s for s in todo if s.clip_id in store and not store.missing[store.index(s.clip_id), 0]]
+    if not todo:
+        return
+    log.info("%d clips already in %s have no cached waveform: decoding their audio", len(todo), root)
+    bar = tqdm(total=len(todo), desc="waveforms", unit="clip", disable=not progress, dynamic_ncols=True)
+    for d in _decoded_in_order(todo, opts, None, decode=decode_waveform):
+        summary.stage_seconds["decode"] += d.seconds
+        with timer("write"):
+            if d.error is not None:
+                wave_errors.append(_error_record(d.source.clip_id, d.source.media, "waveform", d.error))
+            elif d.waveform is None:
+                wave_errors.append(_error_record(d.source.clip_id, d.source.media, "waveform",
+                                                 "no audio decoded, but the store has audio features for this clip"))  # fmt: skip
+            elif _cache_waveform(cache, d, summary, wave_errors):
+                summary.waveforms_added += 1
+        bar.update(1)
+    bar.close()
 
 
 def _report(root: Path, summary: ExtractSummary, errors: list[dict]) -> None:
@@ -418,4 +501,8 @@ def summary_counts(summary: ExtractSummary) -> str:
         f"{summary.done} done, {summary.skipped} skipped, {summary.failed} failed; missing: "
         f"audio {c['audio']}, vision {c['vision']}, text {c['text']}; "
         f"{summary.media_seconds:.0f} s of media in {summary.wall_seconds:.0f} s"
-    )
+    ) + (
+        f"; waveforms cached: {summary.waveforms} ({summary.waveforms_added} for clips already in the store), "
+        f"{summary.waveforms_failed} failed"
+        if summary.waveforms or summary.waveforms_failed else ""
+    )  # fmt: skip
