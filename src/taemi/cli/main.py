@@ -343,6 +343,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     opts = ExtractOptions(
         max_audio_seconds=args.max_audio_seconds, max_frames=args.max_frames, frame_policy=args.frame_policy,
         batch_size=args.batch_size, workers=args.workers, text_tokens=args.text_tokens, force=args.force,
+        waveforms=args.waveforms,
     )  # fmt: skip
     enc = load_encoders(
         args.profile, device=args.device, batch_size=args.batch_size, models=models, face=not args.no_face,
@@ -368,7 +369,6 @@ def cmd_presets(args: argparse.Namespace) -> int:
     paper = preset("paper").to_dict()["model"]
     for name in PRESETS:
         m = preset(name).to_dict()["model"]
-        waveforms=args.waveforms,
         diff = {k: v for k, v in m.items() if v != paper[k]}
         _print(f"{name:<22}{diff if diff else '(the paper model)'}")
     return 0
@@ -420,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-audio-files", action="store_true", help="ABAW root: use the video's audio, not audio/*.mp3")
     sp.add_argument("--text-tokens", action="store_true", help="also store text token states")
     sp.add_argument("--force", action="store_true", help="recompute clips already in the store")
+    sp.add_argument("--waveforms", action="store_true",
+                    help="also cache the decoded 16 kHz audio (STORE/waveforms/) for end-to-end fine-tuning; "
+                         "clips already in the store only get their audio decoded and cached")  # fmt: skip
     sp.add_argument("--trust-remote-code", action="store_true", help="paper profile: allow GTE's model code")
     sp.add_argument("--allow-download", action="store_true", help="paper profile: let Hugging Face download models")
     common(sp)
@@ -452,9 +455,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("evaluate", help="score a run on labelled clips")
     run_opts(sp)
     sp.add_argument("--store", required=True)
-    sp.add_argument("--waveforms", action="store_true",
-                    help="also cache the decoded 16 kHz audio (STORE/waveforms/) for end-to-end fine-tuning; "
-                         "clips already in the store only get their audio decoded and cached")  # fmt: skip
     sp.add_argument("--clip", action="store_true", help="clip predictions to [0, 1] before scoring (default: raw)")
     sp.add_argument("--labels", required=True, help="label CSV")
     sp.add_argument("--out", help="metrics JSON (default: RUN/eval_<labels>.json)")
