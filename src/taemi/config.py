@@ -13,6 +13,7 @@ authors' release).
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -124,6 +125,7 @@ class TrainConfig:
 
 
 MODES = ("frozen", "finetune")
+NOISE_COLORS = ("white", "pink", "random")
 
 
 @dataclass
@@ -137,6 +139,7 @@ class AugmentConfig:
     seed: int = 0  # augmentation seed (combined with the epoch and the clip's position)
     noise_prob: float = 0.0  # probability of additive white noise
     noise_snr_db: tuple[float, float] = (10.0, 30.0)  # SNR range of the noise, dB against the clip's own power
+    noise_color: str = "white"  # white | pink | random (either, equally likely, per application)
     stretch_prob: float = 0.0  # probability of a time-stretch (tempo changes, pitch does not)
     stretch_max: float = 0.1  # stretch rate drawn from [1 - s, 1 + s]
     pitch_prob: float = 0.0  # probability of a pitch shift (duration kept)
@@ -146,21 +149,29 @@ class AugmentConfig:
 
     @property
     def enabled(self) -> bool:
-        return any(p > 0 for p in (self.noise_prob, self.stretch_prob, self.pitch_prob, self.shift_prob))
+        return any(getattr(self, p) > 0 for p in ("noise_prob", "stretch_prob", "pitch_prob", "shift_prob"))
 
     def validate(self) -> None:
+        def number(name: str, value: Any) -> float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"finetune.augment.{name}={value!r}: must be a finite number")
+            return float(value)
+
         for name in ("noise_prob", "stretch_prob", "pitch_prob", "shift_prob"):
-            p = getattr(self, name)
-            if not 0.0 <= p <= 1.0:
-                raise ConfigError(f"finetune.augment.{name}={p}: must be in [0, 1]")
-        lo, hi = self.noise_snr_db
-        if lo > hi:
-            raise ConfigError(f"finetune.augment.noise_snr_db={self.noise_snr_db}: min above max")
-        if not 0.0 <= self.stretch_max < 0.5:
+            if not 0.0 <= number(name, getattr(self, name)) <= 1.0:
+                raise ConfigError(f"finetune.augment.{name}={getattr(self, name)}: must be in [0, 1]")
+        snr = self.noise_snr_db
+        if not isinstance(snr, (tuple, list)) or len(snr) != 2:
+            raise ConfigError(f"finetune.augment.noise_snr_db={snr!r}: expected [min, max] in dB")
+        if number("noise_snr_db", snr[0]) > number("noise_snr_db", snr[1]):
+            raise ConfigError(f"finetune.augment.noise_snr_db={list(snr)}: min above max")
+        if self.noise_color not in NOISE_COLORS:
+            raise ConfigError(f"finetune.augment.noise_color={self.noise_color!r}: expected one of {NOISE_COLORS}")
+        if not 0.0 <= number("stretch_max", self.stretch_max) < 0.5:
             raise ConfigError(f"finetune.augment.stretch_max={self.stretch_max}: must be in [0, 0.5)")
-        if not 0.0 <= self.pitch_semitones <= 12.0:
+        if not 0.0 <= number("pitch_semitones", self.pitch_semitones) <= 12.0:
             raise ConfigError(f"finetune.augment.pitch_semitones={self.pitch_semitones}: must be in [0, 12]")
-        if self.shift_seconds < 0:
+        if number("shift_seconds", self.shift_seconds) < 0:
             raise ConfigError(f"finetune.augment.shift_seconds={self.shift_seconds}: must be >= 0")
 
 

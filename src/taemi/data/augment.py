@@ -41,79 +41,15 @@ from typing import Any
 
 import numpy as np
 
-from taemi.config import ConfigError
+from taemi.config import NOISE_COLORS, AugmentConfig  # the run config's finetune.augment section
 
 __all__ = ["NOISE_COLORS", "AugmentConfig", "AugmentParams", "WaveformAugment", "augment_rng"]
 
 #: Sample rate the augmentation assumes by default (the cached waveforms' rate).
 SAMPLE_RATE = 16_000
-#: Noise colours: white, pink, or either with equal probability per application.
-NOISE_COLORS = ("white", "pink", "random")
 #: Phase vocoder STFT: window length and hop in samples (32 ms and 8 ms at 16 kHz).
 N_FFT = 512
 HOP = 128
-_PROBS = ("noise_prob", "stretch_prob", "pitch_prob", "shift_prob")
-
-
-@dataclass
-class AugmentConfig:
-    """Waveform augmentation while fine-tuning; every operation off by default.
-
-    The same fields as ``taemi.config.AugmentConfig`` (the run config's
-    ``finetune.augment``) plus ``noise_color``; :class:`WaveformAugment` accepts either.
-    """
-
-    seed: int = 0  # augmentation seed (combined with the epoch and the clip's position)
-    noise_prob: float = 0.0  # probability of additive noise
-    noise_snr_db: tuple[float, float] = (10.0, 30.0)  # noise SNR range, dB over the clip power
-    noise_color: str = "white"  # white | pink | random (either, equally likely, per application)
-    stretch_prob: float = 0.0  # probability of a time-stretch (tempo changes, pitch does not)
-    stretch_max: float = 0.1  # stretch rate drawn from [1 - s, 1 + s]
-    pitch_prob: float = 0.0  # probability of a pitch shift (duration kept)
-    pitch_semitones: float = 2.0  # pitch shift drawn from [-k, +k] semitones
-    shift_prob: float = 0.0  # probability of a time shift (zero fill, length kept)
-    shift_seconds: float = 0.5  # shift drawn from [-t, +t] seconds
-
-    @property
-    def enabled(self) -> bool:
-        return any(getattr(self, p) > 0 for p in _PROBS)
-
-    def validate(self) -> None:
-        _check_config(self)
-
-
-def _check_config(cfg: Any) -> None:
-    """ConfigError naming the first bad field of an augmentation config."""
-
-    def number(name: str, value: Any) -> float:
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-        ):
-            raise ConfigError(f"finetune.augment.{name}={value!r}: must be a finite number")
-        return float(value)
-
-    for name in _PROBS:
-        if not 0.0 <= number(name, getattr(cfg, name)) <= 1.0:
-            raise ConfigError(f"finetune.augment.{name}={getattr(cfg, name)}: must be in [0, 1]")
-    snr = cfg.noise_snr_db
-    if not isinstance(snr, (tuple, list)) or len(snr) != 2:
-        raise ConfigError(f"finetune.augment.noise_snr_db={snr!r}: expected [min, max] in dB")
-    lo, hi = number("noise_snr_db", snr[0]), number("noise_snr_db", snr[1])
-    if lo > hi:
-        raise ConfigError(f"finetune.augment.noise_snr_db={list(snr)}: min above max")
-    color = getattr(cfg, "noise_color", "white")
-    if color not in NOISE_COLORS:
-        raise ConfigError(f"finetune.augment.noise_color={color!r}: expected one of {NOISE_COLORS}")
-    if not 0.0 <= number("stretch_max", cfg.stretch_max) < 0.5:
-        raise ConfigError(f"finetune.augment.stretch_max={cfg.stretch_max}: must be in [0, 0.5)")
-    if not 0.0 <= number("pitch_semitones", cfg.pitch_semitones) <= 12.0:
-        raise ConfigError(
-            f"finetune.augment.pitch_semitones={cfg.pitch_semitones}: must be in [0, 12]"
-        )
-    if number("shift_seconds", cfg.shift_seconds) < 0:
-        raise ConfigError(f"finetune.augment.shift_seconds={cfg.shift_seconds}: must be >= 0")
 
 
 def augment_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -140,8 +76,8 @@ class WaveformAugment:
     """Random waveform augmentation; see the module docstring for the operations.
 
     Args:
-        config: :class:`AugmentConfig` (or ``taemi.config.AugmentConfig``: same fields, white
-            noise when it has no ``noise_color``); validated here.
+        config: :class:`taemi.config.AugmentConfig` (the run config's ``finetune.augment``);
+            validated here.
         max_seconds: outputs are cropped to this duration.
         sample_rate: of the waveforms (16 kHz for cached waveforms).
 
@@ -150,9 +86,9 @@ class WaveformAugment:
     """
 
     def __init__(
-        self, config: Any, max_seconds: float = 12.0, sample_rate: int = SAMPLE_RATE
+        self, config: AugmentConfig, max_seconds: float = 12.0, sample_rate: int = SAMPLE_RATE
     ) -> None:
-        _check_config(config)
+        config.validate()
         if not (
             isinstance(max_seconds, (int, float)) and math.isfinite(max_seconds) and max_seconds > 0
         ):
@@ -160,7 +96,7 @@ class WaveformAugment:
         if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate <= 0:
             raise ValueError(f"sample_rate must be a positive int, got {sample_rate!r}")
         self.config = config
-        self.noise_color: str = getattr(config, "noise_color", "white")
+        self.noise_color: str = config.noise_color
         self.sample_rate = sample_rate
         self.max_samples = max(1, round(max_seconds * sample_rate))
 
