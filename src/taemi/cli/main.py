@@ -340,15 +340,28 @@ def cmd_extract(args: argparse.Namespace) -> int:
         sources, input_errors = sources + s, input_errors + e
     if not sources and not input_errors:
         raise FileNotFoundError(f"no media files found in {', '.join(map(str, args.input))}")
+    if args.distributed is not None or args.shard is not None:  # docs/distributed_extraction.md
+        from taemi.cli import distributed_cmd
+
+        if args.distributed is not None:
+            return distributed_cmd.run_distributed(args, sources, input_errors)
+        sources, input_errors = distributed_cmd.this_shard(args, sources, input_errors)
     opts = ExtractOptions(
         max_audio_seconds=args.max_audio_seconds, max_frames=args.max_frames, frame_policy=args.frame_policy,
         batch_size=args.batch_size, workers=args.workers, text_tokens=args.text_tokens, force=args.force,
         waveforms=args.waveforms,
     )  # fmt: skip
-    enc = load_encoders(
-        args.profile, device=args.device, batch_size=args.batch_size, models=models, face=not args.no_face,
-        trust_remote_code=args.trust_remote_code, allow_download=args.allow_download,
-    )  # fmt: skip
+    if args.encoders:
+        from taemi.extract.factory import encoders_from_factory
+
+        if models:
+            raise ValueError("--model and --encoders exclude each other (the factory builds every model)")
+        enc = encoders_from_factory(args.encoders)
+    else:
+        enc = load_encoders(
+            args.profile, device=args.device, batch_size=args.batch_size, models=models, face=not args.no_face,
+            trust_remote_code=args.trust_remote_code, allow_download=args.allow_download,
+        )  # fmt: skip
     summary = extract(sources, args.out, enc, opts, input_errors=input_errors, progress=not args.no_progress)
     _print(f"{args.out}: {summary_counts(summary)}")
     if summary.errors_file:
@@ -425,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "clips already in the store only get their audio decoded and cached")  # fmt: skip
     sp.add_argument("--trust-remote-code", action="store_true", help="paper profile: allow GTE's model code")
     sp.add_argument("--allow-download", action="store_true", help="paper profile: let Hugging Face download models")
+    from taemi.cli import distributed_cmd
+
+    distributed_cmd.add_extract_options(sp)
     common(sp)
     sp.set_defaults(func=cmd_extract)
 
@@ -501,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     s2.add_argument("store")
     common(s2)
     s2.set_defaults(func=cmd_store_verify)
+    distributed_cmd.register_store_merge(ssub, common)
 
     sp = sub.add_parser("import-release", help="convert the authors' released fusion weights into a run folder")
     sp.add_argument("checkpoint")
