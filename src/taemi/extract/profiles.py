@@ -18,6 +18,7 @@ a 25 % margin, 224 x 224) for both profiles; ``face=False`` uses whole frames.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Mapping
 
 from taemi.extract.face import FaceCropper
@@ -60,6 +61,14 @@ def load_encoders(
     return enc
 
 
+def _env_threads() -> int:
+    """onnxruntime ignores OMP_NUM_THREADS (torch and CTranslate2 follow it): pass it on, so
+    that parallel extraction workers (``taemi extract --distributed``) do not oversubscribe
+    the cores. 0 (unset) lets onnxruntime choose."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() else 0
+
+
 def _offline(device: str, batch_size: int, models: dict[str, str]) -> Encoders:
     from taemi.extract.encoders import offline
 
@@ -70,7 +79,7 @@ def _offline(device: str, batch_size: int, models: dict[str, str]) -> Encoders:
     return Encoders(
         asr=offline.WhisperRecognizer(whisper),
         audio=offline.WhisperEncoder(whisper, batch_size=batch_size),
-        image=offline.DinoV2ImageEncoder(models.get("vision"), device=device),
+        image=offline.DinoV2ImageEncoder(models.get("vision"), device=device, threads=_env_threads()),
         text=offline.MiniLMTextEncoder(models.get("text"), device=device),
         face=None,
         profile="offline",
