@@ -145,7 +145,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         log.info("train on all: the config of %s (give --preset/--set/--config to change it)", args.epochs_from)
     else:
         args.preset = args.preset or "paper"
+        if args.mode is not None:
+            args.set = [f"mode={args.mode}", *(args.set or [])]
         cfg = _load_config(args, dims_from=store)
+    if args.mode is not None and cfg.mode != args.mode:
+        raise ValueError(f"--mode {args.mode}, but the run's own config ({args.out if args.resume else args.epochs_from}) "
+                         f"has mode={cfg.mode}")  # fmt: skip
     kw = dict(emotions=cfg.data.emotions, id_column=cfg.data.id_column, store_ids=store)
     train_labels = read_labels(args.train, **kw)
     valid_labels = read_labels(args.valid, **kw) if args.valid else None
@@ -153,8 +158,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         if valid_labels is not None:
             train_labels = _concat_labels(train_labels, valid_labels)
         valid_labels = None
-    res = train(cfg, store, train_labels, valid_labels, args.out, fixed_epochs=fixed_epochs, resume=args.resume,
-                progress=not args.no_progress)  # fmt: skip
+    try:
+        res = train(cfg, store, train_labels, valid_labels, args.out, fixed_epochs=fixed_epochs, resume=args.resume,
+                    progress=not args.no_progress)  # fmt: skip
+    finally:
+        _leave_process_group()
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports
+        return 0
     if res.best is None:
         origin = f"the best epoch of {args.epochs_from}" if args.epochs_from else "--epochs"
         _print(
@@ -166,6 +176,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         _print(_metrics_table(res.best.to_dict(), f"best epoch {res.best_epoch} of {len(res.history)} (valid):"))
     _print(f"run folder: {res.run_dir}")
     return 0
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, the trainer joined a process group: leave it before the process exits."""
+    if "torch" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -454,6 +473,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--train-on-all", action="store_true",
                     help="final model: train on --train + --valid for a fixed number of epochs, no validation, "
                          "no early stopping (best = last)")  # fmt: skip
+    sp.add_argument("--mode", choices=("frozen", "finetune"),
+                    help="frozen (default): train the fusion model on stored features; finetune: also train the "
+                         "audio and text backbones end to end on raw audio (the store's waveform cache, "
+                         "`taemi extract --waveforms`) and transcripts, vision from the store; backbones and "
+                         "their controls: --set finetune.audio_backbone=offline|paper|ID|DIR, "
+                         "finetune.text_backbone=..., finetune.backbone_lr=..., finetune.freeze_audio_layers=N, "
+                         "finetune.gradient_checkpointing=true, finetune.augment.noise_prob=0.5, "
+                         "train.grad_accum_steps=N (see `taemi presets` and the README)")  # fmt: skip
     sp.add_argument("--epochs", type=int, help="with --train-on-all: train exactly N epochs")
     sp.add_argument("--epochs-from", metavar="RUN",
                     help="with --train-on-all: as many epochs as RUN's best epoch (its metrics.json); "
@@ -558,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: the other ranks log warnings only
+        logging.getLogger().setLevel(logging.WARNING)
     if not args.verbose:  # per-clip chatter of third-party libraries
         for name in ("faster_whisper", "httpx", "transformers"):
             logging.getLogger(name).setLevel(logging.WARNING)
