@@ -71,7 +71,7 @@ def test_torchrun_two_processes_match_one(tmp_path, synth, store, labels) -> Non
     # one run folder, written once: the single-process file set, no per-rank copies
     assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
     st = torch.load(run / STATE_FILE, weights_only=True)
-    assert st["world_size"] == 2 and len(st["rng_cpu_ranks"]) == 2
+    assert st["world_size"] == 2 and len(st["rng_ranks"]) == 2
 
 
 def _launch(synth, out: Path, overrides: list[str], *extra: str) -> list[subprocess.CompletedProcess]:

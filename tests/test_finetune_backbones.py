@@ -20,16 +20,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-from transformers import (
-    BertConfig,
-    BertModel,
-    BertTokenizer,
-    Wav2Vec2Config,
-    Wav2Vec2FeatureExtractor,
-)
+
+from finetune_helpers import make_bert_dir, make_w2v_dir
 
 from taemi.extract.encoders.base import ModelLoadError
-from taemi.extract.encoders.paper import Wav2Vec2EmotionEncoder, Wav2Vec2EmotionModel
+from taemi.extract.encoders.paper import Wav2Vec2EmotionEncoder
 from taemi.finetune.backbones import (
     ARCHITECTURE_FILE,
     LogMel,
@@ -49,42 +44,6 @@ from taemi.finetune.backbones import (
 # --------------------------------------------------------------------------------------
 
 
-def tiny_w2v_config(**kw) -> Wav2Vec2Config:
-    """Two conv layers (stride 10 samples), two transformer layers of width 32."""
-    base = {
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "intermediate_size": 37,
-        "conv_dim": (16, 16),
-        "conv_kernel": (10, 3),
-        "conv_stride": (5, 2),
-        "conv_bias": True,
-        "feat_extract_norm": "layer",
-        "do_stable_layer_norm": True,
-        "num_conv_pos_embeddings": 16,
-        "num_conv_pos_embedding_groups": 2,
-        "num_labels": 3,
-        "id2label": {0: "arousal", 1: "dominance", 2: "valence"},
-        "label2id": {"arousal": 0, "dominance": 1, "valence": 2},
-        "vocab_size": None,
-        "mask_time_prob": 0.05,
-        "mask_time_length": 2,
-        "layerdrop": 0.1,  # as in wav2vec2-large-robust; the backbone sets it to 0
-    }
-    base.update(kw)
-    return Wav2Vec2Config(**base)
-
-
-def make_w2v_dir(folder: Path, seed: int = 0, **kw) -> Path:
-    torch.manual_seed(seed)
-    Wav2Vec2EmotionModel(tiny_w2v_config(**kw)).save_pretrained(folder)
-    Wav2Vec2FeatureExtractor(
-        feature_size=1, sampling_rate=16_000, return_attention_mask=True, do_normalize=True
-    ).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def w2v_dirs(tmp_path_factory) -> dict[str, Path]:
     return {
@@ -98,25 +57,9 @@ def w2v_dirs(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "is", "very", "happy", "sad", "today"]
-
-
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(2)
-    folder = tmp_path_factory.mktemp("bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=128,
-    )
-    BertModel(config).save_pretrained(folder)  # with a pooler: the backbone drops it
-    return folder
+    return make_bert_dir(tmp_path_factory.mktemp("bert"))
 
 
 @pytest.fixture(scope="module")

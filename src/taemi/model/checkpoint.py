@@ -33,7 +33,15 @@ def save_weights(model: torch.nn.Module, path: str | Path) -> None:
     """Write the model's parameters (and persistent buffers) as safetensors, atomically."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tensors, seen = {}, set()
+    for k, v in model.state_dict().items():
+        v = v.detach().to("cpu").contiguous()
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset()) if v.numel() else None
+        # safetensors refuses tensors sharing memory (tied weights, weight-norm views in
+        # wav2vec2 backbones): each such alias is stored as its own copy
+        tensors[k] = v.clone() if ptr is not None and ptr[0] in seen else v
+        if ptr is not None:
+            seen.add(ptr[0])
     save_file(tensors, str(tmp), metadata={"format": "taemi"})
     os.replace(tmp, path)
 

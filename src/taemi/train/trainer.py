@@ -42,10 +42,11 @@ import json
 import logging
 import math
 import os
+import random
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -425,14 +426,14 @@ def train(
         optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
         scaler.load_state_dict(st["scaler"])
-        ranks = st.get("rng_cpu_ranks")
+        ranks = st.get("rng_ranks")
         if dist_info.world > 1 and ranks is not None and len(ranks) == dist_info.world:
-            torch.set_rng_state(ranks[dist_info.rank])
+            _restore_rng(ranks[dist_info.rank])
         else:
             if dist_info.world > 1 or (ranks is not None and len(ranks) > 1):
                 log.warning("resuming with %d processes a run saved with %s: random draws (dropout) differ from "
                             "an uninterrupted run", dist_info.world, len(ranks) if ranks else 1)  # fmt: skip
-            torch.set_rng_state(st["rng_cpu"])
+            _restore_rng(st["rng"] if "rng" in st else {"torch": st["rng_cpu"]})
         if device.type == "cuda" and st.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(st["rng_cuda"], device)
         history, best_score, best_epoch = st["history"], st["best_score"], st["best_epoch"]
@@ -554,7 +555,7 @@ def train(
             save_weights(model, run / "last.safetensors")
             _save_state(state_path, model, optimizer, scheduler, scaler, device, epoch=epoch, history=history,
                         best_score=best_score, best_epoch=best_epoch, bad_epochs=bad_epochs,
-                        best_metrics=best_metrics, fixed_epochs=fixed_epochs, rng_cpu_ranks=rng_ranks,
+                        best_metrics=best_metrics, fixed_epochs=fixed_epochs, rng_ranks=rng_ranks,
                         world_size=dist_info.world)  # fmt: skip
             _write_history(run / "history.csv", history)
             _write_metrics(run, best_epoch, best_metrics, history, stopped_early, finished=False,
@@ -577,14 +578,33 @@ def train(
     return TrainResult(run, best_epoch, best_metrics, history, stopped_early)
 
 
-def _gather_rng_states(dist_info: DistInfo) -> list[torch.Tensor] | None:
-    """Every rank's CPU RNG state (rank order), for an exact distributed resume."""
+def _rng_snapshot() -> dict:
+    """The CPU random states a training step may draw from: torch (dropout, modality
+    dropout), numpy (e.g. SpecAugment masks inside Hugging Face wav2vec2 backbones) and
+    Python's ``random``; plain types, loadable with ``torch.load(weights_only=True)``."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+            "python": random.getstate()}  # fmt: skip
+
+
+def _restore_rng(snap: dict) -> None:
+    torch.set_rng_state(snap["torch"])
+    if "numpy" in snap:
+        name, keys, pos, has_gauss, gauss = snap["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    if "python" in snap:
+        version, internal, gauss_next = snap["python"]
+        random.setstate((version, tuple(internal), gauss_next))
+
+
+def _gather_rng_states(dist_info: DistInfo) -> list[dict] | None:
+    """Every rank's random states (rank order), for an exact distributed resume."""
     if dist_info.world == 1:
         return None
     import torch.distributed as dist
 
     states: list = [None] * dist_info.world
-    dist.all_gather_object(states, torch.get_rng_state())
+    dist.all_gather_object(states, _rng_snapshot())
     return states
 
 
@@ -596,6 +616,7 @@ def _save_state(path: Path, model, optimizer, scheduler, scaler, device, **extra
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
         "rng_cpu": torch.get_rng_state(),
+        "rng": _rng_snapshot(),
         "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "best_metrics": None if best is None else best.__dict__,
         **extra,
