@@ -73,7 +73,7 @@ def pipeline(crema) -> dict:
     store = root / "store"
     # 16 frames spread over each video: the run must remember these options for predict
     code, out = run_main(["extract", "--input", str(sample / "media"), "--out", str(store), "--max-frames", "16",
-                          "--frame-policy", "uniform", "--no-progress"])  # fmt: skip
+                          "--frame-policy", "uniform", "--waveforms", "--no-progress"])  # fmt: skip
     assert code == 0, out
     assert "12 done, 0 skipped, 0 failed; missing: audio 0, vision 6, text 0" in out
 
@@ -168,3 +168,35 @@ def test_predict_from_media_files(pipeline) -> None:
     clips = {c["id"]: c for c in report["clips"]}
     assert clips[mp3]["missing"] == ["vision"] and clips[flv]["missing"] == []
     assert all(c["transcript"] for c in clips.values())  # "Don't forget a jacket." (more or less)
+
+
+def test_fine_tune_the_offline_backbones_end_to_end(pipeline, tmp_path) -> None:
+    """``--mode finetune`` on real weights: Whisper tiny.en's encoder (ported to torch) on the
+    cached waveforms and MiniLM-L6 on the transcripts train with the fusion model; the run
+    then evaluates on the store and predicts from media files like any other."""
+    from safetensors.torch import load_file
+
+    from taemi.finetune.backbones import load_audio_backbone
+
+    run = tmp_path / "ft"
+    sets = [a for s in ["data.emotions=" + ",".join(EMOTIONS), *TINY, "train.max_epochs=1"] for a in ("--set", s)]
+    code, out = run_main(["train", "--mode", "finetune", "--store", str(pipeline["store"]), "--train",
+                          str(pipeline["csvs"]["train"]), "--valid", str(pipeline["csvs"]["valid"]), "--out", str(run),
+                          "--no-progress", *sets])  # fmt: skip
+    assert code == 0, out
+    weights = load_file(str(run / "last.safetensors"))
+    before = load_audio_backbone("offline").state_dict()
+    layer = "encoder.layers.3.fc2.weight"  # the last transformer layer trains; the frozen conv does not
+    assert not weights[f"audio.{layer}"].equal(before[layer])
+    assert weights["audio.encoder.conv1.weight"].equal(before["encoder.conv1.weight"])
+
+    code, out = run_main(["evaluate", "--run", str(run), "--store", str(pipeline["store"]), "--labels",
+                          str(pipeline["csvs"]["valid"]), "--no-progress"])  # fmt: skip
+    assert code == 0, out
+    preds = tmp_path / "ft.csv"
+    media = [_sample_dir() / "media" / f"{pipeline['flv']}.flv", _sample_dir() / "media" / f"{pipeline['mp3']}.mp3"]
+    code, out = run_main(["predict", "--run", str(run), *map(str, media), "--out", str(preds), "--no-progress"])
+    assert code == 0, out
+    with open(preds, newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert len(rows) == 3 and np.isfinite(np.array([r[1:] for r in rows[1:]], dtype=np.float64)).all()

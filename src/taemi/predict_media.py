@@ -21,7 +21,14 @@ extraction profile and options) -> the run's model -> six intensities per clip.
    prediction: the model substitutes its learned missing token (spec section 5). A file
    that cannot be decoded is reported with its reason; the others are still predicted.
 4. The run's model predicts every extracted clip; values are clipped to [0, 1] unless
-   ``clip=False`` (as for a submission, spec section 8).
+   ``clip=False`` (as for a submission, spec section 8). The fusion model is also loaded
+   once per process (:func:`load_run_once`; reloaded only when its weights file changes).
+
+Every result carries ``timings``: seconds per stage of this call (``load`` = models loaded
+by this call, 0 when cached; ``decode`` incl. face cropping, ``asr``, ``audio``, ``vision``,
+``text``, ``write`` from the extraction, summed over its worker threads; ``extract`` its
+wall time; ``fusion`` = the fusion model over the extracted clips; ``total``), and
+``media_seconds``, the media the features cover, so real-time factor = media / total.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +63,7 @@ __all__ = [
     "extraction_plan",
     "format_table",
     "load_encoders_once",
+    "load_run_once",
     "predict_media",
 ]
 
@@ -86,6 +95,8 @@ class MediaPredictions:
     clips: list[ClipPrediction] = field(default_factory=list)  # sorted by clip id
     failures: list[dict[str, str | None]] = field(default_factory=list)  # {clip_id, path, stage, reason}
     provenance_differences: list[str] = field(default_factory=list)  # settings that differ from the run's
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds of this call (module docstring)
+    media_seconds: float = 0.0  # media the extracted features cover (for the real-time factor)
 
     def values(self) -> np.ndarray:
         """(N, E) float32 intensities in ``clips`` order."""
@@ -118,6 +129,7 @@ class MediaPredictions:
             "extraction": extraction,
             "clips": clips,
             "failures": self.failures,
+            "timings": {"media_seconds": self.media_seconds, "stage_seconds": self.timings},
         }
 
     def write(self, csv_path: str | os.PathLike[str]) -> tuple[Path, Path]:
@@ -213,6 +225,27 @@ def load_encoders_once(
     return _ENCODERS[key]
 
 
+_RUNS: dict[tuple, tuple[Any, Any]] = {}
+
+
+def load_run_once(run: str | os.PathLike[str], which: str = "best"):
+    """:func:`taemi.model.checkpoint.load_run`, cached for the life of the process, keyed by
+    the run folder, ``which`` and the weights' and config's modification times (a run
+    trained again is reloaded). Returns (model in eval mode, config); callers share it."""
+    from taemi.model.checkpoint import CONFIG_FILE, load_run
+
+    root = Path(run).resolve()
+    stamp = tuple(
+        (root / name).stat().st_mtime_ns if (root / name).is_file() else None
+        for name in (CONFIG_FILE, f"{which}.safetensors")
+    )
+    key = (str(root), which, stamp)
+    if key not in _RUNS:
+        _RUNS.clear()  # one run at a time: an older version of it is never used again
+        _RUNS[key] = load_run(run, which)
+    return _RUNS[key]
+
+
 def check_provenance(features: dict | None, encoders: Encoders, opts: ExtractOptions, *, run: str = "RUN") -> list[str]:
     """The loaded models must be the run's. A different backbone or speech recogniser is an
     error; returns the settings that differ otherwise (device, library versions ...)."""
@@ -279,15 +312,16 @@ def predict_media(
     """
     from taemi.data.store import FeatureStore
     from taemi.eval.predict import predict_dataset
-    from taemi.model.checkpoint import load_run
     from taemi.train.runtime import resolve_device, resolve_precision
     from taemi.train.trainer import check_store_fits, make_dataset
 
+    t_start = time.perf_counter()
     run_name = str(run)
-    model, cfg = load_run(run, which)  # first: a wrong run folder fails before any model loads
+    model, cfg = load_run_once(run, which)  # first: a wrong run folder fails before any model loads
     features = load_features_record(run)
     profile, opts, face = extraction_plan(features, profile, run=run_name)
     opts.batch_size, opts.workers = batch_size, workers
+    opts.waveforms = cfg.mode == "finetune"  # a fine-tuned run's backbones read the raw audio (cached as extracted)
     sources, input_errors = find_sources(inputs)
     if not sources and not input_errors:
         raise FileNotFoundError(f"no media files found in {', '.join(map(str, inputs))}")
@@ -297,6 +331,7 @@ def predict_media(
             profile, face=face, device=torch_device.type, batch_size=batch_size, models=models,
             trust_remote_code=trust_remote_code, allow_download=allow_download,
         )  # fmt: skip
+    t_loaded = time.perf_counter()
     diffs = check_provenance(features, encoders, opts, run=run_name)
     options = {"max_audio_seconds": opts.max_audio_seconds, "max_frames": opts.max_frames,
                "frame_policy": opts.frame_policy, "face": face, "text_tokens": opts.text_tokens}  # fmt: skip
@@ -309,16 +344,21 @@ def predict_media(
         root = Path(features_dir) if features_dir is not None else Path(tmp) / "features"
         errors_file = root / ERRORS_FILE
         seen_errors = _count_lines(errors_file)
-        extract(sources, root, encoders, opts, input_errors=input_errors, progress=progress)
+        summary = extract(sources, root, encoders, opts, input_errors=input_errors, progress=progress)
+        t_extracted = time.perf_counter()
+        result.timings = {"load": t_loaded - t_start, **summary.stage_seconds, "extract": t_extracted - t_loaded}
+        result.media_seconds = summary.media_seconds
         result.failures = [
             {k: e.get(k) for k in ("clip_id", "path", "stage", "reason")} for e in _read_jsonl(errors_file, seen_errors)
         ]
         if not root.is_dir() or not (root / "manifest.json").is_file():
+            result.timings["total"] = time.perf_counter() - t_start
             return result  # nothing could be extracted: every input failed
         store = FeatureStore(root)
         check_store_fits(cfg, store)
         done = [s for s in sources if s.clip_id in store]
         if not done:
+            result.timings["total"] = time.perf_counter() - t_start
             return result
         ids = [s.clip_id for s in done]
         ds = make_dataset(cfg, store, None, ids=ids)
@@ -326,6 +366,7 @@ def predict_media(
             model.to(torch_device), ds, batch_size=cfg.train.eval_batch_size, device=torch_device,
             precision=resolve_precision(precision, torch_device),
         )  # fmt: skip
+        result.timings["fusion"] = time.perf_counter() - t_extracted
         values = np.clip(pred, 0.0, 1.0) if clip else pred  # (N, E)
         for s, row in zip(done, values):
             missing = store.missing[store.index(s.clip_id)]  # (3,) audio, vision, text
@@ -339,6 +380,9 @@ def predict_media(
                     transcript=transcript_file.read_text(encoding="utf-8").strip() if transcript_file.is_file() else "",
                 )
             )
+    result.timings["total"] = time.perf_counter() - t_start
+    log.info("predicted %d clips (%.1f s of media) in %.2f s: %s", len(result.clips), result.media_seconds,
+             result.timings["total"], ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()))  # fmt: skip
     return result
 
 
