@@ -210,3 +210,11 @@ def test_cli_train_mode_finetune(data, tmp_path) -> None:
                           "--valid", str(data["valid"]), "--out", str(run), "--no-progress", *sets])  # fmt: skip
     assert code == 0, out
     assert "mode: finetune" in (run / "config.yaml").read_text()
+
+
+def test_bf16_autocast_and_gradient_checkpointing_train(data, tmp_path) -> None:
+    cfg = config(data, "train.max_epochs=1", "train.precision=bf16", "finetune.gradient_checkpointing=true",
+                 "finetune.freeze_audio_layers=1")  # fmt: skip
+    res = train(cfg, FeatureStore(data["store"]), *labels(data), tmp_path / "bf16", progress=False)
+    assert np.isfinite(res.history[0]["train_loss"]) and np.isfinite(res.history[0]["valid_loss"])
+    assert json.loads((res.run_dir / "metrics.json").read_text())["precision"] == "bf16"
