@@ -48,3 +48,59 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16 on x86, or
+    what oneDNN reports elsewhere): where bf16 autocast makes a CPU step faster.
+
+    On CPUs without it, bf16 matmuls are emulated by conversion and are no faster than
+    fp32 (often slower); ``benchmarks/train_throughput.py`` measures both.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    try:  # not Linux: ask oneDNN (private API, best effort)
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def preferred_cpu_precision() -> str:
+    """``bf16`` where the CPU computes it natively (:func:`cpu_has_bf16`), else ``fp32``.
+
+    The spec's recipe (section 6) asks for bf16 autocast on CPU "where it helps"; on an
+    AVX512-BF16 CPU a paper-preset training step ran ~1.8x faster than fp32
+    (``benchmarks/README.md``). Outputs agree with fp32 to ~1e-2 (bf16 has an 8-bit
+    mantissa); the loss and Pearson are still computed in float32/float64.
+    """
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a container's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op threads: ``threads``, or one per available core; returns it.
+
+    One thread per core is what the matmul kernels want; more threads than cores (e.g.
+    torch's default on a machine whose container limits it to fewer cores than it has)
+    oversubscribe and slow every kernel down. DataLoader workers take cores too: with
+    ``num_workers > 0`` on a small machine, leave them a core or use 0 workers (see
+    ``benchmarks/README.md``, loader_wait).
+    """
+    n = available_cores() if threads is None else int(threads)
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {threads!r}")
+    torch.set_num_threads(n)
+    return n
