@@ -18,6 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from taemi.data.clip import ClipFeatures
+from taemi.data.sampler import abaw_like_lengths
 from taemi.data.store import FeatureStore, StoreError, StoreWriter
 
 #: Feature sizes of the paper's backbones (spec section 3).
@@ -29,8 +30,20 @@ def length_range(max_len: int) -> tuple[int, int]:
     return (max_len + 1) // 2, max_len
 
 
-def expected_bytes(n_clips: int, max_audio_len: int, max_vision_len: int, itemsize: int = 2) -> int:
+#: Length mixes :func:`build_store` can write: ``uniform`` (:func:`length_range`, the worst
+#: case near the caps) or ``abaw`` (:func:`taemi.data.sampler.abaw_like_lengths`: the
+#: corpus's mix, audio mean 6.9 s / p95 11.5 s, some clips without audio or face).
+LENGTH_MIXES = ("uniform", "abaw")
+
+
+def expected_bytes(
+    n_clips: int, max_audio_len: int, max_vision_len: int, itemsize: int = 2, mix: str = "uniform"
+) -> int:
     """Mean on-disk size of a store built by :func:`build_store` (data files only)."""
+    if mix == "abaw":
+        L = abaw_like_lengths(n_clips, seed=0, max_audio_len=max_audio_len, max_vision_len=max_vision_len)
+        rows = L[:, 0].sum() * PAPER_DIMS["audio"] + L[:, 1].sum() * PAPER_DIMS["vision"]
+        return int((rows + n_clips * PAPER_DIMS["text"]) * itemsize)
     a_lo, a_hi = length_range(max_audio_len)
     v_lo, v_hi = length_range(max_vision_len)
     per_clip = (
@@ -42,14 +55,26 @@ def expected_bytes(n_clips: int, max_audio_len: int, max_vision_len: int, itemsi
 
 
 def build_store(
-    root: Path, n_clips: int, *, max_audio_len: int = 599, max_vision_len: int = 400, seed: int = 0
+    root: Path,
+    n_clips: int,
+    *,
+    max_audio_len: int = 599,
+    max_vision_len: int = 400,
+    seed: int = 0,
+    mix: str = "uniform",
 ) -> FeatureStore:
     """A float16 store of ``n_clips`` paper-dimension clips with N(0, 1) values, or the one
     already at ``root`` if it holds exactly those clips (ids ``00000``, ``00001``, ...).
 
-    Lengths: T_a, T_v uniform in :func:`length_range`; every modality present. Written clip
-    by clip through :class:`StoreWriter` (256 clips per shard, the writer's default).
+    Lengths (``mix``): ``uniform``: T_a, T_v uniform in :func:`length_range`, every modality
+    present; ``abaw``: :func:`taemi.data.sampler.abaw_like_lengths` (seed 0), a length 0 is
+    a missing modality. Written clip by clip through :class:`StoreWriter` (256 clips per
+    shard, the writer's default).
     """
+    if mix not in LENGTH_MIXES:
+        raise ValueError(f"mix must be one of {LENGTH_MIXES}, got {mix!r}")
+    if mix == "abaw":
+        return _build_abaw_store(root, n_clips, max_audio_len, max_vision_len, seed)
     ids = [f"{k:05d}" for k in range(n_clips)]
     if (root / "manifest.json").exists():
         try:
@@ -92,6 +117,45 @@ def build_store(
                     audio=normal(t_a, PAPER_DIMS["audio"]),  # (T_a, 1027)
                     vision=normal(t_v, PAPER_DIMS["vision"]),  # (T_v, 768)
                     text=normal(PAPER_DIMS["text"]),  # (768,)
+                )
+            )
+    return FeatureStore(root)
+
+
+def _build_abaw_store(root: Path, n_clips: int, max_audio_len: int, max_vision_len: int, seed: int) -> FeatureStore:
+    ids = [f"{k:05d}" for k in range(n_clips)]
+    L = abaw_like_lengths(n_clips, seed=0, max_audio_len=max_audio_len, max_vision_len=max_vision_len)
+    if (root / "manifest.json").exists():
+        store = FeatureStore(root)
+        fits = (
+            store.ids == ids
+            and store.dims == PAPER_DIMS
+            and np.array_equal(store.lengths["audio"], L[:, 0])
+            and np.array_equal(store.lengths["vision"], L[:, 1])
+        )
+        if not fits:
+            raise SystemExit(f"{root} holds a store that is not the requested one; delete it or choose another --workdir")
+        print(f"reusing {root} ({n_clips} clips, abaw length mix)")
+        return store
+    rng = np.random.default_rng(seed)
+    # one pool of N(0, 1) float16 values, read at random offsets: the values do not matter
+    # to the benchmarks, and drawing 8e9 normals for a 17,000-clip store would take minutes
+    pool = rng.standard_normal(1 << 24, dtype=np.float32).astype(np.float16)
+
+    def values(t: int, d: int) -> np.ndarray | None:
+        if t == 0:
+            return None
+        start = int(rng.integers(0, len(pool) - t * d))
+        return pool[start : start + t * d].reshape(t, d)
+
+    with StoreWriter(root, dims=PAPER_DIMS, dtype="float16") as writer:
+        for cid, (t_a, t_v) in zip(tqdm(ids, desc=f"writing {root.name}", unit="clip", mininterval=2.0), L):
+            writer.add(
+                ClipFeatures(
+                    clip_id=cid,
+                    audio=values(int(t_a), PAPER_DIMS["audio"]),  # (T_a, 1027)
+                    vision=values(int(t_v), PAPER_DIMS["vision"]),  # (T_v, 768)
+                    text=values(1, PAPER_DIMS["text"])[0],  # (768,)
                 )
             )
     return FeatureStore(root)

@@ -1,11 +1,15 @@
 """Peak memory of training over a feature store must not grow with the number of clips in it.
 
 Builds (or reuses, with ``--workdir``) paper-dimension float16 stores of each ``--clips``
-size (T_a uniform 300..599 x 1027, T_v 200..400 x 768, text 768, N(0, 1) values), then, in
+size (``--mix abaw``, the default: the corpus's length mix of
+``taemi.data.sampler.abaw_like_lengths``, ~0.95 MB per clip; ``--mix uniform``: T_a uniform
+300..599 x 1027, T_v 200..400 x 768, ~1.4 MB per clip; text 768, N(0, 1) values), then, in
 a fresh child process per store (so peaks do not mix), trains for the same bounded number
-of steps: ``ClipDataset`` -> ``DataLoader`` (random order, ``num_workers=0``, batch 32,
-the trainer's ``Collator``) -> forward/backward/AdamW of a small model (``official`` preset
-with ``hidden=64``: the claim is about data memory, the model only has to consume it).
+of steps: ``ClipDataset`` -> ``DataLoader`` (``--sampler bucket``, the default: the
+``LengthBucketBatchSampler`` over ``dataset_lengths`` read from the store index; or
+``random``; ``num_workers=0``, batch 32, the trainer's ``Collator``) -> forward/backward/
+AdamW of a small model (``official`` preset with ``hidden=64``: the claim is about data
+memory, the model only has to consume it).
 
 Reported per store, from ``/proc/self/status`` of the child (sampled every 5 ms by a thread,
 plus the kernel's own high-water mark):
@@ -20,8 +24,8 @@ plus the kernel's own high-water mark):
 - the anonymous memory the opened store and dataset add (their per-clip index), which
   does grow with the clip count, by a few hundred bytes per clip.
 
-The default, 1,000 vs 4,000 clips, writes ~7 GB and takes ~4 minutes on 2 cores. The
-paper-scale comparison (17,000 clips, ~24 GB at these lengths) is::
+The default, 1,000 vs 4,000 clips, writes ~5 GB and takes ~3 minutes on 2 cores. The
+paper-scale comparison (17,000 clips, ~16 GB with the abaw mix, ~24 GB uniform) is::
 
     python benchmarks/train_memory.py --clips 1000 17000 --workdir /big/disk/taemi-bench
 
@@ -56,6 +60,7 @@ def child(args: argparse.Namespace) -> None:
 
     from taemi.config import build_config
     from taemi.data.dataset import ClipDataset, Collator
+    from taemi.data.sampler import LengthBucketBatchSampler, dataset_lengths
     from taemi.data.store import FeatureStore
     from taemi.model.checkpoint import build_model
 
@@ -78,14 +83,19 @@ def child(args: argparse.Namespace) -> None:
         max_audio_len=args.max_audio_len,
         max_vision_len=args.max_vision_len,
     )
+    if args.sampler == "bucket":
+        lengths = dataset_lengths(store, store.ids, args.max_audio_len, args.max_vision_len)  # (N, 2)
+        batches = LengthBucketBatchSampler(lengths, args.batch_size, seed=0)
+        loader = DataLoader(ds, batch_sampler=batches, num_workers=0, collate_fn=Collator(store.dims))
+    else:
+        loader = DataLoader(
+            ds,
+            batch_size=args.batch_size,
+            sampler=RandomSampler(ds, generator=torch.Generator().manual_seed(0)),
+            num_workers=0,
+            collate_fn=Collator(store.dims),
+        )
     after_store = proc_status()
-    loader = DataLoader(
-        ds,
-        batch_size=args.batch_size,
-        sampler=RandomSampler(ds, generator=torch.Generator().manual_seed(0)),
-        num_workers=0,
-        collate_fn=Collator(store.dims),
-    )
 
     sampler = PeakSampler()
     sampler.start()
@@ -142,6 +152,8 @@ def measure(store: Path, args: argparse.Namespace) -> dict:
         str(args.max_audio_len),
         "--max-vision-len",
         str(args.max_vision_len),
+        "--sampler",
+        args.sampler,
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
@@ -168,6 +180,8 @@ def main() -> None:
         help="longest vision clip (frames); also the trim",
     )
     ap.add_argument("--steps", type=int, default=25, help="training steps per store (same for all)")
+    ap.add_argument("--mix", choices=["abaw", "uniform"], default="abaw", help="clip length mix of the stores")
+    ap.add_argument("--sampler", choices=["bucket", "random"], default="bucket", help="batch order")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=64, help="model.hidden of the official preset")
     ap.add_argument("--workdir", type=Path, help="build (or reuse) the stores here and keep them")
@@ -189,12 +203,13 @@ def main() -> None:
         base = Path(tmp.name)
     base.mkdir(parents=True, exist_ok=True)
     try:
+        tag = "" if args.mix == "uniform" else f"_{args.mix}"
         roots = {
-            n: base / f"paper_store_{n}_a{args.max_audio_len}_v{args.max_vision_len}"
+            n: base / f"paper_store{tag}_{n}_a{args.max_audio_len}_v{args.max_vision_len}"
             for n in args.clips
         }
         need = sum(
-            expected_bytes(n, args.max_audio_len, args.max_vision_len)
+            expected_bytes(n, args.max_audio_len, args.max_vision_len, mix=args.mix)
             for n, r in roots.items()
             if not (r / "manifest.json").exists()
         )
@@ -202,7 +217,11 @@ def main() -> None:
         for n, root in roots.items():
             t0 = time.perf_counter()
             build_store(
-                root, n, max_audio_len=args.max_audio_len, max_vision_len=args.max_vision_len
+                root,
+                n,
+                max_audio_len=args.max_audio_len,
+                max_vision_len=args.max_vision_len,
+                mix=args.mix,
             )
             print(f"store of {n} clips ready in {time.perf_counter() - t0:.0f} s")
         results = [measure(root, args) for root in roots.values()]
@@ -216,8 +235,9 @@ def report(results: list[dict], args: argparse.Namespace) -> None:
     import torch
 
     print(
-        f"\ntorch {torch.__version__}; {args.steps} steps of batch {args.batch_size} per store, random "
-        f"order, num_workers=0, official preset hidden {args.hidden}; one child process per store"
+        f"\ntorch {torch.__version__}; {args.steps} steps of batch {args.batch_size} per store, "
+        f"{args.sampler} batches, {args.mix} length mix, num_workers=0, official preset hidden "
+        f"{args.hidden}; one child process per store"
     )
     rows = [
         ("store size (GB on disk)", lambda r: f"{r['store_bytes'] / 1e9:.2f}", "store_bytes"),

@@ -1,53 +1,77 @@
-"""Training throughput of the TAEMI presets at paper dimensions, and how close it is to the
-machine's matmul rate.
+"""Training throughput of the TAEMI presets at paper dimensions with the corpus's length mix,
+against the machine's dense matmul rate and a plain padded implementation, in one run.
 
-One optimiser step is the step of ``taemi.train.trainer.train``: autocast forward, MSE in
-float32, ``zero_grad``, (scaled) backward, ``unscale_``, ``clip_grad_value_(100)``, AdamW
-step, scaler update, LR-scheduler step. Inputs are random and EVERY sequence is full length
-(T_a = 599, T_v = 400, no padding, no missing modality): the worst case per clip. Real clips
-average fewer frames, but a batch is padded to its longest clip, so one long clip per batch
-makes the whole batch this expensive.
+Batches: 32 clips with the corpus's length mix (``taemi.data.sampler.abaw_like_lengths``:
+audio log-normal, mean 6.9 s, 95th percentile 11.5 s at 50 frames/s, capped at 599; face
+frames 30 fps x U(0.6, 1.0) found, capped at 400; 1% audio and 3% vision missing), features
+random at paper dimensions (1027 / 768 / 768). Every timed step is the trainer's step:
+autocast forward, MSE in float32, ``zero_grad``, backward, ``clip_grad_value_(100)``,
+AdamW, LR scheduler, ``loss.item()``.
 
-Printed, all measured in the same run:
+Runners (``--runners``), all timed round-robin in the same process, one step each per
+round, each step preceded by a 2048^3 fp32 matmul measurement (the box is shared and its
+speed changes from second to second: every step is compared with the rate just before it):
 
-- forward FLOPs per sample, counted analytically from the configured shapes (formula in
-  :func:`forward_flops`), checked against ``torch.utils.flop_counter.FlopCounterMode``;
-- the machine's matmul rate (best of several square matmuls in the run's dtype), at the
-  start, at the end and just before every timed step (the load of a shared machine changes
-  from one step to the next);
-- per preset (and per eager/compiled mode): seconds per step, samples/s, achieved training
-  FLOP/s (3 x forward FLOPs x samples/s) and utilisation = achieved / matmul rate, both
-  against the rate measured just before each step and against the best rate of the run;
-  on CPU the share of the cores the process actually got (CPU time / wall / threads);
-- the fused scaled-dot-product-attention backend PyTorch picks for the self-attention
-  shapes, in training (attention dropout on) and in evaluation.
+- ``plain``: a plain padded implementation of the same model, written here (not in the
+  package): ``nn.TransformerEncoderLayer`` self-attention, hand-written cross-attention,
+  missing tokens substituted into the RAW inputs before the first projection (so backward
+  computes the input gradient of the (B, T, 1027) audio), random batches (the trainer's
+  ``RandomSampler``) padded to the batch maximum, fp32;
+- ``before``: the project's model as it was before this issue: random batches, and the
+  cross-attention K/V projections as two products;
+- ``eager``: the model now, with length-bucketed batches (``LengthBucketBatchSampler``), fp32;
+- ``bf16``: the same under bf16 autocast;
+- ``compiled``, ``compiled_bf16`` (``--compile``): ``torch.compile(model, dynamic=True)``;
+- ``unfused_kv``: bucketed, fp32, K/V as two products (the A/B of the fused projection);
+- ``fused_adamw``: bucketed, fp32, ``AdamW(fused=True)``;
+- ``threads1``: bucketed, fp32, ``torch.set_num_threads(1)``.
+
+FLOPs count only useful work: per clip, its own lengths (a missing modality counts as one
+step), matrix products only, training = 3 x forward minus the input gradient of the layers
+fed by the frozen features (the first projections: backward never computes it). The
+formula is checked against ``FlopCounterMode`` on one unpadded clip. Padded positions
+cost time but add no FLOPs: padding lowers utilisation.
+
+Printed per runner: padding fraction of its timed batches, seconds per step, samples/s,
+useful GFLOP/s, utilisation against the fp32 matmul rate measured just before each step
+(median over steps: "util adj") and against the best rate of the run ("util best"), and
+the projected time of an epoch of 8,072 clips: "epoch min" = the epoch's useful FLOPs / the
+runner's useful FLOP rate over its timed steps (batches chosen at evenly spaced quantiles
+of size), as measured on the box with its load; "at best" = the epoch's useful FLOPs /
+(util adj x the best fp32 matmul rate of the run), i.e. the same utilisation on the box
+when nothing else runs.
 
 Usage::
 
-    python benchmarks/train_throughput.py                       # CPU defaults, ~1.5-2.5 min on 2 cores
-    python benchmarks/train_throughput.py --device cuda --precision fp16 --compile
+    python benchmarks/train_throughput.py                     # paper + official, ~10 min on 2 cores
+    python benchmarks/train_throughput.py --presets official --runners eager unfused_kv fused_adamw threads1
+    python benchmarks/train_throughput.py --compile           # + torch.compile runners (~+6 min)
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 
 from taemi.config import ModelConfig, RunConfig, build_config
+from taemi.data.sampler import LengthBucketBatchSampler, abaw_like_lengths, padding_fraction
 from taemi.model.checkpoint import build_model
-from taemi.model.taemi import Batch
-from taemi.train.runtime import autocast, resolve_device, resolve_precision
+from taemi.model.taemi import Batch, CrossAttention, PaddedSequence
+from taemi.train.runtime import autocast, cpu_has_bf16
 from taemi.train.schedule import make_scheduler
 
-T_A, T_V = 599, 400  # paper maxima: 12 s of wav2vec2 frames at ~50/s; 400 face frames
+EPOCH_CLIPS = 8072  # ABAW EMI training split (spec section 2)
 
 
 # --------------------------------------------------------------------------- FLOPs
@@ -68,14 +92,9 @@ def forward_flops(cfg: ModelConfig, t_a: int, t_v: int, num_outputs: int) -> dic
         q_proj 2*Dq*H + k_proj 2*T*Dkv*H + v_proj 2*T*Dkv*H + QK^T 2*T*H + AV 2*T*H
         + out_proj 2*H*H
     - head: 2*(Dq + n_kv*H)*Hh + 2*Hh*E
-
-    Paper preset at (599, 400): ~9.35 GFLOP; official: ~1.9 GFLOP (the self-attention
-    FFN dominates the paper preset). Training is taken as 3x forward (backward computes
-    the gradients of inputs and of weights, each about one forward), slightly over-counting
-    the first layers whose input gradient is never needed.
     """
     dims = {"audio": cfg.audio_dim, "vision": cfg.vision_dim, "text": cfg.text_dim}
-    lengths = {"audio": t_a, "vision": t_v, "text": 1}  # text as K/V: the vector as one step
+    lengths = {"audio": max(t_a, 1), "vision": max(t_v, 1), "text": 1}  # missing: the token, one step
     H, F_, Dq = cfg.hidden, cfg.sa_ffn, dims[cfg.anchor]
     encode = cfg.fusion != "cross_attention" or cfg.align
     with_sa = cfg.fusion in ("cross_attention", "self_attention")
@@ -101,350 +120,419 @@ def forward_flops(cfg: ModelConfig, t_a: int, t_v: int, num_outputs: int) -> dic
     return out
 
 
-def counted_flops(model: torch.nn.Module, batch: Batch) -> tuple[int, int]:
-    """(forward, forward + backward) FLOPs of ``batch`` per FlopCounterMode, per sample."""
+def frozen_input_terms(cfg: ModelConfig) -> tuple[str, ...]:
+    """Suffixes of the forward terms whose input is a frozen feature (no input gradient)."""
+    encode = cfg.fusion != "cross_attention" or cfg.align
+    return (".proj",) if encode else (".ca.kv",)
+
+
+def train_flops(cfg: ModelConfig, t_a: int, t_v: int, num_outputs: int) -> int:
+    """Useful training FLOPs of one clip: 3 x forward, less the input gradients never computed."""
+    fwd = forward_flops(cfg, t_a, t_v, num_outputs)
+    frozen = sum(v for k, v in fwd.items() if k.endswith(frozen_input_terms(cfg)) and not k.startswith("text"))
+    return 3 * sum(fwd.values()) - frozen
+
+
+def counted_flops(model: nn.Module, batch: Batch) -> tuple[int, int]:
+    """(forward, forward + backward) FLOPs of ``batch`` per FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
 
     model.train()
     counter = FlopCounterMode(display=False)
     with counter:
-        pred = model(batch)
+        model(batch)
     fwd = counter.get_total_flops()
     counter = FlopCounterMode(display=False)
     with counter:
-        pred = model(batch)
-        F.mse_loss(pred.float(), batch.target).backward()
+        F.mse_loss(model(batch).float(), batch.target).backward()
     model.zero_grad(set_to_none=True)
-    n = len(batch)
-    return fwd // n, counter.get_total_flops() // n
+    return fwd, counter.get_total_flops()
+
+
+# --------------------------------------------------------------------------- the plain padded reference
+
+
+class PlainCrossAttention(nn.Module):
+    """Single-query cross-attention written out by hand: softmax(q k^T / sqrt(hd)) v."""
+
+    def __init__(self, query_dim: int, kv_dim: int, hidden: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.hidden = heads, hidden
+        self.q_proj, self.k_proj = nn.Linear(query_dim, hidden), nn.Linear(kv_dim, hidden)
+        self.v_proj, self.out_proj = nn.Linear(kv_dim, hidden), nn.Linear(hidden, hidden)
+        self.ln_q, self.ln_kv = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, t: Tensor, x: Tensor, mask: Tensor) -> Tensor:
+        """t (B, Dq), x (B, T, D), mask (B, T) True = valid -> (B, H)."""
+        B, T, _ = x.shape
+        h, hd = self.heads, self.hidden // self.heads
+        q = self.ln_q(self.q_proj(t)).view(B, h, 1, hd)
+        k = self.ln_kv(self.k_proj(x)).view(B, T, h, hd).transpose(1, 2)  # (B, h, T, hd)
+        v = self.v_proj(x).view(B, T, h, hd).transpose(1, 2)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)  # (B, h, 1, T)
+        scores = scores.masked_fill(~mask.view(B, 1, 1, T), float("-inf"))
+        attn = self.drop(scores.softmax(dim=-1))
+        return self.out_proj((attn @ v).reshape(B, self.hidden))
+
+
+class PlainTAEMI(nn.Module):
+    """The paper / release model as a straightforward implementation would write it: tokens
+    substituted into the raw features first, ``nn.TransformerEncoderLayer`` (post-norm,
+    GELU) as the self-attention layer, padded batches. Text anchor only."""
+
+    def __init__(self, cfg: ModelConfig, num_outputs: int):
+        super().__init__()
+        self.cfg = cfg
+        H = cfg.hidden
+        self.tok_a = nn.Parameter(torch.randn(cfg.audio_dim) * 0.02)
+        self.tok_v = nn.Parameter(torch.randn(cfg.vision_dim) * 0.02)
+        self.tok_t = nn.Parameter(torch.randn(cfg.text_dim) * 0.02)
+        kv = {"audio": cfg.audio_dim, "vision": cfg.vision_dim}
+        if cfg.align:
+            for m in kv:
+                self.add_module(f"proj_{m}", nn.Linear(kv[m], H))
+                self.add_module(f"sa_{m}", nn.TransformerEncoderLayer(
+                    H, cfg.heads, cfg.sa_ffn, cfg.sa_dropout, activation="gelu", batch_first=True))  # fmt: skip
+            kv = {m: H for m in kv}
+        self.ca_audio = PlainCrossAttention(cfg.text_dim, kv["audio"], H, cfg.heads, cfg.attn_dropout)
+        self.ca_vision = PlainCrossAttention(cfg.text_dim, kv["vision"], H, cfg.heads, cfg.attn_dropout)
+        self.head = nn.Sequential(nn.Linear(cfg.text_dim + 2 * H, cfg.head_hidden), nn.GELU(),
+                                  nn.Dropout(cfg.head_dropout), nn.Linear(cfg.head_hidden, num_outputs))  # fmt: skip
+
+    def forward(self, b: Batch) -> Tensor:
+        missing = b.missing
+        if self.training:
+            missing = missing | (torch.rand(missing.shape) < self.cfg.modality_dropout)
+        a = torch.where(missing[:, 0, None, None], self.tok_a, b.audio)  # (B, T_a, 1027), needs grad
+        v = torch.where(missing[:, 1, None, None], self.tok_v, b.vision)
+        t = torch.where(missing[:, 2, None], self.tok_t, b.text)
+        ma, mv = b.audio_mask | missing[:, :1], b.vision_mask | missing[:, 1:2]
+        if self.cfg.align:
+            a = self.sa_audio(self.proj_audio(a), src_key_padding_mask=~ma)
+            v = self.sa_vision(self.proj_vision(v), src_key_padding_mask=~mv)
+        f = torch.cat([t, self.ca_audio(t, a, ma), self.ca_vision(t, v, mv)], dim=-1)  # (B, 1792)
+        return self.head(f)
+
+
+class SeparateKVCrossAttention(CrossAttention):
+    """The cross-attention as it was before this issue: K and V as two separate products."""
+
+    def forward(self, query: Tensor, kv: PaddedSequence) -> Tensor:
+        B, T, _ = kv.x.shape
+        h = self.heads
+        q = self.ln_q(self.q_proj(query)).view(B, h, 1, -1)
+        k = self.ln_kv(kv.project(self.k_proj)).view(B, T, h, -1).transpose(1, 2)
+        v = kv.project(self.v_proj).view(B, T, h, -1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=kv.mask.view(B, 1, 1, T),
+                                             dropout_p=self.attn_dropout if self.training else 0.0)  # fmt: skip
+        return self.out_proj(out.reshape(B, -1))
+
+
+def unfuse_kv(model: nn.Module) -> nn.Module:
+    for mod in model.modules():
+        if type(mod) is CrossAttention:
+            mod.__class__ = SeparateKVCrossAttention
+    return model
 
 
 # --------------------------------------------------------------------------- machine
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class MatmulProbe:
     """FLOP/s of an (n x n) @ (n x n) product in ``dtype``; the operands are made once."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, n: int):
-        g = torch.Generator(device=device).manual_seed(0)
-        self.a = torch.randn(n, n, generator=g, device=device).to(dtype)
-        self.b = torch.randn(n, n, generator=g, device=device).to(dtype)
-        self.device, self.n = device, n
+    def __init__(self, dtype: torch.dtype, n: int = 2048):
+        g = torch.Generator().manual_seed(0)
+        self.a = torch.randn(n, n, generator=g).to(dtype)
+        self.b = torch.randn(n, n, generator=g).to(dtype)
+        self.n = n
 
-    def __call__(self, repeats: int, warmup: int = 1) -> float:
-        """Best rate of ``repeats`` timed products after ``warmup`` untimed ones."""
+    def __call__(self, repeats: int = 3, warmup: int = 1) -> float:
         for _ in range(warmup):
             torch.matmul(self.a, self.b)
-        sync(self.device)
         best = float("inf")
         for _ in range(repeats):
             t0 = time.perf_counter()
             torch.matmul(self.a, self.b)
-            sync(self.device)
             best = min(best, time.perf_counter() - t0)
         return 2 * self.n**3 / best
 
 
-def sdpa_backends(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, batch: int) -> str:
+def sdpa_backends(cfg: ModelConfig, batch: int, t: int) -> str:
     """The fused-attention choice for the self-attention shapes (private torch API: best effort)."""
     try:
         from torch.nn.attention import SDPBackend
 
-        hd = cfg.hidden // cfg.heads
-        q = torch.zeros(batch, cfg.heads, T_A, hd, device=device, dtype=dtype)
-        mask = torch.ones(batch, 1, 1, T_A, device=device, dtype=torch.bool)
+        q = torch.zeros(batch, cfg.heads, t, cfg.hidden // cfg.heads)
+        mask = torch.ones(batch, 1, 1, t, dtype=torch.bool)
         names = []
         for label, p in (("train", cfg.attn_dropout), ("eval", 0.0)):
-            names.append(
-                f"{label} (dropout {p}): {SDPBackend(torch._fused_sdp_choice(q, q, q, mask, p, False)).name}"
-            )
+            names.append(f"{label} (dropout {p}): {SDPBackend(torch._fused_sdp_choice(q, q, q, mask, p, False)).name}")
         return "; ".join(names)
     except (ImportError, AttributeError, RuntimeError, TypeError, ValueError) as exc:  # private API
         return f"unknown ({type(exc).__name__}: {exc})"
 
 
-# --------------------------------------------------------------------------- timing
+# --------------------------------------------------------------------------- batches
 
 
-def random_batch(cfg: RunConfig, batch_size: int, device: torch.device, seed: int = 0) -> Batch:
-    """Full-length random inputs (no padding, nothing missing) and random targets."""
+def make_batch(lengths: np.ndarray, cfg: RunConfig, seed: int) -> Batch:
+    """Random paper-dimension features for clips of ``lengths`` (B, 2), padded to the batch max."""
     g = torch.Generator().manual_seed(seed)
     m = cfg.model
-    B = batch_size
+    la, lv = torch.from_numpy(lengths[:, 0]), torch.from_numpy(lengths[:, 1])
+    B, Ta, Tv = len(lengths), max(1, int(la.max())), max(1, int(lv.max()))
     return Batch(
-        audio=torch.randn(B, T_A, m.audio_dim, generator=g),  # (B, T_a, D_a)
-        audio_mask=torch.ones(B, T_A, dtype=torch.bool),
-        vision=torch.randn(B, T_V, m.vision_dim, generator=g),  # (B, T_v, D_v)
-        vision_mask=torch.ones(B, T_V, dtype=torch.bool),
-        text=torch.randn(B, m.text_dim, generator=g),  # (B, D_t)
-        missing=torch.zeros(B, 3, dtype=torch.bool),
-        target=torch.rand(B, len(cfg.data.emotions), generator=g),  # (B, E)
-    ).to(device)
-
-
-@dataclass
-class Timing:
-    step_s: list[float]  # wall seconds of each timed step
-    cpu_s: list[float]  # this process's CPU seconds (user + sys, all threads) of each timed step
-    matmul: list[float]  # matmul FLOP/s measured just before each timed step
-    first_s: float  # first warm-up step (includes compilation when compiled)
-    peak_mem: int | None  # CUDA: max allocated bytes; CPU: None
-
-
-def time_training(
-    cfg: RunConfig,
-    batch: Batch,
-    device: torch.device,
-    precision: str,
-    measure_matmul: Callable[[], float],
-    *,
-    compile_: bool,
-    warmup: int,
-    steps: int,
-    min_seconds: float,
-) -> Timing:
-    """Time full optimiser steps, as the trainer does them, after ``warmup`` untimed ones.
-
-    At least ``steps`` steps, more (up to 10x) until ``min_seconds`` of steps are timed, so
-    that a cheap preset gets more samples. Just before each timed step the matmul rate is
-    measured again: on a shared machine the load changes from one step to the next, and a
-    step is compared with the rate the machine gave at that moment.
-    """
-    torch.manual_seed(0)
-    model = build_model(cfg).to(device).train()
-    fwd = torch.compile(model) if compile_ else model
-    tc = cfg.train
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas
+        audio=torch.randn(B, Ta, m.audio_dim, generator=g),  # (B, T_a, 1027)
+        audio_mask=torch.arange(Ta) < la[:, None],
+        vision=torch.randn(B, Tv, m.vision_dim, generator=g),  # (B, T_v, 768)
+        vision_mask=torch.arange(Tv) < lv[:, None],
+        text=torch.randn(B, m.text_dim, generator=g),
+        missing=torch.stack([la == 0, lv == 0, torch.zeros(B, dtype=torch.bool)], dim=1),
+        target=torch.rand(B, len(cfg.data.emotions), generator=g),
     )
-    scheduler = make_scheduler(optimizer, 10, 1000)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
-    def step() -> tuple[float, float]:
-        sync(device)
-        t0, c0 = time.perf_counter(), time.process_time()
-        with autocast(device, precision):
-            pred = fwd(batch)  # (B, E)
-        loss = F.mse_loss(pred.float(), batch.target)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_value_(model.parameters(), tc.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        loss.item()  # the trainer reads the loss every step (a device sync)
-        sync(device)
-        return time.perf_counter() - t0, time.process_time() - c0
 
-    first, _ = step()
-    for _ in range(warmup - 1):
-        step()
-    t = Timing([], [], [], first, None)
-    while len(t.step_s) < steps or (sum(t.step_s) < min_seconds and len(t.step_s) < 10 * steps):
-        t.matmul.append(measure_matmul())
-        wall, cpu = step()
-        t.step_s.append(wall)
-        t.cpu_s.append(cpu)
-    if device.type == "cuda":
-        t.peak_mem = torch.cuda.max_memory_allocated(device)
-    return t
+def quantile_pick(batches: list[np.ndarray], key: Callable[[np.ndarray], float], k: int) -> list[np.ndarray]:
+    """``k`` batches at evenly spaced quantiles of ``key`` (a representative sample)."""
+    order = sorted(range(len(batches)), key=lambda i: key(batches[i]))
+    return [batches[order[int((j + 0.5) * len(order) / k)]] for j in range(k)]
+
+
+# --------------------------------------------------------------------------- runners
 
 
 @dataclass
-class Row:
-    preset: str
-    mode: str  # eager | compiled
-    fwd_flops: int  # per sample
-    batch_size: int
-    timing: Timing
-    train_factor: float = 3.0  # forward+backward / forward: counted by FlopCounterMode, else 3
+class Runner:
+    name: str
+    what: str
+    step: Callable[[Batch], None]
+    batches: list[Batch]
+    flops: list[int]  # useful training FLOPs of each batch
+    padding: float  # padding fraction of the timed batches
+    warmup_s: float = 0.0
+    step_s: list[float] = field(default_factory=list)
+    cpu_s: list[float] = field(default_factory=list)
+    done_flops: list[int] = field(default_factory=list)
+    matmul: list[float] = field(default_factory=list)
+    samples: list[int] = field(default_factory=list)
 
     @property
-    def median(self) -> float:
-        return statistics.median(self.timing.step_s)
-
-    @property
-    def samples_s(self) -> float:
-        return self.batch_size / self.median
-
-    @property
-    def achieved(self) -> float:
-        """Training FLOP/s = (forward+backward FLOPs) x samples/s (median step)."""
-        return self.train_factor * self.fwd_flops * self.samples_s
+    def rate(self) -> float:
+        """Useful FLOP/s over all timed steps."""
+        return sum(self.done_flops) / sum(self.step_s)
 
     @property
     def util_adjacent(self) -> float:
-        """Median over steps of (that step's training FLOP/s) / (matmul rate just before it)."""
-        t = self.timing
-        return statistics.median(
-            self.train_factor * self.fwd_flops * self.batch_size / s / r
-            for s, r in zip(t.step_s, t.matmul)
-        )
+        return statistics.median(f / s / r for f, s, r in zip(self.done_flops, self.step_s, self.matmul))
 
     @property
-    def cpu_share(self) -> float:
-        """CPU seconds / (wall seconds x threads): below 1 = threads idle (serial parts) or
-        the cores taken by other processes."""
-        t = self.timing
-        return sum(t.cpu_s) / (sum(t.step_s) * torch.get_num_threads())
+    def samples_s(self) -> float:
+        return sum(self.samples) / sum(self.step_s)
+
+
+def make_step(model: nn.Module, fwd: Callable[[Batch], Tensor], cfg: RunConfig, precision: str,
+              *, fused_adamw: bool = False, threads: int | None = None) -> Callable[[Batch], None]:  # fmt: skip
+    tc = cfg.train
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas,
+                                  fused=True if fused_adamw else None)  # fmt: skip
+    scheduler = make_scheduler(optimizer, 10, 1000)
+    device = torch.device("cpu")
+
+    def step(batch: Batch) -> None:
+        before = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            with autocast(device, precision):
+                pred = fwd(batch)  # (B, E)
+            loss = F.mse_loss(pred.float(), batch.target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_value_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            loss.item()
+        finally:
+            torch.set_num_threads(before)
+
+    return step
+
+
+RUNNERS = ("plain", "before", "eager", "bf16", "compiled", "compiled_bf16", "unfused_kv", "fused_adamw", "threads1")
+
+
+def build_runner(name: str, cfg: RunConfig, sets: dict[str, tuple[list[Batch], list[int], float]]) -> Runner:
+    torch.manual_seed(0)
+    E = len(cfg.data.emotions)
+    random_set, bucket_set = sets["random"], sets["bucketed"]
+    if name == "plain":
+        model = PlainTAEMI(cfg.model, E).train()
+        return Runner(name, "plain padded reference, random batches, fp32", make_step(model, model, cfg, "fp32"),
+                      *random_set)  # fmt: skip
+    model = build_model(cfg).train()
+    if name == "before":
+        unfuse_kv(model)
+        return Runner(name, "project before this issue: random batches, K/V unfused, fp32",
+                      make_step(model, model, cfg, "fp32"), *random_set)  # fmt: skip
+    if name == "unfused_kv":
+        unfuse_kv(model)
+        return Runner(name, "bucketed, K/V as two products, fp32", make_step(model, model, cfg, "fp32"), *bucket_set)
+    if name in ("compiled", "compiled_bf16"):
+        prec = "bf16" if name == "compiled_bf16" else "fp32"
+        fwd = torch.compile(model, dynamic=True)
+        return Runner(name, f"bucketed, torch.compile(dynamic=True), {prec}", make_step(model, fwd, cfg, prec),
+                      *bucket_set)  # fmt: skip
+    if name == "bf16":
+        return Runner(name, "bucketed, bf16 autocast", make_step(model, model, cfg, "bf16"), *bucket_set)
+    if name == "fused_adamw":
+        return Runner(name, "bucketed, fp32, AdamW(fused=True)", make_step(model, model, cfg, "fp32", fused_adamw=True),
+                      *bucket_set)  # fmt: skip
+    if name == "threads1":
+        return Runner(name, "bucketed, fp32, 1 thread", make_step(model, model, cfg, "fp32", threads=1), *bucket_set)
+    if name == "eager":
+        return Runner(name, "bucketed (LengthBucketBatchSampler), fp32", make_step(model, model, cfg, "fp32"),
+                      *bucket_set)  # fmt: skip
+    raise ValueError(f"unknown runner {name!r}; known: {RUNNERS}")
 
 
 # --------------------------------------------------------------------------- main
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--presets", nargs="+", default=["paper", "official"], help="presets to time")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--steps", type=int, help="min timed steps (default: 2 on CPU, 20 on CUDA)")
-    ap.add_argument(
-        "--min-seconds",
-        type=float,
-        default=10.0,
-        help="keep timing (up to 10x --steps) until this many seconds are timed",
-    )
-    ap.add_argument("--warmup", type=int, help="warm-up steps (default: 1 on CPU, 5 on CUDA)")
-    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    ap.add_argument(
-        "--precision",
-        default="fp32",
-        choices=["fp32", "bf16", "fp16"],
-        help="fp16 = autocast + GradScaler (CUDA only); bf16 = autocast",
-    )
-    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile(model)")
-    ap.add_argument("--matmul-size", type=int, help="square matmul size (default 2048; CUDA 8192)")
-    ap.add_argument("--no-flop-check", action="store_true", help="skip the FlopCounterMode check")
-    args = ap.parse_args()
+def loadavg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
+
+def run_preset(name: str, args: argparse.Namespace, lengths: np.ndarray, probe: MatmulProbe) -> list[Runner]:
+    cfg = build_config(name)
+    E = len(cfg.data.emotions)
+    per_clip = np.array([train_flops(cfg.model, int(a), int(v), E) for a, v in lengths])  # (N,)
+    epoch_flops = int(per_clip.sum())
+    print(f"\n[{name}] useful training FLOPs: {per_clip.mean() / 1e9:.2f} GFLOP/clip on average, "
+          f"{epoch_flops / 1e12:.1f} TFLOP per epoch of {len(lengths)} clips")  # fmt: skip
+    ta, tv = int(np.median(lengths[:, 0])), int(np.median(lengths[:, 1]))
+    fwd_terms = forward_flops(cfg.model, ta, tv, E)
+    top = sorted(fwd_terms.items(), key=lambda kv: -kv[1])[:4]
+    print(f"  forward at the median lengths ({ta}, {tv}): {sum(fwd_terms.values()) / 1e9:.2f} GFLOP; largest: "
+          + ", ".join(f"{k} {v / 1e9:.2f}G" for k, v in top))  # fmt: skip
+    if not args.no_flop_check:
+        model = build_model(cfg)
+        model.cfg.modality_dropout = 0.0
+        one = make_batch(np.array([[ta, tv]]), cfg, seed=1)
+        cf, cfb = counted_flops(model, one)
+        print(f"  FlopCounterMode on one unpadded clip ({ta}, {tv}): forward {cf / 1e9:.3f} G (analytic "
+              f"{sum(fwd_terms.values()) / cf:.3f}x), forward+backward {cfb / 1e9:.3f} G (analytic useful "
+              f"{train_flops(cfg.model, ta, tv, E) / cfb:.3f}x)")  # fmt: skip
+    print(f"  SDPA backend for the audio self-attention at T={ta}: {sdpa_backends(cfg.model, args.batch_size, ta)}")
+
+    B = args.batch_size
+    rng = np.random.default_rng(args.seed)
+    perm = rng.permutation(len(lengths))
+    random_batches = [perm[i : i + B] for i in range(0, len(perm) - B + 1, B)]
+    sampler = LengthBucketBatchSampler(lengths, B, seed=args.seed, epoch=1)
+    bucketed = [b for b in sampler.global_batches() if len(b) == B]
+    k = args.rounds
+    sets = {}
+    for label, pool in (("random", random_batches), ("bucketed", bucketed)):
+        picked = quantile_pick(pool, lambda b: per_clip[b].sum(), k)
+        all_pad = padding_fraction(pool, lengths)
+        batches = [make_batch(lengths[b], cfg, seed=j) for j, b in enumerate(picked)]
+        sets[label] = (batches, [int(per_clip[b].sum()) for b in picked], padding_fraction(picked, lengths))
+        print(f"  {label} batches: padding {all_pad:.1%} over the epoch's {len(pool)} batches, "
+              f"{sets[label][2]:.1%} in the {k} timed ones")  # fmt: skip
+
+    runners = []
+    for r in args.runners:
+        if r.startswith("compiled") and not args.compile:
+            continue
+        runner = build_runner(r, cfg, sets)
+        t0 = time.perf_counter()
+        for b in runner.batches[: 2 if r.startswith("compiled") else 1]:  # compiled: 2 shapes, dynamic
+            runner.step(b)
+        runner.warmup_s = time.perf_counter() - t0
+        print(f"  {r}: warm-up {runner.warmup_s:.1f} s ({runner.what})", flush=True)
+        runners.append(runner)
+
+    for rnd in range(k):
+        for runner in runners:
+            j = (rnd + runners.index(runner)) % k  # each runner goes through all k batches
+            runner.matmul.append(probe())
+            c0, t0 = time.process_time(), time.perf_counter()
+            runner.step(runner.batches[j])
+            runner.step_s.append(time.perf_counter() - t0)
+            runner.cpu_s.append(time.process_time() - c0)
+            runner.done_flops.append(runner.flops[j])
+            runner.samples.append(len(runner.batches[j]))
+        print(f"  round {rnd + 1}/{k}: " + ", ".join(f"{r.name} {r.step_s[-1]:.2f}s@{r.matmul[-1] / 1e9:.0f}" for r in runners),
+              flush=True)  # fmt: skip
+    for r in runners:
+        r.epoch_s = epoch_flops / r.rate  # type: ignore[attr-defined]
+        r.epoch_flops = epoch_flops  # type: ignore[attr-defined]
+    return runners
+
+
+def report(name: str, runners: list[Runner], best: float) -> None:
+    print(f"\n[{name}] summary; util adj = median over steps of useful FLOP/s / fp32 matmul rate just before the "
+          f"step; util best = useful FLOP/s / best fp32 matmul rate of the run ({best / 1e9:.0f} GFLOP/s)")  # fmt: skip
+    head = (f"{'runner':<14} {'padding':>7} {'steps':>5} {'s/step':>7} {'samples/s':>9} {'GFLOP/s':>8} "
+            f"{'util adj':>8} {'util best':>9} {'epoch min':>9} {'at best':>7} {'CPU share':>9}")  # fmt: skip
+    print(head)
+    for r in runners:
+        print(f"{r.name:<14} {r.padding:>7.1%} {len(r.step_s):>5} {statistics.median(r.step_s):>7.2f} "
+              f"{r.samples_s:>9.2f} {r.rate / 1e9:>8.1f} {r.util_adjacent:>8.1%} {r.rate / best:>9.1%} "
+              f"{r.epoch_s / 60:>9.1f} {r.epoch_flops / (r.util_adjacent * best) / 60:>7.1f} "
+              f"{sum(r.cpu_s) / sum(r.step_s) / torch.get_num_threads():>9.2f}")  # fmt: skip
+    by = {r.name: r for r in runners}
+    for ref in ("plain", "before"):
+        if ref in by:
+            print(f"  epoch time vs {ref}: " + ", ".join(f"{r.name} {r.epoch_s / by[ref].epoch_s:.2f}x"
+                                                         for r in runners if r.name != ref))  # fmt: skip
+    for a, b in (("bf16", "eager"), ("compiled", "eager"), ("compiled_bf16", "bf16"), ("eager", "unfused_kv"),
+                 ("fused_adamw", "eager"), ("threads1", "eager")):  # fmt: skip
+        if a in by and b in by:
+            print(f"  {a} vs {b}: useful FLOP/s {by[a].rate / by[b].rate:.2f}x (util adj "
+                  f"{by[a].util_adjacent / by[b].util_adjacent:.2f}x)")  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap.add_argument("--presets", nargs="+", default=["paper", "official"])
+    ap.add_argument("--runners", nargs="+", default=["plain", "before", "eager", "bf16", "compiled", "compiled_bf16"],
+                    choices=RUNNERS, help="compiled* only run with --compile")  # fmt: skip
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile runners")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=6, help="timed steps per runner (one per round)")
+    ap.add_argument("--clips", type=int, default=EPOCH_CLIPS, help="clips in the synthetic epoch")
+    ap.add_argument("--seed", type=int, default=3407)
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--no-flop-check", action="store_true")
+    args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    precision = resolve_precision(args.precision, device)
-    on_cuda = device.type == "cuda"
-    steps = args.steps if args.steps is not None else (20 if on_cuda else 2)
-    warmup = max(1, args.warmup if args.warmup is not None else (5 if on_cuda else 1))
-    mm_n = args.matmul_size or (8192 if on_cuda else 2048)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
-    def loadavg() -> str:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-    dev_name = torch.cuda.get_device_name(device) if on_cuda else platform.machine()
-    print(
-        f"torch {torch.__version__}, device {device} ({dev_name}), {os.cpu_count()} CPUs, "
-        f"torch threads {torch.get_num_threads()}, precision {precision}, batch {args.batch_size}"
-    )
-    print(f"load average at start: {loadavg()}")
-    print(
-        f"inputs: random, every sequence full length (T_a={T_A} x 1027, T_v={T_V} x 768, "
-        f"text 768, nothing missing): the worst case per clip"
-    )
-    print(
-        f"steps: {warmup} warm-up, then >= {steps} timed (more until {args.min_seconds:g} s), "
-        f"each preceded by a {mm_n}^3 matmul measurement (best of 3)"
-    )
-
-    probe = MatmulProbe(device, dtype, mm_n)
-    rates = {precision: probe(repeats=10, warmup=3)}
-    if precision != "fp32":
-        rates["fp32"] = MatmulProbe(device, torch.float32, mm_n)(repeats=10, warmup=3)
-    for p, r in rates.items():
-        print(f"matmul {mm_n}x{mm_n} {p}: {r / 1e9:.1f} GFLOP/s (best of 10)")
-
-    def adjacent_rate() -> float:
-        return probe(repeats=3)
-
-    rows: list[Row] = []
+    print(f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, torch threads "
+          f"{torch.get_num_threads()}, CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 "
+          f"{cpu_has_bf16()}; load average at start {loadavg()}")  # fmt: skip
+    lengths = abaw_like_lengths(args.clips, seed=args.seed)
+    a, v = lengths[:, 0][lengths[:, 0] > 0], lengths[:, 1][lengths[:, 1] > 0]
+    print(f"length mix ({args.clips} clips): audio mean {a.mean() / 50:.2f} s, p95 {np.percentile(a, 95) / 50:.2f} s "
+          f"({(a == 599).mean():.1%} at the 599 cap), vision mean {v.mean():.0f}, p95 {np.percentile(v, 95):.0f} "
+          f"frames; missing audio {(lengths[:, 0] == 0).mean():.1%}, vision {(lengths[:, 1] == 0).mean():.1%}")  # fmt: skip
+    probe = MatmulProbe(torch.float32)
+    start = probe(repeats=10, warmup=3)
+    bf16_start = MatmulProbe(torch.bfloat16)(repeats=10, warmup=3)
+    print(f"matmul 2048^3: fp32 {start / 1e9:.0f} GFLOP/s, bf16 {bf16_start / 1e9:.0f} GFLOP/s (best of 10)")
+    results = {}
     for name in args.presets:
-        cfg = build_config(name)
-        flops = forward_flops(cfg.model, T_A, T_V, len(cfg.data.emotions))
-        fwd = sum(flops.values())
-        params = sum(p.numel() for p in build_model(cfg).parameters())
-        print(
-            f"\n[{name}] {params / 1e6:.2f} M parameters; forward {fwd / 1e9:.2f} GFLOP/sample "
-            f"(analytic)"
-        )
-        factor = 3.0
-        top = sorted(flops.items(), key=lambda kv: -kv[1])[:4]
-        print("  largest terms: " + ", ".join(f"{k} {v / 1e9:.2f}G" for k, v in top))
-        if not args.no_flop_check:
-            m = build_model(cfg).to(device)
-            cf, cfb = counted_flops(m, random_batch(cfg, 1, device, seed=1))
-            print(
-                f"  FlopCounterMode: forward {cf / 1e9:.2f} GFLOP (analytic/counted {fwd / cf:.3f}), "
-                f"forward+backward {cfb / 1e9:.2f} GFLOP = {cfb / cf:.2f}x forward (used for training FLOP/s)"
-            )
-            factor = cfb / cf
-            del m
-        backends = sdpa_backends(cfg.model, device, dtype, args.batch_size)
-        print(f"  SDPA backend for the self-attention shapes: {backends}")
-        batch = random_batch(cfg, args.batch_size, device)
-        for mode in ["eager", "compiled"] if args.compile else ["eager"]:
-            t = time_training(
-                cfg,
-                batch,
-                device,
-                precision,
-                adjacent_rate,
-                compile_=mode == "compiled",
-                warmup=warmup,
-                steps=steps,
-                min_seconds=args.min_seconds,
-            )
-            rows.append(Row(name, mode, fwd, args.batch_size, t, factor))
-            print(
-                f"  {mode}: first warm-up step {t.first_s:.1f} s; timed steps (s) "
-                + " ".join(f"{s:.2f}" for s in t.step_s)
-                + "; matmul just before (GFLOP/s) "
-                + " ".join(f"{r / 1e9:.0f}" for r in t.matmul)
-            )
-        del batch
-        if on_cuda:
-            torch.cuda.empty_cache()
-
-    after = probe(repeats=10)
-    best = max([rates[precision], after] + [x for r in rows for x in r.timing.matmul])
-    print(
-        f"\nmatmul {mm_n}x{mm_n} {precision} at the end: {after / 1e9:.1f} GFLOP/s (best of 10); "
-        f"best seen in this run {best / 1e9:.1f} GFLOP/s; load average at end: {loadavg()}"
-    )
-    print(
-        f"\nsummary ({precision}, batch {args.batch_size}). util adj = median over steps of training "
-        f"FLOP/s / matmul rate measured just before the step; util best = median-step training "
-        f"FLOP/s / best matmul rate of the run ({best / 1e9:.1f} GFLOP/s). Training FLOPs = 3 x "
-        f"analytic forward."
-    )
-    head = (
-        f"{'preset':<10} {'mode':<9} {'steps':>5} {'s/step med':>10} {'min':>7} {'max':>7} "
-        f"{'samples/s':>9} {'GFLOP/s':>8} {'util adj':>8} {'util best':>9} {'1st step s':>10}"
-    )
-    head += f" {'peak GiB':>8}" if on_cuda else f" {'CPU share':>9}"
-    print(head)
-    for r in rows:
-        t = r.timing
-        line = (
-            f"{r.preset:<10} {r.mode:<9} {len(t.step_s):>5} {r.median:>10.3f} {min(t.step_s):>7.3f} "
-            f"{max(t.step_s):>7.3f} {r.samples_s:>9.2f} {r.achieved / 1e9:>8.1f} "
-            f"{r.util_adjacent:>8.1%} {r.achieved / best:>9.1%} {t.first_s:>10.1f}"
-        )
-        line += f" {t.peak_mem / 2**30:>8.2f}" if on_cuda else f" {r.cpu_share:>9.2f}"
-        print(line)
-    for r in rows[1:]:
-        b = rows[0]
-        print(
-            f"samples/s {r.preset}/{r.mode} vs {b.preset}/{b.mode}: {r.samples_s / b.samples_s:.2f}x"
-        )
+        results[name] = run_preset(name, args, lengths, probe)
+    end = probe(repeats=10)
+    best = max([start, end] + [x for rs in results.values() for r in rs for x in r.matmul])
+    print(f"\nfp32 matmul at the end {end / 1e9:.0f} GFLOP/s; best in the run {best / 1e9:.0f} GFLOP/s; "
+          f"load average at end {loadavg()}")  # fmt: skip
+    for name, runners in results.items():
+        report(name, runners, best)
 
 
 if __name__ == "__main__":

@@ -231,8 +231,7 @@ class CrossAttention(nn.Module):
     matrices stacked, ``[k | v] = X [W_k; W_v]^T`` (B, T, 2H), which reads ``X`` once and
     gives the matmul a wider output (the parameters stay two, named as released). For the
     release preset these two projections from the raw 1027/768 sizes are nearly all of
-    its FLOPs; fused, a training step of ``official`` ran 1.1x faster on a 2-core CPU
-    (``benchmarks/README.md``).
+    its FLOPs (A/B: ``benchmarks/train_throughput.py --runners eager unfused_kv``).
     """
 
     def __init__(self, query_dim: int, kv_dim: int, hidden: int, heads: int, attn_dropout: float):

@@ -75,8 +75,8 @@ def preferred_cpu_precision() -> str:
     """``bf16`` where the CPU computes it natively (:func:`cpu_has_bf16`), else ``fp32``.
 
     The spec's recipe (section 6) asks for bf16 autocast on CPU "where it helps"; on an
-    AVX512-BF16 CPU a paper-preset training step ran ~1.8x faster than fp32
-    (``benchmarks/README.md``). Outputs agree with fp32 to ~1e-2 (bf16 has an 8-bit
+    AVX512-BF16 CPU a paper-preset training step reached 1.2-1.4x the useful FLOP/s of
+    fp32 (``benchmarks/README.md``). Outputs agree with fp32 to ~1e-2 (bf16 has an 8-bit
     mantissa); the loss and Pearson are still computed in float32/float64.
     """
     return "bf16" if cpu_has_bf16() else "fp32"

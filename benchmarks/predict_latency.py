@@ -1,0 +1,171 @@
+"""Latency of ``taemi predict --run RUN VIDEO`` on a 10-second video with the offline profile:
+seconds per stage, real-time factor, and the first clip vs later clips of one process.
+
+Setup (not timed): a few short generated talking-face clips (``taemi.data.media_synth``,
+espeak-ng speech, 30 fps) are extracted with the offline profile (``taemi extract``
+defaults: 12 s of audio, the first 400 frames, face crops) and a tiny run is trained on
+them for one epoch (the fusion model's size matters little here: the encoders dominate).
+Then ``--videos`` different 10-second clips are generated.
+
+Measured, in this order:
+
+1. in one process, ``taemi.predict_media.predict_media(RUN, [video_k])`` for each video,
+   then the first video again: the first call loads the models (``load``); later calls
+   reuse them (the repeat does the same work as call 1 without loading). Per call: face
+   crops found (vision steps), seconds
+   per stage from ``MediaPredictions.timings`` (``decode`` incl. face cropping, ``asr``,
+   ``audio``, ``vision``, ``text``, ``write`` are summed over the extraction's threads and
+   overlap: decoding runs ahead of the encoders), ``fusion`` (the fusion model), ``total``
+   and real-time factor = media seconds / total seconds (> 1: faster than real time);
+2. face cropping alone: the video decoded once, ``FaceCropper.crop_frame`` on every frame
+   (single thread), to split the ``decode`` stage;
+3. the CLI end to end, one fresh process: ``python -m taemi predict --run RUN VIDEO``
+   (imports, model loading, extraction, prediction), wall time.
+
+Usage::
+
+    python benchmarks/predict_latency.py                     # ~4 min on 2 cores
+    python benchmarks/predict_latency.py --videos 3 --seconds 10 --workdir /work/tmp-bench/predict
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+STAGES = ("load", "decode", "asr", "audio", "vision", "text", "write", "extract", "fusion", "total")
+
+
+def quiet() -> None:
+    for name in ("taemi", "transformers", "faster_whisper", "ctranslate2", "onnxruntime"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def make_run(work: Path) -> Path:
+    """Generated training clips -> offline features -> a 1-epoch tiny run (not timed)."""
+    from taemi.cli.main import main as taemi_main
+    from taemi.data.media_synth import MediaSynthConfig, make_media_corpus
+
+    run = work / "run"
+    if (run / "best.safetensors").is_file():
+        return run
+    cfg = MediaSynthConfig(clips=6, seconds=(1.5, 2.5), size=160, fps=30, missing_video_rate=0.0,
+                           missing_audio_rate=0.0, silent_rate=0.0, valid_fraction=0.34, seed=1)  # fmt: skip
+    corpus = make_media_corpus(work / "train_media", cfg, progress=False)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = taemi_main(["extract", "--input", str(corpus.raw), "--out", str(work / "store"), "--no-progress"])
+        if code != 0:
+            raise SystemExit(f"taemi extract failed ({code}):\n{out.getvalue()}")
+        sets = ["model.hidden=64", "model.sa_ffn=128", "model.head_hidden=64", "train.max_epochs=1",
+                "train.device=cpu", "train.batch_size=4"]  # fmt: skip
+        code = taemi_main(["train", "--store", str(work / "store"), "--train", str(corpus.train_csv), "--valid",
+                           str(corpus.valid_csv), "--out", str(run), "--train-on-all", "--epochs", "1",
+                           "--no-progress", *[a for s in sets for a in ("--set", s)]])  # fmt: skip
+        if code != 0:
+            raise SystemExit(f"taemi train failed ({code}):\n{out.getvalue()}")
+    return run
+
+
+def make_videos(work: Path, n: int, seconds: float) -> list[Path]:
+    from taemi.data.media_synth import MediaSynthConfig, make_media_corpus
+
+    cfg = MediaSynthConfig(clips=n, seconds=(seconds, seconds), size=160, fps=30, missing_video_rate=0.0,
+                           missing_audio_rate=0.0, silent_rate=0.0, valid_fraction=0.0, seed=7)  # fmt: skip
+    corpus = make_media_corpus(work / "videos", cfg, progress=False)
+    return sorted(corpus.raw.glob("*.mp4"))
+
+
+def face_alone(video: Path, max_frames: int) -> tuple[float, int, int, float]:
+    """(seconds of crop_frame over every decoded frame, frames, crops, decode seconds)."""
+    from taemi.extract.face import FaceCropper
+    from taemi.extract.media import decode_video
+
+    t0 = time.perf_counter()
+    v = decode_video(video, max_frames=max_frames, policy="first")
+    decode_s = time.perf_counter() - t0
+    cropper = FaceCropper()
+    t0 = time.perf_counter()
+    crops = [c for c in map(cropper.crop_frame, v.frames) if c is not None]
+    return time.perf_counter() - t0, len(v.frames), len(crops), decode_s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap.add_argument("--videos", type=int, default=3, help="different videos predicted one after the other")
+    ap.add_argument("--seconds", type=float, default=10.0, help="length of each video")
+    ap.add_argument("--workdir", type=Path, help="keep the run and media here (reused)")
+    ap.add_argument("--no-cli", action="store_true", help="skip the fresh-process CLI timing")
+    args = ap.parse_args()
+    quiet()
+    tmp = None
+    work = args.workdir
+    if work is None:
+        tmp = tempfile.TemporaryDirectory(prefix="taemi-predict-latency-")
+        work = Path(tmp.name)
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        t0 = time.perf_counter()
+        run = make_run(work)
+        videos = make_videos(work, args.videos, args.seconds)
+        print(f"setup (media, features, tiny run) {time.perf_counter() - t0:.0f} s; {len(videos)} videos of "
+              f"{args.seconds:g} s, 160x160 at 30 fps; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")  # fmt: skip
+        # the models of setup are cached in this process: forget them, so call 1 loads as a fresh process would
+        from taemi import predict_media as pm
+
+        pm._ENCODERS.clear()
+        pm._RUNS.clear()
+        from taemi.data.store import FeatureStore
+
+        rows = []
+        for k, video in enumerate([*videos, videos[0]]):  # the first video again last: same work, models warm
+            feats = work / f"features_call{k + 1}"
+            shutil.rmtree(feats, ignore_errors=True)
+            res = pm.predict_media(run, [video], device="cpu", features_dir=feats)
+            if res.failures or len(res.clips) != 1:
+                raise SystemExit(f"prediction of {video} failed: {res.failures}")
+            crops = int(FeatureStore(feats).lengths["vision"][0])
+            rows.append((k + 1, video.name, res.media_seconds, dict(res.timings), crops))
+        face_s, frames, crops, dec_s = face_alone(videos[-1], res.options["max_frames"])
+        cli = None
+        if not args.no_cli:
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-m", "taemi", "predict", "--run", str(run), str(videos[0]),
+                                   "--no-progress"], capture_output=True, text=True, check=False)  # fmt: skip
+            cli = time.perf_counter() - t0
+            if proc.returncode != 0:
+                raise SystemExit(f"taemi predict failed ({proc.returncode}):\n{proc.stderr}")
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+    print(f"\nper call of predict_media in one process (seconds; stages summed over threads, they overlap)")
+    print(f"{'call':<5} {'video':<10} {'media s':>7} {'crops':>5} " + " ".join(f"{s:>7}" for s in STAGES)
+          + f" {'RTF':>6}")  # fmt: skip
+    for k, name, media, t, crops in rows:
+        vals = " ".join(f"{t.get(s, float('nan')):>7.2f}" for s in STAGES)
+        print(f"{k:<5} {name:<10} {media:>7.1f} {crops:>5} {vals} {media / t['total']:>6.2f}")
+    first, again = rows[0][3], rows[-1][3]
+    print(f"{rows[0][1]}: first call {first['total']:.2f} s (models loaded in it: {first['load']:.2f} s), the same "
+          f"video again last {again['total']:.2f} s (load {again['load']:.3f} s): first / again "
+          f"{first['total'] / again['total']:.2f}x; vision (DINOv2) per crop "
+          f"{sum(r[3]['vision'] for r in rows) / max(1, sum(r[4] for r in rows)) * 1e3:.0f} ms")  # fmt: skip
+    print(f"face cropping alone (last video, 1 thread): {face_s:.2f} s for {frames} frames "
+          f"({face_s / max(frames, 1) * 1e3:.1f} ms/frame), {crops} crops; video decode alone {dec_s:.2f} s")  # fmt: skip
+    if cli is not None:
+        print(f"CLI, fresh process (`python -m taemi predict --run RUN {videos[0].name}`): {cli:.2f} s wall, "
+              f"real-time factor {args.seconds / cli:.2f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
