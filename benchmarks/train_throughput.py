@@ -22,7 +22,8 @@ speed changes from second to second: every step is compared with the rate just b
 - ``eager``: the model now, with length-bucketed batches (``LengthBucketBatchSampler``), fp32;
 - ``bf16``: the same under bf16 autocast;
 - ``compiled``, ``compiled_bf16`` (``--compile``): ``torch.compile(model, dynamic=True)``;
-- ``unfused_kv``: bucketed, fp32, K/V as two products (the A/B of the fused projection);
+- ``unfused_kv``: bucketed, fp32, K/V as two products (the A/B of a fused K/V projection;
+  the model computes two products again, so it now equals ``eager``);
 - ``fused_adamw``: bucketed, fp32, ``AdamW(fused=True)``;
 - ``threads1``: bucketed, fp32, ``torch.set_num_threads(1)``.
 

@@ -41,7 +41,6 @@ model projects (or pools) the raw ``x`` and the token separately and selects per
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -94,11 +93,10 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * w).sum(1) / w.sum(1).clamp_min(1.0)
 
 
-def project_with_token(linear: Callable[[Tensor], Tensor], x: Tensor, token: Tensor, missing: Tensor) -> Tensor:
+def project_with_token(linear: nn.Linear, x: Tensor, token: Tensor, missing: Tensor) -> Tensor:
     """``linear`` of ``x`` with missing samples' rows replaced by ``token``, substituted AFTER.
 
-    ``linear`` is any position-wise affine map (an ``nn.Linear``, or the fused K/V
-    projection of :class:`CrossAttention`). x (B, T, D), token (D,), missing (B,) -> (B, T, H). Equals
+    x (B, T, D), token (D,), missing (B,) -> (B, T, H). Equals
     ``linear(torch.where(missing, token, x))``, but ``x`` gets no gradient path: backward
     computes the weight gradient of ``linear(x)`` and the token's gradient through a
     single projected row, never a (B, T, D) input gradient. The zero-buffer tokens
@@ -124,8 +122,8 @@ class PaddedSequence:
     token: Tensor | None = None  # (D,) missing token to substitute, None when done
     missing: Tensor | None = None  # (B,) bool, which samples take the token
 
-    def project(self, linear: Callable[[Tensor], Tensor]) -> Tensor:
-        """Position-wise ``linear`` (affine) of the (substituted) sequence: -> (B, T, H)."""
+    def project(self, linear: nn.Linear) -> Tensor:
+        """Position-wise ``linear`` of the (substituted) sequence: -> (B, T, H)."""
         if self.token is None:
             return linear(self.x)
         return project_with_token(linear, self.x, self.token, self.missing)
@@ -226,12 +224,6 @@ class CrossAttention(nn.Module):
     projection. No residual, no feed-forward. Parameter names follow the release.
     Without alignment (the release) ``X`` is the raw sequence, and ``W_k``/``W_v`` are
     where its missing token is substituted (:meth:`PaddedSequence.project`).
-
-    ``W_k`` and ``W_v`` read the same ``X``: they run as ONE product with the two weight
-    matrices stacked, ``[k | v] = X [W_k; W_v]^T`` (B, T, 2H), which reads ``X`` once and
-    gives the matmul a wider output (the parameters stay two, named as released). For the
-    release preset these two projections from the raw 1027/768 sizes are nearly all of
-    its FLOPs (A/B: ``benchmarks/train_throughput.py --runners eager unfused_kv``).
     """
 
     def __init__(self, query_dim: int, kv_dim: int, hidden: int, heads: int, attn_dropout: float):
@@ -250,11 +242,8 @@ class CrossAttention(nn.Module):
         B, T, _ = kv.x.shape
         h = self.heads
         q = self.ln_q(self.q_proj(query)).view(B, h, 1, -1)  # (B, h, 1, hd)
-        w_kv = torch.cat([self.k_proj.weight, self.v_proj.weight])  # (2H, D_kv)
-        b_kv = torch.cat([self.k_proj.bias, self.v_proj.bias])  # (2H,)
-        k, v = kv.project(lambda x: F.linear(x, w_kv, b_kv)).chunk(2, dim=-1)  # 2 x (B, T, H)
-        k = self.ln_kv(k).view(B, T, h, -1).transpose(1, 2)  # (B, h, T, hd)
-        v = v.reshape(B, T, h, -1).transpose(1, 2)  # (B, h, T, hd)
+        k = self.ln_kv(kv.project(self.k_proj)).view(B, T, h, -1).transpose(1, 2)  # (B, h, T, hd)
+        v = kv.project(self.v_proj).view(B, T, h, -1).transpose(1, 2)  # (B, h, T, hd)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=kv.mask.view(B, 1, 1, T),
             dropout_p=self.attn_dropout if self.training else 0.0,
