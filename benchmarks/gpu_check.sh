@@ -4,7 +4,9 @@
 #   1. CUDA training throughput at paper dimensions, fp32 vs fp16 autocast + GradScaler
 #      vs bf16 autocast, eager and torch.compile, paper and official presets;
 #   2. an end-to-end `taemi train` on a synthetic paper-dimension store with the
-#      default precision (fp16 + grad scaling on CUDA): epochs, time per epoch, metrics.
+#      default precision (fp16 + grad scaling on CUDA): epochs, time per epoch, metrics;
+#   3. the fine-tuning step (backbones + fusion) against the frozen-feature step, fp16
+#      (needs transformers, faster-whisper and the packaged offline models).
 # Writes everything under ${OUT:-/tmp/taemi_gpu}.
 set -uo pipefail
 OUT=${OUT:-/tmp/taemi_gpu}
@@ -33,3 +35,8 @@ $PY -m taemi train --store "$work/data/store" --train "$work/data/train.csv" --v
   --out "$work/run" --set train.max_epochs=${EPOCHS:-4} --set data.num_workers=4 --no-progress 2>&1 | tee -a "$OUT/e2e.txt"
 cp "$work/run/metrics.json" "$work/run/history.csv" "$OUT/" 2>/dev/null
 grep -E '"(device|precision|best_epoch|mean_pearson)"' "$work/run/metrics.json" | tee -a "$OUT/e2e.txt"
+
+# fine-tuning vs frozen-feature steps: offline backbones (real weights) and paper-size ones
+# (random weights), gradient checkpointing on and off, batch 32 clips of 6.9 s.
+$PY benchmarks/finetune_throughput.py --device cuda --precision fp16 --batch-size ${FT_BATCH:-32} --steps 10 \
+  --gradient-checkpointing 2>&1 | tee "$OUT/finetune_fp16.txt"
