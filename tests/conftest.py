@@ -33,6 +33,7 @@ TINY_OVERRIDES = (
     "train.batch_size=16",
     "train.lr=1e-3",
     "train.device=cpu",
+    "train.precision=fp32",  # auto would be bf16 on CPUs with native bf16: keep tests' numerics machine-independent
 )
 
 TinyConfig = Callable[..., RunConfig]

@@ -30,7 +30,8 @@ from taemi.model.taemi import TAEMI
 from taemi.train.trainer import STATE_FILE, make_dataset, train
 
 TINY = ["model.hidden=16", "model.heads=2", "model.sa_ffn=32", "model.head_hidden=16", "train.batch_size=8",
-        "train.lr=1e-3", "train.device=cpu", "train.patience=0", "finetune.max_audio_seconds=2.0"]  # fmt: skip
+        "train.lr=1e-3", "train.device=cpu", "train.precision=fp32", "train.patience=0",
+        "finetune.max_audio_seconds=2.0"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

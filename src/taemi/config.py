@@ -105,7 +105,8 @@ class TrainConfig:
     patience: int = 5  # early stopping: epochs without a better valid mean Pearson
     seed: int = 3407  # release seed
     deterministic: bool = False  # torch.use_deterministic_algorithms + fixed cuDNN
-    precision: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16
+    precision: str = "auto"  # auto (fp16 on CUDA; bf16 on CPUs with native bf16, else fp32) | fp32 | fp16 | bf16
+    compile: bool = False  # torch.compile the model (dynamic shapes); pays for the official preset on CPU
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     eval_batch_size: int = 64  # clips per evaluation forward pass
     log_every: int = 0  # log the running train loss every N steps (0: per epoch only)

@@ -136,6 +136,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ValueError("--epochs and --epochs-from go with --train-on-all (validated runs stop early on --valid)")
         if args.valid is None:
             raise ValueError("--valid is required (model selection and early stopping), unless --train-on-all")
+    if "OMP_NUM_THREADS" not in os.environ:  # one intra-op thread per core this process may use (torchrun sets 1)
+        from taemi.train.runtime import configure_threads
+
+        configure_threads()
     store = FeatureStore(args.store)
     own = not args.set and args.config is None and args.preset is None
     if args.resume and own:

@@ -23,9 +23,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
-    """``auto`` -> fp16 (with grad scaling) on CUDA, fp32 on CPU. fp16 on CPU is refused."""
+    """``auto`` -> fp16 (with grad scaling) on CUDA; on CPU bf16 autocast where the CPU
+    computes bf16 natively (:func:`preferred_cpu_precision`: the recipe's "bf16 on CPU
+    where it helps"), else fp32. fp16 on CPU is refused."""
     if name == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
+        return "fp16" if device.type == "cuda" else preferred_cpu_precision()
     if name == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision='fp16' needs CUDA; use 'bf16' or 'fp32' on CPU")
     return name
