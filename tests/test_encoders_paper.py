@@ -21,6 +21,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from finetune_helpers import tiny_w2v_config
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import (
     BertConfig,
@@ -62,32 +63,7 @@ from taemi.extract.encoders.paper import (
 # Tiny model directories (built once per module)
 # --------------------------------------------------------------------------------------
 
-W2V_HIDDEN = 32
-
-
-def tiny_w2v_config(**kw) -> Wav2Vec2Config:
-    """Two conv layers (stride 10 samples), two transformer layers of width 32."""
-    base = {
-        "hidden_size": W2V_HIDDEN,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "intermediate_size": 37,
-        "conv_dim": (16, 16),
-        "conv_kernel": (10, 3),
-        "conv_stride": (5, 2),
-        "conv_bias": True,  # as in the audeering checkpoint
-        "feat_extract_norm": "layer",
-        "do_stable_layer_norm": True,
-        "num_conv_pos_embeddings": 16,
-        "num_conv_pos_embedding_groups": 2,
-        "num_labels": 3,
-        "id2label": {0: "arousal", 1: "dominance", 2: "valence"},
-        "label2id": {"arousal": 0, "dominance": 1, "valence": 2},
-        "vocab_size": None,
-        "mask_time_prob": 0.05,  # so masked_spec_embed exists, as in the checkpoint
-    }
-    base.update(kw)
-    return Wav2Vec2Config(**base)
+W2V_HIDDEN = 32  # finetune_helpers.tiny_w2v_config's hidden_size
 
 
 def save_w2v(folder: Path, model: torch.nn.Module) -> Path:

@@ -31,6 +31,18 @@ class Item:
     target: np.ndarray | None  # (E,)
 
 
+def check_clips(store: FeatureStore, ids: Sequence[str], targets: np.ndarray | None) -> None:
+    """Every id is in ``store`` and ``targets`` (if any) has one row per id."""
+    missing = [i for i in ids if i not in store]
+    if missing:
+        raise KeyError(
+            f"{len(missing)} clip ids are not in the feature store {store.root}: "
+            f"{missing[:5]}{' ...' if len(missing) > 5 else ''}"
+        )
+    if targets is not None and len(targets) != len(ids):
+        raise ValueError(f"{len(ids)} ids but {len(targets)} target rows")
+
+
 class ClipDataset(Dataset):
     """Clips ``ids`` of ``store`` with optional targets (N, E).
 
@@ -50,14 +62,7 @@ class ClipDataset(Dataset):
         text_tokens: bool = False,
         modalities: Sequence[str] = ("audio", "vision", "text"),
     ):
-        missing = [i for i in ids if i not in store]
-        if missing:
-            raise KeyError(
-                f"{len(missing)} clip ids are not in the feature store {store.root}: "
-                f"{missing[:5]}{' ...' if len(missing) > 5 else ''}"
-            )
-        if targets is not None and len(targets) != len(ids):
-            raise ValueError(f"{len(ids)} ids but {len(targets)} target rows")
+        check_clips(store, ids, targets)
         if text_tokens and not store.has_text_tokens:
             raise ValueError(f"text token states were requested but the store {store.root} has none")
         self.store = store

@@ -93,6 +93,7 @@ from taemi.extract.encoders.paper import (
     _load_model,
     _read_config_json,
     _revision,
+    conv_receptive_field,
     locate,
 )
 
@@ -327,20 +328,12 @@ class Wav2Vec2Backbone(AudioBackbone):
             },
             **(settings or {}),
         }
-        self._min_samples = self._conv_receptive_field()
+        self._min_samples = conv_receptive_field(model.config)
         w2v = model.wav2vec2
         self._time_masking = self.settings["spec_augment"]["time"]
         if getattr(w2v, "masked_spec_embed", None) is not None and not self._time_masking:
             # never used in forward: a trainable parameter without gradient breaks DDP
             w2v.masked_spec_embed.requires_grad_(False)
-
-    def _conv_receptive_field(self) -> int:
-        need = 1
-        for k, s in reversed(
-            list(zip(self.model.config.conv_kernel, self.model.config.conv_stride))
-        ):
-            need = (need - 1) * s + k
-        return need
 
     def num_frames(self, lengths: Tensor) -> Tensor:
         lengths = torch.as_tensor(lengths, dtype=torch.long).clamp(max=self.max_samples)

@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from taemi.config import AugmentConfig
+from taemi.data.dataset import check_clips
 from taemi.data.store import FeatureStore
 from taemi.data.waveforms import WaveformCache
 
@@ -109,14 +110,7 @@ class FinetuneDataset(Dataset):
         modalities: Sequence[str] = ("audio", "vision", "text"),
         augment: AugmentConfig | None = None,
     ):
-        missing = [i for i in ids if i not in store]
-        if missing:
-            raise KeyError(
-                f"{len(missing)} clip ids are not in the feature store {store.root}: "
-                f"{missing[:5]}{' ...' if len(missing) > 5 else ''}"
-            )
-        if targets is not None and len(targets) != len(ids):
-            raise ValueError(f"{len(ids)} ids but {len(targets)} target rows")
+        check_clips(store, ids, targets)
         self.store = store
         self.ids = list(ids)
         self.targets = None if targets is None else np.asarray(targets, dtype=np.float32)

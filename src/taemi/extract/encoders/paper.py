@@ -345,6 +345,14 @@ def _revision(config: Any) -> str | None:
 # --------------------------------------------------------------------------------------
 
 
+def conv_receptive_field(config: Wav2Vec2Config) -> int:
+    """Samples the wav2vec2 conv feature encoder needs for its first output frame."""
+    need = 1
+    for k, s in reversed(list(zip(config.conv_kernel, config.conv_stride))):
+        need = (need - 1) * s + k
+    return need
+
+
 class EmotionRegressionHead(nn.Module):
     """audeering's regression head: dropout -> dense -> tanh -> dropout -> out_proj.
 
@@ -531,12 +539,7 @@ class Wav2Vec2EmotionEncoder:
         return AudioBatch(batch, mask, lengths, frames)
 
     def _min_samples(self) -> int:
-        need = 1
-        for k, s in reversed(
-            list(zip(self.model.config.conv_kernel, self.model.config.conv_stride))
-        ):
-            need = (need - 1) * s + k
-        return need
+        return conv_receptive_field(self.model.config)
 
     @torch.inference_mode()
     def _forward(self, batch: AudioBatch) -> list[np.ndarray]:
