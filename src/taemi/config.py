@@ -180,7 +180,11 @@ class AugmentConfig:
 class FinetuneConfig:
     """End-to-end fine-tuning of the audio and text backbones (``mode: finetune``; spec
     sections 3 and 6: the authors fine-tuned wav2vec2 on raw audio and GTE on transcripts
-    jointly with the fusion model, vision features pre-extracted)."""
+    jointly with the fusion model, vision features pre-extracted).
+
+    The backbones decide ``model.audio_dim`` and ``model.text_dim`` (their output sizes;
+    the change is logged and lands in ``RUN/config.yaml``); ``model.vision_dim`` must fit
+    the store, as in frozen mode."""
 
     audio_backbone: str = "offline"  # offline (packaged Whisper tiny.en) | paper (audeering wav2vec2) | hub id | local dir
     text_backbone: str = "offline"  # offline (packaged all-MiniLM-L6-v2) | paper (GTE-base) | hub id | local dir
