@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -106,3 +107,26 @@ def test_distributed_run_resumes_exactly(tmp_path, synth) -> None:
 
     assert rows(full) == rows(cut)
     assert max_weight_diff(full / "last.safetensors", cut / "last.safetensors") == 0.0
+
+
+def test_fine_tuning_runs_on_two_processes(tmp_path) -> None:
+    """DDP over backbones + fusion (unused-parameter detection on: a batch without audio
+    skips the audio backbone), with length-bucketed batches."""
+    pytest.importorskip("transformers")
+    from finetune_helpers import make_bert_dir, make_finetune_store, make_w2v_dir
+
+    store, train_csv, valid_csv = make_finetune_store(tmp_path, n=24)
+    w2v = make_w2v_dir(tmp_path / "w2v", conv_kernel=(32, 10), conv_stride=(16, 10))
+    bert = make_bert_dir(tmp_path / "bert")
+    overrides = ["mode=finetune", f"finetune.audio_backbone={w2v}", f"finetune.text_backbone={bert}",
+                 "finetune.max_audio_seconds=2.0", "model.vision_dim=6", "model.hidden=16", "model.heads=2",
+                 "model.sa_ffn=32", "model.head_hidden=16", "train.batch_size=8", "train.max_epochs=1",
+                 "train.patience=0", "train.precision=fp32", "data.batching=bucket"]  # fmt: skip
+
+    data = SimpleNamespace(store=store, train_csv=train_csv, valid_csv=valid_csv)  # what _launch reads
+    run = tmp_path / "run"
+    done = _launch(data, run, overrides)
+    assert all(p.returncode == 0 for p in done), [p.stderr[-2000:] for p in done]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["finished"]
+    assert (run / "backbones" / "audio").is_dir()
