@@ -59,7 +59,7 @@ def test_torchrun_two_processes_match_one(tmp_path, synth, store, labels) -> Non
         "--valid", str(synth.valid_csv), "--out", str(run), "--no-progress", *tiny_cli_sets(),
         *[a for s in sets for a in ("--set", s)],
     ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("run folder:") == 1  # rank 0 reports, once
 
