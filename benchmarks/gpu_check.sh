@@ -7,6 +7,7 @@
 #      default precision (fp16 + grad scaling on CUDA): epochs, time per epoch, metrics;
 #   3. the fine-tuning step (backbones + fusion) against the frozen-feature step, fp16
 #      (needs transformers, faster-whisper and the packaged offline models).
+#   4. extraction throughput (offline profile) and the main job end to end (`taemi demo`).
 # Writes everything under ${OUT:-/tmp/taemi_gpu}.
 set -uo pipefail
 OUT=${OUT:-/tmp/taemi_gpu}
@@ -40,3 +41,11 @@ grep -E '"(device|precision|best_epoch|mean_pearson)"' "$work/run/metrics.json" 
 # (random weights), gradient checkpointing on and off, batch 32 clips of 6.9 s.
 $PY benchmarks/finetune_throughput.py --device cuda --precision fp16 --batch-size ${FT_BATCH:-32} --steps 10 \
   --gradient-checkpointing 2>&1 | tee "$OUT/finetune_fp16.txt"
+
+# 4. extraction throughput on that machine and an end-to-end main job: `taemi demo` generates
+# 160 talking-face clips, extracts them with the offline profile (CPU encoders: its DINOv2 runs
+# on onnxruntime's CPU provider) and trains on the GPU; the summary holds the extraction's
+# media seconds, wall seconds and per-stage seconds (needs the `extract` extra).
+$PY -m taemi demo --out "$work/demo" --no-progress 2>&1 | tail -n 12 | tee "$OUT/demo.txt"
+cp "$work/demo/summary.json" "$OUT/demo_summary.json" 2>/dev/null
+cp "$work/demo/features/extract_summary.json" "$OUT/demo_extract_summary.json" 2>/dev/null
