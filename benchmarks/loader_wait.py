@@ -32,7 +32,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _paper_store import build_store, check_free_disk, data_files, drop_from_page_cache, expected_bytes
+from _paper_store import (
+    build_store,
+    check_free_disk,
+    data_files,
+    drop_from_page_cache,
+    expected_bytes,
+)
 from torch.utils.data import DataLoader
 
 from taemi.config import build_config
@@ -132,7 +138,7 @@ def main() -> None:
     print(f"\n{'setting':<8} {'workers':>7} {'prefetch':>8} {'1st wait s':>10} {'wait share':>10} "
           f"{'incl. 1st':>9} {'median wait ms':>14} {'step s':>7} {'padding':>7}")  # fmt: skip
     for r in results:
-        print(f"{r['setting']:<8} {r['workers']:>7} {str(r['prefetch'] or '-'):>8} {r['first_wait']:>10.2f} "
+        print(f"{r['setting']:<8} {r['workers']:>7} {r['prefetch'] or '-'!s:>8} {r['first_wait']:>10.2f} "
               f"{r['wait_share']:>10.1%} {r['wait_share_all']:>9.1%} {r['wait_median_ms']:>14.1f} "
               f"{r['step_mean']:>7.2f} {r['padding']:>7.1%}")  # fmt: skip
     base_r = results[0]

@@ -149,7 +149,7 @@ def main() -> None:
         if tmp is not None:
             tmp.cleanup()
 
-    print(f"\nper call of predict_media in one process (seconds; stages summed over threads, they overlap)")
+    print("\nper call of predict_media in one process (seconds; stages summed over threads, they overlap)")
     print(f"{'call':<5} {'video':<10} {'media s':>7} {'crops':>5} " + " ".join(f"{s:>7}" for s in STAGES)
           + f" {'RTF':>6}")  # fmt: skip
     for k, name, media, t, crops in rows:

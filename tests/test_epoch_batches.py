@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import BatchSampler, RandomSampler
 
-from taemi.data.sampler import padding_fraction, dataset_lengths
+from taemi.data.sampler import dataset_lengths, padding_fraction
 from taemi.train.trainer import DistInfo, epoch_batches, make_dataset, train
 
 

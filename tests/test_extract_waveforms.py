@@ -178,8 +178,8 @@ def test_force_rewrites_the_cache(tmp_path: Path) -> None:
 
 
 def test_cli_extract_waveforms_and_store_info(
-    media: Path, tmp_path: Path, cli_fakes, capsys
-) -> None:  # noqa: F811
+    media: Path, tmp_path: Path, cli_fakes, capsys  # noqa: F811 (the imported fixture)
+) -> None:
     store = tmp_path / "store"
     code = main(
         ["extract", "--input", str(media), "--out", str(store), "--no-progress", "--waveforms"]

@@ -14,7 +14,12 @@ from torch.utils.data import DataLoader, RandomSampler
 from taemi.config import preset
 from taemi.data.clip import ClipFeatures
 from taemi.data.dataset import ClipDataset, Collator
-from taemi.data.sampler import LengthBucketBatchSampler, abaw_like_lengths, dataset_lengths, padding_fraction
+from taemi.data.sampler import (
+    LengthBucketBatchSampler,
+    abaw_like_lengths,
+    dataset_lengths,
+    padding_fraction,
+)
 from taemi.data.store import FeatureStore, StoreWriter
 from taemi.model.taemi import TAEMI
 

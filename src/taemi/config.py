@@ -232,7 +232,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # used when mode=finetune
 
-    def validate(self) -> "RunConfig":
+    def validate(self) -> RunConfig:
         if self.mode not in MODES:
             raise ConfigError(f"mode={self.mode!r}: expected one of {MODES}")
         self.model.validate()

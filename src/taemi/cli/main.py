@@ -344,10 +344,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
+    from taemi.data.abaw import is_abaw_root, open_abaw
     from taemi.extract.pipeline import ExtractOptions, extract, find_sources, summary_counts
     from taemi.extract.profiles import load_encoders
-
-    from taemi.data.abaw import is_abaw_root, open_abaw
 
     models = dict(_key_value(m, "--model") for m in (args.model or []))
     sources, input_errors = [], []
@@ -605,7 +604,6 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     from taemi.config import ConfigError
     from taemi.data.store import StoreError
-
     from taemi.extract.encoders.base import ModelLoadError
 
     expected = (ConfigError, StoreError, ModelLoadError, FileNotFoundError, FileExistsError, ValueError, KeyError)

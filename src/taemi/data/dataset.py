@@ -8,8 +8,8 @@ face frames; 599 audio frames are the first 12 s).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -96,7 +96,7 @@ class ClipDataset(Dataset):
             target=None if self.targets is None else self.targets[i],
         )
 
-    def collator(self) -> "Collator":
+    def collator(self) -> Collator:
         """The ``collate_fn`` that batches this dataset's items."""
         return Collator(self.store.dims, self.text_tokens)
 

@@ -31,10 +31,10 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -42,9 +42,21 @@ from tqdm.auto import tqdm
 from taemi.data.clip import ClipFeatures, check_clip_id
 from taemi.data.store import FeatureStore, StoreWriter
 from taemi.data.waveforms import WaveformCache
-from taemi.extract.encoders.base import SAMPLE_RATE, AudioEncoder, ImageEncoder, SpeechRecognizer, TextEncoder
+from taemi.extract.encoders.base import (
+    SAMPLE_RATE,
+    AudioEncoder,
+    ImageEncoder,
+    SpeechRecognizer,
+    TextEncoder,
+)
 from taemi.extract.face import FaceCropper
-from taemi.extract.media import MediaError, decode_audio, decode_video, display_path, read_face_images
+from taemi.extract.media import (
+    MediaError,
+    decode_audio,
+    decode_video,
+    display_path,
+    read_face_images,
+)
 
 log = logging.getLogger(__name__)
 
@@ -466,8 +478,7 @@ def _report(root: Path, summary: ExtractSummary, errors: list[dict]) -> None:
     """Append this run's failures to the error report and write the run summary."""
     if errors:
         with open(root / ERRORS_FILE, "a", encoding="utf-8") as fh:
-            for e in errors:
-                fh.write(json.dumps({**e, "run": summary.started}, ensure_ascii=True) + "\n")
+            fh.writelines(json.dumps({**e, "run": summary.started}, ensure_ascii=True) + "\n" for e in errors)
         summary.errors_file = str(root / ERRORS_FILE)
         for e in errors[:20]:
             log.warning("failed: %s (%s): %s", e["path"], e["stage"], e["reason"])

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 from taemi.extract.face import FaceCropper
 from taemi.extract.pipeline import Encoders
