@@ -185,7 +185,7 @@ def test_parse_shard_and_shard_folder():
 def test_constants_agree_with_the_pipeline():
     assert merge_mod.ERRORS_FILE == pipeline.ERRORS_FILE
     assert merge_mod.SUMMARY_FILE == pipeline.SUMMARY_FILE
-    assert distributed._TRANSCRIPTS == pipeline.TRANSCRIPTS and distributed._SUMMARY == pipeline.SUMMARY_FILE
+    assert distributed.TRANSCRIPTS == pipeline.TRANSCRIPTS and distributed.SUMMARY_FILE == pipeline.SUMMARY_FILE
 
 
 def test_two_shards_merged_equal_one_extraction(media, single, tmp_path):

@@ -41,11 +41,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from taemi.config import NOISE_COLORS, AugmentConfig  # the run config's finetune.augment section
+from taemi.data.waveforms import SAMPLE_RATE  # the default: the cached waveforms' rate
 
 __all__ = ["NOISE_COLORS", "AugmentConfig", "AugmentParams", "WaveformAugment", "augment_rng"]
 
-#: Sample rate the augmentation assumes by default (the cached waveforms' rate).
-SAMPLE_RATE = 16_000
 #: Phase vocoder STFT: window length and hop in samples (32 ms and 8 ms at 16 kHz).
 N_FFT = 512
 HOP = 128

@@ -45,9 +45,11 @@ from pathlib import Path
 from typing import Any
 
 from taemi.data.store import (
+    ERRORS_FILE,
     LOCK,
     MANIFEST,
     SHARDS,
+    SUMMARY_FILE,
     FeatureStore,
     StoreError,
     StoreWriter,
@@ -58,10 +60,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["MergeReport", "merge_stores"]
 
-#: Same names as taemi.extract.pipeline.ERRORS_FILE / SUMMARY_FILE (not imported: the
-#: pipeline needs PyAV); tests check that they agree.
-ERRORS_FILE = "extract_errors.jsonl"
-SUMMARY_FILE = "extract_summary.json"
 #: Top-level entries of a shard root that are not copied as shared files.
 _NOT_SHARED = {MANIFEST, MANIFEST + ".tmp", LOCK, SHARDS, ERRORS_FILE, SUMMARY_FILE}
 #: How many duplicate ids an error names.

@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 
 from taemi import MODALITIES
 from taemi.data.clip import ClipFeatures, check_clip_id
-from taemi.data.store import MANIFEST, FeatureStore, StoreWriter
+from taemi.data.store import MANIFEST, TRANSCRIPTS, FeatureStore, StoreWriter
 from taemi.extract.encoders.base import TextEncoder
 
 __all__ = [
@@ -77,7 +77,6 @@ FEATURE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".npy")
 #: Dict keys naming the features when a file holds a dict.
 ARRAY_KEYS = ("features", "feature", "feats", "feat")
 REPORT_FILE = "import_report.json"
-TRANSCRIPTS = "transcripts"
 #: Feature size of a modality that is not imported (missing for every clip): the paper's
 #: (spec section 3), so the store fits the paper model; override with ``dims={m: D}``.
 DEFAULT_DIMS = {"audio": 1027, "vision": 768, "text": 768}

@@ -98,6 +98,10 @@ MANIFEST = "manifest.json"
 SHARDS = "shards"
 LOCK = ".lock"
 INDEX = "index.npz"
+#: What extraction writes beside the features (the one definition every reader and copier uses).
+TRANSCRIPTS = "transcripts"  # STORE/transcripts/{id}.txt
+ERRORS_FILE = "extract_errors.jsonl"  # one JSON line per clip that could not be processed
+SUMMARY_FILE = "extract_summary.json"  # counts and seconds per stage of the last run
 _TMP_PREFIX = ".tmp-"
 _SHARD_NAME = re.compile(r"^\d{5,}$")
 #: Store dtype name -> on-disk numpy dtype (always little-endian).

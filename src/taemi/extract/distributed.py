@@ -51,13 +51,11 @@ from pathlib import Path
 from typing import Any
 
 from taemi.data.merge import MergeReport, merge_stores
+from taemi.data.store import SUMMARY_FILE, TRANSCRIPTS  # TRANSCRIPTS: one file per done clip
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("local", "ray")
-#: Written by every worker, one per done clip (= taemi.extract.pipeline.TRANSCRIPTS).
-_TRANSCRIPTS = "transcripts"
-_SUMMARY = "extract_summary.json"
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 #: Above this many shards, one overall progress bar instead of one per shard.
 _MAX_BARS = 16
@@ -134,7 +132,7 @@ class ShardRun:
     def done(self) -> int:
         """Clips of this shard extracted so far (their transcripts are written)."""
         try:
-            return sum(1 for e in os.scandir(self.store / _TRANSCRIPTS) if e.name.endswith(".txt"))
+            return sum(1 for e in os.scandir(self.store / TRANSCRIPTS) if e.name.endswith(".txt"))
         except FileNotFoundError:
             return 0
 
@@ -174,7 +172,7 @@ def _finish(run: ShardRun, returncode: int | None, started_wall: float, error: s
     whose clips all failed (each is in its extract_errors.jsonl), not a failed worker."""
     run.returncode = returncode
     run.seconds = time.time() - started_wall
-    path = run.store / _SUMMARY
+    path = run.store / SUMMARY_FILE
     fresh = path.is_file() and path.stat().st_mtime >= started_wall - 1
     if fresh:
         try:

@@ -40,7 +40,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from taemi.data.clip import ClipFeatures, check_clip_id
-from taemi.data.store import FeatureStore, StoreWriter
+from taemi.data.store import ERRORS_FILE, SUMMARY_FILE, TRANSCRIPTS, FeatureStore, StoreWriter
 from taemi.data.waveforms import WaveformCache
 from taemi.extract.encoders.base import (
     SAMPLE_RATE,
@@ -62,9 +62,6 @@ log = logging.getLogger(__name__)
 
 #: File extensions taken from an input folder.
 MEDIA_EXTENSIONS = (".mp4", ".mkv", ".webm", ".flv", ".avi", ".mov", ".mp3", ".wav", ".m4a", ".flac", ".ogg")
-TRANSCRIPTS = "transcripts"
-ERRORS_FILE = "extract_errors.jsonl"
-SUMMARY_FILE = "extract_summary.json"
 STAGES = ("decode", "asr", "audio", "vision", "text", "write")
 
 

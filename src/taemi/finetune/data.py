@@ -33,11 +33,8 @@ from torch.utils.data import Dataset
 
 from taemi.config import AugmentConfig
 from taemi.data.dataset import check_clips
-from taemi.data.store import FeatureStore
-from taemi.data.waveforms import WaveformCache
-
-SAMPLE_RATE = 16_000
-TRANSCRIPTS = "transcripts"  # STORE/transcripts/{id}.txt, written by extraction
+from taemi.data.store import TRANSCRIPTS, FeatureStore
+from taemi.data.waveforms import SAMPLE_RATE, WaveformCache
 
 
 @dataclass
