@@ -91,10 +91,10 @@ from taemi.extract.encoders.paper import (
     _load,
     _load_config,
     _load_model,
-    _read_config_json,
     _revision,
     conv_receptive_field,
     locate,
+    refuse_remote_code,
 )
 
 log = logging.getLogger(__name__)
@@ -1302,16 +1302,7 @@ def load_text_backbone(
         name = loc.source
         if loc.local_dir is not None:
             provenance = {"dir": str(loc.local_dir)}
-    raw = _read_config_json(loc)
-    if raw is not None and raw.get("auto_map") and not trust_remote_code:
-        raise ModelLoadError(
-            loc.source,
-            loc.looked_in(),
-            f"Its config.json has an auto_map ({raw['auto_map']}): the architecture (model_type "
-            f"{raw.get('model_type')!r}) is defined by code shipped with the model. Pass "
-            "trust_remote_code=True to run that code (only for a model you trust; offline, the "
-            "code repository it names must be cached or its files placed in the model directory).",
-        )
+    refuse_remote_code(loc, trust_remote_code)
     st = _st_pooling(loc)
     if pooling == "auto":
         chosen, st_normalize = st if st is not None else ("cls", False)

@@ -683,6 +683,23 @@ def _read_config_json(loc: ModelLocation) -> dict[str, Any] | None:
         raise ModelLoadError(loc.source, str(path), "config.json is unreadable", cause=exc) from exc
 
 
+def refuse_remote_code(loc: ModelLocation, trust_remote_code: bool) -> None:
+    """ModelLoadError when ``loc``'s config.json has an ``auto_map`` (its architecture is
+    code shipped with the model) and ``trust_remote_code`` is off: the author's code is
+    never silently replaced by a built-in class, nor run without being asked for."""
+    raw = _read_config_json(loc)
+    if raw is not None and raw.get("auto_map") and not trust_remote_code:
+        raise ModelLoadError(
+            loc.source,
+            loc.looked_in(),
+            f"Its config.json has an auto_map ({raw['auto_map']}): the architecture "
+            f"(model_type {raw.get('model_type')!r}) is defined by code shipped with the "
+            "model. Pass trust_remote_code=True to run that code (only for a model you "
+            "trust; offline, the code repository it names must be cached or its files "
+            "placed in the model directory).",
+        )
+
+
 class GTETextEncoder:
     """Sentence vectors for transcripts: the CLS vector of the last hidden state.
 
@@ -721,17 +738,7 @@ class GTETextEncoder:
         self.batch_size = _check_batch_size(batch_size)
         self.max_tokens = max_tokens
         loc = locate(source, cache_dir)
-        raw = _read_config_json(loc)
-        if raw is not None and raw.get("auto_map") and not trust_remote_code:
-            raise ModelLoadError(
-                loc.source,
-                loc.looked_in(),
-                f"Its config.json has an auto_map ({raw['auto_map']}): the architecture "
-                f"(model_type {raw.get('model_type')!r}) is defined by code shipped with the "
-                "model. Pass trust_remote_code=True to run that code (only for a model you "
-                "trust; offline, the code repository it names must be cached or its files "
-                "placed in the model directory).",
-            )
+        refuse_remote_code(loc, trust_remote_code)
         common = {"trust_remote_code": trust_remote_code}
         config = _load_config(loc, allow_download, None, **common)
         self.tokenizer = _load(loc, allow_download, AutoTokenizer.from_pretrained, **common)
