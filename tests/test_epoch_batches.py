@@ -45,3 +45,17 @@ def test_bucketed_batches_cover_the_epoch_with_less_padding(tmp_path, store, lab
     assert padding_fraction(batches, lengths) < padding_fraction(rand, lengths)
     res = train(cfg, store, *labels, tmp_path / "run", progress=False)  # the trainer runs on them
     assert len(res.history) == 2
+
+
+def test_bucketing_also_groups_text_token_lengths_when_tokens_are_used(synth_tokens, tiny_config) -> None:
+    from taemi.data.labels import read_labels
+    from taemi.data.store import FeatureStore
+
+    store = FeatureStore(synth_tokens.store)
+    cfg = tiny_config("train.batch_size=8", "data.batching=bucket", "model.anchor=audio", "data.text_tokens=yes")
+    ds = make_dataset(cfg, store, read_labels(synth_tokens.train_csv))
+    assert ds.text_tokens
+    tokens = dataset_lengths(store, ds.ids, 10**6, 10**6, max_text_tokens=cfg.data.max_text_tokens)[:, 2:]  # (N, 1)
+    bucketed = epoch_batches(cfg, ds, store, 1, DistInfo())
+    rand = epoch_batches(tiny_config("train.batch_size=8"), ds, store, 1, DistInfo())
+    assert padding_fraction(bucketed, tokens) < 0.5 * padding_fraction(rand, tokens)

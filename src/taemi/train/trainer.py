@@ -280,8 +280,10 @@ def epoch_batches(cfg: RunConfig, dataset, store: FeatureStore, epoch: int, dist
     if cfg.data.batching == "bucket":
         from taemi.data.sampler import LengthBucketBatchSampler, dataset_lengths
 
-        lengths = dataset_lengths(store, dataset.ids, cfg.data.max_audio_len, cfg.data.max_vision_len,
-                                  modalities=cfg.data.modalities)  # fmt: skip
+        lengths = dataset_lengths(
+            store, dataset.ids, cfg.data.max_audio_len, cfg.data.max_vision_len, modalities=cfg.data.modalities,
+            max_text_tokens=cfg.data.max_text_tokens if dataset.text_tokens else None,  # token states are padded too
+        )  # fmt: skip
         sampler = LengthBucketBatchSampler(lengths, tc.batch_size, seed=tc.seed, epoch=epoch,
                                            num_replicas=dist_info.world, rank=dist_info.rank)  # fmt: skip
         return [list(map(int, b)) for b in sampler]
@@ -434,7 +436,7 @@ def train(
             if dist_info.world > 1 or (ranks is not None and len(ranks) > 1):
                 log.warning("resuming with %d processes a run saved with %s: random draws (dropout) differ from "
                             "an uninterrupted run", dist_info.world, len(ranks) if ranks else 1)  # fmt: skip
-            _restore_rng(st["rng"] if "rng" in st else {"torch": st["rng_cpu"]})
+            _restore_rng(st["rng"] if "rng" in st else {"torch": st["rng_cpu"]})  # rng_cpu: runs saved before numpy/python
         if device.type == "cuda" and st.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(st["rng_cuda"], device)
         history, best_score, best_epoch = st["history"], st["best_score"], st["best_epoch"]
@@ -618,7 +620,6 @@ def _save_state(path: Path, model, optimizer, scheduler, scaler, device, **extra
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
-        "rng_cpu": torch.get_rng_state(),
         "rng": _rng_snapshot(),
         "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "best_metrics": None if best is None else best.__dict__,
