@@ -27,3 +27,26 @@ def test_compiled_training_matches_eager(tmp_path, store, labels, tiny_config) -
     compiled = train(tiny_config(*sets, "train.compile=true"), store, *labels, tmp_path / "compiled", progress=False)
     assert compiled.history[0]["train_loss"] == pytest.approx(eager.history[0]["train_loss"], rel=1e-3)
     assert compiled.history[0]["valid_mean_pearson"] == pytest.approx(eager.history[0]["valid_mean_pearson"], abs=1e-3)
+
+
+def test_configure_threads_uses_the_cores_this_process_may_run_on(monkeypatch) -> None:
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(runtime, "available_cores", lambda: 3)
+        assert runtime.configure_threads() == 3 and torch.get_num_threads() == 3
+        assert runtime.configure_threads(1) == 1 and torch.get_num_threads() == 1
+        with pytest.raises(ValueError, match="threads"):
+            runtime.configure_threads(0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_offline_profile_passes_omp_threads_to_onnxruntime(monkeypatch) -> None:
+    from taemi.extract import profiles
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert profiles._env_threads() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "lots")
+    assert profiles._env_threads() == 0  # not a count: onnxruntime chooses
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert profiles._env_threads() == 0
