@@ -111,3 +111,16 @@ def tiny_cli_sets() -> list[str]:
 
 def is_png(path: Path) -> bool:
     return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def run_main(argv: list[str]) -> tuple[int, str]:
+    """``taemi`` (``taemi.cli.main.main(argv)``) in-process; (exit code, stdout)."""
+    import contextlib
+    import io
+
+    from taemi.cli.main import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(argv)
+    return code, out.getvalue()

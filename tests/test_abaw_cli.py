@@ -4,16 +4,14 @@ extract (ABAW root: raw/ videos, audio/*.mp3, face_images/) -> train -> predict 
 from __future__ import annotations
 
 import csv
-import io
-from contextlib import redirect_stdout
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_main
 from PIL import Image
 from test_extract import fake_encoders, write_clip
 
-from taemi.cli.main import main
 from taemi.data.store import FeatureStore
 
 TINY = ["--set", "model.hidden=16", "--set", "model.heads=2", "--set", "model.sa_ffn=32",
@@ -49,13 +47,6 @@ def abaw(tmp_path: Path) -> Path:
     with open(root / "test_ids.csv", "w", newline="") as fh:
         fh.write("Filename\n" + "".join(f"{c}\n" for c in ids[7:]))
     return root
-
-
-def run_main(argv: list[str]) -> tuple[int, str]:
-    out = io.StringIO()
-    with redirect_stdout(out):
-        code = main(argv)
-    return code, out.getvalue()
 
 
 def test_abaw_tree_end_to_end(abaw: Path, tmp_path: Path, monkeypatch) -> None:

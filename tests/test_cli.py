@@ -3,9 +3,7 @@ synth -> train -> evaluate -> predict, store info/verify, presets, and error exi
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import json
 import os
 import shutil
@@ -15,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DIMS, is_png, tiny_cli_sets
+from conftest import DIMS, is_png, run_main, tiny_cli_sets
 from safetensors.torch import load_file, save_file
 
 from taemi import EMI_EMOTIONS
@@ -35,14 +33,6 @@ def taemi_command() -> list[str]:
     """The installed console script next to this interpreter, else ``python -m taemi``."""
     script = Path(sys.executable).with_name("taemi")
     return [str(script)] if script.is_file() else [sys.executable, "-m", "taemi"]
-
-
-def run_main(argv: list[str]) -> tuple[int, str]:
-    """``main(argv)`` in-process; (exit code, stdout)."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main(argv)
-    return code, out.getvalue()
 
 
 def read_rows(path: Path) -> tuple[list[str], list[str], np.ndarray]:

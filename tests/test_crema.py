@@ -14,10 +14,8 @@ it, or without the offline profile's packages, everything here skips.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import importlib.util
-import io
 import json
 import math
 import os
@@ -25,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_main
 
-from taemi.cli.main import main
 from taemi.data.labels import read_labels, write_predictions
 from taemi.data.store import FeatureStore
 
@@ -41,13 +39,6 @@ NEEDED = ("av", "cv2", "faster_whisper", "ctranslate2", "onnxruntime", "transfor
 def _sample_dir() -> Path:
     env = os.environ.get("TAEMI_CREMA_D")
     return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data" / "crema-d-sample"
-
-
-def run_main(argv: list[str]) -> tuple[int, str]:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main(argv)
-    return code, out.getvalue()
 
 
 @pytest.fixture(scope="module")

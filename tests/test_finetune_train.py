@@ -5,9 +5,7 @@ augmentation on, and ``taemi evaluate`` / ``taemi predict`` on the saved run."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import json
 
 import numpy as np
@@ -18,7 +16,8 @@ from safetensors.torch import load_file
 
 pytest.importorskip("transformers")
 
-from taemi.cli.main import main
+from conftest import run_main
+
 from taemi.config import build_config, parse_overrides
 from taemi.data.labels import read_labels
 from taemi.data.store import FeatureStore
@@ -53,13 +52,6 @@ def config(data, *extra: str):
 
 def labels(data):
     return read_labels(data["train"]), read_labels(data["valid"])
-
-
-def run_main(argv: list[str]) -> tuple[int, str]:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main(argv)
-    return code, out.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,7 @@ from two of its files plus a corrupt one. The plan/provenance tests need no medi
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import json
 import shutil
 from pathlib import Path
@@ -17,6 +15,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import run_main
 
 from taemi import EMI_EMOTIONS
 from taemi.cli.main import main
@@ -24,13 +23,6 @@ from taemi.extract.pipeline import Encoders, ExtractOptions
 
 TINY = ["model.hidden=16", "model.heads=2", "model.sa_ffn=32", "model.head_hidden=16", "train.max_epochs=1",
         "train.device=cpu"]  # fmt: skip
-
-
-def run_main(argv: list[str]) -> tuple[int, str]:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main(argv)
-    return code, out.getvalue()
 
 
 def read_csv(path: Path) -> tuple[list[str], list[str], np.ndarray]:
