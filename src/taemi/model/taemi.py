@@ -128,6 +128,19 @@ class PaddedSequence:
             return linear(self.x)
         return project_with_token(linear, self.x, self.token, self.missing)
 
+    def pool(self, weights: Tensor) -> tuple[Tensor, Tensor]:
+        """Weighted sums over time of the (substituted) sequence, one per weight column.
+
+        weights (B, T, n) -> ``sum_t w[:, t, j] * x[:, t]`` (B, n, D) and the weights' mass
+        ``sum_t w[:, t, j]`` (B, n). A missing sample's sum is its token times the mass.
+        """
+        pooled = torch.bmm(weights.transpose(1, 2).to(self.x.dtype), self.x)  # (B, n, D)
+        mass = weights.sum(1)  # (B, n)
+        if self.token is None:
+            return pooled, mass
+        token = self.token.to(pooled.dtype) * mass.unsqueeze(-1).to(pooled.dtype)  # (B, n, D)
+        return torch.where(self.missing.view(-1, 1, 1), token, pooled), mass
+
     def mean(self) -> Tensor:
         """Masked mean over time of the (substituted) sequence: -> (B, D)."""
         pooled = masked_mean(self.x, self.mask)  # (B, D)
@@ -216,14 +229,39 @@ class ModalityEncoder(nn.Module):
         return PaddedSequence(x, seq.mask)
 
 
+def block_diagonal_heads(q: Tensor, heads: int) -> Tensor:
+    """q (B, H) -> (B, H, heads): column j holds head j's slice of ``q``, zeros elsewhere.
+
+    ``k @ block_diagonal_heads(q)`` gives every head's dot products of keys k (B, T, H)
+    with its query slice in one batched product, straight from k's (B, T, H) layout.
+    """
+    B, H = q.shape
+    eye = torch.eye(heads, dtype=q.dtype, device=q.device)  # (heads, heads)
+    return (q.view(B, heads, H // heads, 1) * eye.view(1, heads, 1, heads)).reshape(B, H, heads)
+
+
 class CrossAttention(nn.Module):
     """Single-query multi-head cross-attention as released (spec section 4.2).
 
     ``q = LN(W_q a)``, ``k = LN(W_k X)``, ``v = W_v X``; scores scaled by
     sqrt(head_dim), padded keys masked, softmax, attention dropout, output
     projection. No residual, no feed-forward. Parameter names follow the release.
-    Without alignment (the release) ``X`` is the raw sequence, and ``W_k``/``W_v`` are
-    where its missing token is substituted (:meth:`PaddedSequence.project`).
+
+    How it is computed (the same function, with about half the release's FLOPs). With a
+    single query, head j's output is ``sum_t a_jt (W_vj x_t + b_vj) = W_vj (sum_t a_jt
+    x_t) + b_vj sum_t a_jt``: the sequence is pooled with the attention weights FIRST and
+    only the (B, heads, D) pooled vectors are projected, so no (B, T, H) value tensor is
+    ever computed (forward, or its weight gradient in backward). For the release (no
+    alignment, raw X of size 1027 / 768) the values were half of all training FLOPs.
+    Attention dropout acts on the weights before pooling, as in the release's
+    ``dropout(softmax(.)) @ v``.
+
+    Missing samples (``kv.token`` set: raw X whose missing samples take the token): the
+    values pool the token (:meth:`PaddedSequence.pool`). Their keys would all be the
+    token's key, so their scores are equal and their attention is uniform over their
+    (all-valid) steps: the scores are set to a constant instead of projecting the token
+    through ``W_k``, which is the same softmax and the same gradients (equal keys get
+    gradients that sum to zero).
     """
 
     def __init__(self, query_dim: int, kv_dim: int, hidden: int, heads: int, attn_dropout: float):
@@ -239,16 +277,21 @@ class CrossAttention(nn.Module):
 
     def forward(self, query: Tensor, kv: PaddedSequence) -> Tensor:
         """query (B, D_q), kv: x (B, T, D_kv), mask (B, T) -> (B, H)."""
-        B, T, _ = kv.x.shape
+        B, T, D = kv.x.shape
         h = self.heads
-        q = self.ln_q(self.q_proj(query)).view(B, h, 1, -1)  # (B, h, 1, hd)
-        k = self.ln_kv(kv.project(self.k_proj)).view(B, T, h, -1).transpose(1, 2)  # (B, h, T, hd)
-        v = kv.project(self.v_proj).view(B, T, h, -1).transpose(1, 2)  # (B, h, T, hd)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=kv.mask.view(B, 1, 1, T),
-            dropout_p=self.attn_dropout if self.training else 0.0,
-        )  # (B, h, 1, hd)
-        return self.out_proj(out.reshape(B, -1))  # (B, H)
+        hd = self.v_proj.out_features // h
+        q = self.ln_q(self.q_proj(query))  # (B, H)
+        k = self.ln_kv(self.k_proj(kv.x))  # (B, T, H); a missing sample's rows are unused
+        scores = torch.bmm(k, block_diagonal_heads(q, h).to(k.dtype)) * hd**-0.5  # (B, T, h)
+        if kv.token is not None:
+            scores = scores.masked_fill(kv.missing.view(B, 1, 1), 0.0)  # token keys: equal scores
+        scores = scores.masked_fill(~kv.mask.unsqueeze(-1), float("-inf"))
+        attn = F.dropout(scores.softmax(dim=1), self.attn_dropout, self.training)  # (B, T, h)
+        pooled, mass = kv.pool(attn)  # (B, h, D), (B, h)
+        w_v = self.v_proj.weight.view(h, hd, D).transpose(1, 2)  # (h, D, hd): head j's W_v rows
+        heads = torch.bmm(pooled.transpose(0, 1), w_v.to(pooled.dtype)).transpose(0, 1)  # (B, h, hd)
+        heads = heads + self.v_proj.bias.view(h, hd) * mass.unsqueeze(-1)  # (B, h, hd)
+        return self.out_proj(heads.reshape(B, -1))  # (B, H)
 
 
 class TAEMI(nn.Module):
