@@ -22,8 +22,9 @@ speed changes from second to second: every step is compared with the rate just b
 - ``eager``: the model now, with length-bucketed batches (``LengthBucketBatchSampler``), fp32;
 - ``bf16``: the same under bf16 autocast;
 - ``compiled``, ``compiled_bf16`` (``--compile``): ``torch.compile(model, dynamic=True)``;
-- ``unfused_kv``: bucketed, fp32, K/V as two products (the A/B of a fused K/V projection;
-  the model computes two products again, so it now equals ``eager``);
+- ``sdpa_ca``: bucketed, fp32, the cross-attention as the release writes it (K and V
+  projected over the whole sequence, fused attention): the A/B of the model's pooled-value
+  cross-attention (``taemi.model.taemi.CrossAttention``);
 - ``fused_adamw``: bucketed, fp32, ``AdamW(fused=True)``;
 - ``threads1``: bucketed, fp32, ``torch.set_num_threads(1)``.
 
@@ -32,6 +33,14 @@ step), matrix products only, training = 3 x forward minus the input gradient of 
 fed by the frozen features (the first projections: backward never computes it). The
 formula is checked against ``FlopCounterMode`` on one unpadded clip. Padded positions
 cost time but add no FLOPs: padding lowers utilisation.
+
+Two counts, both printed. "util" uses the issue's count: the FLOPs of the model as the
+release writes it (K and V projected at every step). The package's cross-attention pools
+the values with the attention weights before projecting them (the same function with
+fewer FLOPs), so its steps EXECUTE fewer FLOPs than that count; "exec util" divides the
+FLOPs the runner's step actually executes (``executed_train_flops``; for the other
+runners the two counts are the same) by the matmul rate, i.e. how busy the step keeps the
+matrix units.
 
 Printed per runner: padding fraction of its timed batches, seconds per step, samples/s,
 useful GFLOP/s, utilisation against the fp32 matmul rate measured just before each step
@@ -45,7 +54,7 @@ when nothing else runs.
 Usage::
 
     python benchmarks/train_throughput.py                     # paper + official, ~10 min on 2 cores
-    python benchmarks/train_throughput.py --presets official --runners eager unfused_kv fused_adamw threads1
+    python benchmarks/train_throughput.py --presets official --runners sdpa_ca eager fused_adamw threads1
     python benchmarks/train_throughput.py --compile           # + torch.compile runners (~+6 min)
 """
 
@@ -124,12 +133,43 @@ def forward_flops(cfg: ModelConfig, t_a: int, t_v: int, num_outputs: int) -> dic
 def frozen_input_terms(cfg: ModelConfig) -> tuple[str, ...]:
     """Suffixes of the forward terms whose input is a frozen feature (no input gradient)."""
     encode = cfg.fusion != "cross_attention" or cfg.align
-    return (".proj",) if encode else (".ca.kv",)
+    return (".proj",) if encode else (".ca.kv", ".ca.k", ".ca.pool")
 
 
-def train_flops(cfg: ModelConfig, t_a: int, t_v: int, num_outputs: int) -> int:
-    """Useful training FLOPs of one clip: 3 x forward, less the input gradients never computed."""
-    fwd = forward_flops(cfg, t_a, t_v, num_outputs)
+def executed_forward_flops(cfg: ModelConfig, t_a: int, t_v: int, num_outputs: int) -> dict[str, int]:
+    """Forward FLOPs of ONE sample as the package's model computes them.
+
+    As :func:`forward_flops`, except the cross-attention: its values are pooled with the
+    attention weights before their projection, and the scores of all heads come from one
+    product with a block-diagonal query (h x the QK^T products, h = heads):
+    q_proj 2*Dq*H + k_proj 2*T*Dkv*H + scores 2*T*H*h + pooling 2*T*h*Dkv
+    + per-head value projection 2*Dkv*H + out_proj 2*H*H.
+    """
+    out = {k: v for k, v in forward_flops(cfg, t_a, t_v, num_outputs).items() if ".ca." not in k}
+    if cfg.fusion != "cross_attention":
+        return out
+    dims = {"audio": cfg.audio_dim, "vision": cfg.vision_dim, "text": cfg.text_dim}
+    lengths = {"audio": max(t_a, 1), "vision": max(t_v, 1), "text": 1}
+    H, h, Dq = cfg.hidden, cfg.heads, dims[cfg.anchor]
+    encode = cfg.align
+    for m in [m for m in ("audio", "vision", "text") if m != cfg.anchor]:
+        T, dkv = lengths[m], (H if encode else dims[m])
+        out[f"{m}.ca.q"] = 2 * Dq * H
+        out[f"{m}.ca.k"] = 2 * T * dkv * H
+        out[f"{m}.ca.scores"] = 2 * T * H * h
+        out[f"{m}.ca.pool"] = 2 * T * h * dkv
+        out[f"{m}.ca.v"] = 2 * dkv * H
+        out[f"{m}.ca.out"] = 2 * H * H
+    return out
+
+
+def train_flops(cfg: ModelConfig, t_a: int, t_v: int, num_outputs: int, *, executed: bool = False) -> int:
+    """Useful training FLOPs of one clip: 3 x forward, less the input gradients never computed.
+
+    ``executed=False``: the issue's count (the model as released); ``True``: what the
+    package's model executes (:func:`executed_forward_flops`).
+    """
+    fwd = (executed_forward_flops if executed else forward_flops)(cfg, t_a, t_v, num_outputs)
     frozen = sum(v for k, v in fwd.items() if k.endswith(frozen_input_terms(cfg)) and not k.startswith("text"))
     return 3 * sum(fwd.values()) - frozen
 
@@ -216,8 +256,9 @@ class PlainTAEMI(nn.Module):
         return self.head(f)
 
 
-class SeparateKVCrossAttention(CrossAttention):
-    """The cross-attention as it was before this issue: K and V as two separate products."""
+class ReleaseCrossAttention(CrossAttention):
+    """The cross-attention as the release writes it (and this project before issue 7): K and V
+    projected over the whole sequence (the missing token substituted into both), SDPA."""
 
     def forward(self, query: Tensor, kv: PaddedSequence) -> Tensor:
         B, T, _ = kv.x.shape
@@ -230,10 +271,10 @@ class SeparateKVCrossAttention(CrossAttention):
         return self.out_proj(out.reshape(B, -1))
 
 
-def unfuse_kv(model: nn.Module) -> nn.Module:
+def release_cross_attention(model: nn.Module) -> nn.Module:
     for mod in model.modules():
         if type(mod) is CrossAttention:
-            mod.__class__ = SeparateKVCrossAttention
+            mod.__class__ = ReleaseCrossAttention
     return model
 
 
@@ -310,12 +351,14 @@ class Runner:
     what: str
     step: Callable[[Batch], None]
     batches: list[Batch]
-    flops: list[int]  # useful training FLOPs of each batch
+    flops: list[int]  # useful training FLOPs of each batch (the issue's count)
     padding: float  # padding fraction of the timed batches
+    exec_flops: list[int] | None = None  # FLOPs the step executes, when fewer (pooled values)
     warmup_s: float = 0.0
     step_s: list[float] = field(default_factory=list)
     cpu_s: list[float] = field(default_factory=list)
     done_flops: list[int] = field(default_factory=list)
+    done_exec: list[int] = field(default_factory=list)
     matmul: list[float] = field(default_factory=list)
     samples: list[int] = field(default_factory=list)
 
@@ -327,6 +370,10 @@ class Runner:
     @property
     def util_adjacent(self) -> float:
         return statistics.median(f / s / r for f, s, r in zip(self.done_flops, self.step_s, self.matmul))
+
+    @property
+    def exec_util_adjacent(self) -> float:
+        return statistics.median(f / s / r for f, s, r in zip(self.done_exec, self.step_s, self.matmul))
 
     @property
     def samples_s(self) -> float:
@@ -361,7 +408,8 @@ def make_step(model: nn.Module, fwd: Callable[[Batch], Tensor], cfg: RunConfig, 
     return step
 
 
-RUNNERS = ("plain", "before", "eager", "bf16", "compiled", "compiled_bf16", "unfused_kv", "fused_adamw", "threads1")
+RELEASE_FORM_RUNNERS = ("plain", "before", "sdpa_ca")  # execute the issue's count (plain: more)
+RUNNERS = ("plain", "before", "eager", "bf16", "compiled", "compiled_bf16", "sdpa_ca", "fused_adamw", "threads1")
 
 
 def build_runner(name: str, cfg: RunConfig, sets: dict[str, tuple[list[Batch], list[int], float]]) -> Runner:
@@ -374,12 +422,13 @@ def build_runner(name: str, cfg: RunConfig, sets: dict[str, tuple[list[Batch], l
                       *random_set)  # fmt: skip
     model = build_model(cfg).train()
     if name == "before":
-        unfuse_kv(model)
+        release_cross_attention(model)
         return Runner(name, "project before this issue: random batches, K/V unfused, fp32",
                       make_step(model, model, cfg, "fp32"), *random_set)  # fmt: skip
-    if name == "unfused_kv":
-        unfuse_kv(model)
-        return Runner(name, "bucketed, K/V as two products, fp32", make_step(model, model, cfg, "fp32"), *bucket_set)
+    if name == "sdpa_ca":
+        release_cross_attention(model)
+        return Runner(name, "bucketed, fp32, release-form cross-attention (K, V over the sequence, SDPA)",
+                      make_step(model, model, cfg, "fp32"), *bucket_set)  # fmt: skip
     if name in ("compiled", "compiled_bf16"):
         prec = "bf16" if name == "compiled_bf16" else "fp32"
         fwd = torch.compile(model, dynamic=True)
@@ -409,22 +458,28 @@ def run_preset(name: str, args: argparse.Namespace, lengths: np.ndarray, probe: 
     cfg = build_config(name)
     E = len(cfg.data.emotions)
     per_clip = np.array([train_flops(cfg.model, int(a), int(v), E) for a, v in lengths])  # (N,)
+    per_clip_exec = np.array([train_flops(cfg.model, int(a), int(v), E, executed=True) for a, v in lengths])
     epoch_flops = int(per_clip.sum())
-    print(f"\n[{name}] useful training FLOPs: {per_clip.mean() / 1e9:.2f} GFLOP/clip on average, "
-          f"{epoch_flops / 1e12:.1f} TFLOP per epoch of {len(lengths)} clips")  # fmt: skip
+    print(f"\n[{name}] useful training FLOPs (the issue's count): {per_clip.mean() / 1e9:.2f} GFLOP/clip on average, "
+          f"{epoch_flops / 1e12:.1f} TFLOP per epoch of {len(lengths)} clips; executed by the package's model: "
+          f"{per_clip_exec.mean() / 1e9:.2f} GFLOP/clip ({per_clip_exec.sum() / epoch_flops:.2f}x)")  # fmt: skip
     ta, tv = int(np.median(lengths[:, 0])), int(np.median(lengths[:, 1]))
     fwd_terms = forward_flops(cfg.model, ta, tv, E)
     top = sorted(fwd_terms.items(), key=lambda kv: -kv[1])[:4]
     print(f"  forward at the median lengths ({ta}, {tv}): {sum(fwd_terms.values()) / 1e9:.2f} GFLOP; largest: "
           + ", ".join(f"{k} {v / 1e9:.2f}G" for k, v in top))  # fmt: skip
     if not args.no_flop_check:
-        model = build_model(cfg)
-        model.cfg.modality_dropout = 0.0
         one = make_batch(np.array([[ta, tv]]), cfg, seed=1)
-        cf, cfb = counted_flops(model, one)
-        print(f"  FlopCounterMode on one unpadded clip ({ta}, {tv}): forward {cf / 1e9:.3f} G (analytic "
-              f"{sum(fwd_terms.values()) / cf:.3f}x), forward+backward {cfb / 1e9:.3f} G (analytic useful "
-              f"{train_flops(cfg.model, ta, tv, E) / cfb:.3f}x)")  # fmt: skip
+        for label, executed in (("as released (the issue's count)", False), ("as the package computes it", True)):
+            model = build_model(cfg)
+            model.cfg.modality_dropout = 0.0
+            if not executed:
+                release_cross_attention(model)
+            fwd = (executed_forward_flops if executed else forward_flops)(cfg.model, ta, tv, E)
+            cf, cfb = counted_flops(model, one)
+            print(f"  FlopCounterMode on one unpadded clip ({ta}, {tv}), model {label}: forward {cf / 1e9:.3f} G "
+                  f"(analytic {sum(fwd.values()) / cf:.3f}x), forward+backward {cfb / 1e9:.3f} G (analytic useful "
+                  f"{train_flops(cfg.model, ta, tv, E, executed=executed) / cfb:.3f}x)")  # fmt: skip
     print(f"  SDPA backend for the audio self-attention at T={ta}: {sdpa_backends(cfg.model, args.batch_size, ta)}")
 
     B = args.batch_size
@@ -434,12 +489,13 @@ def run_preset(name: str, args: argparse.Namespace, lengths: np.ndarray, probe: 
     sampler = LengthBucketBatchSampler(lengths, B, seed=args.seed, epoch=1)
     bucketed = [b for b in sampler.global_batches() if len(b) == B]
     k = args.rounds
-    sets = {}
+    sets, exec_flops = {}, {}
     for label, pool in (("random", random_batches), ("bucketed", bucketed)):
         picked = quantile_pick(pool, lambda b: per_clip[b].sum(), k)
         all_pad = padding_fraction(pool, lengths)
         batches = [make_batch(lengths[b], cfg, seed=j) for j, b in enumerate(picked)]
         sets[label] = (batches, [int(per_clip[b].sum()) for b in picked], padding_fraction(picked, lengths))
+        exec_flops[label] = [int(per_clip_exec[b].sum()) for b in picked]
         print(f"  {label} batches: padding {all_pad:.1%} over the epoch's {len(pool)} batches, "
               f"{sets[label][2]:.1%} in the {k} timed ones")  # fmt: skip
 
@@ -448,6 +504,8 @@ def run_preset(name: str, args: argparse.Namespace, lengths: np.ndarray, probe: 
         if r.startswith("compiled") and not args.compile:
             continue
         runner = build_runner(r, cfg, sets)
+        if r not in RELEASE_FORM_RUNNERS:
+            runner.exec_flops = exec_flops["bucketed"]
         t0 = time.perf_counter()
         for b in runner.batches[: 2 if r.startswith("compiled") else 1]:  # compiled: 2 shapes, dynamic
             runner.step(b)
@@ -464,6 +522,7 @@ def run_preset(name: str, args: argparse.Namespace, lengths: np.ndarray, probe: 
             runner.step_s.append(time.perf_counter() - t0)
             runner.cpu_s.append(time.process_time() - c0)
             runner.done_flops.append(runner.flops[j])
+            runner.done_exec.append((runner.exec_flops or runner.flops)[j])
             runner.samples.append(len(runner.batches[j]))
         print(f"  round {rnd + 1}/{k}: " + ", ".join(f"{r.name} {r.step_s[-1]:.2f}s@{r.matmul[-1] / 1e9:.0f}" for r in runners),
               flush=True)  # fmt: skip
@@ -474,14 +533,15 @@ def run_preset(name: str, args: argparse.Namespace, lengths: np.ndarray, probe: 
 
 
 def report(name: str, runners: list[Runner], best: float) -> None:
-    print(f"\n[{name}] summary; util adj = median over steps of useful FLOP/s / fp32 matmul rate just before the "
-          f"step; util best = useful FLOP/s / best fp32 matmul rate of the run ({best / 1e9:.0f} GFLOP/s)")  # fmt: skip
+    print(f"\n[{name}] summary; util adj = median over steps of useful FLOP/s (the issue's count) / fp32 matmul "
+          f"rate just before the step; exec util = the same with the FLOPs the step executes; util best = useful FLOP/s / best fp32 matmul rate of the run ({best / 1e9:.0f} GFLOP/s)")  # fmt: skip
     head = (f"{'runner':<14} {'padding':>7} {'steps':>5} {'s/step':>7} {'samples/s':>9} {'GFLOP/s':>8} "
-            f"{'util adj':>8} {'util best':>9} {'epoch min':>9} {'at best':>7} {'CPU share':>9}")  # fmt: skip
+            f"{'util adj':>8} {'exec util':>9} {'util best':>9} {'epoch min':>9} {'at best':>7} {'CPU share':>9}")  # fmt: skip
     print(head)
     for r in runners:
         print(f"{r.name:<14} {r.padding:>7.1%} {len(r.step_s):>5} {statistics.median(r.step_s):>7.2f} "
-              f"{r.samples_s:>9.2f} {r.rate / 1e9:>8.1f} {r.util_adjacent:>8.1%} {r.rate / best:>9.1%} "
+              f"{r.samples_s:>9.2f} {r.rate / 1e9:>8.1f} {r.util_adjacent:>8.1%} {r.exec_util_adjacent:>9.1%} "
+              f"{r.rate / best:>9.1%} "
               f"{r.epoch_s / 60:>9.1f} {r.epoch_flops / (r.util_adjacent * best) / 60:>7.1f} "
               f"{sum(r.cpu_s) / sum(r.step_s) / torch.get_num_threads():>9.2f}")  # fmt: skip
     by = {r.name: r for r in runners}
@@ -489,7 +549,7 @@ def report(name: str, runners: list[Runner], best: float) -> None:
         if ref in by:
             print(f"  epoch time vs {ref}: " + ", ".join(f"{r.name} {r.epoch_s / by[ref].epoch_s:.2f}x"
                                                          for r in runners if r.name != ref))  # fmt: skip
-    for a, b in (("bf16", "eager"), ("compiled", "eager"), ("compiled_bf16", "bf16"), ("eager", "unfused_kv"),
+    for a, b in (("bf16", "eager"), ("compiled", "eager"), ("compiled_bf16", "bf16"), ("eager", "sdpa_ca"),
                  ("fused_adamw", "eager"), ("threads1", "eager")):  # fmt: skip
         if a in by and b in by:
             print(f"  {a} vs {b}: useful FLOP/s {by[a].rate / by[b].rate:.2f}x (util adj "
@@ -500,7 +560,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--presets", nargs="+", default=["paper", "official"])
-    ap.add_argument("--runners", nargs="+", default=["plain", "before", "eager", "bf16", "compiled", "compiled_bf16"],
+    ap.add_argument("--runners", nargs="+",
+                    default=["plain", "before", "sdpa_ca", "eager", "bf16", "compiled", "compiled_bf16"],
                     choices=RUNNERS, help="compiled* only run with --compile")  # fmt: skip
     ap.add_argument("--compile", action="store_true", help="also time torch.compile runners")
     ap.add_argument("--batch-size", type=int, default=32)
