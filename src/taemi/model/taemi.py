@@ -277,7 +277,7 @@ class CrossAttention(nn.Module):
 
     def forward(self, query: Tensor, kv: PaddedSequence) -> Tensor:
         """query (B, D_q), kv: x (B, T, D_kv), mask (B, T) -> (B, H)."""
-        B, T, D = kv.x.shape
+        B, _, D = kv.x.shape
         h = self.heads
         hd = self.v_proj.out_features // h
         q = self.ln_q(self.q_proj(query))  # (B, H)
