@@ -21,11 +21,13 @@ speed changes from second to second: every step is compared with the rate just b
   cross-attention K/V projections as two products;
 - ``eager``: the model now, with length-bucketed batches (``LengthBucketBatchSampler``), fp32;
 - ``bf16``: the same under bf16 autocast;
-- ``compiled``, ``compiled_bf16`` (``--compile``): ``torch.compile(model, dynamic=True)``;
+- ``compiled``, ``compiled_bf16``, ``compiled_fp16`` (``--compile``): ``torch.compile(model, dynamic=True)``;
 - ``sdpa_ca``: bucketed, fp32, the cross-attention as the release writes it (K and V
   projected over the whole sequence, fused attention): the A/B of the model's pooled-value
   cross-attention (``taemi.model.taemi.CrossAttention``);
-- ``fused_adamw``: bucketed, fp32, ``AdamW(fused=True)``;
+- ``fp16`` (CUDA): bucketed, fp16 autocast with the trainer's ``GradScaler``;
+- ``unfused_adamw``: bucketed, fp32, AdamW's per-parameter loop (the trainer's optimiser
+  is ``AdamW(fused=True)``, as in every other package runner);
 - ``threads1``: bucketed, fp32, ``torch.set_num_threads(1)``.
 
 FLOPs count only useful work: per clip, its own lengths (a missing modality counts as one
@@ -54,7 +56,8 @@ when nothing else runs.
 Usage::
 
     python benchmarks/train_throughput.py                     # paper + official, ~10 min on 2 cores
-    python benchmarks/train_throughput.py --presets official --runners sdpa_ca eager fused_adamw threads1
+    python benchmarks/train_throughput.py --presets official --runners sdpa_ca eager unfused_adamw threads1
+    python benchmarks/train_throughput.py --device cuda --steps 30 --warmup 3 --runners plain before eager fp16 bf16
     python benchmarks/train_throughput.py --compile           # + torch.compile runners (~+6 min)
 """
 
@@ -82,6 +85,7 @@ from taemi.train.runtime import autocast, cpu_has_bf16
 from taemi.train.schedule import make_scheduler
 
 EPOCH_CLIPS = 8072  # ABAW EMI training split (spec section 2)
+CPU = torch.device("cpu")
 
 
 # --------------------------------------------------------------------------- FLOPs
@@ -244,7 +248,7 @@ class PlainTAEMI(nn.Module):
     def forward(self, b: Batch) -> Tensor:
         missing = b.missing
         if self.training:
-            missing = missing | (torch.rand(missing.shape) < self.cfg.modality_dropout)
+            missing = missing | (torch.rand(missing.shape, device=missing.device) < self.cfg.modality_dropout)
         a = torch.where(missing[:, 0, None, None], self.tok_a, b.audio)  # (B, T_a, 1027), needs grad
         v = torch.where(missing[:, 1, None, None], self.tok_v, b.vision)
         t = torch.where(missing[:, 2, None], self.tok_t, b.text)
@@ -282,32 +286,39 @@ def release_cross_attention(model: nn.Module) -> nn.Module:
 
 
 class MatmulProbe:
-    """FLOP/s of an (n x n) @ (n x n) product in ``dtype``; the operands are made once."""
+    """FLOP/s of an (n x n) @ (n x n) product in ``dtype`` on ``device``; the operands are made once."""
 
-    def __init__(self, dtype: torch.dtype, n: int = 2048):
+    def __init__(self, dtype: torch.dtype, n: int = 2048, device: torch.device = CPU):
         g = torch.Generator().manual_seed(0)
-        self.a = torch.randn(n, n, generator=g).to(dtype)
-        self.b = torch.randn(n, n, generator=g).to(dtype)
-        self.n = n
+        self.a = torch.randn(n, n, generator=g).to(device, dtype)
+        self.b = torch.randn(n, n, generator=g).to(device, dtype)
+        self.n, self.device = n, device
 
     def __call__(self, repeats: int = 3, warmup: int = 1) -> float:
         for _ in range(warmup):
             torch.matmul(self.a, self.b)
         best = float("inf")
         for _ in range(repeats):
+            sync(self.device)
             t0 = time.perf_counter()
             torch.matmul(self.a, self.b)
+            sync(self.device)
             best = min(best, time.perf_counter() - t0)
         return 2 * self.n**3 / best
 
 
-def sdpa_backends(cfg: ModelConfig, batch: int, t: int) -> str:
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def sdpa_backends(cfg: ModelConfig, batch: int, t: int, device: torch.device = CPU) -> str:
     """The fused-attention choice for the self-attention shapes (private torch API: best effort)."""
     try:
         from torch.nn.attention import SDPBackend
 
-        q = torch.zeros(batch, cfg.heads, t, cfg.hidden // cfg.heads)
-        mask = torch.ones(batch, 1, 1, t, dtype=torch.bool)
+        q = torch.zeros(batch, cfg.heads, t, cfg.hidden // cfg.heads, device=device)
+        mask = torch.ones(batch, 1, 1, t, dtype=torch.bool, device=device)
         names = []
         for label, p in (("train", cfg.attn_dropout), ("eval", 0.0)):
             names.append(f"{label} (dropout {p}): {SDPBackend(torch._fused_sdp_choice(q, q, q, mask, p, False)).name}")
@@ -319,8 +330,8 @@ def sdpa_backends(cfg: ModelConfig, batch: int, t: int) -> str:
 # --------------------------------------------------------------------------- batches
 
 
-def make_batch(lengths: np.ndarray, cfg: RunConfig, seed: int) -> Batch:
-    """Random paper-dimension features for clips of ``lengths`` (B, 2), padded to the batch max."""
+def make_batch(lengths: np.ndarray, cfg: RunConfig, seed: int, device: torch.device = CPU) -> Batch:
+    """Random paper-dimension features for clips of ``lengths`` (B, 2), padded to the batch max, on ``device``."""
     g = torch.Generator().manual_seed(seed)
     m = cfg.model
     la, lv = torch.from_numpy(lengths[:, 0]), torch.from_numpy(lengths[:, 1])
@@ -333,7 +344,7 @@ def make_batch(lengths: np.ndarray, cfg: RunConfig, seed: int) -> Batch:
         text=torch.randn(B, m.text_dim, generator=g),
         missing=torch.stack([la == 0, lv == 0, torch.zeros(B, dtype=torch.bool)], dim=1),
         target=torch.rand(B, len(cfg.data.emotions), generator=g),
-    )
+    ).to(device)
 
 
 def quantile_pick(batches: list[np.ndarray], key: Callable[[np.ndarray], float], k: int) -> list[np.ndarray]:
@@ -381,12 +392,15 @@ class Runner:
 
 
 def make_step(model: nn.Module, fwd: Callable[[Batch], Tensor], cfg: RunConfig, precision: str,
-              *, fused_adamw: bool = False, threads: int | None = None) -> Callable[[Batch], None]:  # fmt: skip
+              *, fused_adamw: bool = False, threads: int | None = None,
+              device: torch.device = CPU) -> Callable[[Batch], None]:  # fmt: skip
+    """The trainer's step; fp16 (CUDA) with its ``GradScaler``, as the trainer does."""
     tc = cfg.train
+    model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas,
                                   fused=True if fused_adamw else None)  # fmt: skip
     scheduler = make_scheduler(optimizer, 10, 1000)
-    device = torch.device("cpu")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def step(batch: Batch) -> None:
         before = torch.get_num_threads()
@@ -397,11 +411,13 @@ def make_step(model: nn.Module, fwd: Callable[[Batch], Tensor], cfg: RunConfig, 
                 pred = fwd(batch)  # (B, E)
             loss = F.mse_loss(pred.float(), batch.target)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_value_(model.parameters(), tc.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
-            loss.item()
+            loss.item()  # waits for the device
         finally:
             torch.set_num_threads(before)
 
@@ -409,41 +425,50 @@ def make_step(model: nn.Module, fwd: Callable[[Batch], Tensor], cfg: RunConfig, 
 
 
 RELEASE_FORM_RUNNERS = ("plain", "before", "sdpa_ca")  # execute the issue's count (plain: more)
-RUNNERS = ("plain", "before", "eager", "bf16", "compiled", "compiled_bf16", "sdpa_ca", "fused_adamw", "threads1")
+RUNNERS = ("plain", "before", "eager", "bf16", "fp16", "compiled", "compiled_bf16", "compiled_fp16", "sdpa_ca",
+           "unfused_adamw", "threads1")  # fmt: skip
 
 
-def build_runner(name: str, cfg: RunConfig, sets: dict[str, tuple[list[Batch], list[int], float]]) -> Runner:
+def build_runner(name: str, cfg: RunConfig, sets: dict[str, tuple[list[Batch], list[int], float]],
+                 device: torch.device = CPU) -> Runner:  # fmt: skip
+    """One runner. The package's runners step as the trainer does (fused AdamW); ``plain``
+    and ``before`` as the code before issue 7 did (AdamW's per-parameter loop)."""
     torch.manual_seed(0)
     E = len(cfg.data.emotions)
     random_set, bucket_set = sets["random"], sets["bucketed"]
+
+    def step(model: nn.Module, precision: str = "fp32", fwd: Callable[[Batch], Tensor] | None = None,
+             **kw) -> Callable[[Batch], None]:  # fmt: skip
+        kw.setdefault("fused_adamw", True)
+        return make_step(model, fwd or model, cfg, precision, device=device, **kw)
+
     if name == "plain":
         model = PlainTAEMI(cfg.model, E).train()
-        return Runner(name, "plain padded reference, random batches, fp32", make_step(model, model, cfg, "fp32"),
+        return Runner(name, "plain padded reference, random batches, fp32", step(model, fused_adamw=False),
                       *random_set)  # fmt: skip
     model = build_model(cfg).train()
     if name == "before":
         release_cross_attention(model)
-        return Runner(name, "project before this issue: random batches, K/V unfused, fp32",
-                      make_step(model, model, cfg, "fp32"), *random_set)  # fmt: skip
+        return Runner(name, "project before this issue: random batches, release-form cross-attention, fp32",
+                      step(model, fused_adamw=False), *random_set)  # fmt: skip
     if name == "sdpa_ca":
         release_cross_attention(model)
         return Runner(name, "bucketed, fp32, release-form cross-attention (K, V over the sequence, SDPA)",
-                      make_step(model, model, cfg, "fp32"), *bucket_set)  # fmt: skip
-    if name in ("compiled", "compiled_bf16"):
-        prec = "bf16" if name == "compiled_bf16" else "fp32"
-        fwd = torch.compile(model, dynamic=True)
-        return Runner(name, f"bucketed, torch.compile(dynamic=True), {prec}", make_step(model, fwd, cfg, prec),
-                      *bucket_set)  # fmt: skip
-    if name == "bf16":
-        return Runner(name, "bucketed, bf16 autocast", make_step(model, model, cfg, "bf16"), *bucket_set)
-    if name == "fused_adamw":
-        return Runner(name, "bucketed, fp32, AdamW(fused=True)", make_step(model, model, cfg, "fp32", fused_adamw=True),
-                      *bucket_set)  # fmt: skip
+                      step(model), *bucket_set)  # fmt: skip
+    if name.startswith("compiled"):
+        prec = name.split("_")[1] if "_" in name else "fp32"
+        fwd = torch.compile(model.to(device), dynamic=True)
+        return Runner(name, f"bucketed, torch.compile(dynamic=True), {prec}", step(model, prec, fwd), *bucket_set)
+    if name in ("bf16", "fp16"):
+        what = "bf16 autocast" if name == "bf16" else "fp16 autocast + GradScaler (the CUDA default)"
+        return Runner(name, f"bucketed, {what}", step(model, name), *bucket_set)
+    if name == "unfused_adamw":
+        return Runner(name, "bucketed, fp32, AdamW's per-parameter loop (fused=None)",
+                      step(model, fused_adamw=False), *bucket_set)  # fmt: skip
     if name == "threads1":
-        return Runner(name, "bucketed, fp32, 1 thread", make_step(model, model, cfg, "fp32", threads=1), *bucket_set)
+        return Runner(name, "bucketed, fp32, 1 thread", step(model, threads=1), *bucket_set)
     if name == "eager":
-        return Runner(name, "bucketed (LengthBucketBatchSampler), fp32", make_step(model, model, cfg, "fp32"),
-                      *bucket_set)  # fmt: skip
+        return Runner(name, "bucketed (LengthBucketBatchSampler), fp32", step(model), *bucket_set)
     raise ValueError(f"unknown runner {name!r}; known: {RUNNERS}")
 
 
@@ -456,6 +481,7 @@ def loadavg() -> str:
 
 def run_preset(name: str, args: argparse.Namespace, lengths: np.ndarray, probe: MatmulProbe) -> list[Runner]:
     cfg = build_config(name)
+    device = probe.device
     E = len(cfg.data.emotions)
     per_clip = np.array([train_flops(cfg.model, int(a), int(v), E) for a, v in lengths])  # (N,)
     per_clip_exec = np.array([train_flops(cfg.model, int(a), int(v), E, executed=True) for a, v in lengths])
@@ -480,7 +506,8 @@ def run_preset(name: str, args: argparse.Namespace, lengths: np.ndarray, probe: 
             print(f"  FlopCounterMode on one unpadded clip ({ta}, {tv}), model {label}: forward {cf / 1e9:.3f} G "
                   f"(analytic {sum(fwd.values()) / cf:.3f}x), forward+backward {cfb / 1e9:.3f} G (analytic useful "
                   f"{train_flops(cfg.model, ta, tv, E, executed=executed) / cfb:.3f}x)")  # fmt: skip
-    print(f"  SDPA backend for the audio self-attention at T={ta}: {sdpa_backends(cfg.model, args.batch_size, ta)}")
+    print(f"  SDPA backend for the audio self-attention at T={ta}: "
+          f"{sdpa_backends(cfg.model, args.batch_size, ta, device)}")
 
     B = args.batch_size
     rng = np.random.default_rng(args.seed)
@@ -493,7 +520,7 @@ def run_preset(name: str, args: argparse.Namespace, lengths: np.ndarray, probe: 
     for label, pool in (("random", random_batches), ("bucketed", bucketed)):
         picked = quantile_pick(pool, lambda b: per_clip[b].sum(), k)
         all_pad = padding_fraction(pool, lengths)
-        batches = [make_batch(lengths[b], cfg, seed=j) for j, b in enumerate(picked)]
+        batches = [make_batch(lengths[b], cfg, seed=j, device=device) for j, b in enumerate(picked)]
         sets[label] = (batches, [int(per_clip[b].sum()) for b in picked], padding_fraction(picked, lengths))
         exec_flops[label] = [int(per_clip_exec[b].sum()) for b in picked]
         print(f"  {label} batches: padding {all_pad:.1%} over the epoch's {len(pool)} batches, "
@@ -503,12 +530,15 @@ def run_preset(name: str, args: argparse.Namespace, lengths: np.ndarray, probe: 
     for r in args.runners:
         if r.startswith("compiled") and not args.compile:
             continue
-        runner = build_runner(r, cfg, sets)
+        if r.endswith("fp16") and device.type != "cuda":
+            print(f"  {r}: skipped (fp16 autocast is the CUDA recipe)")
+            continue
+        runner = build_runner(r, cfg, sets, device)
         if r not in RELEASE_FORM_RUNNERS:
             runner.exec_flops = exec_flops["bucketed"]
         t0 = time.perf_counter()
-        for b in runner.batches[: 2 if r.startswith("compiled") else 1]:  # compiled: 2 shapes, dynamic
-            runner.step(b)
+        for i in range(max(args.warmup, 2 if r.startswith("compiled") else 1)):  # compiled: 2 shapes, dynamic
+            runner.step(runner.batches[i % len(runner.batches)])
         runner.warmup_s = time.perf_counter() - t0
         print(f"  {r}: warm-up {runner.warmup_s:.1f} s ({runner.what})", flush=True)
         runners.append(runner)
@@ -550,7 +580,7 @@ def report(name: str, runners: list[Runner], best: float) -> None:
             print(f"  epoch time vs {ref}: " + ", ".join(f"{r.name} {r.epoch_s / by[ref].epoch_s:.2f}x"
                                                          for r in runners if r.name != ref))  # fmt: skip
     for a, b in (("bf16", "eager"), ("compiled", "eager"), ("compiled_bf16", "bf16"), ("eager", "sdpa_ca"),
-                 ("fused_adamw", "eager"), ("threads1", "eager")):  # fmt: skip
+                 ("fp16", "eager"), ("eager", "unfused_adamw"), ("threads1", "eager")):  # fmt: skip
         if a in by and b in by:
             print(f"  {a} vs {b}: useful FLOP/s {by[a].rate / by[b].rate:.2f}x (util adj "
                   f"{by[a].util_adjacent / by[b].util_adjacent:.2f}x)")  # fmt: skip
@@ -565,7 +595,9 @@ def main() -> None:
                     choices=RUNNERS, help="compiled* only run with --compile")  # fmt: skip
     ap.add_argument("--compile", action="store_true", help="also time torch.compile runners")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=6, help="timed steps per runner (one per round)")
+    ap.add_argument("--rounds", "--steps", type=int, default=6, help="timed steps per runner (one per round)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per runner first (GPU: a few)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (the matmul probe runs there too)")
     ap.add_argument("--clips", type=int, default=EPOCH_CLIPS, help="clips in the synthetic epoch")
     ap.add_argument("--seed", type=int, default=3407)
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
@@ -582,10 +614,18 @@ def main() -> None:
     print(f"length mix ({args.clips} clips): audio mean {a.mean() / 50:.2f} s, p95 {np.percentile(a, 95) / 50:.2f} s "
           f"({(a == 599).mean():.1%} at the 599 cap), vision mean {v.mean():.0f}, p95 {np.percentile(v, 95):.0f} "
           f"frames; missing audio {(lengths[:, 0] == 0).mean():.1%}, vision {(lengths[:, 1] == 0).mean():.1%}")  # fmt: skip
-    probe = MatmulProbe(torch.float32)
+    device = torch.device(args.device)
+    n = 2048 if device.type == "cpu" else 8192  # a GPU needs a bigger product to reach its rate
+    if device.type == "cuda":
+        print(f"device: {torch.cuda.get_device_name(device)}; TF32 matmul "
+              f"{torch.backends.cuda.matmul.allow_tf32} (fp32 rows are true fp32 unless enabled)")  # fmt: skip
+    probe = MatmulProbe(torch.float32, n, device)
     start = probe(repeats=10, warmup=3)
-    bf16_start = MatmulProbe(torch.bfloat16)(repeats=10, warmup=3)
-    print(f"matmul 2048^3: fp32 {start / 1e9:.0f} GFLOP/s, bf16 {bf16_start / 1e9:.0f} GFLOP/s (best of 10)")
+    rates = {"fp32": start, "bf16": MatmulProbe(torch.bfloat16, n, device)(repeats=10, warmup=3)}
+    if device.type == "cuda":
+        rates["fp16"] = MatmulProbe(torch.float16, n, device)(repeats=10, warmup=3)
+    print(f"matmul {n}^3: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rates.items())
+          + " (best of 10); utilisation below is against the fp32 rate, as the issue states it")  # fmt: skip
     results = {}
     for name in args.presets:
         results[name] = run_preset(name, args, lengths, probe)

@@ -1,0 +1,45 @@
+"""The prepared GPU check (``benchmarks/gpu_check.sh``) must run, so that a session lent a
+GPU spends its few minutes measuring, not debugging. Here it runs its CPU smoke form (the
+invocation in its header): every step on the CPU with tiny sizes, the same commands and
+options as on a GPU except the device and the precision."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = {"DEVICE": "cpu", "PRECISION": "bf16", "STEPS": "1", "WARMUP": "1", "PRESETS": "official", "CLIPS": "120",
+         "EPOCHS": "1", "FT_BATCH": "2", "FT_STEPS": "1", "FT_ARGS": "--skip-paper", "DEMO_CLIPS": "24",
+         "DEMO_EPOCHS": "2"}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
+def test_gpu_check_script_runs_every_step(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    env = {**os.environ, **SMOKE, "OUT": str(out), "PYTHON": sys.executable, "TMPDIR": str(tmp_path)}
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = dict(re.findall(r"^(\w+) rc=(\d+)", (out / "steps.txt").read_text(), flags=re.MULTILINE))
+    assert steps == {"throughput": "0", "synth": "0", "train": "0", "finetune": "0", "demo": "0"}, (
+        (out / "steps.txt").read_text() + proc.stdout[-3000:]
+    )
+
+    throughput = (out / "throughput.txt").read_text()
+    assert "exec util" in throughput and "[official] summary" in throughput
+    # the analytic FLOP counts (both forms of the cross-attention) agree with FlopCounterMode
+    ratios = [float(x) for x in re.findall(r"analytic(?: useful)? ([0-9.]+)x", throughput)]
+    assert len(ratios) == 4 and all(0.99 <= r <= 1.01 for r in ratios), ratios
+    for runner in ("plain", "before", "sdpa_ca", "eager", "bf16"):
+        assert re.search(rf"^{runner}\s+\d", throughput, flags=re.MULTILINE), runner
+    assert '"mean_pearson"' in (out / "metrics.json").read_text()
+    assert (out / "demo_summary.json").is_file() and (out / "demo_extract_summary.json").is_file()
+    assert "finetune_offline" in (out / "finetune.txt").read_text()
