@@ -29,14 +29,17 @@ Missing-modality semantics (spec section 5): a missing modality's RAW features a
 replaced by its token, broadcast over time, before any projection, and every time
 step then counts as valid. Masks are boolean, ``True`` = a real (valid) step.
 
-How that is computed: the first operation on every raw sequence is position-wise (a
-Linear: ``ModalityEncoder.proj``, or the cross-attention ``k_proj``/``v_proj`` of the
-release; a non-text anchor is masked-mean pooled). So ``Linear(where(m, token, x)) ==
-where(m, Linear(token), Linear(x))`` and the mean of a broadcast token is the token: the
-model projects (or pools) the raw ``x`` and the token separately and selects per sample
-(:func:`project_with_token`, :class:`PaddedSequence`). The result is the same, but the raw
-``x`` never depends on a parameter, so backward never computes the gradient of a whole
-(B, T, 1027) input (a third of the release's training FLOPs when substituting first).
+How that is computed: the first operation on every raw sequence is position-wise or a
+weighted sum over time (a Linear: ``ModalityEncoder.proj``; the release's cross-attention,
+whose keys are a Linear and whose values are pooled with the attention weights before
+their projection; a non-text anchor's masked mean). So ``Linear(where(m, token, x)) ==
+where(m, Linear(token), Linear(x))``, a weighted sum of a broadcast token is the token
+times the weights' sum, and keys that are all the token's give equal scores: the model
+projects (or pools) the raw ``x`` and handles the token separately per sample
+(:func:`project_with_token`, :class:`PaddedSequence`, :class:`CrossAttention`). The result
+is the same, but the raw ``x`` never depends on a parameter, so backward never computes
+the gradient of a whole (B, T, 1027) input (a third of the release's training FLOPs when
+substituting first).
 """
 
 from __future__ import annotations
