@@ -7,11 +7,14 @@ optionally util-linux ``fincore``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,17 @@ from taemi.data.store import FeatureStore, StoreError, StoreWriter
 
 #: Feature sizes of the paper's backbones (spec section 3).
 PAPER_DIMS = {"audio": 1027, "vision": 768, "text": 768}
+
+
+@contextlib.contextmanager
+def work_folder(path: Path | None, prefix: str) -> Iterator[Path]:
+    """``path`` (created, kept afterwards: --workdir), or a temporary folder removed on exit."""
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)
 
 
 def length_range(max_len: int) -> tuple[int, int]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from _paper_store import (
     data_files,
     drop_from_page_cache,
     expected_bytes,
+    work_folder,
 )
 from torch.utils.data import DataLoader
 
@@ -108,14 +108,8 @@ def main() -> None:
     ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     args = ap.parse_args()
 
-    tmp = None
-    base = args.workdir
-    if base is None:
-        tmp = tempfile.TemporaryDirectory(prefix="taemi-loader-wait-")
-        base = Path(tmp.name)
-    base.mkdir(parents=True, exist_ok=True)
-    root = base / f"paper_store_abaw_{args.clips}"
-    try:
+    with work_folder(args.workdir, "taemi-loader-wait-") as base:
+        root = base / f"paper_store_abaw_{args.clips}"
         if not (root / "manifest.json").exists():
             check_free_disk(base, expected_bytes(args.clips, 599, 400, mix="abaw"), f"a {args.clips}-clip store")
         t0 = time.perf_counter()
@@ -131,9 +125,6 @@ def main() -> None:
         model = build_model(cfg).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
         results = [measure(store, s, args, model, optimizer, cfg) for s in args.settings]
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
 
     print(f"\n{'setting':<8} {'workers':>7} {'prefetch':>8} {'1st wait s':>10} {'wait share':>10} "
           f"{'incl. 1st':>9} {'median wait ms':>14} {'step s':>7} {'padding':>7}")  # fmt: skip

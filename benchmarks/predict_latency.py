@@ -38,9 +38,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from _paper_store import work_folder
 
 STAGES = ("load", "decode", "asr", "audio", "vision", "text", "write", "extract", "fusion", "total")
 
@@ -108,13 +109,7 @@ def main() -> None:
     ap.add_argument("--no-cli", action="store_true", help="skip the fresh-process CLI timing")
     args = ap.parse_args()
     quiet()
-    tmp = None
-    work = args.workdir
-    if work is None:
-        tmp = tempfile.TemporaryDirectory(prefix="taemi-predict-latency-")
-        work = Path(tmp.name)
-    work.mkdir(parents=True, exist_ok=True)
-    try:
+    with work_folder(args.workdir, "taemi-predict-latency-") as work:
         t0 = time.perf_counter()
         run = make_run(work)
         videos = make_videos(work, args.videos, args.seconds)
@@ -145,9 +140,6 @@ def main() -> None:
             cli = time.perf_counter() - t0
             if proc.returncode != 0:
                 raise SystemExit(f"taemi predict failed ({proc.returncode}):\n{proc.stderr}")
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
 
     print("\nper call of predict_media in one process (seconds; stages summed over threads, they overlap)")
     print(f"{'call':<5} {'video':<10} {'media s':>7} {'crops':>5} " + " ".join(f"{s:>7}" for s in STAGES)

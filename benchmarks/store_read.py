@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +41,7 @@ from _paper_store import (
     drop_from_page_cache,
     expected_bytes,
     resident_fraction,
+    work_folder,
 )
 from torch.utils.data import DataLoader, RandomSampler
 
@@ -120,15 +120,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader num_workers")
     args = ap.parse_args()
 
-    tmp = None
     if args.store is not None:
-        root = args.store
-    else:
-        base = args.workdir
-        if base is None:
-            tmp = tempfile.TemporaryDirectory(prefix="taemi-store-read-")
-            base = Path(tmp.name)
-        base.mkdir(parents=True, exist_ok=True)
+        run(args.store, args)
+        return
+    with work_folder(args.workdir, "taemi-store-read-") as base:
         root = base / f"paper_store_{args.clips}"
         if not (root / "manifest.json").exists():
             check_free_disk(
@@ -137,11 +132,7 @@ def main() -> None:
         t0 = time.perf_counter()
         build_store(root, args.clips)
         print(f"store ready in {time.perf_counter() - t0:.1f} s")
-    try:
         run(root, args)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
 
 
 def run(root: Path, args: argparse.Namespace) -> None:

@@ -39,11 +39,17 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from _paper_store import PeakSampler, build_store, check_free_disk, expected_bytes, proc_status
+from _paper_store import (
+    PeakSampler,
+    build_store,
+    check_free_disk,
+    expected_bytes,
+    proc_status,
+    work_folder,
+)
 
 MiB = 1 << 20
 
@@ -196,13 +202,7 @@ def main() -> None:
             f"--steps x --batch-size = {args.steps * args.batch_size}; its run stops after one epoch"
         )
 
-    tmp = None
-    base = args.workdir
-    if base is None:
-        tmp = tempfile.TemporaryDirectory(prefix="taemi-train-memory-")
-        base = Path(tmp.name)
-    base.mkdir(parents=True, exist_ok=True)
-    try:
+    with work_folder(args.workdir, "taemi-train-memory-") as base:
         tag = "" if args.mix == "uniform" else f"_{args.mix}"
         roots = {
             n: base / f"paper_store{tag}_{n}_a{args.max_audio_len}_v{args.max_vision_len}"
@@ -225,9 +225,6 @@ def main() -> None:
             )
             print(f"store of {n} clips ready in {time.perf_counter() - t0:.0f} s")
         results = [measure(root, args) for root in roots.values()]
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     report(results, args)
 
 
