@@ -748,3 +748,18 @@ def test_rebuild_needs_an_architecture_folder(tmp_path):
     (tmp_path / ARCHITECTURE_FILE).write_text(json.dumps({"format": 1, "kind": "text"}))
     with pytest.raises(ValueError, match="kind 'text'"):
         rebuild_audio_backbone(tmp_path)
+
+
+def test_w2v_feature_extractor_at_another_rate_is_refused_by_backbone_and_encoder(w2v_dirs, tmp_path):
+    """A checkpoint whose feature extractor wants 8 kHz would be fed 16 kHz audio without
+    notice: both the fine-tuning backbone and the frozen encoder refuse it by name."""
+    from taemi.extract.encoders.paper import Wav2Vec2EmotionEncoder
+
+    folder = tmp_path / "8k"
+    shutil.copytree(w2v_dirs["layer"], folder)
+    cfg = json.loads((folder / "preprocessor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps(cfg | {"sampling_rate": 8000}))
+    for load in (load_audio_backbone, Wav2Vec2EmotionEncoder):
+        with pytest.raises(ModelLoadError, match=r"sampling_rate=8000.*16000 Hz mono") as info:
+            load(str(folder))
+        assert str(folder) in str(info.value)

@@ -93,6 +93,7 @@ from taemi.extract.encoders.paper import (
     _load_model,
     _revision,
     conv_receptive_field,
+    load_wav2vec2_feature_extractor,
     locate,
     refuse_remote_code,
 )
@@ -441,16 +442,7 @@ def _load_wav2vec2(
     loc: ModelLocation, *, max_seconds: float, allow_download: bool
 ) -> Wav2Vec2Backbone:
     config = _load_config(loc, allow_download, "wav2vec2")
-    fe: Wav2Vec2FeatureExtractor = _load(
-        loc, allow_download, Wav2Vec2FeatureExtractor.from_pretrained
-    )
-    if fe.sampling_rate != SAMPLE_RATE or fe.feature_size != 1:
-        raise ModelLoadError(
-            loc.source,
-            loc.looked_in(),
-            f"Its feature extractor expects sampling_rate={fe.sampling_rate}, "
-            f"feature_size={fe.feature_size}; this backbone feeds {SAMPLE_RATE} Hz mono",
-        )
+    fe = load_wav2vec2_feature_extractor(loc, allow_download)
     layerdrop = float(config.layerdrop)
     config.layerdrop = 0.0  # DDP-safe: every layer runs in every step (module docstring)
     model = _load_model(

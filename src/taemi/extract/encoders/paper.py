@@ -242,6 +242,20 @@ def locate(
 _LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, ImportError, json.JSONDecodeError)
 
 
+def load_wav2vec2_feature_extractor(loc: ModelLocation, allow_download: bool) -> Wav2Vec2FeatureExtractor:
+    """The checkpoint's feature extractor; it must take mono audio at :data:`SAMPLE_RATE`, the
+    only audio this project feeds a wav2vec2 model (the encoder and the fine-tuned backbone)."""
+    fe = _load(loc, allow_download, Wav2Vec2FeatureExtractor.from_pretrained)
+    if fe.sampling_rate != SAMPLE_RATE or fe.feature_size != 1:
+        raise ModelLoadError(
+            loc.source,
+            loc.looked_in(),
+            f"Its feature extractor expects sampling_rate={fe.sampling_rate}, "
+            f"feature_size={fe.feature_size}; taemi feeds wav2vec2 {SAMPLE_RATE} Hz mono",
+        )
+    return fe
+
+
 def _load(loc: ModelLocation, allow_download: bool, fn: Callable[..., T], /, **kwargs: Any) -> T:
     """``fn(loc.target, local_files_only=not allow_download, cache_dir=..., **kwargs)``,
     with any loading failure re-raised as ModelLoadError (the cause chained)."""
@@ -450,17 +464,7 @@ class Wav2Vec2EmotionEncoder:
         self.max_seconds = max_seconds
         loc = locate(source, cache_dir)
         config = _load_config(loc, allow_download, "wav2vec2")
-        self.feature_extractor: Wav2Vec2FeatureExtractor = _load(
-            loc, allow_download, Wav2Vec2FeatureExtractor.from_pretrained
-        )
-        fe = self.feature_extractor
-        if fe.sampling_rate != SAMPLE_RATE or fe.feature_size != 1:
-            raise ModelLoadError(
-                loc.source,
-                loc.looked_in(),
-                f"Its feature extractor expects sampling_rate={fe.sampling_rate}, "
-                f"feature_size={fe.feature_size}; this encoder feeds {SAMPLE_RATE} Hz mono",
-            )
+        self.feature_extractor = load_wav2vec2_feature_extractor(loc, allow_download)
         self.model: Wav2Vec2EmotionModel = _load_model(
             loc, allow_download, Wav2Vec2EmotionModel, config=config, dtype=self.dtype
         )
@@ -479,7 +483,7 @@ class Wav2Vec2EmotionEncoder:
         self.frame_rate = SAMPLE_RATE / math.prod(config.conv_stride)
         self.settings: dict[str, Any] = {
             "max_seconds": max_seconds,
-            "normalize": bool(fe.do_normalize),
+            "normalize": bool(self.feature_extractor.do_normalize),
             "head": "per-frame",
             "head_labels": self.labels,
             "attention_mask": self.pass_attention_mask,
