@@ -2,7 +2,7 @@
 # One prepared GPU check (issue 7, item 9). Run from the repository root on a CUDA machine
 # with the project installed (`pip install -e '.[extract]'` or the test extra):
 #
-#   bash benchmarks/gpu_check.sh              # ~5-8 min on one H100 (steps below)
+#   bash benchmarks/gpu_check.sh              # an estimated 5-8 min on one H100 (never run on a GPU yet; steps below)
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
 #
 #   1. training throughput at paper dimensions with the corpus's length mix, one run:
