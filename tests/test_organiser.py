@@ -1,30 +1,37 @@
 """Importing the organisers' pre-extracted features: the safe pickle loader (a crafted
-pickle must not run code), array forms, missing/corrupt files, resumability, provenance
-and the ``taemi import`` command."""
+pickle must not run code, allocate gigabytes or crash numpy), array forms, the feature
+size decided by agreement or --dims, rejected files (reported, retried by the next run),
+absent files, resumability, provenance and the ``taemi import`` command."""
 
 from __future__ import annotations
 
 import argparse
+import collections
+import io
 import json
 import os
 import pickle
 import subprocess
+import tracemalloc
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_main
 
 from taemi.cli.import_cmd import register
+from taemi.data import organiser
 from taemi.data.organiser import (
     DEFAULT_DIMS,
+    FeatureTooLargeError,
     ImportSummary,
     UnsafePickleError,
     import_organiser_features,
     load_feature_pickle,
 )
-from taemi.data.store import FeatureStore, verify_store
+from taemi.data.store import ERRORS_FILE, FeatureStore, verify_store
 
 D_A, D_V, D_T = 6, 5, 4
 
@@ -230,6 +237,172 @@ def test_corrupt_files(tmp_path: Path) -> None:
         load_feature_pickle(tmp_path / "nope.pkl")
 
 
+# --------------------------------------------------------------------------- size limits
+
+
+HUGE = (1, 2**26)  # 67,108,864 values: twice MAX_FEATURE_ELEMENTS
+
+
+def _without_frame(data: bytes) -> bytes:
+    """A protocol 4+ pickle without its FRAME opcode (frames are optional), so that bytes
+    inside it can be replaced by longer ones."""
+    assert data[2:3] == pickle.FRAME
+    return data[:2] + data[11:]
+
+
+def _hostile_files(folder: Path) -> dict[str, Path]:
+    """Small feature files that each declare a (1, 2**26) array through what the loader
+    allows; by form."""
+    shape = b"K\x01J\x00\x00\x00\x04\x86"  # the tuple (1, 2**26)
+    small2 = pickle.dumps(np.zeros((1, 4)), protocol=2)
+    small5 = _without_frame(pickle.dumps(np.zeros((1, 4)), protocol=5))
+    assert small2.count(b"K\x01K\x04\x86") == 1 and small5.count(b"K\x01K\x04\x86") == 1
+    storage = torch.zeros(1).storage()  # one value, viewed with stride 0 as 2**26 values
+    forms = {
+        # numpy.ndarray((1, 2**26), numpy.dtype('f8')): 50 bytes
+        "ndarray": b"\x80\x02cnumpy\nndarray\n"
+        + shape
+        + b"cnumpy\ndtype\nX\x02\x00\x00\x00f8\x85R\x86R.",
+        "reconstruct": b"\x80\x02cnumpy._core.multiarray\n_reconstruct\ncnumpy\nndarray\n"
+        + shape
+        + b"C\x01b\x87R.",
+        "build": small2.replace(b"K\x01K\x04\x86", shape),  # the array state's shape
+        "frombuffer": small5.replace(b"K\x01K\x04\x86", shape),
+        "tensor": pickle.dumps(
+            _Reduce(
+                torch._utils._rebuild_tensor_v2,
+                (storage, 0, HUGE, (0, 0), False, collections.OrderedDict()),
+            )
+        ),
+        "rows": pickle.dumps([np.zeros(2**13)] * 2**13),  # one row, memoised: 2**26 values
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, data in forms.items():
+        paths[name] = folder / f"{name}.pkl"
+        paths[name].write_bytes(data)
+    paths["npy"] = folder / "header.npy"
+    with open(paths["npy"], "wb") as fh:
+        np.lib.format.write_array_header_1_0(
+            fh, {"descr": "<f8", "fortran_order": False, "shape": HUGE}
+        )
+        fh.write(b"\x00" * 8)
+    return paths
+
+
+def test_huge_declared_arrays_are_refused_before_allocation(tmp_path: Path) -> None:
+    for form, path in _hostile_files(tmp_path).items():
+        assert path.stat().st_size < 100_000, form
+        tracemalloc.start()
+        try:
+            with pytest.raises(FeatureTooLargeError) as info:
+                load_feature_pickle(path)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        message = str(info.value)
+        assert message.startswith(f"{path}: ") and "67,108,864 values" in message, (form, message)
+        assert "refused before being allocated" in message, form
+        assert peak < 16 * 2**20, (form, peak)  # the array alone would be 256-512 MiB
+    ndarray = (tmp_path / "ndarray.pkl").read_bytes()
+    assert len(ndarray) == 50
+
+
+def test_size_limits_are_exact(tmp_path: Path, monkeypatch) -> None:
+    """At the limit a file loads; one value or one byte over, it is refused (all forms)."""
+    monkeypatch.setattr(organiser, "MAX_FEATURE_ELEMENTS", 12)
+    monkeypatch.setattr(organiser, "MAX_FEATURE_BYTES", 12 * 4)
+    writers = {
+        "pickle.pkl": lambda p, a: p.write_bytes(pickle.dumps(a, protocol=2)),
+        "pickle5.pkl": lambda p, a: p.write_bytes(pickle.dumps(a, protocol=5)),
+        "rows.pkl": lambda p, a: p.write_bytes(pickle.dumps(list(a))),
+        "tensor.pkl": lambda p, a: p.write_bytes(pickle.dumps(torch.from_numpy(a))),
+        "saved.pt": lambda p, a: torch.save(torch.from_numpy(a), p),
+        "array.npy": lambda p, a: np.save(p, a),
+    }
+    for name, write in writers.items():
+        path = tmp_path / name
+        write(path, np.ones((3, 4), np.float32))  # 12 values, 48 bytes
+        assert load_feature_pickle(path).shape == (3, 4), name
+        write(path, np.ones((13, 1), np.float32))  # 13 values
+        with pytest.raises(FeatureTooLargeError, match="13 values"):
+            load_feature_pickle(path)
+        write(path, np.ones((2, 4), np.float64))  # 8 values, 64 bytes
+        with pytest.raises(FeatureTooLargeError, match="64 bytes"):
+            load_feature_pickle(path)
+    monkeypatch.setattr(organiser, "MAX_FEATURE_FILE_BYTES", 100)
+    (tmp_path / "big.pkl").write_bytes(pickle.dumps(np.ones(2, np.float32)) + b"\x00" * 100)
+    with pytest.raises(
+        FeatureTooLargeError, match=r"big.pkl: .* bytes; a feature file may have at most 100"
+    ):
+        load_feature_pickle(tmp_path / "big.pkl")
+
+
+def test_real_feature_sizes_load(tmp_path: Path) -> None:
+    """ABAW-sized files pass the limits comfortably: wav2vec2 3,000 x 1024 (a 60 s clip),
+    ViT 3,000 x 768, as float64 too."""
+    rng = np.random.default_rng(0)
+    for shape in ((3000, 1024), (3000, 768)):
+        a = rng.normal(size=shape)
+        for name, write in {
+            "a.pkl": lambda p, a=a: p.write_bytes(pickle.dumps(a)),
+            "a32.pkl": lambda p, a=a: p.write_bytes(pickle.dumps(a.astype(np.float32), protocol=2)),
+            "t.pkl": lambda p, a=a: p.write_bytes(pickle.dumps(torch.from_numpy(a).float()[None])),
+            "t.pt": lambda p, a=a: torch.save({"features": torch.from_numpy(a)}, p),
+            "a.npy": lambda p, a=a: np.save(p, a),
+        }.items():
+            write(tmp_path / name)
+            out = load_feature_pickle(tmp_path / name)
+            assert out.shape == shape and out.dtype == np.float32, name
+            np.testing.assert_allclose(out, a, rtol=1e-6, err_msg=name)
+
+
+def test_build_cannot_alter_a_dtype_in_use_or_other_objects(tmp_path: Path) -> None:
+    """BUILD (set an object's state) is numpy's way to fill an array; a crafted pickle must
+    not use it to change the item size of a dtype an array already uses, to rebuild an
+    array twice, or to set attributes of anything else."""
+    # an array of dtype V4 on b'abcd', then its dtype (memo 0) rebuilt with item size 2**30
+    data = (
+        b"\x80\x02cnumpy\ndtype\nX\x02\x00\x00\x00V4\x89\x88\x87Rq\x00"
+        b"cnumpy._core.numeric\n_frombuffer\n(c_codecs\nencode\nX\x04\x00\x00\x00abcd"
+        b"X\x06\x00\x00\x00latin1\x86Rh\x00K\x01\x85X\x01\x00\x00\x00CtR"
+        b"h\x00(K\x03X\x01\x00\x00\x00|NNNJ\x00\x00\x00@K\x01K\x00tb\x86."
+    )
+    path = tmp_path / "dtype.pkl"
+    path.write_bytes(data)
+    arr, dtype = organiser._SafeUnpickler(io.BytesIO(data), path).load()
+    assert arr.dtype.itemsize == 4 and arr.tobytes() == b"abcd"  # its dtype unchanged
+    assert dtype.itemsize == 2**30  # the rebuilt one is a new dtype
+    with pytest.raises(ValueError):
+        load_feature_pickle(path)
+    # the state of an array that already has one
+    built = pickle.dumps(np.zeros((1, 2)), protocol=2)
+    assert built.endswith(b"b.")
+    (tmp_path / "twice.pkl").write_bytes(built[:-1] + built[built.index(b"(K\x01") : -1] + b".")
+    with pytest.raises(
+        UnsafePickleError, match=r"twice.pkl: refused to set the state of a numpy.ndarray"
+    ):
+        load_feature_pickle(tmp_path / "twice.pkl")
+    # attributes of an allowed function
+    (tmp_path / "func.pkl").write_bytes(b"\x80\x02cnumpy._core.multiarray\nscalar\n}b.")
+    with pytest.raises(
+        UnsafePickleError, match=r"func.pkl: refused to set the state of a builtins.function"
+    ):
+        load_feature_pickle(tmp_path / "func.pkl")
+
+
+def test_object_array_with_a_short_list_is_refused_not_crashing(tmp_path: Path) -> None:
+    """numpy's own __setstate__ crashes the process (segmentation fault) on an object array
+    whose list is shorter than its shape; the loader refuses object arrays first."""
+    data = pickle.dumps(np.array([[1, "a"]], dtype=object), protocol=2)
+    assert data.count(b"K\x01K\x02\x86") == 1
+    (tmp_path / "obj.pkl").write_bytes(
+        data.replace(b"K\x01K\x02\x86", b"K\x01J\x00\x00\x00\x01\x86")
+    )
+    with pytest.raises(ValueError, match=r"obj.pkl: .*dtype object: an array of Python objects"):
+        load_feature_pickle(tmp_path / "obj.pkl")
+
+
 # --------------------------------------------------------------------------- import
 
 
@@ -243,9 +416,13 @@ def _text(root: Path, clip_id: str, text: str) -> None:
     (root / "text" / f"{clip_id}.txt").write_text(text, encoding="utf-8")
 
 
+def _errors(store: Path) -> list[dict]:
+    return [json.loads(line) for line in (store / ERRORS_FILE).read_text().splitlines()]
+
+
 @pytest.fixture()
 def organiser_root(tmp_path: Path) -> tuple[Path, dict]:
-    """Six clips covering the cases; returns (root, expected arrays by id)."""
+    """Seven clips covering the cases; returns (root, expected arrays by id)."""
     root = tmp_path / "organiser"
     rng = np.random.default_rng(1)
     arrays: dict[str, dict[str, np.ndarray]] = {}
@@ -265,49 +442,64 @@ def organiser_root(tmp_path: Path) -> tuple[Path, dict]:
     _dump(root / "wav2vec2" / "00002.pkl", torch.from_numpy(f["audio"]).float())
     _dump(root / "vit" / "00002.pkl", torch.from_numpy(f["vision"]).half())
     _text(root, "00002", "  \n")
-    f = feats("00003", 5, 2)  # no audio file, vision corrupt
-    (root / "vit" / "00003.pkl").write_bytes(pickle.dumps(f["vision"])[:40])
+    f = feats("00003", 5, 2)  # no audio file: written, audio missing
+    _dump(root / "vit" / "00003.pkl", f["vision"])
     _text(root, "00003", "what a day")
-    f = feats("00004", 5, 2)  # vision of the wrong size, no transcript file
+    f = feats("00004", 5, 2)  # vision of the wrong size (rejected), no transcript file
     _dump(root / "wav2vec2" / "00004.pkl", f["audio"])
     _dump(root / "vit" / "00004.pkl", np.ones((2, D_V + 2)))
-    f = feats("00005", 3, 2)  # audio is a crafted pickle
+    f = feats("00005", 3, 2)  # audio is a crafted pickle, its text fails to encode (rejected)
     _dump(root / "wav2vec2" / "00005.pkl", _Reduce(os.system, (f"touch {tmp_path / 'marker'}",)))
     _dump(root / "vit" / "00005.pkl", f["vision"])
     _text(root, "00005", "boom goes the text encoder")
     f = feats("00006", 2, 1)  # torch.save files
-    (root / "wav2vec2").mkdir(exist_ok=True)
     torch.save(torch.from_numpy(f["audio"]), root / "wav2vec2" / "00006.pkl")
     torch.save({"features": torch.from_numpy(f["vision"])}, root / "vit" / "00006.pkl")
     _text(root, "00006", "fine")
+    f = feats("00007", 4, 2)  # vision truncated (rejected)
+    _dump(root / "wav2vec2" / "00007.pkl", f["audio"])
+    (root / "vit" / "00007.pkl").write_bytes(pickle.dumps(f["vision"])[:40])
+    _text(root, "00007", "cut short")
     return root, arrays
 
 
-def test_import_end_to_end(organiser_root, tmp_path: Path) -> None:
+REJECTED = [("00004", "vision", "read"), ("00005", "audio", "read"), ("00005", "text", "encode"),
+            ("00007", "vision", "read")]  # fmt: skip
+
+
+def test_import_end_to_end(organiser_root, tmp_path: Path, caplog) -> None:
     root, arrays = organiser_root
     enc = FakeTextEncoder()
     out = tmp_path / "store"
     s = import_organiser_features(root, out, text_encoder=enc, batch_size=4, progress=False)
     assert isinstance(s, ImportSummary)
-    assert (s.total, s.done, s.skipped, s.failed) == (6, 6, 0, 0)
-    # audio: 00003 absent, 00005 unsafe; vision: 00003 corrupt, 00004 wrong D;
-    # text: 00002 empty, 00004 no file, 00005 encoder failed
-    assert s.missing == {"audio": 2, "vision": 2, "text": 3}
-    problems = {(p["clip_id"], p["modality"]): p for p in s.problems}
-    assert set(problems) == {("00003", "audio"), ("00005", "audio"), ("00003", "vision"),
-                             ("00004", "vision"), ("00004", "text"), ("00005", "text")}  # fmt: skip
-    assert problems[("00003", "audio")]["reason"] == "no such file"
-    assert "posix.system" in problems[("00005", "audio")]["reason"]
-    assert problems[("00005", "audio")]["file"].endswith("wav2vec2/00005.pkl")
-    assert "not a readable pickle" in problems[("00003", "vision")]["reason"]
-    assert "D = 7" in problems[("00004", "vision")]["reason"]
-    assert "boom" in problems[("00005", "text")]["reason"]
+    assert (s.total, s.done, s.skipped, s.failed, s.rejected, s.ok) == (7, 4, 0, 3, 4, False)
+    # among the clips written: 00003 has no audio file, 00002 an empty transcript
+    assert s.missing == {"audio": 1, "vision": 0, "text": 1}
+    assert [(a["clip_id"], a["modality"]) for a in s.absent] == [("00003", "audio")]
+    errors = {(e["clip_id"], e["modality"]): e for e in s.errors}
+    assert sorted((c, m, e["stage"]) for (c, m), e in errors.items()) == REJECTED
+    assert "posix.system" in errors[("00005", "audio")]["reason"]
+    assert errors[("00005", "audio")]["path"].endswith("wav2vec2/00005.pkl")
+    assert "boom" in errors[("00005", "text")]["reason"]
+    assert "D = 7, the store has vision D = 5" in errors[("00004", "vision")]["reason"]
+    assert "not a readable pickle" in errors[("00007", "vision")]["reason"]
     assert not (tmp_path / "marker").exists()
+    # each rejected file: a line in the store's error file and a warning
+    lines = _errors(out)
+    assert sorted((e["clip_id"], e["modality"], e["stage"]) for e in lines) == REJECTED
+    assert all(e["run"] == s.started and e["path"] and e["reason"] for e in lines)
+    warned = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelname == "WARNING" and "rejected" in r.getMessage()
+    ]
+    assert len(warned) == 4 and any("00007.pkl: not a readable pickle" in w for w in warned)
 
     assert verify_store(out) == []
     store = FeatureStore(out)
     assert store.dims == {"audio": D_A, "vision": D_V, "text": D_T}
-    assert sorted(store.ids) == [f"0000{k}" for k in range(1, 7)]
+    assert sorted(store.ids) == ["00001", "00002", "00003", "00006"]
     c = store.get("00001")
     np.testing.assert_allclose(
         c.audio, arrays["00001"]["audio"], rtol=1e-3, atol=1e-3
@@ -316,7 +508,7 @@ def test_import_end_to_end(organiser_root, tmp_path: Path) -> None:
     np.testing.assert_allclose(c.text, enc.vector("I am so happy today"), rtol=1e-3)
     assert store.get("00002").text is None and store.get("00002").audio.shape == (4, D_A)
     assert store.get("00006").vision.shape == (1, D_V)
-    assert store.get("00003").missing == (True, True, False)
+    assert store.get("00003").missing == (True, False, False)
     prov = store.manifest["modalities"]
     assert prov["audio"] == {
         "backbone": "organiser:wav2vec2",
@@ -324,36 +516,40 @@ def test_import_end_to_end(organiser_root, tmp_path: Path) -> None:
     }
     assert prov["vision"]["backbone"] == "organiser:vit"
     assert prov["text"]["backbone"] == "fake-text" and prov["text"]["settings"]["kind"] == "test"
-    # a failing batch is retried text by text, so only the bad clip loses its text
+    # a failing batch is retried text by text, so only the bad clip fails
     assert ["boom goes the text encoder"] in enc.calls
     report = json.loads((out / "import_report.json").read_text())
-    assert report["done"] == 6 and len(report["problems"]) == 6 and report["ok"] is True
+    assert (report["done"], report["failed"], report["rejected"], report["ok"]) == (4, 3, 4, False)
+    assert len(report["errors"]) == 4 and len(report["absent"]) == 1
     assert (out / "transcripts" / "00001.txt").read_text() == "I am so happy today\n"
+    assert not (out / "transcripts" / "00007.txt").exists()  # not written
 
 
-def test_import_resumes(organiser_root, tmp_path: Path) -> None:
+def test_import_resumes_and_retries_failed_clips(organiser_root, tmp_path: Path) -> None:
     root, _ = organiser_root
     out = tmp_path / "store"
     first = import_organiser_features(
         root, out, text_encoder=FakeTextEncoder(), ids=["00001", "00003"], progress=False
     )
-    assert first.done == 2 and len(first.problems) == 2
+    assert (first.done, first.failed, first.ok, len(first.absent)) == (2, 0, True, 1)
+    assert not (out / ERRORS_FILE).exists()
     enc = FakeTextEncoder()
     s = import_organiser_features(root, out, text_encoder=enc, progress=False)
-    assert (s.done, s.skipped) == (4, 2)
-    assert all("00001" not in call for call in enc.calls)  # skipped clips are not re-encoded
-    assert len(FeatureStore(out)) == 6 and verify_store(out) == []
-    # the report still lists the problems of the clips imported by the first run
+    assert (s.done, s.skipped, s.failed) == (2, 2, 3)
+    assert all("I am so happy today" not in call for call in enc.calls)  # skipped: not re-encoded
+    assert len(FeatureStore(out)) == 4 and verify_store(out) == []
+    # the report still lists the absent files of the clips imported by the first run
     report = json.loads((out / "import_report.json").read_text())
-    assert {p["clip_id"] for p in report["problems"]} >= {"00003", "00004", "00005"}
+    assert [a["clip_id"] for a in report["absent"]] == ["00003"]
+    # the failed clips are not in the store, so every run retries them (and reports them)
     again = import_organiser_features(root, out, text_encoder=FakeTextEncoder(), progress=False)
-    assert (again.done, again.skipped) == (0, 6)
+    assert (again.done, again.skipped, again.failed, again.rejected) == (0, 4, 3, 4)
+    assert len(_errors(out)) == 8 and {e["run"] for e in _errors(out)} == {
+        s.started,
+        again.started,
+    } - {""}
     report = json.loads((out / "import_report.json").read_text())
-    assert (report["done"], report["skipped"], len(report["problems"])) == (
-        0,
-        6,
-        6,
-    )  # all carried over
+    assert (report["done"], report["skipped"], len(report["absent"])) == (0, 4, 1)  # carried over
     # another backbone must not be mixed into the same store
     from taemi.data.store import StoreError
 
@@ -368,7 +564,7 @@ def test_import_without_text_encoder(organiser_root, tmp_path: Path, caplog) -> 
     root, _ = organiser_root
     caplog.set_level("INFO", logger="taemi.data.organiser")
     s = import_organiser_features(root, tmp_path / "store", text_encoder=None, progress=False)
-    assert s.missing["text"] == 6 and not any(p["modality"] == "text" for p in s.problems)
+    assert s.missing["text"] == s.done == 4 and not any(e["modality"] == "text" for e in s.errors)
     assert sum("no text encoder" in r.message for r in caplog.records) == 1
     store = FeatureStore(tmp_path / "store")
     assert store.dims["text"] == DEFAULT_DIMS["text"]
@@ -376,7 +572,7 @@ def test_import_without_text_encoder(organiser_root, tmp_path: Path, caplog) -> 
     s2 = import_organiser_features(root, tmp_path / "store2", text_encoder=None, vision_dir=None,
                                    dims={"text": 16, "vision": 3}, progress=False)  # fmt: skip
     assert FeatureStore(tmp_path / "store2").dims == {"audio": D_A, "vision": 3, "text": 16}
-    assert s2.missing["vision"] == 6
+    assert (s2.done, s2.failed, s2.missing["vision"]) == (6, 1, 6)  # 00005's audio is rejected
 
 
 def test_import_argument_errors(organiser_root, tmp_path: Path) -> None:
@@ -385,6 +581,12 @@ def test_import_argument_errors(organiser_root, tmp_path: Path) -> None:
         import_organiser_features(tmp_path / "nope", tmp_path / "s", text_encoder=None)
     with pytest.raises(FileNotFoundError, match=r"audio folder .*w2v does not exist"):
         import_organiser_features(root, tmp_path / "s", text_encoder=None, audio_dir="w2v")
+    for dims, message in [({"audio": 0}, r"dims\['audio'\] = 0"), ({"depth": 3}, "unknown modalities"),
+                          ({"text": 5}, "text encoder fake-text gives 4-d")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            import_organiser_features(
+                root, tmp_path / "s", text_encoder=FakeTextEncoder(), dims=dims
+            )
     empty = tmp_path / "empty"
     for d in ("wav2vec2", "vit", "text"):
         (empty / d).mkdir(parents=True)
@@ -393,6 +595,44 @@ def test_import_argument_errors(organiser_root, tmp_path: Path) -> None:
     _dump(empty / "wav2vec2" / "00001.pkl", "not an array")
     with pytest.raises(ValueError, match=r"audio feature size.*dims=\{'audio': D\}"):
         import_organiser_features(empty, tmp_path / "s", text_encoder=None)
+    assert not (tmp_path / "s").exists()
+
+
+def _good_root(root: Path, n: int) -> None:
+    """``n`` complete clips 00001..: audio (3, D_A), vision (2, D_V); no transcripts."""
+    rng = np.random.default_rng(2)
+    for k in range(1, n + 1):
+        _dump(root / "wav2vec2" / f"{k:05d}.pkl", rng.normal(size=(3, D_A)))
+        _dump(root / "vit" / f"{k:05d}.pkl", rng.normal(size=(2, D_V)))
+    (root / "text").mkdir(parents=True, exist_ok=True)
+
+
+def test_hostile_file_first_in_order_sets_nothing(tmp_path: Path) -> None:
+    """A 50-byte pickle declaring a (1, 2**26) array, first in id order, used to set the
+    store's audio and vision sizes to 2**26 (every real file then rejected, exit 0). It is
+    refused before its array is allocated; the sizes are those the other files agree on."""
+    root = tmp_path / "organiser"
+    _good_root(root, 5)
+    hostile = _hostile_files(tmp_path / "hostile")
+    for folder, form in (("wav2vec2", "ndarray"), ("vit", "reconstruct")):
+        (root / folder / "00000.pkl").write_bytes(hostile[form].read_bytes())
+    tracemalloc.start()
+    try:
+        s = import_organiser_features(root, tmp_path / "store", text_encoder=None, progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20, peak  # the hostile array alone: 512 MiB
+    assert FeatureStore(tmp_path / "store").dims == {
+        "audio": D_A,
+        "vision": D_V,
+        "text": DEFAULT_DIMS["text"],
+    }
+    assert (s.done, s.failed, s.rejected) == (5, 1, 2)
+    assert all(
+        e["clip_id"] == "00000" and "refused before being allocated" in e["reason"]
+        for e in s.errors
+    )
 
 
 # --------------------------------------------------------------------------- CLI
@@ -405,6 +645,87 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cli_import(root: Path, out: Path, *extra: str) -> tuple[int, str]:
+    return run_main(["import", "--root", str(root), "--out", str(out), "--text-profile", "none",
+                     "--no-progress", *extra])  # fmt: skip
+
+
+def _one_error_line(err: str) -> str:
+    """The CLI's error: one line on stderr, no traceback."""
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("taemi: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_cli_odd_file_first_majority_wins_and_a_rerun_repairs(
+    tmp_path: Path, capsys, caplog
+) -> None:
+    """An innocent file of another size first in id order: the majority's size wins, that
+    file is rejected and reported (exit 1), the good clips are imported; once the file is
+    fixed, the same command imports that clip with its audio present (exit 0)."""
+    caplog.set_level("INFO", logger="taemi.data.organiser")
+    root, out = tmp_path / "organiser", tmp_path / "store"
+    _good_root(root, 5)
+    _dump(root / "wav2vec2" / "00000.pkl", np.ones((3, 31)))
+    _dump(root / "vit" / "00000.pkl", np.ones((2, D_V)))
+    code, printed = _cli_import(root, out)
+    assert code == 1
+    assert "5 imported, 0 skipped, 1 failed, 1 file(s) rejected" in printed
+    assert str(out / ERRORS_FILE) in printed
+    assert any(
+        f"audio feature size D = {D_A}: 5 of the 6 files read agree" in r.getMessage()
+        for r in caplog.records
+    )
+    [error] = _errors(out)
+    assert (error["clip_id"], error["modality"], error["stage"]) == ("00000", "audio", "read")
+    assert error["path"] == str(root / "wav2vec2" / "00000.pkl") and "D = 31" in error["reason"]
+    store = FeatureStore(out)
+    assert store.dims["audio"] == D_A and sorted(store.ids) == [f"0000{k}" for k in range(1, 6)]
+
+    _dump(root / "wav2vec2" / "00000.pkl", np.ones((3, D_A)))  # fixed
+    code, printed = _cli_import(root, out)
+    assert code == 0 and "1 imported, 5 skipped, 0 failed, 0 file(s) rejected" in printed
+    clip = FeatureStore(out).get("00000")
+    assert clip.missing == (False, False, True) and clip.audio.shape == (3, D_A)
+    assert len(_errors(out)) == 1  # the error file keeps the history; nothing new
+    # an absent file leaves a modality missing: not an error, exit 0
+    (root / "vit" / "00003.pkl").unlink()
+    code, printed = _cli_import(root, tmp_path / "store2")
+    assert code == 0 and "6 imported" in printed and "vision 1" in printed
+    assert capsys.readouterr().err.count("taemi: error") == 0
+
+
+def test_cli_dims(tmp_path: Path, capsys) -> None:
+    """No clear majority: an error asking for --dims; --dims decides; a given size that
+    differs from an existing store's is an error. Errors: one line, exit 2."""
+    root, out = tmp_path / "organiser", tmp_path / "store"
+    _good_root(root, 4)
+    for k in (3, 4):
+        _dump(root / "wav2vec2" / f"0000{k}.pkl", np.ones((3, 31)))
+    code, _ = _cli_import(root, out)
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == 2 and "cannot tell the audio feature size" in line
+    assert f"D = {D_A}: 2, D = 31: 2" in line and "pass --dims audio=D" in line
+    assert not out.exists()
+
+    code, printed = _cli_import(root, out, "--dims", "audio=31")
+    assert code == 1 and "2 imported, 0 skipped, 2 failed, 2 file(s) rejected" in printed
+    assert FeatureStore(out).dims == {"audio": 31, "vision": D_V, "text": DEFAULT_DIMS["text"]}
+    assert sorted(e["clip_id"] for e in _errors(out)) == ["00001", "00002"]
+    assert all(f"D = {D_A}, the store has audio D = 31" in e["reason"] for e in _errors(out))
+
+    for bad, message in [(["--dims", f"audio={D_A}"], "has feature sizes"),
+                         (["--dims", "audio:31"], "not of the form audio=D,vision=D"),
+                         (["--dims", "audio=31,audio=32"], "gives audio twice"),
+                         (["--dims", "depth=3"], "unknown modalities")]:  # fmt: skip
+        capsys.readouterr()
+        code, _ = _cli_import(root, out, *bad)
+        assert code == 2 and message in _one_error_line(capsys.readouterr().err), bad
+    code, printed = _cli_import(root, out, "--dims", f"vision={D_V},audio=31")  # matches the store
+    assert code == 1 and "0 imported, 2 skipped, 2 failed" in printed
+
+
 def test_cli_import_without_text(organiser_root, tmp_path: Path, capsys) -> None:
     root, _ = organiser_root
     ids = tmp_path / "ids.csv"
@@ -413,16 +734,16 @@ def test_cli_import_without_text(organiser_root, tmp_path: Path, capsys) -> None
     args = _parser().parse_args(["import", "--root", str(root), "--out", str(out), "--text-profile", "none",
                                  "--ids", str(ids), "--dtype", "float32", "--no-progress"])  # fmt: skip
     assert args.func(args) == 0
-    assert "2 imported, 0 skipped, 0 failed" in capsys.readouterr().out
+    assert "2 imported, 0 skipped, 0 failed, 0 file(s) rejected" in capsys.readouterr().out
     store = FeatureStore(out)
     assert sorted(store.ids) == ["00001", "00006"] and store.manifest["dtype"] == "float32"
     assert verify_store(out) == []
-    # float16 store (the default): values beyond its range are a problem, not a failed clip
+    # float16 store (the default): values beyond its range reject the file
     _dump(root / "vit" / "00001.pkl", np.full((2, D_V), 1e6))
     s = import_organiser_features(root, tmp_path / "f16", text_encoder=None, ids=["00001"],
                                   progress=False)  # fmt: skip
-    assert (s.done, s.failed, s.missing["vision"]) == (1, 0, 1)
-    assert "does not fit the store's dtype" in s.problems[0]["reason"]
+    assert (s.done, s.failed, s.rejected) == (0, 1, 1)
+    assert "does not fit the store's dtype" in s.errors[0]["reason"]
     bad = _parser().parse_args(
         ["import", "--root", str(root), "--out", str(out), "--model", "audio=x"]
     )
@@ -440,9 +761,10 @@ def test_cli_import_with_the_offline_minilm(organiser_root, tmp_path: Path, caps
     out = tmp_path / "store"
     args = _parser().parse_args(["import", "--root", str(root), "--out", str(out), "--audio-dir", "none",
                                  "--no-progress"])  # fmt: skip
-    assert args.func(args) == 0
+    assert args.func(args) == 1  # 00004's and 00007's vision files are rejected
     printed = capsys.readouterr().out
-    assert "6 imported" in printed and "import_report.json" in printed
+    assert "5 imported, 0 skipped, 2 failed, 2 file(s) rejected" in printed
+    assert "import_report.json" in printed
     store = FeatureStore(out)
     assert store.dims == {"audio": DEFAULT_DIMS["audio"], "vision": D_V, "text": 384}
     assert verify_store(out) == []

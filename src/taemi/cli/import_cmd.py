@@ -7,6 +7,12 @@ encoder (which turns each transcript into the text vector) is loaded here:
 - ``paper``: ``Alibaba-NLP/gte-en-mlm-base``, 768-d (needs ``--trust-remote-code``; a hub
   id or ``--model text=DIR``; downloads only with ``--allow-download``);
 - ``none``: no text (missing for every clip).
+
+A new store's audio and vision feature sizes are those most of the files agree on (see
+:mod:`taemi.data.organiser`), or ``--dims audio=1024,vision=768``. Exit status: 0 when every
+clip was imported (absent files leave a modality missing, which is not an error), 1 when a
+file was rejected or a clip failed (each is in ``STORE/extract_errors.jsonl``; fix the file
+and run again: failed clips are retried), 2 on an error that stops the import.
 """
 
 from __future__ import annotations
@@ -37,6 +43,22 @@ def _text_model(items: list[str] | None) -> str | None:
     return model
 
 
+def _dims(items: list[str] | None) -> dict[str, int]:
+    """``--dims audio=1024,vision=768`` (repeatable) as ``{"audio": 1024, "vision": 768}``."""
+    dims: dict[str, int] = {}
+    for item in items or []:
+        for part in item.split(","):
+            m, sep, value = (s.strip() for s in part.partition("="))
+            if not sep or not value.isascii() or not value.isdigit() or int(value) < 1:
+                raise ValueError(
+                    f"--dims {item!r} is not of the form audio=D,vision=D (D a positive int)"
+                )
+            if m in dims and dims[m] != int(value):
+                raise ValueError(f"--dims gives {m} twice: {dims[m]} and {value}")
+            dims[m] = int(value)
+    return dims
+
+
 def load_text_encoder(profile: str, model: str | None = None, *, device: str = "cpu",
                       trust_remote_code: bool = False, allow_download: bool = False):  # fmt: skip
     """The text encoder of ``profile`` (see the module docstring); None for ``none``."""
@@ -61,16 +83,19 @@ def cmd_import(args: argparse.Namespace) -> int:
     from taemi.data.organiser import import_organiser_features, summary_line
 
     model = _text_model(args.model)
+    dims = _dims(args.dims)
     ids = read_split_ids(args.ids) if args.ids else None
     encoder = load_text_encoder(args.text_profile, model, device=args.device,
                                 trust_remote_code=args.trust_remote_code, allow_download=args.allow_download)  # fmt: skip
     summary = import_organiser_features(
         args.root, args.out, text_encoder=encoder, audio_dir=args.audio_dir, vision_dir=args.vision_dir,
-        text_dir=args.text_dir, ids=ids, dtype=args.dtype, progress=not args.no_progress,
+        text_dir=args.text_dir, ids=ids, dims=dims, dtype=args.dtype, progress=not args.no_progress,
     )  # fmt: skip
     sys.stdout.write(f"{args.out}: {summary_line(summary)}\n")
-    if summary.problems:
-        sys.stdout.write(f"problems and their files: {summary.report_file}\n")
+    sys.stdout.write(f"report: {summary.report_file}\n")
+    if not summary.ok:
+        sys.stdout.write(f"rejected files and failed clips: {summary.errors_file} "
+                         "(fix them and run again: failed clips are retried)\n")  # fmt: skip
     return 0 if summary.ok else 1
 
 
@@ -118,6 +143,9 @@ def register(
         default="text",
         help="transcript folder under --root ('none': skip)",
     )
+    sp.add_argument("--dims", action="append", metavar="MODALITY=D[,...]",
+                    help="feature sizes of a new store, e.g. audio=1024,vision=768 (default: the "
+                    "size most files agree on); a file of another size is rejected")  # fmt: skip
     sp.add_argument(
         "--dtype",
         default=None,
