@@ -240,7 +240,7 @@ def test_corrupt_files(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- size limits
 
 
-HUGE = (1, 2**26)  # 67,108,864 values: twice MAX_FEATURE_ELEMENTS
+HUGE = (1, 2**26)  # 67,108,864 values (512 MiB as float64) declared by files of a few dozen bytes
 
 
 def _without_frame(data: bytes) -> bytes:
@@ -288,6 +288,20 @@ def _hostile_files(folder: Path) -> dict[str, Path]:
         )
         fh.write(b"\x00" * 8)
     return paths
+
+
+def test_declared_data_larger_than_the_file_is_refused(tmp_path: Path, monkeypatch) -> None:
+    """Within the absolute limits, an array may still not declare more data than its file
+    holds: the rule that stops a small file from describing a large array."""
+    monkeypatch.setattr(organiser, "MAX_FEATURE_ELEMENTS", 2**40)
+    monkeypatch.setattr(organiser, "MAX_FEATURE_BYTES", 2**44)
+    paths = _hostile_files(tmp_path)
+    for form in ("tensor", "rows", "npy"):
+        with pytest.raises(FeatureTooLargeError, match="cannot hold them"):
+            load_feature_pickle(paths[form])
+    honest = tmp_path / "honest.pkl"  # a real-sized clip: 40 s of wav2vec2 frames, 8 MiB
+    honest.write_bytes(pickle.dumps(np.ones((2000, 1027), np.float32)))
+    assert load_feature_pickle(honest).shape == (2000, 1027)
 
 
 def test_huge_declared_arrays_are_refused_before_allocation(tmp_path: Path) -> None:

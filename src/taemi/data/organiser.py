@@ -66,6 +66,7 @@ from __future__ import annotations
 import _compat_pickle
 import codecs
 import collections
+import contextvars
 import functools
 import io
 import json
@@ -119,15 +120,22 @@ DEFAULT_DIMS = {"audio": 1027, "vision": 768, "text": 768}
 DIM_SAMPLE = 32
 
 #: Most values one feature array may declare; checked before anything is allocated.
-#: Real ABAW files are far below it: wav2vec2 gives 50 frames/s x 1024 (a 60 s clip:
-#: 3,000 x 1024 = 3.1 M values), the ViT features a few thousand frames x 768 (3,000
-#: frames: 2.3 M). 2**25 (33.6 M values, 128 MiB as float32) is about ten times that.
-MAX_FEATURE_ELEMENTS = 2**25
-#: Most bytes one feature array may declare (2**25 float64 values), checked likewise.
-MAX_FEATURE_BYTES = 2**28
+#: Real ABAW files are below it: wav2vec2 gives 50 frames/s x 1027 values, and the
+#: corpus's longest recordings (about 1,250 s, spec section 2) make 62,500 x 1027 = 64 M
+#: values if a file keeps every frame; 2**27 (134 M values) leaves twice that.
+MAX_FEATURE_ELEMENTS = 2**27
+#: Most bytes one feature array may declare (2**27 float64 values), checked likewise.
+MAX_FEATURE_BYTES = 2**30
 #: Largest feature file read (a pickle is read whole before it is unpickled): an array at
 #: the byte limit, twice over for the pickle's overhead and any metadata.
 MAX_FEATURE_FILE_BYTES = 2 * MAX_FEATURE_BYTES
+#: The array data of a feature file is stored in the file itself (pickles, ``torch.save``
+#: and ``.npy`` files are not compressed), so no array may declare more bytes than the
+#: file being read holds, plus this much: a few dozen bytes cannot honestly describe
+#: megabytes of features (a stride-0 view or a memoised row repeated can declare them).
+_FILE_SLACK_BYTES = 4096
+#: Size of the feature file being read (set by :func:`_load_object`), for the rule above.
+_FILE_BYTES: contextvars.ContextVar[int | None] = contextvars.ContextVar("_FILE_BYTES", default=None)
 
 _TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first object of a legacy torch.save file
 
@@ -159,6 +167,12 @@ def _check_declared(shape: Any, itemsize: int, what: str) -> tuple[int, ...]:
             f"{what} declares shape {dims}: {n:,} values of {itemsize} bytes ({n * itemsize:,} "
             f"bytes); a feature array may hold at most {MAX_FEATURE_ELEMENTS:,} values and "
             f"{MAX_FEATURE_BYTES:,} bytes, so it was refused before being allocated"
+        )
+    file_bytes = _FILE_BYTES.get()
+    if file_bytes is not None and n * itemsize > file_bytes + _FILE_SLACK_BYTES:
+        raise FeatureTooLargeError(
+            f"{what} declares shape {dims}: {n:,} values, {n * itemsize:,} bytes of data in a file of "
+            f"{file_bytes:,} bytes, which cannot hold them, so it was refused before being allocated"
         )
     return dims
 
@@ -569,12 +583,15 @@ def load_feature_pickle(path: str | os.PathLike[str]) -> np.ndarray:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"feature file {p} does not exist")
+    token = _FILE_BYTES.set(p.stat().st_size)  # no array may declare more data than the file holds
     try:
         arr = _unwrap(_load_object(p), p)
     except FeatureTooLargeError as e:
         if str(e).startswith(f"{p}: "):
             raise
         raise FeatureTooLargeError(f"{p}: {e}") from None
+    finally:
+        _FILE_BYTES.reset(token)
     if arr.dtype.kind not in "fiu":
         raise ValueError(f"{p}: dtype {arr.dtype}; expected real numbers (float or integer)")
     if arr.ndim == 3 and arr.shape[0] == 1:
