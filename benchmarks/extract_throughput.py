@@ -52,6 +52,15 @@ Everything is measured in ONE run, so the ratios compare like with like on a sha
    decoding and at most ``--max-frames`` frames are decoded, each cropped (or dropped)
    as it is decoded.
 
+4. Face detection threads (``--detector``; ``--detector --skip-throughput --skip-long``
+   runs it alone, in seconds, no models loaded): every decoding thread has its own
+   OpenCV cascade (``FaceCropper`` keeps one per thread; one shared cascade is not
+   thread-safe). Times loading a cascade in a fresh thread (the cost each worker pays
+   once), then decoding + face cropping of the corpus' videos (``--repeat`` times, under
+   new ids) through the pipeline's decoding threads (``_decoded_in_order``) with 1, 2 and
+   4 workers, and decoding alone (no cropper) with the same workers: frames per second,
+   and whether the crops are bit-identical for every worker count.
+
 Run from the repository root with the project's environment::
 
     python benchmarks/extract_throughput.py   # ~2.5 min on 2 quiet cores, ~5 min under load
@@ -697,6 +706,65 @@ def print_long(r: dict, args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- main
 
 
+# --------------------------------------------------------------------------- part 4
+
+
+def part_detector(args: argparse.Namespace) -> None:
+    """Per-thread cascades: load cost in a fresh thread; decode + crop with 1, 2, 4 workers."""
+    import threading
+
+    from taemi.extract.face import FaceCropper
+    from taemi.extract.media import probe
+    from taemi.extract.pipeline import ExtractOptions, Source, _decoded_in_order, find_sources
+
+    sources, _ = find_sources([args.input])
+    videos = [s for s in sources if probe(s.media)["video"]]
+    if not videos:
+        raise SystemExit(f"part 4 needs video files; {args.input} has none")
+    todo = [Source(f"{s.clip_id}_r{k}", s.media) for k in range(args.repeat) for s in videos]
+    cropper = FaceCropper()
+    loads: list[float] = []
+
+    def load_in_thread() -> None:
+        t0 = time.perf_counter()
+        cropper._detector()  # this thread's first use: loads its cascade
+        loads.append(time.perf_counter() - t0)
+
+    for _ in range(8):
+        t = threading.Thread(target=load_in_thread)
+        t.start()
+        t.join()
+    print(
+        f"\nface detection threads: cascade load in a fresh thread {1000 * min(loads):.1f} ms "
+        f"(median {1000 * float(np.median(loads)):.1f} ms, 8 threads, one at a time); "
+        f"{len(todo)} videos, max_frames {args.max_frames}, load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+    print(
+        f"  {'workers':>7} {'crop':>5} {'wall s':>7} {'cpu s':>7} {'frames/s':>9} {'faces':>6}  identical"
+    )
+    frames = 0  # decoded frames of all videos: from the first pass (no cropper keeps every frame)
+    reference: list[bytes] | None = None
+    for crop in (False, True):
+        for workers in (1, 2, 4):
+            opts = ExtractOptions(
+                max_frames=args.max_frames, workers=workers, batch_size=args.batch_size
+            )
+            face = FaceCropper() if crop else None  # fresh: each worker thread loads its cascade
+            c0, t0 = cpu_seconds(), time.perf_counter()
+            decoded = list(_decoded_in_order(todo, opts, face))
+            wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+            kept = sum(len(d.faces or []) for d in decoded)
+            frames = frames or kept
+            same = faces = ""
+            if crop:
+                crops = [b"".join(f.tobytes() for f in d.faces or []) for d in decoded]
+                reference = reference or crops
+                same, faces = ("yes" if crops == reference else "NO"), str(kept)
+            print(f"  {workers:>7} {'yes' if crop else 'no':>5} {wall:>7.2f} {cpu:>7.2f} {frames / wall:>9.1f} "
+                  f"{faces:>6}  {same}", flush=True)  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -741,6 +809,11 @@ def main() -> None:
         action="store_true",
         help="part 3 files show a face from the corpus (crops made, DINOv2 runs; slower)",
     )
+    ap.add_argument(
+        "--detector",
+        action="store_true",
+        help="part 4: per-thread face detectors: cascade load cost, decode+crop with 1/2/4 workers",
+    )
     ap.add_argument("--child-long", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.repeat < 1:
@@ -748,7 +821,9 @@ def main() -> None:
     if args.child_long is not None:
         child_long(args)
         return
-    needs_input = not args.skip_throughput or (not args.skip_long and args.long_face)
+    needs_input = (
+        not args.skip_throughput or (not args.skip_long and args.long_face) or args.detector
+    )
     if needs_input and not args.input.is_dir():
         raise SystemExit(
             f"input folder {args.input} does not exist: pass --input DIR (a folder of media "
@@ -774,6 +849,8 @@ def main() -> None:
             flush=True,
         )
         print_long(part_long(args), args)
+    if args.detector:
+        part_detector(args)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s; load average now {os.getloadavg()[0]:.1f}")
 
 

@@ -462,16 +462,18 @@ def test_mixed_corpus_error_report(mixed):
     by_name = {Path(e["path"]).name: e for e in lines}
     assert set(by_name) == {"empty.mp4", "garbage.mp4", "truncated.mp4", "bad_\\xff.wav"}
     for e in lines:
-        assert set(e) == {"clip_id", "path", "stage", "reason", "time", "run"}
+        assert set(e) == {"clip_id", "path", "stage", "exception", "reason", "time", "run"}
     for cid in DECODE_FAILS:
         e = by_name[f"{cid}.mp4"]
         assert e["clip_id"] == cid and e["stage"] == "decode"
+        assert e["exception"] == "taemi.extract.media.MediaError"
         assert e["reason"].startswith(f"{e['path']}: ")  # the reason names the file
     assert "is empty (0 bytes)" in by_name["empty.mp4"]["reason"]
     assert "FFmpeg cannot read it as media" in by_name["garbage.mp4"]["reason"]
     assert "corrupt" in by_name["truncated.mp4"]["reason"]
     bad = by_name["bad_\\xff.wav"]
-    assert (bad["clip_id"], bad["stage"]) == (None, "input") and "not valid UTF-8" in bad["reason"]
+    assert (bad["clip_id"], bad["stage"], bad["exception"]) == (None, "input", None)
+    assert "not valid UTF-8" in bad["reason"]
 
 
 def test_mixed_corpus_summary_file(mixed):
@@ -639,7 +641,10 @@ def test_rerun_skips_done_clips_and_force_replaces(tmp_path):
     forced = run(media, store, enc, force=True)
     assert (forced.done, forced.skipped) == (4, 0)
     assert enc.audio.calls >= 1 and enc.asr.calls == 4
-    assert len(shard_names(store)) == len(shards) + 1
+    # the new versions went into a second shard; at the end of the run the two small
+    # shards were compacted into one holding each clip once (its newest version)
+    (shard,) = json.loads((store / "manifest.json").read_text())["shards"]
+    assert shard["name"] not in shards and shard["clips"] == 4
     fs = FeatureStore(store)
     assert len(fs) == 4 and sorted(fs.ids) == ["av", "c330", "c440", "c550"]  # each id once
     np.testing.assert_allclose(fs.get("c440").audio, 2 * old, rtol=2e-3, atol=1e-3)

@@ -118,7 +118,9 @@ def media_run(tmp_path_factory) -> SimpleNamespace:
     from taemi.data.media_synth import MediaSynthConfig, make_media_corpus
 
     root = tmp_path_factory.mktemp("predict_media")
-    cfg = MediaSynthConfig(clips=4, seconds=(1.0, 2.0), size=96, fps=10, missing_video_rate=0.3,
+    # 2-3 s: long enough that Whisper tiny.en hears every sentence (at 1-2 s it dropped the
+    # audio-only clip's as no speech, 0.62 against its 0.6 threshold, on some CPUs)
+    cfg = MediaSynthConfig(clips=4, seconds=(2.0, 3.0), size=96, fps=10, missing_video_rate=0.3,
                            missing_audio_rate=0.0, silent_rate=0.0, seed=0)  # fmt: skip
     corpus = make_media_corpus(root / "media", cfg, progress=False)
     assert sorted(p.name for p in corpus.raw.iterdir()) == ["00000.m4a", "00001.mp4", "00002.mp4", "00003.mp4"]

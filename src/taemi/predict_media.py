@@ -29,6 +29,10 @@ by this call, 0 when cached; ``decode`` incl. face cropping, ``asr``, ``audio``,
 ``text``, ``write`` from the extraction, summed over its worker threads; ``extract`` its
 wall time; ``fusion`` = the fusion model over the extracted clips; ``total``), and
 ``media_seconds``, the media the features cover, so real-time factor = media / total.
+
+The temporary store is removed however the call ends: on an exception, Ctrl-C, or
+SIGTERM (in the main thread, SIGTERM raises :class:`taemi.signals.Terminated`, a
+KeyboardInterrupt, for the duration of the call).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import os
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +59,7 @@ from taemi.extract.pipeline import (
     extract,
     find_sources,
 )
+from taemi.signals import sigterm_raises
 from taemi.train.trainer import FEATURES_FILE, load_features_record
 
 __all__ = [
@@ -310,7 +315,7 @@ def predict_media(
             ``profile``, a contradicting profile, other models), or no input at all.
         FileNotFoundError: an input path does not exist, or no media in the inputs.
     """
-    from taemi.data.store import FeatureStore
+    from taemi.data.store import FeatureStore, check_writable
     from taemi.eval.predict import predict_dataset
     from taemi.train.runtime import resolve_device, resolve_precision
     from taemi.train.trainer import check_store_fits, make_dataset
@@ -320,8 +325,11 @@ def predict_media(
     model, cfg = load_run_once(run, which)  # first: a wrong run folder fails before any model loads
     features = load_features_record(run)
     profile, opts, face = extraction_plan(features, profile, run=run_name)
-    opts.batch_size, opts.workers = batch_size, workers
-    opts.waveforms = cfg.mode == "finetune"  # a fine-tuned run's backbones read the raw audio (cached as extracted)
+    # replace() checks the options: a bad batch size or worker count fails before any model loads.
+    # waveforms: a fine-tuned run's backbones read the raw audio (cached as extracted)
+    opts = replace(opts, batch_size=batch_size, workers=workers, waveforms=cfg.mode == "finetune")
+    if features_dir is not None:
+        check_writable(features_dir)  # a store that cannot take the features fails before the models load
     sources, input_errors = find_sources(inputs)
     if not sources and not input_errors:
         raise FileNotFoundError(f"no media files found in {', '.join(map(str, inputs))}")
@@ -340,7 +348,8 @@ def predict_media(
         options=options, store=None if features_dir is None else str(features_dir), provenance_differences=diffs,
     )  # fmt: skip
 
-    with tempfile.TemporaryDirectory(prefix="taemi-predict-") as tmp:
+    # SIGTERM raises (like Ctrl-C) so that the temporary folder is removed on the way out
+    with sigterm_raises(), tempfile.TemporaryDirectory(prefix="taemi-predict-") as tmp:
         root = Path(features_dir) if features_dir is not None else Path(tmp) / "features"
         errors_file = root / ERRORS_FILE
         seen_errors = _count_lines(errors_file)

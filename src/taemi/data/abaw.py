@@ -123,6 +123,7 @@ def _error_record(clip_id: str | None, path: Path | None, reason: str) -> dict:
         "clip_id": clip_id,
         "path": None if path is None else os.fsencode(path).decode("utf-8", "backslashreplace"),
         "stage": "input",
+        "exception": None,
         "reason": reason,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

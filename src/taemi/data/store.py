@@ -50,12 +50,39 @@ the same store and skip ids for which ``clip_id in writer`` is true.
 A clip added again with ``replace=True`` goes into a later shard; readers see only the
 newest version (the later shard wins). Shards never hold the same id twice.
 
+Commit policy. A writer commits its pending clips as one shard when ``commit_clips`` are
+pending (default ``shard_size``, 256) and, with ``commit_seconds``, at the first
+:meth:`StoreWriter.commit_if_due` (called by the writer's user after each batch) once that
+many seconds have passed since its last commit; so a killed writer loses at most that
+much finished work plus one batch. ``taemi extract`` commits every 32 clips or 10 s.
+Frequent commits make small shards; with ``compact=True`` a writer merges runs of
+adjacent shards smaller than ``shard_size`` into shards of at most ``shard_size`` clips
+(:meth:`StoreWriter.compact`): while writing, a run as soon as it is full (no further
+commit would fit, or it has 8 shards), so that a long run never has more than a few
+small shards and each clip is rewritten about once, while its data are still in the page
+cache; on a normal close, every run left (its own, or those a killed writer left). So
+readers keep few files open.
+Compaction is crash-safe the same way: the merged shard is written under ``.tmp-``,
+fsynced and renamed to a new number, the manifest is replaced (listing it instead of the
+small shards, at their place in the shard order, so which version of a clip wins and the
+order of ``FeatureStore.ids`` do not change), and only then are the small shards
+deleted. A crash at any point leaves a readable store whose unlisted directories the
+next writer deletes. The source files are checked against their manifest checksums
+while they are merged; a shard that fails is left as it is (with a warning), so that
+compaction never hides damage from :func:`verify_store`. A reader opened before a
+compaction may find a shard gone: it raises a StoreError asking to reopen the store.
+
+Reading checks values. :meth:`FeatureStore.get` raises a StoreError naming the store, the
+shard and the clip when a clip holds NaN or Inf (a damaged file: a writer never stores
+one), so training fails at the first bad clip instead of after an epoch of NaN losses.
+
 The writer lock uses ``fcntl`` and is POSIX only; reading works everywhere numpy does.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import io
 import json
@@ -64,6 +91,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
@@ -75,6 +103,7 @@ import numpy as np
 
 from taemi import MODALITIES, __version__
 from taemi.data.clip import ClipFeatures, check_clip_id
+from taemi.locking import acquire_lock, check_unlocked, release_lock
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +113,7 @@ __all__ = [
     "FeatureStore",
     "StoreError",
     "StoreWriter",
+    "check_writable",
     "format_info",
     "store_info",
     "verify_store",
@@ -112,12 +142,23 @@ _CREATION_LEFTOVERS = {LOCK, SHARDS, MANIFEST + ".tmp"}
 _SCAN_CHUNK_BYTES = 8 << 20
 #: How many memory maps a FeatureStore keeps open (each holds a file descriptor).
 _MAX_OPEN_MAPS = 256
+#: A writer with compact=True merges a run of small shards once it has this many.
+_COMPACT_SHARDS = 8
 #: Per file, how many clips with bad values verify_store names before summarising.
 _MAX_NAMED_CLIPS = 10
 
 
+def _held(root: Path, who: str) -> str:
+    """The message when another process holds the store's writer lock."""
+    return f"{root} is being written by another process{who}; lock {root / LOCK} is held"
+
+
 class StoreError(Exception):
     """A problem with a feature store on disk; the message names the store, shard and file."""
+
+
+class _ShardDamaged(Exception):
+    """A shard's files do not match their manifest checksums (compaction leaves it alone)."""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -145,6 +186,14 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    """True if ``a`` (store dtype, non-empty) holds no NaN/Inf. float16 is tested on its bits
+    (all exponent bits set = Inf or NaN): ~10x faster than ``np.isfinite`` on float16."""
+    if a.dtype == np.float16:
+        return bool((a.view(np.uint16) & 0x7C00).max() < 0x7C00)
+    return bool(np.isfinite(a).all())
 
 
 def _now() -> str:
@@ -476,10 +525,22 @@ class StoreWriter:
             setting (False for a new store).
         modalities: backbone provenance ``{modality: {"backbone": str, "settings": {...}}}``,
             recorded at creation; opening a store with a different value is a StoreError.
-        shard_size: clips per shard; a shard is committed when this many are pending.
+        shard_size: the most clips a shard holds (the default ``commit_clips``);
+            :meth:`compact` merges small shards up to this size.
+        commit_clips: commit when this many clips are pending (<= ``shard_size``; default
+            ``shard_size``).
+        commit_seconds: :meth:`commit_if_due` also commits once this many seconds have
+            passed since the last commit (callers call it after each burst of adds, e.g.
+            a batch); ``None`` (default): by count only. :meth:`add` commits by count only,
+            so that a burst is not cut into small shards.
+        compact: merge runs of adjacent shards smaller than ``shard_size``
+            (:meth:`compact`): a full run right after the commit that fills it, every run
+            on a normal :meth:`close`; for writers that commit often.
 
     Use as a context manager: on exit, even when an exception propagates, the clips
-    already added are committed (each is complete) and the lock is released.
+    already added are committed (each is complete) and the lock is released; compaction
+    runs only when no exception propagates (an interrupted run should end quickly; the
+    next writer with ``compact=True`` merges what it left).
     """
 
     def __init__(
@@ -491,11 +552,36 @@ class StoreWriter:
         text_tokens: bool | None = None,
         modalities: dict[str, dict[str, Any]] | None = None,
         shard_size: int = 256,
+        commit_clips: int | None = None,
+        commit_seconds: float | None = None,
+        compact: bool = False,
     ) -> None:
         self.root = Path(root)
         if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
             raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
         self.shard_size = shard_size
+        commit_clips = shard_size if commit_clips is None else commit_clips
+        if (
+            isinstance(commit_clips, bool)
+            or not isinstance(commit_clips, int)
+            or not 1 <= commit_clips <= shard_size
+        ):
+            raise ValueError(
+                f"commit_clips must be an int in [1, shard_size={shard_size}], got {commit_clips!r}"
+            )
+        self.commit_clips = commit_clips
+        if commit_seconds is not None and not (
+            isinstance(commit_seconds, (int, float))
+            and not isinstance(commit_seconds, bool)
+            and np.isfinite(commit_seconds)
+            and commit_seconds > 0
+        ):
+            raise ValueError(
+                f"commit_seconds must be a positive number or None, got {commit_seconds!r}"
+            )
+        self.commit_seconds = None if commit_seconds is None else float(commit_seconds)
+        self.compacting = bool(compact)
+        self._last_commit = time.monotonic()
         dims = None if dims is None else _check_dims(dims)
         dtype = None if dtype is None else _check_dtype(dtype)
         if text_tokens is not None and not isinstance(text_tokens, bool):
@@ -508,7 +594,7 @@ class StoreWriter:
         if not (self.root / MANIFEST).exists():
             self._check_creatable(dims)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = _acquire_lock(self.root)
+        self._lock_fd = acquire_lock(self.root / LOCK, StoreError, functools.partial(_held, self.root))
         self._closed = False
         try:
             if (self.root / MANIFEST).exists():
@@ -683,6 +769,33 @@ class StoreWriter:
         ``replace=True`` (the new version then supersedes the old one for readers).
         """
         self._check_open()
+        cid, arrays = self._arrays(clip)
+        pending = self._pending is not None and cid in self._pending.ids
+        if (pending or cid in self._committed) and not replace:
+            raise ValueError(
+                f"clip {cid!r} is already in the store {self.root} "
+                f"({'pending' if pending else 'committed'}); pass replace=True to supersede it"
+            )
+        if pending:
+            self.flush()  # the new version must land in a later shard than the old one
+        if self._pending is None:
+            self._pending = _PendingShard(
+                self.root / SHARDS, self.text_tokens, self._manifest["dims"], self.dtype
+            )
+        self._pending.append(cid, arrays)
+        if len(self._pending) >= self.commit_clips:
+            self.flush()
+            self._compact_full_runs()
+
+    def check(self, clip: ClipFeatures) -> None:
+        """Raise the ValueError :meth:`add` would raise for ``clip``'s values (id, shapes,
+        dims, NaN/Inf, dtype range, text tokens), writing nothing. Lets a caller validate
+        a clip before writing what goes with it (a transcript) and then adding it."""
+        self._check_open()
+        self._arrays(clip)
+
+    def _arrays(self, clip: ClipFeatures) -> tuple[str, dict[str, np.ndarray | None]]:
+        """``(clip id, arrays)`` of a valid clip, converted to the store dtype; ValueError if invalid."""
         if not isinstance(clip, ClipFeatures):
             raise TypeError(f"add() takes a ClipFeatures, got {type(clip).__name__}")
         cid = check_clip_id(clip.clip_id)
@@ -708,22 +821,41 @@ class StoreWriter:
             raise ValueError(
                 f"clip {cid!r}: has text_tokens but the store {self.root} was created with text_tokens=False"
             )
+        return cid, arrays
 
-        pending = self._pending is not None and cid in self._pending.ids
-        if (pending or cid in self._committed) and not replace:
-            raise ValueError(
-                f"clip {cid!r} is already in the store {self.root} "
-                f"({'pending' if pending else 'committed'}); pass replace=True to supersede it"
-            )
-        if pending:
-            self.flush()  # the new version must land in a later shard than the old one
-        if self._pending is None:
-            self._pending = _PendingShard(
-                self.root / SHARDS, self.text_tokens, self._manifest["dims"], self.dtype
-            )
-        self._pending.append(cid, arrays)
-        if len(self._pending) >= self.shard_size:
+    def _due_by_time(self) -> bool:
+        return (
+            self.commit_seconds is not None
+            and time.monotonic() - self._last_commit >= self.commit_seconds
+        )
+
+    def commit_if_due(self) -> bool:
+        """Commit the pending clips if the commit policy says so (``commit_clips`` pending,
+        or ``commit_seconds`` passed since the last commit); True if it committed. Callers
+        that add clips in bursts call it after each burst."""
+        self._check_open()
+        if self.n_pending and (self.n_pending >= self.commit_clips or self._due_by_time()):
             self.flush()
+            self._compact_full_runs()
+            return True
+        return False
+
+    def _compact_full_runs(self) -> None:
+        """With ``compact=True``: merge the runs of small shards that are full (see the
+        module docstring), so that small shards do not pile up during a long run."""
+        if not self.compacting:
+            return
+        full = [
+            g
+            for g in self.compaction_groups()
+            if len(g) >= _COMPACT_SHARDS
+            or self._group_clips(g) > self.shard_size - self.commit_clips
+        ]
+        if full:
+            self._compact(full)
+
+    def _group_clips(self, group: list[str]) -> int:
+        return sum(int(s["clips"]) for s in self._manifest["shards"] if s["name"] in group)
 
     def flush(self) -> None:
         """Commit the pending clips as one shard (no-op if none are pending)."""
@@ -746,11 +878,7 @@ class StoreWriter:
     def _commit(self, pending: _PendingShard) -> None:
         files = pending.finish()
         shards_dir = self.root / SHARDS
-        numbers = [int(s["name"]) for s in self._manifest["shards"]]
-        k = max(numbers) + 1 if numbers else 0
-        while (shards_dir / f"{k:05d}").exists():
-            k += 1
-        name = f"{k:05d}"
+        name = self._new_shard_name()
         assert pending.dir is not None
         os.rename(pending.dir, shards_dir / name)
         pending.dir = None
@@ -762,14 +890,146 @@ class StoreWriter:
         _write_manifest(self.root, manifest)
         self._manifest = manifest
         self._committed.update(pending.ids)
+        self._last_commit = time.monotonic()
         logger.info("%s: committed shard %s (%d clips)", self.root, name, len(pending))
 
+    def _new_shard_name(self) -> str:
+        shards_dir = self.root / SHARDS
+        numbers = [int(s["name"]) for s in self._manifest["shards"]]
+        k = max(numbers) + 1 if numbers else 0
+        while (shards_dir / f"{k:05d}").exists():
+            k += 1
+        return f"{k:05d}"
+
+    # -- compaction
+
+    def compaction_groups(self) -> list[list[str]]:
+        """Names of the shards :meth:`compact` would merge, one list per merged shard: runs
+        of adjacent shards (in manifest order) each holding fewer than ``shard_size`` clips,
+        cut greedily so that each group holds at most ``shard_size`` clips; groups of one
+        shard are left alone."""
+        groups: list[list[str]] = []
+        group: list[str] = []
+        total = 0
+        for shard in self._manifest["shards"]:
+            n = int(shard["clips"])
+            small = n < self.shard_size
+            if not small or total + n > self.shard_size:
+                if len(group) > 1:
+                    groups.append(group)
+                group, total = [], 0
+            if small:
+                group.append(shard["name"])
+                total += n
+        if len(group) > 1:
+            groups.append(group)
+        return groups
+
+    def compact(self) -> int:
+        """Commit pending clips, then merge small adjacent shards (:meth:`compaction_groups`)
+        into one shard per group, crash-safely (module docstring). Returns the number of
+        shards removed. A group whose files fail their checksums is left as it is, with a
+        warning."""
+        self._check_open()
+        self.flush()
+        return self._compact(self.compaction_groups())
+
+    def _compact(self, groups: list[list[str]]) -> int:
+        removed = 0
+        for group in groups:
+            try:
+                self._merge_shards(group)
+            except _ShardDamaged as exc:
+                logger.warning("%s: shards %s not compacted: %s (run `taemi store verify %s`)",
+                               self.root, ", ".join(group), exc, self.root)  # fmt: skip
+                continue
+            except OSError as exc:  # e.g. a full disk: the store is as it was; stop trying
+                logger.warning("%s: compaction stopped, shards %s stay as they are: %s",
+                               self.root, ", ".join(group), exc)  # fmt: skip
+                break
+            removed += len(group) - 1
+        return removed
+
+    def _merge_shards(self, group: list[str]) -> None:
+        """Replace the listed shards ``group`` (adjacent in the manifest) by one shard."""
+        entries = [s for s in self._manifest["shards"] if s["name"] in group]
+        tokens = self.text_tokens
+        seqs = _seq_modalities(tokens)
+        dims = self._manifest["dims"]
+        # newest occurrence of each id within the group, in order of newest occurrence
+        where: dict[str, tuple[int, int]] = {}
+        sources: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = []
+        for k, entry in enumerate(entries):
+            sdir = self.root / SHARDS / entry["name"]
+            for fname in (*_bin_files(tokens), INDEX):
+                recorded = entry["files"].get(fname)
+                try:
+                    digest, _, _ = _scan_file(sdir / fname, 0, self.dtype, lambda n: None)
+                except OSError as exc:
+                    raise _ShardDamaged(f"shard {entry['name']}: {fname}: {exc}") from exc
+                if not isinstance(recorded, dict) or recorded.get("sha256") != digest:
+                    raise _ShardDamaged(
+                        f"shard {entry['name']}: {fname} does not match its checksum"
+                    )
+            index = _load_index(sdir / INDEX, tokens)
+            maps = {
+                name: np.memmap(sdir / f"{name}.bin", dtype=self.dtype, mode="r",
+                                shape=(rows, _dim_of(name, dims)))
+                for name, rows in ({m: int(index[f"{m}_length"].sum()) for m in seqs}
+                                   | {"text": len(index["ids"])}).items()
+                if rows > 0
+            }  # fmt: skip
+            sources.append((index, maps))
+            for r, cid in enumerate(index["ids"].tolist()):
+                where.pop(cid, None)
+                where[cid] = (k, r)
+        merged = _PendingShard(self.root / SHARDS, tokens, dims, self.dtype)
+        try:
+            for cid, (k, r) in where.items():
+                index, maps = sources[k]
+                missing = index["missing"][r]  # (3,) audio, vision, text
+                arrays: dict[str, np.ndarray | None] = {}
+                for m in seqs:
+                    off, length = int(index[f"{m}_offset"][r]), int(index[f"{m}_length"][r])
+                    arrays[m] = maps[m][off : off + length] if length else None  # (T, D) view
+                arrays["text"] = None if missing[2] else maps["text"][r]  # (D_t,)
+                merged.append(cid, arrays)
+            files = merged.finish()
+            name = self._new_shard_name()
+            assert merged.dir is not None
+            os.rename(merged.dir, self.root / SHARDS / name)
+            merged.dir = None
+            _fsync_dir(self.root / SHARDS)
+        except BaseException:
+            merged.abort()
+            raise
+        finally:
+            sources.clear()  # drop the memory maps
+        manifest = copy.deepcopy(self._manifest)
+        at = next(i for i, s in enumerate(manifest["shards"]) if s["name"] in group)
+        entry = {"name": name, "clips": len(where), "created": _now(), "files": files}
+        manifest["shards"] = [s for s in manifest["shards"] if s["name"] not in group]
+        manifest["shards"].insert(at, entry)
+        _write_manifest(self.root, manifest)
+        self._manifest = manifest
+        for old in group:  # unlisted now; a crash here leaves them to the next writer
+            shutil.rmtree(self.root / SHARDS / old, ignore_errors=True)
+        _fsync_dir(self.root / SHARDS)
+        logger.info("%s: compacted shards %s into shard %s (%d clips)",
+                    self.root, ", ".join(group), name, len(where))  # fmt: skip
+
     def close(self) -> None:
-        """Commit pending clips and release the lock; calling it again does nothing."""
+        """Commit pending clips, compact (with ``compact=True``) and release the lock;
+        calling it again does nothing."""
+        self._close(compact=self.compacting)
+
+    def _close(self, *, compact: bool) -> None:
         if self._closed:
             return
         try:
             self.flush()
+            if compact:
+                self.compact()
         finally:
             self._release()
 
@@ -778,7 +1038,7 @@ class StoreWriter:
             self._pending.abort()
             self._pending = None
         if self._lock_fd is not None:
-            _release_lock(self.root, self._lock_fd)
+            release_lock(self.root / LOCK, self._lock_fd)
             self._lock_fd = None
         self._closed = True
 
@@ -791,7 +1051,7 @@ class StoreWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        self._close(compact=self.compacting and exc_type is None)
 
     def __repr__(self) -> str:
         state = (
@@ -800,48 +1060,27 @@ class StoreWriter:
         return f"StoreWriter({str(self.root)!r}, {state})"
 
 
-def _acquire_lock(root: Path) -> int:
-    """Take an exclusive non-blocking flock on ``root/.lock``; return its descriptor.
-
-    The file is unlinked on release, so after locking we check that the path still names
-    the locked inode (another writer may have unlinked it meanwhile) and retry if not.
-    """
-    import fcntl  # POSIX only; imported here so that reading works without it
-
-    path = root / LOCK
-    for _ in range(20):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode("ascii", "replace").strip()
-            os.close(fd)
-            who = f" (pid {holder})" if holder else ""
+def check_writable(root: str | os.PathLike[str]) -> None:
+    """Raise StoreError if a :class:`StoreWriter` certainly cannot open ``root``: a path that
+    is not a directory, a non-empty directory without a manifest, an unreadable manifest or
+    another format or version, or a store locked by another writer. Creates and changes
+    nothing (callers check before loading models or writing reports into ``root``). Dims
+    and provenance are checked when the writer opens."""
+    root = Path(root)
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise StoreError(f"cannot write a feature store at {root}: it is not a directory")
+    if not (root / MANIFEST).exists():
+        others = sorted(p.name for p in root.iterdir() if p.name not in _CREATION_LEFTOVERS)
+        if others:
             raise StoreError(
-                f"{root} is being written by another process{who}; lock {path} is held"
-            ) from None
-        except OSError as exc:
-            os.close(fd)
-            raise StoreError(f"{path}: cannot lock the store: {exc}") from exc
-        try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode("ascii"))
-            return fd
-        os.close(fd)
-    raise StoreError(f"{path}: could not lock the store (the lock file keeps being replaced)")
-
-
-def _release_lock(root: Path, fd: int) -> None:
-    try:
-        os.unlink(root / LOCK)
-    except FileNotFoundError:
-        pass
-    finally:
-        os.close(fd)
+                f"cannot create a feature store at {root}: the directory has no {MANIFEST} "
+                f"and is not empty (has {others[:5]})"
+            )
+        return
+    _read_manifest(root)
+    check_unlocked(root / LOCK, StoreError, functools.partial(_held, root))
 
 
 # --------------------------------------------------------------------------- reader
@@ -948,7 +1187,15 @@ class FeatureStore:
         if mm is None:
             rows = self._shard_rows[s][name]
             path = self.root / SHARDS / self._shard_names[s] / f"{name}.bin"
-            mm = np.memmap(path, dtype=self.dtype, mode="r", shape=(rows, _dim_of(name, self.dims)))
+            try:
+                mm = np.memmap(
+                    path, dtype=self.dtype, mode="r", shape=(rows, _dim_of(name, self.dims))
+                )
+            except FileNotFoundError:
+                raise StoreError(
+                    f"{path} is gone: a writer replaced shard {self._shard_names[s]} of {self.root} "
+                    "(compaction) after this reader opened the store; open the store again"
+                ) from None
             self._maps[key] = mm
             if len(self._maps) > _MAX_OPEN_MAPS:
                 self._maps.popitem(last=False)  # views handed out keep their own reference
@@ -961,10 +1208,26 @@ class FeatureStore:
         if length == 0:
             return None
         off = int(self._offset[m][i])
-        return self._map(int(self._shard[i]), m)[off : off + length]  # (T, D) view
+        return self._finite(
+            i, m, self._map(int(self._shard[i]), m)[off : off + length]
+        )  # (T, D) view
+
+    def _finite(self, i: int, name: str, a: np.ndarray) -> np.ndarray:
+        """``a`` itself, or a StoreError naming the store, shard and clip if it holds NaN/Inf."""
+        if not _all_finite(a):
+            bad = int(np.count_nonzero(~np.isfinite(a)))
+            raise StoreError(
+                f"{self.root}: clip {self.ids[i]!r} (shard {self._shard_names[int(self._shard[i])]}) "
+                f"has {bad} NaN/Inf values in its {name} features; the store is damaged "
+                f"(`taemi store verify {self.root}` lists every bad clip)"
+            )
+        return a
 
     def get(self, key: int | str) -> ClipFeatures:
-        """One clip by position in :attr:`ids` (negative counts from the end) or by id."""
+        """One clip by position in :attr:`ids` (negative counts from the end) or by id.
+
+        Raises StoreError (naming the store, shard and clip) if the clip holds NaN/Inf.
+        """
         if isinstance(key, str):
             i = self.index(key)
         elif isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
@@ -979,7 +1242,7 @@ class FeatureStore:
         text = (
             None
             if self.missing[i, 2]
-            else self._map(int(self._shard[i]), "text")[int(self._row[i])]
+            else self._finite(i, "text", self._map(int(self._shard[i]), "text")[int(self._row[i])])
         )  # (D_t,)
         return ClipFeatures(
             clip_id=self.ids[i],

@@ -14,7 +14,7 @@ Workers. A worker is ``taemi extract ... --shard K/N --out STORE.shards/shard-K-
 (an ordinary extraction of its sources, resumable by the store's own resume), with its
 output appended to ``STORE.shards/shard-K-of-N.log``. :func:`extract_distributed` runs
 the N workers on a backend, shows per-shard progress (a clip counts as done when its
-transcript is written, right after its features), then merges the shard stores into
+transcript is written, just before its features are added), then merges the shard stores into
 ``STORE`` with :func:`taemi.data.merge.merge_stores`, which verifies the result:
 
 - ``local``: N subprocesses on this machine, each with ``threads_per_worker`` threads

@@ -15,8 +15,8 @@ Policy, per frame, with no state carried between frames (no tracking, no smoothi
    histogram-equalised when ``equalize`` is set.
 2. ``detectMultiScale(scale_factor, min_neighbors)`` with a smallest face side of
    ``min_face`` times the (downscaled) frame height.
-3. The largest detection by area (ties: the first OpenCV returns), mapped back to frame
-   pixels.
+3. The largest detection by area (ties: the topmost, then the leftmost), mapped back to
+   frame pixels.
 4. A square centred on that box with side ``max(w, h) * (1 + 2 * margin)``, shrunk to the
    frame's shorter edge if larger, then shifted (never cut) to lie inside the frame: crops
    are always square, so faces are never stretched.
@@ -25,11 +25,20 @@ Policy, per frame, with no state carried between frames (no tracking, no smoothi
 
 A frame without a face is dropped (its timestamp too). A video where no frame has a face
 gives ``None``: the vision modality is missing, which is not an error.
+
+Threads. OpenCV's ``CascadeClassifier`` keeps per-image scratch data inside the object, so
+one classifier used by two threads at once corrupts it (``cv::Mat`` assertion errors,
+crashes, or silently different detections when the frame sizes differ). A
+:class:`FaceCropper` therefore gives every thread that calls it its own classifier, loaded
+on that thread's first frame (about 10 ms; see ``benchmarks/extract_throughput.py``). One
+cropper can be shared by any number of decoding threads, and a frame's crop does not
+depend on which thread, or how many, computed it.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -125,9 +134,19 @@ class FaceCropper:
                 f"Haar cascade {cascade!r} not found in {cv2.data.haarcascades} "
                 "(cv2.data.haarcascades of the installed opencv-python-headless)"
             )
-        self._detector = cv2.CascadeClassifier(str(path))
-        if self._detector.empty():
-            raise RuntimeError(f"OpenCV could not load the Haar cascade {path}")
+        self._path = path
+        self._local = threading.local()  # .detector: this thread's classifier (module docstring)
+        self._detector()  # a cascade OpenCV cannot load fails here, not in a decoding thread
+
+    def _detector(self) -> cv2.CascadeClassifier:
+        """The calling thread's own classifier, loaded on its first use."""
+        detector = getattr(self._local, "detector", None)
+        if detector is None:
+            detector = cv2.CascadeClassifier(str(self._path))
+            if detector.empty():
+                raise RuntimeError(f"OpenCV could not load the Haar cascade {self._path}")
+            self._local.detector = detector
+        return detector
 
     @property
     def name(self) -> str:
@@ -157,7 +176,7 @@ class FaceCropper:
         if self.config.equalize:
             gray = cv2.equalizeHist(gray)
         min_side = max(1, round(self.config.min_face * gray.shape[0]))
-        faces = self._detector.detectMultiScale(
+        faces = self._detector().detectMultiScale(
             gray,
             scaleFactor=self.config.scale_factor,
             minNeighbors=self.config.min_neighbors,
@@ -165,8 +184,8 @@ class FaceCropper:
         )  # (k, 4) int32 (x, y, w, h), or an empty tuple
         if len(faces) == 0:
             return None
-        areas = [int(w) * int(h) for (_, _, w, h) in faces]
-        x, y, w, h = faces[int(np.argmax(areas))]
+        # largest area; ties: topmost, then leftmost (independent of OpenCV's output order)
+        x, y, w, h = min(faces.tolist(), key=lambda f: (-f[2] * f[3], f[1], f[0]))
         return (
             round(x / scale),
             round(y / scale),

@@ -10,11 +10,29 @@ Spec section 3 (features per clip) and section 8 (traps). For every input clip:
 4. write the clip to the store (atomic, resumable; see :mod:`taemi.data.store`).
 
 A clip without an audio track, without a video track, without any detected face, or
-with an empty transcript gets that modality's missing flag. A clip that cannot be
-processed at all (unreadable, corrupt, an unusable file name) is recorded in
-``STORE/extract_errors.jsonl`` with the reason, and the run goes on. The run ends with
-``STORE/extract_summary.json``: done, skipped (already in the store), failed, missing
-counts, and seconds per stage.
+with an empty transcript gets that modality's missing flag. A file with no audio and no
+video stream at all (e.g. cut short after its container header) is not a clip: it fails
+at ``decode``. A clip that cannot be processed (unreadable, corrupt, an unusable file
+name, a folder, FIFO or dangling link named like media, or any exception of any library
+while decoding, recognising, encoding or validating it) is recorded in
+``STORE/extract_errors.jsonl`` with its ``stage`` (input, decode, asr, encode, write),
+the ``exception`` type and the reason, and the run goes on; ``KeyboardInterrupt`` and
+``SystemExit`` stop it, and so does a failure of the store itself (a commit that cannot
+be written, e.g. a full disk: it would fail every clip), as a StoreError. The run ends
+with ``STORE/extract_summary.json``: done, skipped (already in the store), failed,
+missing counts, and seconds per stage. Nothing is written into a store the writer
+refuses to open (other dims or settings, locked, not a store).
+
+Durability: finished clips are committed every ``ExtractOptions.commit_clips`` clips or
+``commit_seconds`` seconds, whichever comes first (:class:`taemi.data.store.StoreWriter`),
+so a killed run (SIGKILL, a time limit, a lost node) loses at most that much work; the
+rerun skips the committed clips. The small shards this makes are compacted when the run
+ends normally (or by the next run). Under :func:`taemi.signals.sigterm_raises` (``taemi extract``,
+``taemi predict``) SIGTERM stops a run like Ctrl-C: the finished clips are committed and
+the summary is written.
+
+Face detection runs in the decoding threads; each thread has its own detector (see
+:mod:`taemi.extract.face`), so the features do not depend on ``workers``.
 
 With ``ExtractOptions.waveforms`` (``taemi extract --waveforms``) the decoded audio of every
 clip that has audio is also kept in the store's waveform cache (``STORE/waveforms/``, see
@@ -28,11 +46,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import stat
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,7 +61,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from taemi.data.clip import ClipFeatures, check_clip_id
-from taemi.data.store import ERRORS_FILE, SUMMARY_FILE, TRANSCRIPTS, FeatureStore, StoreWriter
+from taemi.data.store import (
+    ERRORS_FILE,
+    SUMMARY_FILE,
+    TRANSCRIPTS,
+    FeatureStore,
+    StoreError,
+    StoreWriter,
+)
 from taemi.data.waveforms import WaveformCache
 from taemi.extract.encoders.base import (
     SAMPLE_RATE,
@@ -63,6 +91,9 @@ log = logging.getLogger(__name__)
 #: File extensions taken from an input folder.
 MEDIA_EXTENSIONS = (".mp4", ".mkv", ".webm", ".flv", ".avi", ".mov", ".mp3", ".wav", ".m4a", ".flac", ".ogg")
 STAGES = ("decode", "asr", "audio", "vision", "text", "write")
+#: Clips per shard of the stores extraction writes (the small shards of frequent commits
+#: are compacted up to this size).
+SHARD_SIZE = 256
 
 
 @dataclass
@@ -77,6 +108,38 @@ class ExtractOptions:
     text_tokens: bool = False  # also store the text encoder's token states
     force: bool = False  # recompute clips already in the store (replaces them)
     waveforms: bool = False  # also cache the decoded audio in STORE/waveforms/ (fine-tuning); not in the provenance
+    commit_clips: int = 32  # commit finished clips when this many are pending; not in the provenance
+    commit_seconds: float = 10.0  # ... or when this many seconds passed since the last commit; not in the provenance
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """ValueError naming every impossible value (and its ``taemi extract`` flag); run at
+        construction and again by :func:`extract` (fields may change in between)."""
+        problems = []
+
+        def whole(name: str, flag: str, most: int | None = None) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1 or (most is not None and v > most):
+                within = ">= 1" if most is None else f"in [1, {most}]"
+                problems.append(f"{name} must be an integer {within}, got {v!r} ({flag})")
+
+        def positive(name: str, flag: str) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+                problems.append(f"{name} must be a positive number, got {v!r} ({flag})")
+
+        positive("max_audio_seconds", "--max-audio-seconds")
+        whole("max_frames", "--max-frames")
+        whole("batch_size", "--batch-size")
+        whole("workers", "--workers")
+        whole("commit_clips", "--commit-clips", SHARD_SIZE)
+        positive("commit_seconds", "--commit-seconds")
+        if self.frame_policy not in ("first", "uniform"):
+            problems.append(f"frame_policy={self.frame_policy!r}: expected 'first' or 'uniform' (--frame-policy)")
+        if problems:
+            raise ValueError("invalid extraction options: " + "; ".join(problems))
 
 
 @dataclass
@@ -121,6 +184,7 @@ class Decoded:
     waveform: np.ndarray | None = None  # (S,) float32 16 kHz
     faces: list[np.ndarray] | None = None  # RGB crops; None: no video / no face
     error: str | None = None
+    exception: str | None = None  # the error's exception type
     media_seconds: float = 0.0
     seconds: float = 0.0
 
@@ -155,13 +219,17 @@ class ExtractSummary:
 
 def find_sources(inputs: Iterable[str | os.PathLike]) -> tuple[list[Source], list[dict]]:
     """Sources from folders (their media files, recursively), list files (one path per
-    line) and single media files. Returns (sources sorted by id, input errors)."""
+    line) and single media files. Returns (sources sorted by id, input errors).
+
+    In a folder, every entry with a media extension counts: one that is not a regular
+    file (a dangling symbolic link, a folder, a FIFO, socket or device) is an input error,
+    found with ``stat`` alone (a FIFO is never opened: reading one would block)."""
     paths: list[Path] = []
     errors: list[dict] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            paths += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in MEDIA_EXTENSIONS)
+            paths += sorted(q for q in p.rglob("*") if q.suffix.lower() in MEDIA_EXTENSIONS)
         elif p.is_file() and p.suffix.lower() in (".txt", ".lst", ".list"):
             base = p.parent
             for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
@@ -190,44 +258,85 @@ def find_sources(inputs: Iterable[str | os.PathLike]) -> tuple[list[Source], lis
             errors.append(_error_record(clip_id, path, "input",
                                         f"clip id {clip_id!r} also comes from {sources[clip_id].media}; ids must be unique"))  # fmt: skip
             continue
-        if not path.exists():
-            errors.append(_error_record(clip_id, path, "input", "file does not exist"))
+        problem = _not_a_media_file(path)
+        if problem is not None:
+            errors.append(_error_record(clip_id, path, "input", problem))
             continue
         sources[clip_id] = Source(clip_id, path)
     return [sources[k] for k in sorted(sources)], errors
 
 
-def _error_record(clip_id: str | None, path: Path | None, stage: str, reason: str) -> dict:
+def _not_a_media_file(path: Path) -> str | None:
+    """Why ``path`` cannot be a media file (None if it is a regular file, or a link to one);
+    ``stat`` only, nothing is opened."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"dangling symbolic link (to {display_path(os.readlink(path))})"
+        return "file does not exist"
+    except OSError as e:
+        return f"cannot stat it: {e.strerror}"
+    if stat.S_ISDIR(st.st_mode):
+        return "is a folder, not a media file (its name has a media extension)"
+    if not stat.S_ISREG(st.st_mode):
+        kind = "FIFO" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode) else "device"
+        return f"is a {kind}, not a regular file (not opened)"
+    return None
+
+
+def _type_name(exc: BaseException) -> str:
+    """``ValueError`` for builtins, ``module.Name`` otherwise (``cv2.error``)."""
+    t = type(exc)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def _error_record(clip_id: str | None, path: Path | None, stage: str, reason: str,
+                  exception: str | None = None) -> dict:  # fmt: skip
     return {"clip_id": clip_id, "path": None if path is None else display_path(path), "stage": stage,
-            "reason": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+            "exception": exception, "reason": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- decoding
 
 
 def decode_source(src: Source, opts: ExtractOptions, face: FaceCropper | None) -> Decoded:
-    """Decode one clip's audio and face frames; media errors are returned, not raised."""
+    """Decode one clip's audio and face frames. Every exception (any library's) is
+    returned in ``error``/``exception``, not raised; a file with neither an audio nor a
+    video stream is an error. KeyboardInterrupt and SystemExit propagate."""
     t0 = time.perf_counter()
     out = Decoded(src)
     try:
-        audio = decode_audio(src.audio or src.media, sample_rate=SAMPLE_RATE, max_seconds=opts.max_audio_seconds)
-        if audio is not None and audio.samples.shape[0] > 0:
-            out.waveform = audio.samples
-            out.media_seconds = audio.seconds
-        transform = None if face is None else face.crop_frame
-        if src.face_dir is not None:  # aligned face crops already (ABAW face_images): used as they are
-            video = read_face_images(src.face_dir, max_frames=opts.max_frames)
-            frames = None if video is None else video.frames
-        else:
-            video = decode_video(src.media, max_frames=opts.max_frames, policy=opts.frame_policy, transform=transform)
-            frames = None if video is None else video.frames
-        out.faces = frames if frames else None
-        if video is not None and len(video.timestamps) > 1:
-            out.media_seconds = max(out.media_seconds, float(video.timestamps[-1] - video.timestamps[0]))
+        _decode_into(out, src, opts, face)
     except MediaError as e:
-        out.error = str(e)
+        out.error, out.exception = str(e), _type_name(e)
+    except Exception as e:  # noqa: BLE001 - any library: this file fails, the run goes on
+        out.error, out.exception = f"{display_path(src.media)}: {_type_name(e)}: {e}", _type_name(e)
+    if out.error is not None:
+        out.waveform = out.faces = None
     out.seconds = time.perf_counter() - t0
     return out
+
+
+def _decode_into(out: Decoded, src: Source, opts: ExtractOptions, face: FaceCropper | None) -> None:
+    """Fill ``out`` with the decoded audio and face frames of ``src``; raises on any problem."""
+    audio = decode_audio(src.audio or src.media, sample_rate=SAMPLE_RATE, max_seconds=opts.max_audio_seconds)
+    if audio is not None and audio.samples.shape[0] > 0:
+        out.waveform = audio.samples  # (S,) float32
+        out.media_seconds = audio.seconds
+    if src.face_dir is not None:  # aligned face crops already (ABAW face_images): used as they are
+        video = read_face_images(src.face_dir, max_frames=opts.max_frames)
+    else:
+        transform = None if face is None else face.crop_frame
+        video = decode_video(src.media, max_frames=opts.max_frames, policy=opts.frame_policy, transform=transform)
+    out.faces = video.frames if video is not None and video.frames else None
+    if video is not None and len(video.timestamps) > 1:
+        out.media_seconds = max(out.media_seconds, float(video.timestamps[-1] - video.timestamps[0]))
+    if audio is None and video is None:
+        files = [src.media] if src.audio is None else [src.media, src.audio]
+        raise MediaError(f"{' and '.join(map(display_path, files))}: no audio or video stream to decode "
+                         "(FFmpeg finds none, e.g. in a file cut short after its container header); "
+                         "nothing to extract")  # fmt: skip
 
 
 def decode_waveform(src: Source, opts: ExtractOptions, face: FaceCropper | None = None) -> Decoded:
@@ -240,7 +349,9 @@ def decode_waveform(src: Source, opts: ExtractOptions, face: FaceCropper | None 
             out.waveform = audio.samples  # (S,) float32
             out.media_seconds = audio.seconds
     except MediaError as e:
-        out.error = str(e)
+        out.error, out.exception = str(e), _type_name(e)
+    except Exception as e:  # noqa: BLE001 - any library: this waveform fails, the run goes on
+        out.error, out.exception = f"{display_path(src.audio or src.media)}: {_type_name(e)}: {e}", _type_name(e)
     out.seconds = time.perf_counter() - t0
     return out
 
@@ -252,7 +363,8 @@ def _decoded_in_order(sources: list[Source], opts: ExtractOptions, face: FaceCro
     ``decode`` defaults to :func:`decode_source`."""
     decode = decode or decode_source
     ahead = max(2, opts.workers) * opts.batch_size
-    with ThreadPoolExecutor(max_workers=max(1, opts.workers), thread_name_prefix="taemi-decode") as pool:
+    pool = ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="taemi-decode")
+    try:
         pending: list[Future] = []
         it = iter(sources)
         for src in it:
@@ -265,6 +377,8 @@ def _decoded_in_order(sources: list[Source], opts: ExtractOptions, face: FaceCro
             if nxt is not None:
                 pending.append(pool.submit(decode, nxt, opts, face))
             yield fut.result()
+    finally:  # also on Ctrl-C/SIGTERM: decodes not started yet are dropped, not waited for
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _batches(items: Iterator[Decoded], size: int) -> Iterator[list[Decoded]]:
@@ -298,15 +412,34 @@ class _Timer:
         return _Ctx()
 
 
+class _StageFailed(Exception):
+    """An exception of any type raised by one stage of :func:`_encode_batch`, with the stage
+    named as the error report names it (``asr`` or ``encode``)."""
+
+    def __init__(self, stage: str, exc: Exception) -> None:
+        super().__init__(f"{_type_name(exc)}: {exc}")
+        self.stage, self.exc = stage, exc
+
+
+@contextmanager
+def _stage(timer: _Timer, timed: str, reported: str) -> Iterator[None]:
+    """Time the block as ``timed``; an Exception in it becomes a _StageFailed(``reported``)."""
+    with timer(timed):
+        try:
+            yield
+        except Exception as e:  # any library; KeyboardInterrupt/SystemExit pass
+            raise _StageFailed(reported, e) from e
+
+
 def _encode_batch(batch: list[Decoded], enc: Encoders, opts: ExtractOptions, timer: _Timer) -> list[tuple[ClipFeatures, str]]:
     """Features and transcript of every clip of a decoded batch (all decodable)."""
-    with timer("asr"):
+    with _stage(timer, "asr", "asr"):
         transcripts = [enc.asr.transcribe(d.waveform).strip() if d.waveform is not None else "" for d in batch]
-    with timer("audio"):
+    with _stage(timer, "audio", "encode"):
         waves = [d.waveform for d in batch if d.waveform is not None]
         audio_feats = iter(enc.audio.encode(waves) if waves else [])
         audio = [next(audio_feats) if d.waveform is not None else None for d in batch]
-    with timer("vision"):
+    with _stage(timer, "vision", "encode"):
         all_faces = [f for d in batch if d.faces for f in d.faces]
         vecs = _encode_images(enc.image, all_faces, opts.batch_size * 8) if all_faces else None
         vision, k = [], 0
@@ -316,7 +449,7 @@ def _encode_batch(batch: list[Decoded], enc: Encoders, opts: ExtractOptions, tim
                 k += len(d.faces)
             else:
                 vision.append(None)
-    with timer("text"):
+    with _stage(timer, "text", "encode"):
         texts = [t for t in transcripts if t]
         tvecs, ttoks = enc.text.encode(texts, token_states=opts.text_tokens) if texts else (None, None)
         text, tokens, k = [], [], 0
@@ -357,22 +490,30 @@ def extract(
     input_errors: Iterable[dict] = (),
     progress: bool = True,
 ) -> ExtractSummary:
-    """Extract ``sources`` into the feature store at ``store``; see the module docstring."""
+    """Extract ``sources`` into the feature store at ``store``; see the module docstring.
+
+    Raises StoreError, before writing anything, when the store cannot be opened for
+    writing (other dims or settings, locked by another writer, not a store).
+    """
     opts = opts or ExtractOptions()
-    if opts.frame_policy not in ("first", "uniform"):
-        raise ValueError(f"frame_policy={opts.frame_policy!r}: expected 'first' or 'uniform'")
+    opts.check()  # fields may have been changed since construction
     root = Path(store)
     t_start = time.perf_counter()
     summary = ExtractSummary(store=str(root), total=len(sources))
     timer = _Timer(summary)
     dims = {"audio": encoders.audio.dim, "vision": encoders.image.dim, "text": encoders.text.dim}
-    errors: list[dict] = list(input_errors)
+    errors: list[dict] = [{**e, "exception": e.get("exception")} for e in input_errors]  # one schema for every line
     summary.total += len(errors)  # so that total = done + skipped + failed
     summary.failed += len(errors)
     wave_errors: list[dict] = []  # --waveforms: reported, but not counted in failed
-
+    # Opened first: a store the writer refuses (other dims or settings, locked, a file)
+    # gets no report or transcripts folder; nothing is written into it.
+    writer = StoreWriter(root, dims=dims, text_tokens=opts.text_tokens, modalities=encoders.provenance(opts),
+                         shard_size=SHARD_SIZE, commit_clips=opts.commit_clips, commit_seconds=opts.commit_seconds,
+                         compact=True)  # fmt: skip
     try:
-        _run(sources, root, encoders, opts, dims, summary, timer, errors, progress, wave_errors)
+        with writer:  # commits what is finished, even on Ctrl-C/SIGTERM; compacts after a normal run
+            _run(sources, root, encoders, opts, writer, summary, timer, errors, progress, wave_errors)
     except BaseException:
         summary.interrupted = True
         raise
@@ -380,53 +521,71 @@ def extract(
         summary.failed = len(errors)
         summary.waveforms_failed = len(wave_errors)
         summary.wall_seconds = time.perf_counter() - t_start
-        if root.is_dir():
-            _report(root, summary, errors + wave_errors)
+        _report(root, summary, errors + wave_errors)
     return summary
 
 
-def _run(sources: list[Source], root: Path, encoders: Encoders, opts: ExtractOptions, dims: dict[str, int],
+def _run(sources: list[Source], root: Path, encoders: Encoders, opts: ExtractOptions, writer: StoreWriter,
          summary: ExtractSummary, timer: _Timer, errors: list[dict], progress: bool,
          wave_errors: list[dict]) -> None:  # fmt: skip
-    with StoreWriter(root, dims=dims, text_tokens=opts.text_tokens,
-                     modalities=encoders.provenance(opts)) as writer:  # fmt: skip
-        (root / TRANSCRIPTS).mkdir(exist_ok=True)
-        cache = WaveformCache(root, create=True, max_seconds=opts.max_audio_seconds,
-                              sample_rate=SAMPLE_RATE) if opts.waveforms else None  # fmt: skip
-        todo = [s for s in sources if opts.force or s.clip_id not in writer]
-        summary.skipped = len(sources) - len(todo)
-        if summary.skipped:
-            log.info("%d of %d clips are already in %s: skipped (use --force to recompute)",
-                     summary.skipped, len(sources), root)  # fmt: skip
-        if cache is not None and summary.skipped:
-            _cache_missing_waveforms(sources, root, writer, cache, opts, summary, timer, wave_errors, progress)
-        bar = tqdm(total=len(todo), desc="extract", unit="clip", disable=not progress, dynamic_ncols=True)
-        for batch in _batches(_decoded_in_order(todo, opts, encoders.face), opts.batch_size):
+    (root / TRANSCRIPTS).mkdir(exist_ok=True)
+    cache = WaveformCache(root, create=True, max_seconds=opts.max_audio_seconds,
+                          sample_rate=SAMPLE_RATE) if opts.waveforms else None  # fmt: skip
+    todo = [s for s in sources if opts.force or s.clip_id not in writer]
+    summary.skipped = len(sources) - len(todo)
+    if summary.skipped:
+        log.info("%d of %d clips are already in %s: skipped (use --force to recompute)",
+                 summary.skipped, len(sources), root)  # fmt: skip
+    if cache is not None and summary.skipped:
+        _cache_missing_waveforms(sources, root, writer, cache, opts, summary, timer, wave_errors, progress)
+    bar = tqdm(total=len(todo), desc="extract", unit="clip", disable=not progress, dynamic_ncols=True)
+    with closing(_decoded_in_order(todo, opts, encoders.face)) as decoded:
+        for batch in _batches(decoded, opts.batch_size):
             ok = []
             for d in batch:
                 summary.stage_seconds["decode"] += d.seconds
                 if d.error is not None:
-                    errors.append(_error_record(d.source.clip_id, d.source.media, "decode", d.error))
+                    errors.append(_error_record(d.source.clip_id, d.source.media, "decode", d.error, d.exception))
                 else:
                     ok.append(d)
             for clip, transcript, d in _encode_isolating_failures(ok, encoders, opts, timer, errors):
                 with timer("write"):
-                    try:
-                        writer.add(clip, replace=opts.force)
-                    except ValueError as e:  # e.g. non-finite features: this clip only
-                        errors.append(_error_record(clip.clip_id, d.source.media, "write", str(e)))
+                    if not _write_clip(writer, root, cache, clip, transcript, d, opts, summary, errors, wave_errors):
                         continue
-                    _write_text(root / TRANSCRIPTS / f"{clip.clip_id}.txt", transcript)
-                    if cache is not None:
-                        _cache_waveform(cache, d, summary, wave_errors)
                 summary.done += 1
                 summary.media_seconds += d.media_seconds
                 for m, miss in zip(("audio", "vision", "text"), clip.missing):
                     summary.missing[m] += int(miss)
+            with timer("write"):
+                writer.commit_if_due()  # by time: finished clips are durable within commit_seconds
             summary.failed = len(errors)
             bar.update(len(batch))
             bar.set_postfix(failed=summary.failed)
-        bar.close()
+    bar.close()
+
+
+def _write_clip(writer: StoreWriter, root: Path, cache: WaveformCache | None, clip: ClipFeatures, transcript: str,
+                d: Decoded, opts: ExtractOptions, summary: ExtractSummary, errors: list[dict],
+                wave_errors: list[dict]) -> bool:  # fmt: skip
+    """Validate, then write the transcript and waveform, then add the clip (so a committed
+    clip always has them, even if the process dies right after the commit); False if the
+    clip's values are invalid (recorded, stage ``write``). A failure to write into the
+    store (a full disk) is a StoreError: it would fail every clip, so the run stops."""
+    try:
+        writer.check(clip)
+    except (ValueError, TypeError) as e:  # e.g. non-finite features: this clip only
+        errors.append(_error_record(clip.clip_id, d.source.media, "write", str(e), _type_name(e)))
+        return False
+    try:
+        _write_text(root / TRANSCRIPTS / f"{clip.clip_id}.txt", transcript)
+        if cache is not None:
+            _cache_waveform(cache, d, summary, wave_errors)
+        writer.add(clip, replace=opts.force)
+    except OSError as e:
+        raise StoreError(f"{root}: cannot write clip {clip.clip_id!r} ({_type_name(e)}: {e}); stopping, since "
+                         "every clip would fail. The clips committed so far are kept: fix the cause and run "
+                         "again to resume") from e  # fmt: skip
+    return True
 
 
 def _cache_waveform(cache: WaveformCache, d: Decoded, summary: ExtractSummary, wave_errors: list[dict]) -> bool:
@@ -437,7 +596,8 @@ def _cache_waveform(cache: WaveformCache, d: Decoded, summary: ExtractSummary, w
             return True
         cache.put(d.source.clip_id, d.waveform)
     except (OSError, ValueError) as e:
-        wave_errors.append(_error_record(d.source.clip_id, d.source.media, "waveform", f"{type(e).__name__}: {e}"))
+        wave_errors.append(_error_record(d.source.clip_id, d.source.media, "waveform", f"{type(e).__name__}: {e}",
+                                         _type_name(e)))  # fmt: skip
         return False
     summary.waveforms += 1
     return True
@@ -457,17 +617,19 @@ def _cache_missing_waveforms(sources: list[Source], root: Path, writer: StoreWri
         return
     log.info("%d clips already in %s have no cached waveform: decoding their audio", len(todo), root)
     bar = tqdm(total=len(todo), desc="waveforms", unit="clip", disable=not progress, dynamic_ncols=True)
-    for d in _decoded_in_order(todo, opts, None, decode=decode_waveform):
-        summary.stage_seconds["decode"] += d.seconds
-        with timer("write"):
-            if d.error is not None:
-                wave_errors.append(_error_record(d.source.clip_id, d.source.media, "waveform", d.error))
-            elif d.waveform is None:
-                wave_errors.append(_error_record(d.source.clip_id, d.source.media, "waveform",
-                                                 "no audio decoded, but the store has audio features for this clip"))  # fmt: skip
-            elif _cache_waveform(cache, d, summary, wave_errors):
-                summary.waveforms_added += 1
-        bar.update(1)
+    with closing(_decoded_in_order(todo, opts, None, decode=decode_waveform)) as decoded:
+        for d in decoded:
+            summary.stage_seconds["decode"] += d.seconds
+            with timer("write"):
+                if d.error is not None:
+                    wave_errors.append(_error_record(d.source.clip_id, d.source.media, "waveform", d.error,
+                                                     d.exception))  # fmt: skip
+                elif d.waveform is None:
+                    wave_errors.append(_error_record(d.source.clip_id, d.source.media, "waveform",
+                                                     "no audio decoded, but the store has audio features for this clip"))  # fmt: skip
+                elif _cache_waveform(cache, d, summary, wave_errors):
+                    summary.waveforms_added += 1
+            bar.update(1)
     bar.close()
 
 
@@ -491,12 +653,15 @@ def _encode_isolating_failures(batch: list[Decoded], enc: Encoders, opts: Extrac
         return []
     try:
         return [(c, t, d) for (c, t), d in zip(_encode_batch(batch, enc, opts, timer), batch)]
-    except (ValueError, RuntimeError, MemoryError) as e:
+    except Exception as e:  # noqa: BLE001 - any library's error fails only its clip
+        stage, exc = (e.stage, e.exc) if isinstance(e, _StageFailed) else ("encode", e)
         if len(batch) == 1:
             d = batch[0]
-            errors.append(_error_record(d.source.clip_id, d.source.media, "encode", f"{type(e).__name__}: {e}"))
+            errors.append(_error_record(d.source.clip_id, d.source.media, stage, f"{_type_name(exc)}: {exc}",
+                                        _type_name(exc)))  # fmt: skip
             return []
-        log.warning("a batch of %d clips failed to encode (%s); retrying clip by clip", len(batch), e)
+        log.warning("a batch of %d clips failed (%s: %s: %s); retrying clip by clip", len(batch), stage,
+                    _type_name(exc), exc)  # fmt: skip
         out = []
         for d in batch:
             out += _encode_isolating_failures([d], enc, opts, timer, errors)
