@@ -338,7 +338,9 @@ def test_whisper_short_clip_in_a_batch_equals_alone(whisper):
         batch, _ = whisper.eval()(x, n)
         alone, _ = whisper(x[1:, :9_000], n[1:])
     assert alone.shape == (1, 29, 384)
-    torch.testing.assert_close(batch[1, :29], alone[0], atol=1e-5, rtol=1e-5)
+    # float32 sums in another order (the batch's 100-frame window vs the clip's 29): up to
+    # 1.3e-5 apart on some CPUs' kernels; a masking mistake moves values by far more
+    torch.testing.assert_close(batch[1, :29], alone[0], atol=5e-5, rtol=1e-5)
 
 
 @pytest.mark.realmedia

@@ -250,3 +250,12 @@ def test_write_predictions_replaces_existing(tmp_path: Path) -> None:
     write_predictions(out, ["00002"], ("a",), np.array([[0.25]]))
     back = read_labels(out, emotions=("a",))
     assert back.ids == ["00002"] and back.values[0, 0] == 0.25
+
+
+def test_check_scorable_needs_two_clips(tmp_path: Path) -> None:
+    """Pearson r needs two clips: one is refused naming the file, two pass."""
+    one = read_labels(_write(tmp_path, "\n".join([HEADER, _row("00042"), ""]), name="one.csv"))
+    with pytest.raises(LabelError, match=r"one\.csv: 1 validation clip\(s\); .* at least 2"):
+        one.check_scorable("validation")
+    two = read_labels(_write(tmp_path, "\n".join([HEADER, _row("a"), _row("b"), ""]), name="two.csv"))
+    assert two.check_scorable("validation") is two

@@ -16,12 +16,13 @@ from conftest import is_png, small_synth_config
 from safetensors.torch import load_file
 
 from taemi import EMI_EMOTIONS
-from taemi.config import ConfigError, load_config
+from taemi.config import ConfigError, build_config, load_config
 from taemi.data.labels import Labels, read_labels
 from taemi.data.synth import make_synth
 from taemi.eval.metrics import compute_metrics
+from taemi.model.checkpoint import LOCK_FILE, RunFolderError, RunFolderLock
 from taemi.train import trainer
-from taemi.train.trainer import STATE_FILE, TrainResult, train
+from taemi.train.trainer import STATE_FILE, TrainingError, TrainResult, train
 
 HISTORY_COLUMNS = [
     "epoch",
@@ -410,11 +411,14 @@ def test_deterministic_runs_are_identical(
 
 def test_resume_of_a_run_interrupted_in_its_first_epoch_starts_it_afresh(store, labels, tiny_config, tmp_path,
                                                                          monkeypatch):
-    """config.yaml but no state.pt (killed during epoch 1): --resume trains from epoch 1."""
+    """config.yaml but no state.pt (killed during epoch 1): --resume trains from epoch 1.
+
+    A kill (here a BaseException, as KeyboardInterrupt is) leaves the folder resumable; a
+    failure (an Exception) would remove it, see test_failed_first_epoch_leaves_no_stub."""
     cfg = tiny_config("train.max_epochs=1")
     run = tmp_path / "run"
 
-    class Killed(Exception):
+    class Killed(BaseException):
         pass
 
     def killed(*args, **kwargs):
@@ -427,6 +431,128 @@ def test_resume_of_a_run_interrupted_in_its_first_epoch_starts_it_afresh(store, 
     assert (run / "config.yaml").is_file() and not (run / STATE_FILE).exists()
     res = train(cfg, store, *labels, run, resume=True, progress=False)
     assert [h["epoch"] for h in res.history] == [1]
+
+
+class Fails(Exception):
+    """A failure inside training (not an interruption)."""
+
+
+def _fail(*args, **kwargs):
+    raise Fails
+
+
+def test_failed_first_epoch_leaves_no_stub(tmp_path, store, labels, tiny_config, monkeypatch) -> None:
+    """A run that fails before its first epoch is saved removes what it created (folders
+    too), so a plain rerun is not blocked; what was there before stays; a failure after
+    a saved epoch keeps the run (it is resumable)."""
+    cfg = tiny_config("train.max_epochs=2")
+    nested = tmp_path / "a" / "b" / "run"
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine", encoding="utf-8")
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "_clip_gradients", _fail)
+        for out in (nested, existing):
+            with pytest.raises(Fails):
+                train(cfg, store, *labels, out, progress=False)
+    assert not (tmp_path / "a").exists()
+    assert sorted(p.name for p in existing.iterdir()) == ["notes.txt"]
+    assert (existing / "notes.txt").read_text(encoding="utf-8") == "mine"
+    res = train(cfg, store, *labels, existing, progress=False)  # the plain rerun works
+    assert len(res.history) == 2 and (existing / "notes.txt").is_file()
+
+    kept = tmp_path / "kept"
+
+    def fail_after_epoch_1(epoch: int, row: dict) -> None:
+        raise Fails
+
+    with pytest.raises(Fails):
+        train(cfg, store, *labels, kept, progress=False, callbacks=[fail_after_epoch_1])
+    assert (kept / STATE_FILE).is_file() and (kept / "config.yaml").is_file() and not (kept / LOCK_FILE).exists()
+
+
+def test_train_holds_a_lock_on_its_run_folder(tmp_path, store, labels, tiny_config) -> None:
+    """While train() runs, a second train (or --resume) on the same folder fails at once
+    and changes nothing; the lock is gone once the run returns."""
+    cfg = tiny_config("train.max_epochs=2")
+    run = tmp_path / "run"
+    seen = []
+
+    def second_process(epoch: int, row: dict) -> None:
+        if epoch != 1:
+            return
+        before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+        for resume in (True, False):
+            with pytest.raises(RunFolderError, match="being trained by another process"):
+                train(cfg, store, *labels, run, resume=resume, progress=False)
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+        seen.append(epoch)
+
+    res = train(cfg, store, *labels, run, progress=False, callbacks=[second_process])
+    assert seen == [1] and len(res.history) == 2
+    assert not (run / LOCK_FILE).exists()
+    with RunFolderLock(run):  # free again
+        assert (run / LOCK_FILE).is_file()
+
+
+def test_non_finite_loss_stops_training_at_once(tmp_path, store, labels, tiny_config) -> None:
+    """train.lr=1e30 diverges within the first steps: stopped there, named, no stub left."""
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"epoch 1, step \d+ of \d+: the training loss is .*lower train.lr"):
+        train(tiny_config("train.lr=1e30"), store, *labels, run, progress=False)
+    assert not run.exists()
+
+
+def test_batched_loss_check_names_the_first_bad_step() -> None:
+    """On an accelerator the loss is checked every few steps (one host sync each): the
+    error still names the first step whose loss was NaN/Inf, not the step of the check."""
+    from taemi.train.trainer import DistInfo, _check_step_losses
+
+    cfg = build_config("paper", [("train.lr", 1e-3)])
+    ok, bad = torch.tensor([0.5]), torch.tensor([float("nan")])
+    pending = [(4, ok, [], 1e-3), (5, ok, [], 1e-3), (6, bad, [], 2e-3), (7, bad, [], 3e-3)]
+    _check_step_losses(pending[:2], DistInfo(), epoch=2, steps=9, cfg=cfg, store=None)  # finite: no error
+    with pytest.raises(TrainingError, match=r"epoch 2, step 6 of 9: the training loss is nan .*rate 0.002"):
+        _check_step_losses(pending, DistInfo(), epoch=2, steps=9, cfg=cfg, store=None)
+
+
+def test_non_finite_features_are_named_where_they_enter(tmp_path, store, labels, tiny_config) -> None:
+    """Features holding NaN that reach the model (past the store's own read check, e.g. from
+    a backbone) stop training at the step that sees them, naming the clip; in a validation
+    clip they are named before the metric sees an anonymous NaN."""
+    from taemi.data.store import FeatureStore
+
+    class NanStore(FeatureStore):
+        bad = ""
+
+        def get(self, key):
+            clip = super().get(key)
+            if clip.clip_id == self.bad and clip.text is not None:
+                clip = dataclasses.replace(clip, text=np.full(clip.text.shape, np.nan, np.float32))
+            return clip
+
+    nan_store = NanStore(store.root)
+    train_labels, valid_labels = labels
+    for split, error in ((train_labels, TrainingError), (valid_labels, ValueError)):
+        nan_store.bad = next(i for i in split.ids if not store.missing[store.index(i), 2])
+        run = tmp_path / f"run_{nan_store.bad}"
+        with pytest.raises(error, match=f"'?{nan_store.bad}'?.*NaN/Inf") as info:
+            train(tiny_config(), nan_store, *labels, run, progress=False)
+        assert "epoch 1" in str(info.value) and not run.exists()
+
+
+def test_resume_without_state_after_finished_epochs_is_refused(tmp_path, store, labels, tiny_config) -> None:
+    """Weights of finished epochs but state.pt deleted: an error, not a silent restart
+    that would overwrite them."""
+    cfg = tiny_config("train.max_epochs=2")
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, store, *labels, run, progress=False, callbacks=[Interrupt(after=1)])
+    (run / STATE_FILE).unlink()
+    before = (run / "last.safetensors").read_bytes()
+    with pytest.raises(RunFolderError, match=f"{STATE_FILE} is missing, but last.safetensors"):
+        train(cfg, store, *labels, run, resume=True, progress=False)
+    assert (run / "last.safetensors").read_bytes() == before
 
 
 # --------------------------------------------------------------------------- train on all

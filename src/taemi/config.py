@@ -30,6 +30,27 @@ class ConfigError(ValueError):
     """A configuration key, value or file that cannot be used."""
 
 
+def _finite(key: str, value: Any, rule: str = "") -> None:
+    """Refuse a NaN/Inf number, or one that breaks ``rule`` (``> 0``, ``>= 0``), named by key.
+
+    Non-finite values enter through ``--set train.lr=inf`` or YAML's ``.inf``/``.nan``; a
+    NaN passes every ``<``/``>`` test, so each number is checked here, where the config is
+    built, rather than surfacing an epoch later as NaN predictions."""
+    ok = math.isfinite(value)
+    if ok and rule == "> 0":
+        ok = value > 0
+    elif ok and rule == ">= 0":
+        ok = value >= 0
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: must be finite{f' and {rule}' if rule else ''}")
+
+
+def _at_least(key: str, value: int, low: int) -> None:
+    """An integer setting (a length, a batch size, a count) must be ``>= low``."""
+    if value < low:
+        raise ConfigError(f"{key}={value!r}: must be {'> 0' if low == 1 else f'>= {low}'}")
+
+
 @dataclass
 class ModelConfig:
     """The fusion model (spec section 4)."""
@@ -71,8 +92,8 @@ class ModelConfig:
             if not 0.0 <= p < 1.0:
                 raise ConfigError(f"model.{name}={p}: must be in [0, 1)")
         for name in ("audio_dim", "vision_dim", "text_dim", "hidden", "heads", "sa_ffn", "head_hidden"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name}={getattr(self, name)}: must be positive")
+            _at_least(f"model.{name}", getattr(self, name), 1)
+        _finite("model.token_init_std", self.token_init_std, ">= 0")
 
 
 @dataclass
@@ -88,6 +109,19 @@ class DataConfig:
     modalities: tuple[str, ...] = ("audio", "vision", "text")  # what the model may see; others are always missing
     num_workers: int = 0  # DataLoader worker processes
     batching: str = "random"  # random (the recipe: shuffled batches) | bucket (clips of similar lengths share a batch: little padding, faster)
+
+    def validate(self) -> None:
+        for name in ("max_audio_len", "max_vision_len", "max_text_tokens"):
+            _at_least(f"data.{name}", getattr(self, name), 1)
+        _at_least("data.num_workers", self.num_workers, 0)
+        if not self.emotions or len(set(self.emotions)) != len(self.emotions):
+            raise ConfigError(f"data.emotions={list(self.emotions)}: need distinct names")
+        if not self.modalities or not set(self.modalities) <= set(ANCHORS):
+            raise ConfigError(f"data.modalities={list(self.modalities)}: a non-empty subset of {ANCHORS}")
+        if self.batching not in ("random", "bucket"):
+            raise ConfigError(f"data.batching={self.batching!r}: expected random|bucket")
+        if self.text_tokens not in ("auto", "yes", "no"):
+            raise ConfigError(f"data.text_tokens={self.text_tokens!r}: expected auto|yes|no")
 
 
 @dataclass
@@ -117,12 +151,17 @@ class TrainConfig:
             raise ConfigError(f"train.grad_clip_mode={self.grad_clip_mode!r}: expected 'value' or 'norm'")
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise ConfigError(f"train.precision={self.precision!r}: expected auto|fp32|fp16|bf16")
-        if self.batch_size <= 0 or self.max_epochs <= 0:
-            raise ConfigError("train.batch_size and train.max_epochs must be positive")
-        if self.grad_accum_steps < 1:
-            raise ConfigError(f"train.grad_accum_steps={self.grad_accum_steps}: must be >= 1")
-        if self.patience < 0 or self.warmup_epochs < 0 or self.lr <= 0:
-            raise ConfigError("train.patience and train.warmup_epochs must be >= 0 and train.lr > 0")
+        _finite("train.lr", self.lr, "> 0")
+        _finite("train.weight_decay", self.weight_decay, ">= 0")
+        _finite("train.warmup_epochs", self.warmup_epochs, ">= 0")
+        _finite("train.grad_clip", self.grad_clip, ">= 0")
+        for i, beta in enumerate(self.betas):
+            if not 0.0 <= beta < 1.0:  # NaN fails this too
+                raise ConfigError(f"train.betas={list(self.betas)}: beta{i + 1}={beta!r} must be in [0, 1)")
+        for name in ("batch_size", "max_epochs", "eval_batch_size", "grad_accum_steps"):
+            _at_least(f"train.{name}", getattr(self, name), 1)
+        for name in ("patience", "log_every"):
+            _at_least(f"train.{name}", getattr(self, name), 0)
 
 
 MODES = ("frozen", "finetune")
@@ -211,10 +250,10 @@ class FinetuneConfig:
             raise ConfigError(f"finetune.max_audio_seconds={self.max_audio_seconds}: must be in (0, 30]")
         if self.max_text_tokens < 2:
             raise ConfigError(f"finetune.max_text_tokens={self.max_text_tokens}: must be >= 2")
-        if self.backbone_lr < 0 or self.backbone_weight_decay < 0:
-            raise ConfigError("finetune.backbone_lr and finetune.backbone_weight_decay must be >= 0")
-        if self.freeze_audio_layers < 0 or self.freeze_text_layers < 0:
-            raise ConfigError("finetune.freeze_audio_layers and finetune.freeze_text_layers must be >= 0")
+        _finite("finetune.backbone_lr", self.backbone_lr, ">= 0")
+        _finite("finetune.backbone_weight_decay", self.backbone_weight_decay, ">= 0")
+        _at_least("finetune.freeze_audio_layers", self.freeze_audio_layers, 0)
+        _at_least("finetune.freeze_text_layers", self.freeze_text_layers, 0)
         for name in ("audio_backbone", "text_backbone"):
             if not getattr(self, name).strip():
                 raise ConfigError(f"finetune.{name} is empty: give offline, paper, a hub id or a local folder")
@@ -236,18 +275,11 @@ class RunConfig:
         if self.mode not in MODES:
             raise ConfigError(f"mode={self.mode!r}: expected one of {MODES}")
         self.model.validate()
+        self.data.validate()
         self.train.validate()
         self.finetune.validate()
         if self.mode == "finetune" and self.data.text_tokens == "yes":
             raise ConfigError("data.text_tokens=yes does not apply to mode=finetune (the text backbone gives one vector)")
-        if not self.data.emotions or len(set(self.data.emotions)) != len(self.data.emotions):
-            raise ConfigError(f"data.emotions={list(self.data.emotions)}: need distinct names")
-        if not self.data.modalities or not set(self.data.modalities) <= set(ANCHORS):
-            raise ConfigError(f"data.modalities={list(self.data.modalities)}: a non-empty subset of {ANCHORS}")
-        if self.data.batching not in ("random", "bucket"):
-            raise ConfigError(f"data.batching={self.data.batching!r}: expected random|bucket")
-        if self.data.text_tokens not in ("auto", "yes", "no"):
-            raise ConfigError(f"data.text_tokens={self.data.text_tokens!r}: expected auto|yes|no")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -410,25 +442,86 @@ def build_config(
     """Preset, then an optional YAML file, then ``--set`` overrides; validated."""
     cfg = preset(preset_name)
     if config_file is not None:
-        cfg = from_dict(load_yaml(config_file), base=cfg)
+        cfg = _from_file(config_file, cfg)
     for k, v in overrides:
         apply_override(cfg, k, v)
     return cfg.validate()
 
 
+def _from_file(path: str | Path, base: RunConfig) -> RunConfig:
+    """:func:`from_dict` over a YAML file; its errors name the file."""
+    data = load_yaml(path)
+    try:
+        return from_dict(data, base=base)
+    except ConfigError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+
+
+def _strict_loader() -> type:
+    """A YAML SafeLoader that refuses a key repeated in one mapping (plain YAML keeps
+    the last value silently, so ``lr: 1e-4`` ... ``lr: 1e-3`` would train with 1e-3)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges are allowed
+                continue
+            key = loader.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise ConfigError(
+                        f"duplicate key {key!r} at line {line} (first at line {seen[key]}); "
+                        "a key may appear once per section"
+                    )
+                seen[key] = line
+            except TypeError:  # an unhashable key: SafeLoader's own error says so
+                continue
+        return loader.construct_mapping(node, deep=deep)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return StrictLoader
+
+
+def _yaml_problem(e: Exception) -> str:
+    """A YAML error on one line: what and where (PyYAML's own text spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(problem).split())
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a mapping (empty file: ``{}``); a file that cannot be read,
+    is not YAML, repeats a key or is not a mapping at the top is a :class:`ConfigError`
+    naming the file."""
     import yaml
 
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start})") from None
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_strict_loader())  # a SafeLoader subclass
+    except ConfigError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-    return data or {}
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path}: the top level must be a mapping of settings (model:, data:, train:, ...), "
+            f"got a {type(data).__name__}"
+        )
+    return data
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
@@ -438,8 +531,8 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
 
 
 def load_config(path: str | Path) -> RunConfig:
-    """Load a resolved run config (``RUN/config.yaml``) strictly."""
-    return from_dict(load_yaml(path), base=RunConfig())
+    """Load a resolved run config (``RUN/config.yaml``) strictly; errors name the file."""
+    return _from_file(path, RunConfig())
 
 
 def _to_plain(x: Any) -> Any:

@@ -73,9 +73,11 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from taemi.cli.main import _output_file, _write_output
     from taemi.eval.metrics import compute_metrics
     from taemi.eval.stats import paired_bootstrap
 
+    dst = _output_file(args.out) if args.out else None
     path_a, path_b, pa, pred_b, target = _load(args)
     a = pa.values.astype(np.float64)  # (N, E)
     b = pred_b.astype(np.float64)  # (N, E)
@@ -113,9 +115,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
             "pearson_a": {e: float(v) for e, v in ma.pearson.items()},
             "pearson_b": {e: float(v) for e, v in mb.pearson.items()},
         }
-        dst = Path(args.out)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        dst.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        assert dst is not None
+        _write_output(dst, lambda p: p.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8"))
         out(f"wrote {dst}\n")
     return 0
 

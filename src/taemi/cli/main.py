@@ -33,6 +33,32 @@ def _metrics_table(metrics: dict, title: str) -> str:
     return "\n".join(lines)
 
 
+def _output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Check an output file path before the work that fills it: not a folder, below a
+    folder (created when missing) that can be written; errors name the path."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{flag} {p} is a folder; give the name of the file to write")
+    anc = p.parent
+    while not anc.exists() and not anc.is_symlink():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ValueError(f"{flag} {p}: {anc} is a file, not a folder")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {p}: the folder {anc} is not writable")
+    return p
+
+
+def _write_output(path: Path, write, flag: str = "--out") -> None:
+    """``write(path)``, with a failure to create or write the file (permissions, a full
+    disk) reported as the one-line error naming it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(path)
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write it: {e.strerror or e}") from None
+
+
 def _read_ids(path: str, id_column: str) -> list[str]:
     """Clip ids from a CSV's id column (a label file or a plain id list with that header)."""
     import csv
@@ -83,7 +109,8 @@ def _load_config(args: argparse.Namespace, dims_from=None):
     if dims_from is not None:
         given = {k for k, _ in user}
         if args.config is not None:
-            given |= {f"model.{k}" for k in (load_yaml(args.config).get("model") or {})}
+            section = load_yaml(args.config).get("model")  # a non-mapping section is refused by build_config
+            given |= {f"model.{k}" for k in (section if isinstance(section, dict) else {})}
         auto = [
             (f"model.{m}_dim", d) for m, d in dims_from.dims.items() if f"model.{m}_dim" not in given
         ]
@@ -95,10 +122,12 @@ def _load_config(args: argparse.Namespace, dims_from=None):
 
 def _epochs_from(run: str) -> int:
     """The best epoch a finished validated run chose (its metrics.json)."""
-    path = Path(run) / "metrics.json"
-    if not path.is_file():
+    from taemi.model.checkpoint import METRICS_FILE, read_metrics
+
+    path = Path(run) / METRICS_FILE
+    m = read_metrics(run)
+    if m is None:
         raise FileNotFoundError(f"--epochs-from {run}: {path} does not exist (not a trained run folder?)")
-    m = json.loads(path.read_text(encoding="utf-8"))
     epoch = m.get("best_epoch")
     if not isinstance(epoch, int) or epoch < 1:
         raise ValueError(f"--epochs-from {run}: {path} has best_epoch={epoch!r}, not a positive epoch number")
@@ -195,35 +224,74 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from taemi.data.labels import read_labels
     from taemi.data.store import FeatureStore
     from taemi.eval.metrics import compute_metrics
-    from taemi.eval.predict import predict_dataset
+    from taemi.eval.predict import check_finite_predictions, predict_dataset
     from taemi.model.checkpoint import load_run
-    from taemi.train.runtime import resolve_device, resolve_precision
+    from taemi.train.runtime import resolve_device
     from taemi.train.trainer import check_store_fits, make_dataset
 
+    out = _output_file(args.out) if args.out else None  # checked before the work
     model, cfg = load_run(args.run, args.which)
+    out = out or _output_file(Path(args.run) / f"eval_{Path(args.labels).stem}.json")
     store = FeatureStore(args.store)
-    check_store_fits(cfg, store)
+    check_store_fits(cfg, store, run=args.run)
     labels = read_labels(args.labels, emotions=cfg.data.emotions, id_column=cfg.data.id_column, store_ids=store)
+    labels.check_scorable("labelled")
     device = resolve_device(args.device)
-    precision = resolve_precision(args.precision, device)
+    precision, why = _evaluation_precision(args.run, args.precision, device)
     ds = make_dataset(cfg, store, labels)
     pred, _ = predict_dataset(
         model.to(device), ds, batch_size=cfg.train.eval_batch_size, device=device, precision=precision,
         progress=not args.no_progress,
     )  # fmt: skip
+    check_finite_predictions(pred, labels.ids, f"evaluate {args.run} on {args.store}", cause=_features_cause(store))
     metrics = compute_metrics(pred, labels.values, cfg.data.emotions, clipped=args.clip).to_dict()
-    out = Path(args.out) if args.out else Path(args.run) / f"eval_{Path(args.labels).stem}.json"
-    report = {"run": str(args.run), "weights": args.which, "store": str(args.store), "labels": str(args.labels), **metrics}
-    out.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    report = {"run": str(args.run), "weights": args.which, "store": str(args.store), "labels": str(args.labels),
+              "precision": precision, "device": str(device), **metrics}  # fmt: skip
+    _write_output(out, lambda p: p.write_text(json.dumps(report, indent=2), encoding="utf-8"))
     _print(_metrics_table(metrics, f"{args.labels} ({args.which} weights):"))
+    _print(f"scored in {precision}: {why}")
     _print(f"metrics written to {out}")
     return 0
+
+
+def _features_cause(store) -> str:
+    """Why predictions of a loaded run can be NaN/Inf: its weights were checked finite on
+    load (taemi.model.checkpoint.load_weights), so the clips' features are not."""
+    return f"the run's weights are finite, so these clips' features hold NaN/Inf (taemi store verify {store.root})"
+
+
+def _evaluation_precision(run: str, asked: str, device) -> tuple[str, str]:
+    """The precision evaluate scores in, and why. ``run`` (the default): the one the run
+    validated in (its metrics.json), so the figure reproduces metrics.json; fp32 where
+    that one cannot run here (fp16 off CUDA) or the run records none."""
+    from taemi.config import ConfigError
+    from taemi.model.checkpoint import METRICS_FILE, read_metrics
+    from taemi.train.runtime import resolve_precision
+
+    validated = (read_metrics(run) or {}).get("precision")
+    validated = validated if validated in ("fp32", "bf16", "fp16") else None
+    source = Path(run) / METRICS_FILE
+    if asked != "run":
+        precision = resolve_precision(asked, device)
+        if validated is not None and validated != precision:
+            return precision, (f"--precision {asked}; {run} validated in {validated} ({source}), so these figures "
+                               f"can differ slightly from its metrics (--precision run scores as it did)")  # fmt: skip
+        return precision, f"--precision {asked}"
+    if validated is None:
+        return "fp32", f"{run} records no validation precision ({source}): fp32"
+    try:
+        return resolve_precision(validated, device), f"the precision {run} validated in ({source})"
+    except ConfigError:
+        return "fp32", (f"{run} validated in {validated}, which needs CUDA: fp32 here, so these figures can "
+                        f"differ slightly from its metrics ({source})")  # fmt: skip
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     if args.inputs:
         if args.store or args.ids:
             raise ValueError("predict takes media files (positional) or --store [--ids], not both")
+        if args.out:
+            _output_file(args.out)  # before the extraction, not after it
         return _predict_media(args)
     if not args.store:
         raise ValueError("predict needs --store STORE (features) or media files/folders to extract features from")
@@ -233,15 +301,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if given:
             raise ValueError(f"{flag} is for predicting from media files, not from --store")
     from taemi.data.store import FeatureStore
-    from taemi.eval.predict import predict_dataset
+    from taemi.eval.predict import check_finite_predictions, predict_dataset
     from taemi.eval.submission import write_submission
     from taemi.model.checkpoint import load_run
     from taemi.train.runtime import resolve_device, resolve_precision
     from taemi.train.trainer import check_store_fits, make_dataset
 
+    out = _output_file(args.out)
     model, cfg = load_run(args.run, args.which)
     store = FeatureStore(args.store)
-    check_store_fits(cfg, store)
+    check_store_fits(cfg, store, run=args.run)
     ids = _read_ids(args.ids, cfg.data.id_column) if args.ids else list(store.ids)
     ds = make_dataset(cfg, store, None, ids=ids)
     device = resolve_device(args.device)
@@ -249,7 +318,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         model.to(device), ds, batch_size=cfg.train.eval_batch_size, device=device,
         precision=resolve_precision(args.precision, device), progress=not args.no_progress,
     )  # fmt: skip
-    write_submission(args.out, ids, cfg.data.emotions, pred, clip=args.clip)
+    check_finite_predictions(pred, ids, f"predict {args.run} on {args.store}", cause=_features_cause(store))
+    _write_output(out, lambda p: write_submission(p, ids, cfg.data.emotions, pred, clip=args.clip))
     _print(f"wrote {len(ids)} predictions ({_clip_words(args.clip)}) to {args.out}")
     return 0
 
@@ -345,9 +415,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from taemi.data.abaw import is_abaw_root, open_abaw
-    from taemi.extract.pipeline import ExtractOptions, extract, find_sources, summary_counts
+    from taemi.data.store import check_writable
+    from taemi.extract.pipeline import (
+        ExtractOptions,
+        extract,
+        find_sources,
+        summary_counts,
+    )
     from taemi.extract.profiles import load_encoders
 
+    # options and the output store are checked before any model loads or anything is written
+    opts = ExtractOptions(
+        max_audio_seconds=args.max_audio_seconds, max_frames=args.max_frames, frame_policy=args.frame_policy,
+        batch_size=args.batch_size, workers=args.workers, text_tokens=args.text_tokens, force=args.force,
+        waveforms=args.waveforms, commit_clips=args.commit_clips, commit_seconds=args.commit_seconds,
+    )  # fmt: skip
+    check_writable(args.out)
     models = dict(_key_value(m, "--model") for m in (args.model or []))
     sources, input_errors = [], []
     plain = [i for i in args.input if not is_abaw_root(i)]
@@ -368,11 +451,6 @@ def cmd_extract(args: argparse.Namespace) -> int:
         if args.distributed is not None:
             return distributed_cmd.run_distributed(args, sources, input_errors)
         sources, input_errors = distributed_cmd.this_shard(args, sources, input_errors)
-    opts = ExtractOptions(
-        max_audio_seconds=args.max_audio_seconds, max_frames=args.max_frames, frame_policy=args.frame_policy,
-        batch_size=args.batch_size, workers=args.workers, text_tokens=args.text_tokens, force=args.force,
-        waveforms=args.waveforms,
-    )  # fmt: skip
     if args.encoders:
         from taemi.extract.factory import encoders_from_factory
 
@@ -384,7 +462,14 @@ def cmd_extract(args: argparse.Namespace) -> int:
             args.profile, device=args.device, batch_size=args.batch_size, models=models, face=not args.no_face,
             trust_remote_code=args.trust_remote_code, allow_download=args.allow_download,
         )  # fmt: skip
-    summary = extract(sources, args.out, enc, opts, input_errors=input_errors, progress=not args.no_progress)
+    from taemi.signals import Terminated
+
+    try:  # main() runs every command under sigterm_raises: finished clips committed, summary written
+        summary = extract(sources, args.out, enc, opts, input_errors=input_errors, progress=not args.no_progress)
+    except Terminated:
+        sys.stderr.write(f"taemi: terminated (SIGTERM): the finished clips are committed in {args.out}; "
+                         "run the same command again to extract the rest\n")  # fmt: skip
+        return 143
     _print(f"{args.out}: {summary_counts(summary)}")
     if summary.errors_file:
         _print(f"failures and their reasons: {summary.errors_file}")
@@ -455,6 +540,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-audio-files", action="store_true", help="ABAW root: use the video's audio, not audio/*.mp3")
     sp.add_argument("--text-tokens", action="store_true", help="also store text token states")
     sp.add_argument("--force", action="store_true", help="recompute clips already in the store")
+    sp.add_argument("--commit-clips", type=int, default=32,
+                    help="commit finished clips to the store every N clips (a killed run keeps them)")  # fmt: skip
+    sp.add_argument("--commit-seconds", type=float, default=10.0,
+                    help="... or every S seconds, whichever comes first")  # fmt: skip
     sp.add_argument("--waveforms", action="store_true",
                     help="also cache the decoded 16 kHz audio (STORE/waveforms/) for end-to-end fine-tuning; "
                          "clips already in the store only get their audio decoded and cached")  # fmt: skip
@@ -492,14 +581,19 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.set_defaults(func=cmd_train)
 
-    def run_opts(sp: argparse.ArgumentParser) -> None:
+    def run_opts(sp: argparse.ArgumentParser, precision_default: str = "fp32") -> None:
         sp.add_argument("--run", required=True, help="run folder (from train or import-release)")
         sp.add_argument("--which", default="best", choices=("best", "last"), help="which weights")
         sp.add_argument("--device", default="auto")
-        sp.add_argument("--precision", default="fp32", choices=("auto", "fp32", "fp16", "bf16"))
+        choices = ("run",) * (precision_default == "run") + ("auto", "fp32", "fp16", "bf16")
+        sp.add_argument("--precision", default=precision_default, choices=choices,
+                        help="autocast precision" + (" (default run: the one the run validated in, its "
+                                                     "metrics.json, so the score reproduces it; fp32 when the run "
+                                                     "records none or it cannot run here)"
+                                                     if precision_default == "run" else ""))  # fmt: skip
 
     sp = sub.add_parser("evaluate", help="score a run on labelled clips")
-    run_opts(sp)
+    run_opts(sp, precision_default="run")
     sp.add_argument("--store", required=True)
     sp.add_argument("--clip", action="store_true", help="clip predictions to [0, 1] before scoring (default: raw)")
     sp.add_argument("--labels", required=True, help="label CSV")
@@ -581,6 +675,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """The errors that are the user's to fix (bad input, a damaged file, a diverging
+    run): printed as one line with exit status 2. Anything else is a bug and keeps its
+    traceback. The training error is only looked up once the trainer was imported (so a
+    light command does not import torch to handle its errors)."""
+    from taemi.config import ConfigError
+    from taemi.data.store import StoreError
+    from taemi.extract.encoders.base import ModelLoadError
+
+    trainer = sys.modules.get("taemi.train.trainer")
+    extra = (trainer.TrainingError,) if trainer is not None else ()
+    # RunFolderError (a damaged run-folder file) and LabelError are ValueErrors
+    return (ConfigError, StoreError, ModelLoadError, FileNotFoundError, FileExistsError, ValueError, KeyError, *extra)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -602,17 +711,19 @@ def main(argv: list[str] | None = None) -> int:
             hf_logging.disable_progress_bar()
     if args.debug:
         return args.func(args)
-    from taemi.config import ConfigError
-    from taemi.data.store import StoreError
-    from taemi.extract.encoders.base import ModelLoadError
+    from taemi.signals import Terminated, sigterm_raises
 
-    expected = (ConfigError, StoreError, ModelLoadError, FileNotFoundError, FileExistsError, ValueError, KeyError)
     try:
-        return args.func(args)
-    except expected as e:
+        with sigterm_raises():  # SIGTERM (a scheduler's stop) cleans up like Ctrl-C
+            return args.func(args)
+    except _expected_errors() as e:  # evaluated only when an exception arrives
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        msg = " ".join(str(msg).split())  # one line, whatever the message (e.g. a DataLoader worker's)
         sys.stderr.write(f"taemi: error: {msg}\n")
         return 2
+    except Terminated:
+        sys.stderr.write("taemi: terminated (SIGTERM)\n")
+        return 143
     except KeyboardInterrupt:
         sys.stderr.write("taemi: interrupted\n")
         return 130

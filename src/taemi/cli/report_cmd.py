@@ -9,12 +9,19 @@ from collections.abc import Callable
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from taemi.cli.main import _output_file
     from taemi.eval.report import build_report
 
     out = args.out
     if out is None and args.markdown is None:
         out = "report.html"
-    build_report(args.dirs, out_html=out, out_md=args.markdown)
+    for path, flag in ((out, "--out"), (args.markdown, "--markdown")):
+        if path is not None:
+            _output_file(path, flag)
+    try:
+        build_report(args.dirs, out_html=out, out_md=args.markdown)
+    except OSError as e:  # a file that cannot be read or written (permissions, a full disk)
+        raise ValueError(f"report: {e.filename}: {e.strerror or e}") from None
     for path in (out, args.markdown):
         if path is not None:
             sys.stdout.write(f"wrote {path}\n")

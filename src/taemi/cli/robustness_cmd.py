@@ -32,19 +32,24 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     from taemi.model.checkpoint import CONFIG_FILE
     from taemi.train.runtime import resolve_device
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; robustness writes a folder (robustness.csv, plots)")
     store = FeatureStore(args.store)
     device = resolve_device(args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     for run in [args.run, *(args.compare or [])]:
         cfg = load_config(Path(run) / CONFIG_FILE)
         labels = read_labels(
             args.labels, emotions=cfg.data.emotions, id_column=cfg.data.id_column, store_ids=store
-        )
+        ).check_scorable("labelled")
         rows += robustness_suite(
             run, store, labels, seed=args.seed, which=args.which, device=device
         )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create the folder: {e.strerror or e}") from None
     csv_path = write_rows(rows, out / "robustness.csv")
     pngs = plot_all(rows, out)
     sys.stdout.write(_table(rows) + "\n")

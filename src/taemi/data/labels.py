@@ -62,6 +62,15 @@ class Labels:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def check_scorable(self, what: str) -> Labels:
+        """Pearson's r needs at least 2 clips: a :class:`LabelError` naming the file
+        otherwise (``what``: e.g. ``"validation"``), before any work is done on them."""
+        if len(self.ids) < 2:
+            raise LabelError(
+                f"{self.source}: {len(self.ids)} {what} clip(s); scoring (Pearson r per emotion) needs at least 2"
+            )
+        return self
+
     def index(self) -> dict[str, int]:
         """Map each id to its row in ``values``."""
         return {clip_id: i for i, clip_id in enumerate(self.ids)}

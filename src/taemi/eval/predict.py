@@ -51,3 +51,15 @@ def predict_dataset(
     model.train(was_training)
     pred = np.concatenate(preds) if preds else np.zeros((0, model.num_outputs), np.float32)
     return pred, (sq_err / n_el if n_el else None)
+
+
+def check_finite_predictions(pred: np.ndarray, ids, where: str, *, cause: str) -> None:
+    """Raise ValueError naming the clips whose predictions (N, E) hold NaN/Inf, with
+    ``where`` (what was predicted) and ``cause`` (what the caller knows of the reason),
+    instead of letting the metric fail later on an anonymous NaN count."""
+    bad = ~np.isfinite(pred).all(axis=1)  # (N,)
+    if bad.any():
+        names = [ids[i] for i in np.flatnonzero(bad)[:5]]
+        raise ValueError(
+            f"{where}: the predictions of {int(bad.sum())} clip(s) are NaN/Inf (e.g. {', '.join(names)}); {cause}"
+        )
