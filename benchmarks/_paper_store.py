@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from taemi.data.clip import ClipFeatures
 from taemi.data.sampler import abaw_like_lengths
-from taemi.data.store import FeatureStore, StoreError, StoreWriter
+from taemi.store import FeatureStore, StoreError, StoreWriter
+from taemi.store.clip import ClipFeatures
 
-#: Feature sizes of the paper's backbones (spec section 3).
+#: Feature sizes of the paper's backbones (docs/method.md section 3).
 PAPER_DIMS = {"audio": 1027, "vision": 768, "text": 768}
 
 

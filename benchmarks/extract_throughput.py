@@ -191,7 +191,7 @@ def link_corpus(input_dir: Path, dst: Path, repeat: int):
 
 def warm_up(enc, unique) -> None:
     """One call of every model on the first clip with audio (and crops of the first video)."""
-    from taemi.extract.encoders.base import SAMPLE_RATE
+    from taemi.backbones.base import SAMPLE_RATE
     from taemi.extract.media import decode_audio, decode_video
 
     for s in unique:
@@ -223,7 +223,7 @@ def run_pipeline(enc, linked, store: Path, args: argparse.Namespace) -> dict:
 
 def predecode(enc, unique, args: argparse.Namespace) -> dict:
     """Single-threaded decode of the unique clips; face cropping timed per frame apart."""
-    from taemi.extract.encoders.base import SAMPLE_RATE
+    from taemi.backbones.base import SAMPLE_RATE
     from taemi.extract.media import decode_audio, decode_video
 
     t_audio, t_video, t_crop = Clock(), Clock(), Clock()
@@ -309,8 +309,8 @@ def floor(enc, dec: dict, repeat: int, batch_size: int) -> dict:
 
 
 def part_throughput(args: argparse.Namespace) -> dict:
-    from taemi.data.store import FeatureStore
     from taemi.extract.pipeline import STAGES, TRANSCRIPTS
+    from taemi.store import FeatureStore
 
     t0 = time.perf_counter()
     enc = load_offline(args.batch_size)
@@ -522,8 +522,8 @@ def make_media(
 
 def child_long(args: argparse.Namespace) -> None:
     """Child process: extract one file, print one JSON line of memory and time figures."""
-    from taemi.data.store import FeatureStore
     from taemi.extract.pipeline import extract, find_sources
+    from taemi.store import FeatureStore
 
     quiet_logs()
     enc = load_offline(args.batch_size)

@@ -74,15 +74,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from taemi.config import ConfigError, RunConfig, build_config
+from taemi.data.batch import Batch
 from taemi.finetune.data import FinetuneBatch
-from taemi.finetune.model import FinetuneModel, configure_backbones, resolve_finetune_dims
-from taemi.model.checkpoint import build_model
-from taemi.model.taemi import Batch
-from taemi.train.runtime import autocast, resolve_device, resolve_precision
+from taemi.finetune.model import FinetuneModel, configure_backbones
+from taemi.runtime import autocast, resolve_device, resolve_precision
+from taemi.train.modes import backbone_sizes, build_model
 from taemi.train.schedule import make_scheduler
 from taemi.train.trainer import _clip_gradients, make_optimizer
 
-EPOCH_CLIPS = 8072  # ABAW EMI training split (spec section 2)
+EPOCH_CLIPS = 8072  # ABAW EMI training split (docs/method.md section 2)
 SAMPLE_RATE = 16_000
 VIDEO_FPS, FACE_FRACTION = 30.0, 0.8  # face frames per second of video, mean share found
 WORDS_PER_SECOND = 2.5
@@ -238,8 +238,8 @@ def paper_backbones(tokenizer) -> tuple[nn.Module, nn.Module]:
     """Random-weight backbones of the paper's sizes (see the module docstring)."""
     from transformers import BertConfig, BertModel, Wav2Vec2Config
 
-    from taemi.extract.encoders.paper import Wav2Vec2EmotionModel
-    from taemi.finetune.backbones import TextBackbone, Wav2Vec2Backbone
+    from taemi.backbones.text import TextBackbone
+    from taemi.backbones.wav2vec2 import Wav2Vec2Backbone, Wav2Vec2EmotionModel
 
     audio = Wav2Vec2Backbone(
         Wav2Vec2EmotionModel(Wav2Vec2Config(**WAV2VEC2_LARGE_ROBUST_12)), normalize=True, max_seconds=12.0,
@@ -400,7 +400,7 @@ def finetune_runner(name: str, what: str, args, audio: nn.Module, text: nn.Modul
         args, "finetune", {"audio": audio.dim, "vision": vision_dim, "text": text.dim}
     )
     cfg = replace(cfg, finetune=replace(cfg.finetune, gradient_checkpointing=checkpointing))
-    cfg = resolve_finetune_dims(cfg, audio, text)
+    cfg = backbone_sizes(cfg, audio, text)
     configure_backbones(cfg, audio, text)  # freezing + checkpointing, as load_backbones does
     model = FinetuneModel(audio, text, build_model(cfg))
     batch = finetune_batch(
@@ -418,7 +418,8 @@ def frozen_runner(name: str, what: str, args, dims: dict[str, int], audio_frames
 
 
 def build_runners(args: argparse.Namespace) -> list[Runner]:
-    from taemi.finetune.backbones import load_audio_backbone, load_text_backbone
+    from taemi.backbones.profiles import load_audio_backbone
+    from taemi.backbones.text import load_text_backbone
 
     torch.manual_seed(args.seed)
     S = torch.tensor([round(args.seconds * SAMPLE_RATE)])

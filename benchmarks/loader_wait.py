@@ -44,9 +44,9 @@ from torch.utils.data import DataLoader
 from taemi.config import build_config
 from taemi.data.dataset import ClipDataset, Collator
 from taemi.data.sampler import LengthBucketBatchSampler, dataset_lengths, padding_fraction
-from taemi.data.store import FeatureStore
-from taemi.model.checkpoint import build_model
-from taemi.train.runtime import autocast
+from taemi.runtime import autocast
+from taemi.store import FeatureStore
+from taemi.train.modes import build_model
 
 
 def parse_setting(s: str) -> tuple[int, int | None]:

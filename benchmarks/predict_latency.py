@@ -1,7 +1,7 @@
 """Latency of ``taemi predict --run RUN VIDEO`` on a 10-second video with the offline profile:
 seconds per stage, real-time factor, and the first clip vs later clips of one process.
 
-Setup (not timed): a few short generated talking-face clips (``taemi.data.media_synth``,
+Setup (not timed): a few short generated talking-face clips (``taemi.synth.media``,
 espeak-ng speech, 30 fps) are extracted with the offline profile (``taemi extract``
 defaults: 12 s of audio, the first 400 frames, face crops) and a tiny run is trained on
 them for one epoch (the fusion model's size matters little here: the encoders dominate).
@@ -54,7 +54,7 @@ def quiet() -> None:
 def make_run(work: Path) -> Path:
     """Generated training clips -> offline features -> a 1-epoch tiny run (not timed)."""
     from taemi.cli.main import main as taemi_main
-    from taemi.data.media_synth import MediaSynthConfig, make_media_corpus
+    from taemi.synth.media import MediaSynthConfig, make_media_corpus
 
     run = work / "run"
     if (run / "best.safetensors").is_file():
@@ -78,7 +78,7 @@ def make_run(work: Path) -> Path:
 
 
 def make_videos(work: Path, n: int, seconds: float) -> list[Path]:
-    from taemi.data.media_synth import MediaSynthConfig, make_media_corpus
+    from taemi.synth.media import MediaSynthConfig, make_media_corpus
 
     cfg = MediaSynthConfig(clips=n, seconds=(seconds, seconds), size=160, fps=30, missing_video_rate=0.0,
                            missing_audio_rate=0.0, silent_rate=0.0, valid_fraction=0.0, seed=7)  # fmt: skip
@@ -120,7 +120,7 @@ def main() -> None:
 
         pm._ENCODERS.clear()
         pm._RUNS.clear()
-        from taemi.data.store import FeatureStore
+        from taemi.store import FeatureStore
 
         rows = []
         for k, video in enumerate([*videos, videos[0]]):  # the first video again last: same work, models warm

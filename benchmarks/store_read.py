@@ -46,7 +46,7 @@ from _paper_store import (
 from torch.utils.data import DataLoader, RandomSampler
 
 from taemi.data.dataset import ClipDataset, Collator
-from taemi.data.store import FeatureStore
+from taemi.store import FeatureStore
 
 CHUNK = 16 << 20  # raw read chunk, bytes
 

@@ -67,8 +67,8 @@ def child(args: argparse.Namespace) -> None:
     from taemi.config import build_config
     from taemi.data.dataset import ClipDataset, Collator
     from taemi.data.sampler import LengthBucketBatchSampler, dataset_lengths
-    from taemi.data.store import FeatureStore
-    from taemi.model.checkpoint import build_model
+    from taemi.store import FeatureStore
+    from taemi.train.modes import build_model
 
     torch.manual_seed(0)
     cfg = build_config("official", [("model.hidden", args.hidden)])

@@ -78,13 +78,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from taemi.config import ModelConfig, RunConfig, build_config
+from taemi.data.batch import Batch
 from taemi.data.sampler import LengthBucketBatchSampler, abaw_like_lengths, padding_fraction
-from taemi.model.checkpoint import build_model
-from taemi.model.taemi import Batch, CrossAttention, PaddedSequence
-from taemi.train.runtime import autocast, cpu_has_bf16
+from taemi.model.taemi import CrossAttention, PaddedSequence
+from taemi.runtime import autocast, cpu_has_bf16
+from taemi.train.modes import build_model
 from taemi.train.schedule import make_scheduler
 
-EPOCH_CLIPS = 8072  # ABAW EMI training split (spec section 2)
+EPOCH_CLIPS = 8072  # ABAW EMI training split (docs/method.md section 2)
 CPU = torch.device("cpu")
 
 

@@ -12,8 +12,8 @@ import time
 
 import numpy as np
 
-from taemi.data.clip import ClipFeatures
-from taemi.data.store import StoreWriter
+from taemi.store import StoreWriter
+from taemi.store.clip import ClipFeatures
 
 DIMS = {"audio": 5, "vision": 4, "text": 3}
 

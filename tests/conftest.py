@@ -14,8 +14,8 @@ import torch
 
 from taemi.config import RunConfig, build_config, parse_overrides
 from taemi.data.labels import Labels, read_labels
-from taemi.data.store import FeatureStore
-from taemi.data.synth import SynthConfig, SynthResult, make_synth
+from taemi.store import FeatureStore
+from taemi.synth.features import SynthConfig, SynthResult, make_synth
 
 #: Feature dims (D_a, D_v, D_t) of every synthetic store made here.
 DIMS = (12, 10, 8)

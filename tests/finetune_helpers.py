@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 from taemi import EMI_EMOTIONS
-from taemi.data.clip import ClipFeatures
-from taemi.data.store import StoreWriter
-from taemi.data.waveforms import WaveformCache
+from taemi.store import StoreWriter
+from taemi.store.clip import ClipFeatures
+from taemi.store.waveforms import WaveformCache
 
 WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "is", "very", "happy", "sad", "today"]
 SR = 16_000
@@ -52,7 +52,7 @@ def make_w2v_dir(folder: Path, seed: int = 0, **kw) -> Path:
     """A random wav2vec2 emotion model (hidden 32 + 3 head outputs = 35 per frame) saved as a folder."""
     from transformers import Wav2Vec2FeatureExtractor
 
-    from taemi.extract.encoders.paper import Wav2Vec2EmotionModel
+    from taemi.backbones.wav2vec2 import Wav2Vec2EmotionModel
 
     torch.manual_seed(seed)
     Wav2Vec2EmotionModel(tiny_w2v_config(**kw)).save_pretrained(folder)

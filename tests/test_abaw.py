@@ -1,4 +1,4 @@
-"""The ABAW EMI layout reader (spec section 2): ids as strings, media lookup, face-frame
+"""The ABAW EMI layout reader (docs/method.md section 2): ids as strings, media lookup, face-frame
 order, input errors for ids without media, test roots without labels."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from taemi.data.abaw import AbawLayout, is_abaw_root, open_abaw, read_split_ids
+from taemi.extract.abaw import AbawLayout, is_abaw_root, open_abaw
 
 HEADER = "Filename,Admiration,Amusement,Determination,Empathic Pain,Excitement,Joy\n"
 
@@ -115,7 +115,7 @@ def test_error_records_match_the_pipeline(root: Path) -> None:
     assert len(errors) == 4
     assert "listed twice" in reasons[1] and "path separator" in reasons[2]
     assert "zero padding" in reasons[3] and "'00042'" in reasons[3]
-    from taemi.data import abaw
+    from taemi.extract import abaw
 
     assert abaw._MEDIA_EXTENSIONS == pipeline.MEDIA_EXTENSIONS
 
@@ -186,20 +186,6 @@ def test_is_abaw_root_and_open_errors(tmp_path: Path, root: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="not a folder"):
         open_abaw(tmp_path / "file")
-
-
-def test_read_split_ids_errors(tmp_path: Path) -> None:
-    p = tmp_path / "x_split.csv"
-    p.write_text("Filename\n00042\n00042\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"x_split.csv row 2.*duplicate id '00042'"):
-        read_split_ids(p)
-    p.write_text("Name\n1\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="no 'Filename' column"):
-        read_split_ids(p)
-    p.write_bytes(b"\xef\xbb\xbfFilename,Joy\n00042,0.5\n")  # BOM tolerated
-    assert read_split_ids(p) == ["00042"]
-    with pytest.raises(FileNotFoundError):
-        read_split_ids(tmp_path / "missing.csv")
 
 
 def test_layout_is_a_dataclass(root: Path) -> None:

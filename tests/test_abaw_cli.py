@@ -12,7 +12,7 @@ from conftest import run_main
 from PIL import Image
 from test_extract import fake_encoders, write_clip
 
-from taemi.data.store import FeatureStore
+from taemi.store import FeatureStore
 
 TINY = ["--set", "model.hidden=16", "--set", "model.heads=2", "--set", "model.sa_ffn=32",
         "--set", "model.head_hidden=16", "--set", "train.max_epochs=2", "--set", "train.batch_size=4"]  # fmt: skip

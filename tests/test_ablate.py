@@ -11,9 +11,9 @@ import pytest
 from taemi.cli.main import main
 from taemi.config import build_config
 from taemi.data.dataset import ClipDataset
-from taemi.data.store import FeatureStore
-from taemi.eval.ablate import GRIDS, grid_variants
-from taemi.model.checkpoint import build_model
+from taemi.experiments.ablate import GRIDS, grid_variants
+from taemi.store import FeatureStore
+from taemi.train.modes import build_model
 
 TINY = ["model.hidden=16", "model.heads=2", "model.sa_ffn=32", "model.head_hidden=16",
         "train.max_epochs=1", "train.batch_size=16"]  # fmt: skip
@@ -67,7 +67,7 @@ def test_ablate_runs_are_reused_and_outputs_written(synth, tmp_path, monkeypatch
     assert len(rows) == 1 + 3 * 2
     assert "0.39" in (out / "summary.md").read_text()  # the paper's value beside its row
 
-    import taemi.eval.ablate as ab
+    import taemi.experiments.ablate as ab
 
     def no_training(job):
         raise AssertionError(f"reran {job['run']}")
@@ -84,7 +84,7 @@ def test_store_fixture_has_all_modalities(store: FeatureStore) -> None:
 
 def test_identical_variants_share_their_runs(synth, tmp_path, monkeypatch) -> None:
     """In --grid all, anchor_text is the full model and all_concat is simple concat: trained once."""
-    import taemi.eval.ablate as ab
+    import taemi.experiments.ablate as ab
 
     trained: list[str] = []
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from taemi import EMI_EMOTIONS
 from taemi.cli.main import main
 from taemi.config import PRESETS, load_config
-from taemi.data.store import FeatureStore
+from taemi.store import FeatureStore
 
 SYNTH_SETS = [
     "--set", f"dims={DIMS[0]},{DIMS[1]},{DIMS[2]}",
@@ -153,7 +153,7 @@ def test_predict_abaw_csv(shifted_run, data, tmp_path) -> None:
     raw_csv, clipped_csv = tmp_path / "raw.csv", tmp_path / "clipped.csv"
     code, stdout = run_main(["predict", *common, "--out", str(raw_csv), "--no-clip"])
     assert code == 0 and "64 predictions" in stdout and "raw, not clipped" in stdout
-    # a submission is clipped by default (spec: clip only when writing a submission)
+    # a submission is clipped by default (docs/method.md section 8: clip only when writing a submission)
     code, stdout = run_main(["predict", *common, "--out", str(clipped_csv)])
     assert code == 0 and "clipped to [0, 1]" in stdout
     same_csv = tmp_path / "same.csv"  # --clip: the default, said explicitly

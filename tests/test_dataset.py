@@ -125,7 +125,7 @@ def test_dataset_reads_the_store_and_trims_to_the_first_steps(store, labels) -> 
 
 
 def test_dataset_text_tokens(synth_tokens) -> None:
-    from taemi.data.store import FeatureStore
+    from taemi.store import FeatureStore
 
     s = FeatureStore(synth_tokens.store)
     ids = s.ids[:10]

@@ -23,10 +23,6 @@ av = pytest.importorskip("av", reason="PyAV is not installed (media extra)")
 from test_extract import BAD_NAME, colour_frames, fake_encoders, good_corpus, write_clip
 
 from taemi.cli.main import build_parser, main
-from taemi.data import merge as merge_mod
-from taemi.data.clip import ClipFeatures
-from taemi.data.merge import merge_stores
-from taemi.data.store import FeatureStore, StoreError, StoreWriter, verify_store
 from taemi.extract import distributed, pipeline
 from taemi.extract.distributed import parse_shard, select_shard, shard_of, shard_store
 from taemi.extract.factory import encoders_from_factory
@@ -38,6 +34,10 @@ from taemi.extract.pipeline import (
     extract,
     find_sources,
 )
+from taemi.store import FeatureStore, StoreError, StoreWriter, verify_store
+from taemi.store import merge as merge_mod
+from taemi.store.clip import ClipFeatures
+from taemi.store.merge import merge_stores
 
 TESTS = Path(__file__).resolve().parent
 STUB = "test_distributed_extract:stub_encoders"
@@ -250,7 +250,7 @@ def test_merge_with_the_waveform_cache_of_extract(media, tmp_path):
     cached = sorted(p.name for p in (out / "waveforms").iterdir())
     with_audio = [c for c in DONE if not FeatureStore(out).get(c).missing[0]]
     assert cached == sorted([f"{c}.npy" for c in with_audio] + ["manifest.json"])
-    from taemi.data.waveforms import WaveformCache
+    from taemi.store.waveforms import WaveformCache
 
     assert WaveformCache(out).verify() == []
 

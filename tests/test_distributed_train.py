@@ -22,7 +22,8 @@ from conftest import TINY_OVERRIDES, tiny_cli_sets
 from safetensors.torch import load_file
 
 from taemi.config import build_config, parse_overrides
-from taemi.train.trainer import STATE_FILE, train
+from taemi.run import STATE_FILE
+from taemi.train.trainer import train
 
 HERE = Path(__file__).parent
 NO_RANDOMNESS = ["model.modality_dropout=0", "model.attn_dropout=0", "model.sa_dropout=0", "model.head_dropout=0"]

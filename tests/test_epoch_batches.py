@@ -6,7 +6,9 @@ import torch
 from torch.utils.data import BatchSampler, RandomSampler
 
 from taemi.data.sampler import dataset_lengths, padding_fraction
-from taemi.train.trainer import DistInfo, epoch_batches, make_dataset, train
+from taemi.train.distributed import DistInfo
+from taemi.train.modes import make_dataset
+from taemi.train.trainer import epoch_batches, train
 
 
 def test_random_batches_are_those_of_a_seeded_random_sampler(store, labels, tiny_config) -> None:
@@ -49,7 +51,7 @@ def test_bucketed_batches_cover_the_epoch_with_less_padding(tmp_path, store, lab
 
 def test_bucketing_also_groups_text_token_lengths_when_tokens_are_used(synth_tokens, tiny_config) -> None:
     from taemi.data.labels import read_labels
-    from taemi.data.store import FeatureStore
+    from taemi.store import FeatureStore
 
     store = FeatureStore(synth_tokens.store)
     cfg = tiny_config("train.batch_size=8", "data.batching=bucket", "model.anchor=audio", "data.text_tokens=yes")

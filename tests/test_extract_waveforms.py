@@ -26,11 +26,11 @@ from test_extract import (
 )
 
 from taemi.cli.main import main
-from taemi.data.store import FeatureStore, verify_store
-from taemi.data.waveforms import SCALE, WaveformCache
 from taemi.extract import pipeline
 from taemi.extract.media import decode_audio
 from taemi.extract.pipeline import SUMMARY_FILE, TRANSCRIPTS
+from taemi.store import FeatureStore, verify_store
+from taemi.store.waveforms import SCALE, WaveformCache
 
 QUANT = 0.5 / SCALE + 1e-7
 WITH_AUDIO = ["av", "c330", "c440", "c550", "long"]

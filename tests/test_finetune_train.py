@@ -20,13 +20,15 @@ from conftest import run_main
 
 from taemi.config import build_config, parse_overrides
 from taemi.data.labels import read_labels
-from taemi.data.store import FeatureStore
-from taemi.data.waveforms import WaveformCacheError
 from taemi.finetune.data import FinetuneBatch, FinetuneDataset
 from taemi.finetune.model import FinetuneModel
-from taemi.model.checkpoint import load_run
+from taemi.inference import load_run
 from taemi.model.taemi import TAEMI
-from taemi.train.trainer import STATE_FILE, make_dataset, train
+from taemi.run import STATE_FILE
+from taemi.store import FeatureStore
+from taemi.store.waveforms import WaveformCacheError
+from taemi.train.modes import make_dataset
+from taemi.train.trainer import train
 
 TINY = ["model.hidden=16", "model.heads=2", "model.sa_ffn=32", "model.head_hidden=16", "train.batch_size=8",
         "train.lr=1e-3", "train.device=cpu", "train.precision=fp32", "train.patience=0",

@@ -14,7 +14,7 @@ every case:
   WARNING log record holding them; for an ``output`` case, stdout holding them;
 - no traceback: ``main`` returns instead of raising, and no output says "Traceback";
 - what was good before is still good after: the module's store still verifies
-  (:func:`taemi.data.store.verify_store`) and the module's run folder's files have the
+  (:func:`taemi.store.verify_store`) and the module's run folder's files have the
   hashes they had (and ``after``, when given, checks the case's own promises, e.g. that
   a failed start left no folder behind).
 
@@ -44,9 +44,9 @@ from safetensors.torch import load_file, save_file
 
 from taemi.cli.main import main
 from taemi.data.labels import read_labels
-from taemi.data.store import verify_store
-from taemi.data.synth import make_synth
-from taemi.model.checkpoint import RunFolderLock
+from taemi.run import RunFolderLock
+from taemi.store import verify_store
+from taemi.synth.features import make_synth
 
 #: The module's run validates in bf16, as train.precision=auto does on CPUs with native bf16,
 #: so evaluate's default precision has something to reproduce.
@@ -366,7 +366,7 @@ def _imported_without(clip: str) -> Callable[[Ctx, Result], None]:
     """The good clips were imported at the sizes most files agree on; ``clip`` was not."""
 
     def check(ctx: Ctx, res: Result) -> None:
-        from taemi.data.store import FeatureStore
+        from taemi.store import FeatureStore
 
         store = FeatureStore(ctx.tmp / "imported")
         assert store.dims["audio"] == 16 and store.dims["vision"] == 12, store.dims

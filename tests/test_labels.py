@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from taemi import EMI_EMOTIONS
-from taemi.data.labels import LabelError, Labels, read_labels, write_predictions
+from taemi.data.labels import LabelError, Labels, read_ids, read_labels, write_predictions
 
 CREMA_D_LABELS = (
     Path(__file__).resolve().parents[2] / "shared" / "data" / "crema-d-sample" / "labels.csv"
@@ -259,3 +259,21 @@ def test_check_scorable_needs_two_clips(tmp_path: Path) -> None:
         one.check_scorable("validation")
     two = read_labels(_write(tmp_path, "\n".join([HEADER, _row("a"), _row("b"), ""]), name="two.csv"))
     assert two.check_scorable("validation") is two
+
+
+def test_read_ids_errors(tmp_path: Path) -> None:
+    p = tmp_path / "x_split.csv"
+    p.write_text("Filename\n00042\n00042\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"x_split.csv row 2.*duplicate id '00042'"):
+        read_ids(p)
+    p.write_text("Name\n1\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no 'Filename' column"):
+        read_ids(p)
+    p.write_bytes(b"\xef\xbb\xbfFilename,Joy\n00042,0.5\n")  # BOM tolerated
+    assert read_ids(p) == ["00042"]
+    with pytest.raises(FileNotFoundError, match="split file"):
+        read_ids(tmp_path / "missing.csv", what="split file")
+    p.write_text("Filename\n", encoding="utf-8")
+    assert read_ids(p) == []
+    with pytest.raises(ValueError, match="no ids"):
+        read_ids(p, allow_empty=False)

@@ -1,4 +1,4 @@
-"""The synthetic media corpus (``taemi.data.media_synth``).
+"""The synthetic media corpus (``taemi.synth.media``, ``.speech``, ``.face``).
 
 Written media (files, streams, durations, moving mouths, missing modalities), label CSVs,
 determinism, resuming, that Whisper tiny.en understands the speech, that the cartoon face
@@ -20,9 +20,10 @@ pytest.importorskip("av")
 pytest.importorskip("cv2")
 
 from taemi import EMI_EMOTIONS
-from taemi.data import media_synth as ms
 from taemi.data.labels import read_labels
 from taemi.extract.media import decode_audio, decode_video, probe
+from taemi.synth import face, speech
+from taemi.synth import media as ms
 
 LAYOUTS = ("av", "no_audio", "no_video", "silent")
 
@@ -122,11 +123,11 @@ def test_frames_change_and_the_mouth_talks(corpus):
     # The renderer: the same face at the same instant, mouth shut vs open, differs only
     # around the mouth (lower middle of the face).
     rng = np.random.default_rng(0)
-    style = ms.FaceStyle.draw(rng, 3.0)
+    style = face.FaceStyle.draw(rng, 3.0)
     knobs = ms.face_knobs(np.zeros(6), EMI_EMOTIONS)
-    static = ms.static_face(style, knobs, 160)
-    shut = ms.render_face(static, style, knobs, 0.0, 1.0).astype(np.int16)
-    wide = ms.render_face(static, style, knobs, 1.0, 1.0).astype(np.int16)
+    static = face.static_face(style, knobs, 160)
+    shut = face.render_face(static, style, knobs, 0.0, 1.0).astype(np.int16)
+    wide = face.render_face(static, style, knobs, 1.0, 1.0).astype(np.int16)
     changed = np.argwhere(np.abs(wide - shut).max(axis=2) > 30)  # (n, 2) rows, cols
     assert len(changed) > 20
     cy, cx = style.centre[1] * 160, style.centre[0] * 160
@@ -233,10 +234,10 @@ def _word_errors(reference: str, hypothesis: str) -> int:
 
 @pytest.mark.slow
 def test_whisper_tiny_understands_the_speech(corpus):
-    offline = pytest.importorskip("taemi.extract.encoders.offline")
+    whisper = pytest.importorskip("taemi.backbones.whisper")
     try:
-        recognizer = offline.WhisperRecognizer(offline.load_whisper())
-    except offline.ModelLoadError as e:
+        recognizer = whisper.WhisperRecognizer(whisper.load_whisper())
+    except whisper.ModelLoadError as e:
         pytest.skip(f"packaged Whisper tiny.en unavailable: {e}")
     spoken = [r for r in corpus.clips if r.latents.layout in ("av", "no_video")][:2]
     assert len(spoken) == 2
@@ -368,7 +369,7 @@ def test_a_subset_of_emotions():
 def test_long_speech_is_sped_up_or_cut_to_fit():
     cfg = ms.MediaSynthConfig(clips=30, seconds=(1.0, 1.5), tts=_backend(), missing_audio_rate=0,
                               missing_video_rate=0, silent_rate=0)  # fmt: skip
-    tts = ms.make_tts(cfg.tts)
+    tts = speech.make_tts(cfg.tts)
     plans = [ms.plan_clip(ms.draw_latents(cfg, i), cfg, tts) for i in range(8)]
     for p in plans:
         assert 1.0 - 1e-9 <= p.seconds <= 1.5 and p.speech_seconds <= 1.0 + 1e-9
@@ -401,23 +402,23 @@ def test_bad_configs_are_refused(field, value, message):
 
 
 def test_missing_backends_say_how_to_install(monkeypatch):
-    monkeypatch.setattr(ms.shutil, "which", lambda name: None)
+    monkeypatch.setattr(speech.shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match="apt-get install espeak-ng"):
-        ms.make_tts("espeak-ng")
-    monkeypatch.setattr(ms.EspeakNGLoader, "_instance", None)
+        speech.make_tts("espeak-ng")
+    monkeypatch.setattr(speech.EspeakNGLoader, "_instance", None)
     monkeypatch.setitem(sys.modules, "espeakng_loader", None)  # import fails
     with pytest.raises(RuntimeError, match=r"pip install espeakng-loader==0\.2\.4"):
-        ms.make_tts("espeakng-loader")
+        speech.make_tts("espeakng-loader")
 
 
 def test_both_backends_say_the_same_thing():
     if not shutil.which("espeak-ng"):
         pytest.skip("espeak-ng program not on PATH")
     pytest.importorskip("espeakng_loader")
-    voice = ms.Voice("en-us+m3", 160, 45, 50, 0)
-    a = ms.make_tts("espeakng-loader").synthesize("I am happy and ready today.", voice)
-    b = ms.make_tts("espeak-ng").synthesize("I am happy and ready today.", voice)
+    voice = speech.Voice("en-us+m3", 160, 45, 50, 0)
+    a = speech.make_tts("espeakng-loader").synthesize("I am happy and ready today.", voice)
+    b = speech.make_tts("espeak-ng").synthesize("I am happy and ready today.", voice)
     assert abs(a.size - b.size) < 0.05 * a.size  # versions differ: close, not equal
     np.testing.assert_array_equal(
-        a, ms.make_tts("espeakng-loader").synthesize("I am happy and ready today.", voice)
+        a, speech.make_tts("espeakng-loader").synthesize("I am happy and ready today.", voice)
     )

@@ -19,8 +19,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from taemi.config import PRESETS, ModelConfig, preset
-from taemi.model.checkpoint import build_model, load_run, load_weights, write_run
-from taemi.model.taemi import TAEMI, Batch, CrossAttention, SelfAttentionLayer
+from taemi.data.batch import Batch
+from taemi.inference import load_run
+from taemi.model.taemi import TAEMI, CrossAttention, SelfAttentionLayer
+from taemi.run import load_weights, write_run
+from taemi.train.modes import build_model
 
 ASSETS = Path(__file__).parent / "assets"
 DA, DV, DT, H = 7, 5, 6, 8  # tiny audio/vision/text dims and hidden size

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from taemi.config import preset
-from taemi.model.taemi import TAEMI, Batch, CrossAttention, PaddedSequence
+from taemi.data.batch import Batch
+from taemi.model.taemi import TAEMI, CrossAttention, PaddedSequence
 
 
 def separate_kv_forward(self: CrossAttention, query: torch.Tensor, kv: PaddedSequence) -> torch.Tensor:

@@ -22,8 +22,8 @@ import torch
 from conftest import run_main
 
 from taemi.cli.import_cmd import register
-from taemi.data import organiser
-from taemi.data.organiser import (
+from taemi.extract import organiser
+from taemi.extract.organiser import (
     DEFAULT_DIMS,
     FeatureTooLargeError,
     ImportSummary,
@@ -31,7 +31,7 @@ from taemi.data.organiser import (
     import_organiser_features,
     load_feature_pickle,
 )
-from taemi.data.store import ERRORS_FILE, FeatureStore, verify_store
+from taemi.store import ERRORS_FILE, FeatureStore, verify_store
 
 D_A, D_V, D_T = 6, 5, 4
 
@@ -565,7 +565,7 @@ def test_import_resumes_and_retries_failed_clips(organiser_root, tmp_path: Path)
     report = json.loads((out / "import_report.json").read_text())
     assert (report["done"], report["skipped"], len(report["absent"])) == (0, 4, 1)  # carried over
     # another backbone must not be mixed into the same store
-    from taemi.data.store import StoreError
+    from taemi.store import StoreError
 
     other = FakeTextEncoder()
     other.name = "another-text-model"
@@ -576,7 +576,7 @@ def test_import_resumes_and_retries_failed_clips(organiser_root, tmp_path: Path)
 
 def test_import_without_text_encoder(organiser_root, tmp_path: Path, caplog) -> None:
     root, _ = organiser_root
-    caplog.set_level("INFO", logger="taemi.data.organiser")
+    caplog.set_level("INFO", logger="taemi.extract.organiser")
     s = import_organiser_features(root, tmp_path / "store", text_encoder=None, progress=False)
     assert s.missing["text"] == s.done == 4 and not any(e["modality"] == "text" for e in s.errors)
     assert sum("no text encoder" in r.message for r in caplog.records) == 1
@@ -678,7 +678,7 @@ def test_cli_odd_file_first_majority_wins_and_a_rerun_repairs(
     """An innocent file of another size first in id order: the majority's size wins, that
     file is rejected and reported (exit 1), the good clips are imported; once the file is
     fixed, the same command imports that clip with its audio present (exit 0)."""
-    caplog.set_level("INFO", logger="taemi.data.organiser")
+    caplog.set_level("INFO", logger="taemi.extract.organiser")
     root, out = tmp_path / "organiser", tmp_path / "store"
     _good_root(root, 5)
     _dump(root / "wav2vec2" / "00000.pkl", np.ones((3, 31)))

@@ -110,12 +110,12 @@ def media_run(tmp_path_factory) -> SimpleNamespace:
     """4 generated clips (00000 audio-only), their offline features, a 1-epoch tiny run."""
     pytest.importorskip("espeakng_loader", reason="the generated corpus speaks through espeakng-loader ([extract])")
     pytest.importorskip("av", reason="PyAV is not installed ([extract])")
-    offline = pytest.importorskip("taemi.extract.encoders.offline", reason="offline profile dependencies ([extract])")
+    whisper = pytest.importorskip("taemi.backbones.whisper", reason="offline profile dependencies ([extract])")
     try:
-        offline.load_whisper()
-    except offline.ModelLoadError as e:
+        whisper.load_whisper()
+    except whisper.ModelLoadError as e:
         pytest.skip(f"packaged offline models unavailable: {e}")
-    from taemi.data.media_synth import MediaSynthConfig, make_media_corpus
+    from taemi.synth.media import MediaSynthConfig, make_media_corpus
 
     root = tmp_path_factory.mktemp("predict_media")
     # 2-3 s: long enough that Whisper tiny.en hears every sentence (at 1-2 s it dropped the

@@ -1,4 +1,4 @@
-"""Importing the authors' released fusion weights (taemi.model.release)."""
+"""Importing the authors' released fusion weights (taemi.release)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from safetensors.torch import save_file
 
 from taemi import EMI_EMOTIONS
 from taemi.config import preset
-from taemi.model.checkpoint import load_run
-from taemi.model.release import (
+from taemi.data.batch import Batch
+from taemi.inference import load_run
+from taemi.model.taemi import TAEMI
+from taemi.release import (
     FUSION_KEYS,
     ReleaseImportError,
     convert_release_state,
@@ -23,7 +25,6 @@ from taemi.model.release import (
     import_release,
     read_release_state,
 )
-from taemi.model.taemi import TAEMI, Batch
 
 DA, DV, DT, H, HH = 7, 5, 6, 8, 12  # tiny audio/vision/text dims, hidden, head hidden
 

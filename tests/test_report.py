@@ -13,8 +13,8 @@ import pytest
 
 from taemi.config import build_config
 from taemi.data.labels import read_labels
-from taemi.data.synth import SynthConfig, make_synth
-from taemi.eval.report import MAX_CSV_ROWS, build_report
+from taemi.experiments.report import MAX_CSV_ROWS, build_report
+from taemi.synth.features import SynthConfig, make_synth
 from taemi.train.trainer import train
 
 PNG = b"\x89PNG\r\n\x1a\n"

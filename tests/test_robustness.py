@@ -1,4 +1,4 @@
-"""Test-time degradations (spec section 5): each transform does exactly what it says, is
+"""Test-time degradations (docs/method.md section 5): each transform does exactly what it says, is
 deterministic under a seed, and the suite + CLI write CSV and plots end to end."""
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ import torch
 from conftest import is_png
 
 from taemi.cli import robustness_cmd
+from taemi.data.batch import Batch
 from taemi.data.labels import read_labels
-from taemi.data.store import FeatureStore
-from taemi.data.synth import SynthConfig, make_synth
 from taemi.eval.predict import predict_dataset
-from taemi.eval.robustness import (
+from taemi.experiments.robustness import (
     COMBINATIONS,
     add_noise,
     drop_combination,
@@ -28,9 +27,11 @@ from taemi.eval.robustness import (
     predict_degraded,
     robustness_suite,
 )
-from taemi.model.checkpoint import load_run
-from taemi.model.taemi import Batch
-from taemi.train.trainer import make_dataset, train
+from taemi.inference import load_run
+from taemi.store import FeatureStore
+from taemi.synth.features import SynthConfig, make_synth
+from taemi.train.modes import make_dataset
+from taemi.train.trainer import train
 
 
 def gen(seed: int = 0) -> torch.Generator:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from taemi.train import runtime
+from taemi import runtime
 from taemi.train.trainer import train
 
 
@@ -42,7 +42,7 @@ def test_configure_threads_uses_the_cores_this_process_may_run_on(monkeypatch) -
 
 
 def test_offline_profile_passes_omp_threads_to_onnxruntime(monkeypatch) -> None:
-    from taemi.extract import profiles
+    from taemi.backbones import profiles
 
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert profiles._env_threads() == 3

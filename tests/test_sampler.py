@@ -12,7 +12,6 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 
 from taemi.config import preset
-from taemi.data.clip import ClipFeatures
 from taemi.data.dataset import ClipDataset, Collator
 from taemi.data.sampler import (
     LengthBucketBatchSampler,
@@ -20,8 +19,9 @@ from taemi.data.sampler import (
     dataset_lengths,
     padding_fraction,
 )
-from taemi.data.store import FeatureStore, StoreWriter
 from taemi.model.taemi import TAEMI
+from taemi.store import FeatureStore, StoreWriter
+from taemi.store.clip import ClipFeatures
 
 MIX = abaw_like_lengths(8072, seed=0)  # (N, 2): the corpus's training-split size and length mix
 
@@ -135,7 +135,7 @@ def test_padding_fraction_counts_computed_positions() -> None:
 
 def test_padding_under_ten_percent_on_the_corpus_length_mix() -> None:
     a, v = MIX[:, 0][MIX[:, 0] > 0], MIX[:, 1][MIX[:, 1] > 0]
-    assert 6.6 < a.mean() / 50 < 7.2 and 11.0 < np.percentile(a, 95) / 50 < 12.0  # spec section 2
+    assert 6.6 < a.mean() / 50 < 7.2 and 11.0 < np.percentile(a, 95) / 50 < 12.0  # docs/method.md section 2
     assert v.std() / v.mean() > 0.3  # vision lengths vary as much
     s = LengthBucketBatchSampler(MIX, 32, seed=3407)
     for epoch in range(3):

@@ -1,4 +1,4 @@
-"""Learning-rate schedule: per-step linear warm-up, then cosine decay to 0 (spec section 6)."""
+"""Learning-rate schedule: per-step linear warm-up, then cosine decay to 0 (docs/method.md section 6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of the feature store (taemi.data.store): round trips, validation, atomicity, verify."""
+"""Tests of the feature store (taemi.store): round trips, validation, atomicity, verify."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import taemi.data.store as store_mod
-from taemi.data.clip import ClipFeatures
-from taemi.data.store import (
+import taemi.store.reader as reader_mod
+import taemi.store.writer as writer_mod
+from taemi.store import (
     FORMAT_VERSION,
     FeatureStore,
     StoreError,
@@ -26,6 +26,7 @@ from taemi.data.store import (
     store_info,
     verify_store,
 )
+from taemi.store.clip import ClipFeatures
 
 _CHILD = Path(__file__).with_name("_store_writer_child.py")
 _spec = importlib.util.spec_from_file_location("_store_writer_child", _CHILD)
@@ -322,7 +323,7 @@ def test_missing_shard_file_raises(tmp_path: Path) -> None:
 
 def test_failed_write_rolls_back_the_clip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "s"
-    real_write = store_mod._PendingShard._write
+    real_write = writer_mod._PendingShard._write
     calls = {"n": 0}
 
     def flaky_write(self: object, name: str, a: np.ndarray) -> None:
@@ -331,7 +332,7 @@ def test_failed_write_rolls_back_the_clip(tmp_path: Path, monkeypatch: pytest.Mo
             raise OSError("disk full (simulated)")
         real_write(self, name, a)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(store_mod._PendingShard, "_write", flaky_write)
+    monkeypatch.setattr(writer_mod._PendingShard, "_write", flaky_write)
     with StoreWriter(root, dims=DIMS, shard_size=10) as w:
         w.add(make_clip(0))  # 3 writes
         with pytest.raises(OSError, match="disk full"):
@@ -346,7 +347,7 @@ def test_failed_write_rolls_back_the_clip(tmp_path: Path, monkeypatch: pytest.Mo
 def test_reader_bounds_open_maps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "s"
     write(root, range(8), shard_size=1)
-    monkeypatch.setattr(store_mod, "_MAX_OPEN_MAPS", 3)
+    monkeypatch.setattr(reader_mod, "_MAX_OPEN_MAPS", 3)
     store = FeatureStore(root)
     clips = [store.get(i) for i in range(8)]
     assert len(store._maps) == 3
@@ -453,7 +454,7 @@ def test_crash_between_shard_rename_and_manifest_replace(
     assert store.ids == ["00000", "00001"]
     assert verify_store(root) == []
     with (
-        caplog.at_level("WARNING", logger="taemi.data.store"),
+        caplog.at_level("WARNING", logger="taemi.store.writer"),
         StoreWriter(root, shard_size=2) as w,
     ):
         assert "00002" not in w

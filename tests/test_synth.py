@@ -1,4 +1,4 @@
-"""Synthetic feature stores (taemi.data.synth)."""
+"""Synthetic feature stores (taemi.synth.features)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from taemi import EMI_EMOTIONS
-from taemi.data import synth
 from taemi.data.labels import read_labels
-from taemi.data.synth import SynthConfig, draw_truth, make_patterns, make_synth, render_clip
 from taemi.eval.metrics import compute_metrics
+from taemi.synth import features as synth
+from taemi.synth.features import SynthConfig, draw_truth, make_patterns, make_synth, render_clip
 
 FeatureStore = pytest.importorskip(
-    "taemi.data.store", reason="taemi.data.store not available"
+    "taemi.store", reason="taemi.store not available"
 ).FeatureStore
 
 SMALL = {"clips": 40, "dims": (12, 10, 8), "audio_len": (5, 15), "vision_len": (5, 15)}

@@ -1,4 +1,4 @@
-"""The training recipe (spec section 6) on tiny synthetic stores: outputs, learning,
+"""The training recipe (docs/method.md section 6) on tiny synthetic stores: outputs, learning,
 early stopping, exact resume, clipping, precision, config checks, determinism."""
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ from conftest import is_png, small_synth_config
 from safetensors.torch import load_file
 
 from taemi import EMI_EMOTIONS
+from taemi import run as run_folder
 from taemi.config import ConfigError, build_config, load_config
 from taemi.data.labels import Labels, read_labels
-from taemi.data.synth import make_synth
 from taemi.eval.metrics import compute_metrics
-from taemi.model.checkpoint import LOCK_FILE, RunFolderError, RunFolderLock
-from taemi.train import trainer
-from taemi.train.trainer import STATE_FILE, TrainingError, TrainResult, train
+from taemi.run import LOCK_FILE, STATE_FILE, RunFolderError, RunFolderLock
+from taemi.synth.features import make_synth
+from taemi.train import modes, trainer
+from taemi.train.trainer import TrainingError, TrainResult, train
 
 HISTORY_COLUMNS = [
     "epoch",
@@ -116,14 +117,14 @@ def test_valid_predictions_are_those_of_the_best_weights(short_run, store, label
     """valid_predictions.csv = the best weights' raw predictions; rescoring them gives
     metrics.json's valid block."""
     from taemi.eval.predict import predict_dataset
-    from taemi.model.checkpoint import load_run
+    from taemi.inference import load_run
 
     res, _ = short_run
     header, ids, values = read_csv_values(res.run_dir / "valid_predictions.csv")
     assert header == ["Filename", *EMI_EMOTIONS]
     assert ids == sorted(labels[1].ids)
     model, cfg = load_run(res.run_dir, "best")
-    ds = trainer.make_dataset(cfg, store, labels[1])
+    ds = modes.make_dataset(cfg, store, labels[1])
     pred, _ = predict_dataset(model, ds)
     order = [labels[1].ids.index(i) for i in ids]
     np.testing.assert_array_equal(values.astype(np.float32), pred[order])  # float32, exactly
@@ -506,7 +507,8 @@ def test_non_finite_loss_stops_training_at_once(tmp_path, store, labels, tiny_co
 def test_batched_loss_check_names_the_first_bad_step() -> None:
     """On an accelerator the loss is checked every few steps (one host sync each): the
     error still names the first step whose loss was NaN/Inf, not the step of the check."""
-    from taemi.train.trainer import DistInfo, _check_step_losses
+    from taemi.train.distributed import DistInfo
+    from taemi.train.trainer import _check_step_losses
 
     cfg = build_config("paper", [("train.lr", 1e-3)])
     ok, bad = torch.tensor([0.5]), torch.tensor([float("nan")])
@@ -520,7 +522,7 @@ def test_non_finite_features_are_named_where_they_enter(tmp_path, store, labels,
     """Features holding NaN that reach the model (past the store's own read check, e.g. from
     a backbone) stop training at the step that sees them, naming the clip; in a validation
     clip they are named before the metric sees an anonymous NaN."""
-    from taemi.data.store import FeatureStore
+    from taemi.store import FeatureStore
 
     class NanStore(FeatureStore):
         bad = ""
@@ -613,11 +615,11 @@ def test_train_on_all_resume_and_guards(tmp_path, store, labels, tiny_config) ->
 def test_run_records_its_features(short_run, store) -> None:
     """RUN/features.json: the store's dims, dtype and per-modality provenance."""
     res, _ = short_run
-    rec = trainer.load_features_record(res.run_dir)
+    rec = run_folder.load_features_record(res.run_dir)
     assert rec["dims"] == store.dims and rec["dtype"] == store.manifest["dtype"]
     assert rec["text_tokens"] is False and rec["clips"] == len(store)
     assert rec["modalities"] == store.manifest["modalities"] and set(rec["modalities"]) == {"audio", "vision", "text"}
-    assert trainer.load_features_record(res.run_dir / "absent") is None
+    assert run_folder.load_features_record(res.run_dir / "absent") is None
 
 
 def test_resume_refuses_features_of_another_kind(tmp_path, store, synth_tokens, labels, tiny_config) -> None:

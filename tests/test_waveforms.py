@@ -1,4 +1,4 @@
-"""taemi.data.waveforms: the decoded-audio cache beside a feature store."""
+"""taemi.store.waveforms: the decoded-audio cache beside a feature store."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from taemi.data.clip import ClipFeatures
-from taemi.data.store import StoreError, StoreWriter, format_info, store_info, verify_store
-from taemi.data.waveforms import (
+from taemi.store import StoreError, StoreWriter, format_info, store_info, verify_store
+from taemi.store.clip import ClipFeatures
+from taemi.store.waveforms import (
     SCALE,
     WAVEFORMS,
     WaveformCache,
@@ -73,7 +73,7 @@ def test_put_replaces_and_a_reopened_cache_sees_the_files(cache: WaveformCache) 
 
 def test_loud_samples_are_clipped_with_a_warning(cache: WaveformCache, caplog) -> None:
     x = np.array([0.5, 1.5, -2.0, 1.0], dtype=np.float32)
-    with caplog.at_level(logging.WARNING, logger="taemi.data.waveforms"):
+    with caplog.at_level(logging.WARNING, logger="taemi.store.waveforms"):
         assert cache.put("loud", x) == 2
     assert "2 of 4 samples outside [-1, 1]" in caplog.text and "'loud'" in caplog.text
     np.testing.assert_allclose(cache.get("loud"), [0.5, 1.0, -1.0, 1.0], atol=QUANT)
@@ -127,7 +127,7 @@ def test_a_writer_removes_stale_tmp_files(cache: WaveformCache, caplog) -> None:
     os.utime(stale, (old, old))
     WaveformCache(cache.store)  # a reader leaves it
     assert stale.exists()
-    with caplog.at_level(logging.WARNING, logger="taemi.data.waveforms"):
+    with caplog.at_level(logging.WARNING, logger="taemi.store.waveforms"):
         WaveformCache(cache.store, create=True)
     assert not stale.exists() and "interrupted writer" in caplog.text
 

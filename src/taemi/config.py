@@ -6,7 +6,7 @@ functions in :data:`PRESETS`; the command line refines them with ``--set key=val
 (``--set model.hidden=256 --set train.lr=3e-4``). An unknown key or a value of the
 wrong type is an error, never ignored. Every run writes its resolved config as YAML.
 
-Sources for the defaults: spec sections 3-6 (Zhu et al., arXiv 2603.14976, and the
+Sources for the defaults: docs/method.md sections 3-6 (Zhu et al., arXiv 2603.14976, and the
 authors' release).
 """
 
@@ -53,7 +53,7 @@ def _at_least(key: str, value: int, low: int) -> None:
 
 @dataclass
 class ModelConfig:
-    """The fusion model (spec section 4)."""
+    """The fusion model (docs/method.md section 4)."""
 
     audio_dim: int = 1027  # D_a: wav2vec2-large hidden (1024) + 3 per-frame regression outputs
     vision_dim: int = 768  # D_v: ViT-B/16 token-mean per frame
@@ -126,7 +126,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation recipe (spec section 6)."""
+    """Optimisation recipe (docs/method.md section 6)."""
 
     lr: float = 1e-4  # peak AdamW learning rate
     weight_decay: float = 0.01  # AdamW decoupled weight decay
@@ -217,7 +217,7 @@ class AugmentConfig:
 
 @dataclass
 class FinetuneConfig:
-    """End-to-end fine-tuning of the audio and text backbones (``mode: finetune``; spec
+    """End-to-end fine-tuning of the audio and text backbones (``mode: finetune``; docs/method.md
     sections 3 and 6: the authors fine-tuned wav2vec2 on raw audio and GTE on transcripts
     jointly with the fusion model, vision features pre-extracted).
 
@@ -228,7 +228,7 @@ class FinetuneConfig:
     audio_backbone: str = "offline"  # offline (packaged Whisper tiny.en) | paper (audeering wav2vec2) | hub id | local dir
     text_backbone: str = "offline"  # offline (packaged all-MiniLM-L6-v2) | paper (GTE-base) | hub id | local dir
     audio_window: str = "clip"  # Whisper backbones: clip (pad to max_audio_seconds) | full (30 s, as frozen extraction)
-    max_audio_seconds: float = 12.0  # audio kept per clip (spec: first 12 s)
+    max_audio_seconds: float = 12.0  # audio kept per clip (docs/method.md section 3: first 12 s)
     text_pooling: str = "auto"  # cls | mean | auto (a sentence-transformers folder's own pooling, else CLS)
     max_text_tokens: int = 128  # transcript tokens kept (special tokens included)
     trust_remote_code: bool = False  # allow model code shipped with a backbone (GTE's "new" architecture)
@@ -446,6 +446,21 @@ def build_config(
     for k, v in overrides:
         apply_override(cfg, k, v)
     return cfg.validate()
+
+
+def input_dim_overrides(
+    dims: dict[str, int],
+    overrides: typing.Iterable[tuple[str, Any]] = (),
+    config_file: str | Path | None = None,
+) -> list[tuple[str, int]]:
+    """``model.<modality>_dim`` overrides that make the model's input sizes those of a
+    feature store (``dims``: modality -> size), except the sizes the user set in
+    ``overrides`` or in the ``model`` section of ``config_file``."""
+    given = {k for k, _ in overrides}
+    if config_file is not None:
+        section = load_yaml(config_file).get("model")  # a non-mapping section is refused by build_config
+        given |= {f"model.{k}" for k in (section if isinstance(section, dict) else {})}
+    return [(f"model.{m}_dim", d) for m, d in dims.items() if f"model.{m}_dim" not in given]
 
 
 def _from_file(path: str | Path, base: RunConfig) -> RunConfig:

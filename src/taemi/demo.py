@@ -2,20 +2,20 @@
 
 ``taemi demo`` needs nothing but the installed package (no download, no dataset):
 
-1. :func:`taemi.data.media_synth.make_media_corpus` writes short talking-face videos in
+1. :func:`taemi.synth.media.make_media_corpus` writes short talking-face videos in
    the ABAW layout (``media/raw/{id}.mp4``, ``train_split.csv``, ``valid_split.csv``):
    espeak-ng speech whose words and voice, and a rendered face whose expression, carry
    known parts of the six target intensities;
 2. ``taemi extract`` (offline profile: Whisper tiny.en transcripts and encoder frames,
    DINOv2 per frame, MiniLM per transcript) turns them into a feature store. The
    rendered faces are whole frames already, so face detection is off here;
-3. the ``paper`` preset is trained with the spec's recipe, evaluated on the valid split
+3. the ``paper`` preset is trained with the paper's recipe (docs/method.md section 6), evaluated on the valid split
    and compared with the oracle ceiling: the valid mean Pearson of the noise-free
    generating function against the noisy labels;
 4. valid predictions are written in the ABAW submission format.
 
 ``synthetic_features=True`` skips the media and trains on a synthetic feature store at
-paper sizes instead (:mod:`taemi.data.synth`), which shows the model alone.
+paper sizes instead (:mod:`taemi.synth.features`), which shows the model alone.
 """
 
 from __future__ import annotations
@@ -26,22 +26,22 @@ from pathlib import Path
 
 import numpy as np
 
-from taemi.config import build_config
 from taemi.data.labels import read_labels, write_predictions
-from taemi.data.store import FeatureStore
 from taemi.eval.metrics import compute_metrics
-from taemi.eval.predict import predict_dataset
-from taemi.model.checkpoint import load_run
-from taemi.train.trainer import make_dataset, train
+from taemi.inference import Predictor
+from taemi.run import has_run, is_finished
+from taemi.store import FeatureStore
+from taemi.train.modes import config_for_store
+from taemi.train.trainer import train
 
 log = logging.getLogger(__name__)
 
 
 def _media_data(out: Path, clips: int, seed: int, max_frames: int, progress: bool) -> dict:
     """Generate the media corpus and extract its features; paths and the oracle ceiling."""
-    from taemi.data.media_synth import MediaSynthConfig, label_fn, make_media_corpus
     from taemi.extract.pipeline import ExtractOptions, extract, find_sources, summary_counts
     from taemi.extract.profiles import load_encoders
+    from taemi.synth.media import MediaSynthConfig, label_fn, make_media_corpus
 
     mcfg = MediaSynthConfig(clips=clips, seed=seed)
     corpus = make_media_corpus(out / "media", mcfg, progress=progress)
@@ -65,7 +65,7 @@ def _media_data(out: Path, clips: int, seed: int, max_frames: int, progress: boo
 
 
 def _feature_data(out: Path, clips: int, seed: int, progress: bool) -> dict:
-    from taemi.data.synth import SynthConfig, make_synth
+    from taemi.synth.features import SynthConfig, make_synth
 
     synth = make_synth(out / "data", SynthConfig(clips=clips, seed=seed), progress=progress)
     return {"store": synth.store, "train_csv": synth.train_csv, "valid_csv": synth.valid_csv,
@@ -91,28 +91,17 @@ def run_demo(
     else:
         data = _media_data(out, clips, seed, max_frames, progress)
     store = FeatureStore(data["store"])
-    cfg = build_config(
-        preset,
-        [
-            ("model.audio_dim", store.dims["audio"]),
-            ("model.vision_dim", store.dims["vision"]),
-            ("model.text_dim", store.dims["text"]),
-            ("train.max_epochs", epochs),
-        ],
-    )
+    cfg = config_for_store(preset, [("train.max_epochs", epochs)], store)  # input sizes: the store's
     kw = dict(emotions=cfg.data.emotions, store_ids=store)
     train_labels = read_labels(data["train_csv"], **kw)
     valid_labels = read_labels(data["valid_csv"], **kw)
     run_dir = out / "run"
-    metrics_file = run_dir / "metrics.json"
-    finished = metrics_file.is_file() and json.loads(metrics_file.read_text()).get("finished")
-    if not (resume and finished):
-        train(cfg, store, train_labels, valid_labels, run_dir, resume=resume and (run_dir / "config.yaml").is_file(),
-              progress=progress)  # fmt: skip
+    if not (resume and is_finished(run_dir)):
+        train(cfg, store, train_labels, valid_labels, run_dir, resume=resume and has_run(run_dir), progress=progress)
 
-    model, cfg = load_run(run_dir, "best")
-    ds = make_dataset(cfg, store, valid_labels)
-    pred, _ = predict_dataset(model, ds, batch_size=cfg.train.eval_batch_size, progress=progress)
+    predictor = Predictor.from_run(run_dir, "best")
+    cfg = predictor.cfg
+    pred = predictor.predict(predictor.dataset(store, valid_labels), progress=progress)
     metrics = compute_metrics(pred, valid_labels.values, cfg.data.emotions)
     write_predictions(out / "valid_predictions.csv", valid_labels.ids, cfg.data.emotions, pred, clip=True)
     summary = {

@@ -1,9 +1,9 @@
 """Predict from media files: extract features the way a run's were extracted, then predict.
 
-The whole chain for new clips (spec sections 3-4): media -> features (with the run's
+The whole chain for new clips (docs/method.md sections 3-4): media -> features (with the run's
 extraction profile and options) -> the run's model -> six intensities per clip.
 
-1. The run's ``features.json`` (written by training, see :mod:`taemi.train.trainer`)
+1. The run's ``features.json`` (written by training, see :mod:`taemi.run`)
    says how its input features were made: the extraction ``profile`` and, per modality,
    the backbone and settings. The options that shape features are taken from it:
    ``max_seconds`` (audio), ``max_frames``, ``frame_policy`` and face cropping on/off
@@ -18,10 +18,10 @@ extraction profile and options) -> the run's model -> six intensities per clip.
    temporary one unless ``features_dir`` is given (clips already there are reused, by
    clip id = file name without extension, like ``taemi extract``). A clip without a
    modality (an MP3 has no video; no face found; an empty transcript) still gets a
-   prediction: the model substitutes its learned missing token (spec section 5). A file
+   prediction: the model substitutes its learned missing token (docs/method.md section 5). A file
    that cannot be decoded is reported with its reason; the others are still predicted.
 4. The run's model predicts every extracted clip; values are clipped to [0, 1] unless
-   ``clip=False`` (as for a submission, spec section 8). The fusion model is also loaded
+   ``clip=False`` (as for a submission, docs/method.md section 8). The fusion model is also loaded
    once per process (:func:`load_run_once`; reloaded only when its weights file changes).
 
 Every result carries ``timings``: seconds per stage of this call (``load`` = models loaded
@@ -59,8 +59,9 @@ from taemi.extract.pipeline import (
     extract,
     find_sources,
 )
+from taemi.inference import Predictor
+from taemi.run import CONFIG_FILE, FEATURES_FILE, load_features_record, weights_file
 from taemi.signals import sigterm_raises
-from taemi.train.trainer import FEATURES_FILE, load_features_record
 
 __all__ = [
     "ClipPrediction",
@@ -230,24 +231,19 @@ def load_encoders_once(
     return _ENCODERS[key]
 
 
-_RUNS: dict[tuple, tuple[Any, Any]] = {}
+_RUNS: dict[tuple, Predictor] = {}
 
 
-def load_run_once(run: str | os.PathLike[str], which: str = "best"):
-    """:func:`taemi.model.checkpoint.load_run`, cached for the life of the process, keyed by
-    the run folder, ``which`` and the weights' and config's modification times (a run
-    trained again is reloaded). Returns (model in eval mode, config); callers share it."""
-    from taemi.model.checkpoint import CONFIG_FILE, load_run
-
+def load_run_once(run: str | os.PathLike[str], which: str = "best") -> Predictor:
+    """:meth:`taemi.inference.Predictor.from_run`, cached for the life of the process, keyed
+    by the run folder, ``which`` and the weights' and config's modification times (a run
+    trained again is reloaded). The model is in eval mode; callers share the predictor."""
     root = Path(run).resolve()
-    stamp = tuple(
-        (root / name).stat().st_mtime_ns if (root / name).is_file() else None
-        for name in (CONFIG_FILE, f"{which}.safetensors")
-    )
+    stamp = tuple(p.stat().st_mtime_ns if p.is_file() else None for p in (root / CONFIG_FILE, weights_file(root, which)))
     key = (str(root), which, stamp)
     if key not in _RUNS:
         _RUNS.clear()  # one run at a time: an older version of it is never used again
-        _RUNS[key] = load_run(run, which)
+        _RUNS[key] = Predictor.from_run(run, which)
     return _RUNS[key]
 
 
@@ -315,19 +311,19 @@ def predict_media(
             ``profile``, a contradicting profile, other models), or no input at all.
         FileNotFoundError: an input path does not exist, or no media in the inputs.
     """
-    from taemi.data.store import FeatureStore, check_writable
-    from taemi.eval.predict import predict_dataset
-    from taemi.train.runtime import resolve_device, resolve_precision
-    from taemi.train.trainer import check_store_fits, make_dataset
+    from taemi.runtime import resolve_device, resolve_precision
+    from taemi.store import FeatureStore, check_writable
+    from taemi.train.modes import mode_for
 
     t_start = time.perf_counter()
     run_name = str(run)
-    model, cfg = load_run_once(run, which)  # first: a wrong run folder fails before any model loads
+    predictor = load_run_once(run, which)  # first: a wrong run folder fails before any model loads
+    cfg = predictor.cfg
     features = load_features_record(run)
     profile, opts, face = extraction_plan(features, profile, run=run_name)
     # replace() checks the options: a bad batch size or worker count fails before any model loads.
     # waveforms: a fine-tuned run's backbones read the raw audio (cached as extracted)
-    opts = replace(opts, batch_size=batch_size, workers=workers, waveforms=cfg.mode == "finetune")
+    opts = replace(opts, batch_size=batch_size, workers=workers, waveforms=mode_for(cfg).reads_waveforms)
     if features_dir is not None:
         check_writable(features_dir)  # a store that cannot take the features fails before the models load
     sources, input_errors = find_sources(inputs)
@@ -364,17 +360,14 @@ def predict_media(
             result.timings["total"] = time.perf_counter() - t_start
             return result  # nothing could be extracted: every input failed
         store = FeatureStore(root)
-        check_store_fits(cfg, store)
+        predictor.check_store(store)
         done = [s for s in sources if s.clip_id in store]
         if not done:
             result.timings["total"] = time.perf_counter() - t_start
             return result
         ids = [s.clip_id for s in done]
-        ds = make_dataset(cfg, store, None, ids=ids)
-        pred, _ = predict_dataset(
-            model.to(torch_device), ds, batch_size=cfg.train.eval_batch_size, device=torch_device,
-            precision=resolve_precision(precision, torch_device),
-        )  # fmt: skip
+        predictor.on(torch_device, resolve_precision(precision, torch_device))
+        pred = predictor.predict(predictor.dataset(store, ids=ids))
         result.timings["fusion"] = time.perf_counter() - t_extracted
         values = np.clip(pred, 0.0, 1.0) if clip else pred  # (N, E)
         for s, row in zip(done, values):

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from taemi.config import PRESETS, preset
-from taemi.model.taemi import TAEMI, Batch
+from taemi.data.batch import Batch
+from taemi.model.taemi import TAEMI
 
 OUT = Path(__file__).with_name("model_expected.json")
 SEED = 0  # torch.manual_seed before building each model

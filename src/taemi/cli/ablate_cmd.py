@@ -1,4 +1,4 @@
-"""``taemi ablate``: the paper's ablation tables over seeds (see :mod:`taemi.eval.ablate`)."""
+"""``taemi ablate``: the paper's ablation tables over seeds (see :mod:`taemi.experiments.ablate`)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def register(sub, common) -> None:
 
 def cmd_ablate(args: argparse.Namespace) -> int:
     from taemi.config import parse_overrides
-    from taemi.eval.ablate import ablate
+    from taemi.experiments.ablate import ablate
 
     ablate(args.store, args.train, args.valid, args.out, grid=args.grid, seeds=args.seeds, jobs=args.jobs,
            overrides=tuple(parse_overrides(args.set or [])))  # fmt: skip

@@ -1,6 +1,6 @@
 """``taemi compare``: is run A's validation score really different from run B's?
 
-A thin entry point over :func:`taemi.eval.stats.paired_bootstrap`. Each of RUN_A and
+A thin entry point over :func:`taemi.experiments.compare.compare_runs`. Each of RUN_A and
 RUN_B is a run folder (its ``valid_predictions.csv``: the raw validation predictions of
 the best epoch, written by training) or a prediction CSV itself. Both must cover the
 same clip ids and emotions; the targets come from ``--labels`` (the validation label
@@ -14,80 +14,17 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
-import numpy as np
-
-PREDICTIONS_FILE = "valid_predictions.csv"
-_MAX_LISTED = 5
-
-
-def _predictions_path(run: str) -> Path:
-    p = Path(run)
-    if p.is_dir():
-        f = p / PREDICTIONS_FILE
-        if not f.is_file():
-            raise FileNotFoundError(
-                f"{p} has no {PREDICTIONS_FILE} (training writes it when it has a validation split)"
-            )
-        return f
-    if p.is_file():
-        return p
-    raise FileNotFoundError(f"{p} is neither a run folder nor a prediction CSV")
-
-
-def _listed(ids: list[str]) -> str:
-    more = f" ... ({len(ids)} in all)" if len(ids) > _MAX_LISTED else ""
-    return f"{ids[:_MAX_LISTED]}{more}"
-
-
-def _load(args: argparse.Namespace):
-    """(pred A, pred B, labels) aligned on A's ids, after the consistency checks."""
-    from taemi.data.labels import read_labels
-
-    path_a, path_b = _predictions_path(args.run_a), _predictions_path(args.run_b)
-    pa = read_labels(path_a, emotions=None, value_range=None)
-    pb = read_labels(path_b, emotions=None, value_range=None)
-    if set(pa.emotions) != set(pb.emotions):
-        raise ValueError(
-            f"{path_a} has emotions {list(pa.emotions)} but {path_b} has {list(pb.emotions)}"
-        )
-    ids_a, ids_b = set(pa.ids), set(pb.ids)
-    if ids_a != ids_b:
-        only_a, only_b = sorted(ids_a - ids_b), sorted(ids_b - ids_a)
-        raise ValueError(
-            f"the prediction files cover different clips: {len(only_a)} id(s) only in {path_a}"
-            f" {_listed(only_a)}, {len(only_b)} id(s) only in {path_b} {_listed(only_b)}"
-        )
-    labels = read_labels(args.labels, emotions=pa.emotions)
-    missing = sorted(ids_a - set(labels.ids))
-    if missing:
-        raise ValueError(
-            f"{len(missing)} predicted id(s) have no label in {args.labels}: {_listed(missing)}"
-        )
-    b_cols = [pb.emotions.index(e) for e in pa.emotions]
-    b_rows = pb.index()
-    pred_b = pb.values[[b_rows[i] for i in pa.ids]][:, b_cols]  # (N, E) in A's row/column order
-    target = labels.subset(pa.ids)  # (N, E)
-    return path_a, path_b, pa, pred_b, target
+from taemi.run import VALID_PREDICTIONS_FILE
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from taemi.cli.main import _output_file, _write_output
-    from taemi.eval.metrics import compute_metrics
-    from taemi.eval.stats import paired_bootstrap
+    from taemi.cli.common import output_file, write_output
+    from taemi.experiments.compare import compare_runs
 
-    dst = _output_file(args.out) if args.out else None
-    path_a, path_b, pa, pred_b, target = _load(args)
-    a = pa.values.astype(np.float64)  # (N, E)
-    b = pred_b.astype(np.float64)  # (N, E)
-    if args.clip:
-        a, b = np.clip(a, 0.0, 1.0), np.clip(b, 0.0, 1.0)
-    t = target.values.astype(np.float64)  # (N, E)
-    emotions = pa.emotions
-    ma = compute_metrics(a, t, emotions, clipped=args.clip)
-    mb = compute_metrics(b, t, emotions, clipped=args.clip)
-    res = paired_bootstrap(a, b, t, n_boot=args.n_boot, seed=args.seed)
+    dst = output_file(args.out) if args.out else None
+    c = compare_runs(args.run_a, args.run_b, args.labels, n_boot=args.n_boot, seed=args.seed, clip=args.clip)
+    path_a, path_b, emotions, ma, mb, res = c.path_a, c.path_b, c.emotions, c.metrics_a, c.metrics_b, c.result
 
     out = sys.stdout.write
     width = max(len(e) for e in (*emotions, "mean")) + 2
@@ -116,7 +53,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             "pearson_b": {e: float(v) for e, v in mb.pearson.items()},
         }
         assert dst is not None
-        _write_output(dst, lambda p: p.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8"))
+        write_output(dst, lambda p: p.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8"))
         out(f"wrote {dst}\n")
     return 0
 
@@ -136,7 +73,7 @@ def register(
         "compare", help="paired bootstrap comparison of two runs' validation predictions"
     )
     sp.add_argument(
-        "run_a", metavar="RUN_A", help=f"run folder (its {PREDICTIONS_FILE}) or prediction CSV"
+        "run_a", metavar="RUN_A", help=f"run folder (its {VALID_PREDICTIONS_FILE}) or prediction CSV"
     )
     sp.add_argument("run_b", metavar="RUN_B", help="the same for the other model")
     sp.add_argument("--labels", required=True, help="the validation label CSV (targets)")

@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
+
+from taemi.cli.common import print_line
 
 log = logging.getLogger("taemi")
 
 #: Options of ``taemi extract`` that concern the driver, not the workers.
 _DRIVER_ONLY = {"out", "shard", "distributed", "backend", "ray_address", "threads_per_worker",
                 "gpus_per_worker", "no_progress", "help"}  # fmt: skip
-
-
-def _print(text: str = "") -> None:
-    sys.stdout.write(text + "\n")
 
 
 def add_extract_options(sp: argparse.ArgumentParser) -> None:
@@ -100,35 +97,35 @@ def run_distributed(args: argparse.Namespace, sources: list, input_errors: list[
         gpus_per_worker=args.gpus_per_worker, global_args=global_args, replace=args.force,
         progress=not args.no_progress,
     )  # fmt: skip
-    _print(f"{'shard':<8}{'clips':>7}{'done':>7}{'skipped':>9}{'failed':>8}  status")
+    print_line(f"{'shard':<8}{'clips':>7}{'done':>7}{'skipped':>9}{'failed':>8}  status")
     for r in res.shards:
         s = r.summary or {}
         status = "ok" if r.ok else f"FAILED: {r.error}"
-        _print(f"{r.k:<8}{r.clips:>7}{s.get('done', '-'):>7}{s.get('skipped', '-'):>9}{s.get('failed', '-'):>8}  "
-               f"{status} ({r.log})")  # fmt: skip
+        print_line(f"{r.k:<8}{r.clips:>7}{s.get('done', '-'):>7}{s.get('skipped', '-'):>9}{s.get('failed', '-'):>8}  "
+                   f"{status} ({r.log})")  # fmt: skip
     if not res.ok:
-        _print(f"{len(res.failed)} of {len(res.shards)} workers failed; nothing merged into {args.out}. "
-               "Rerun the same command to resume.")  # fmt: skip
+        print_line(f"{len(res.failed)} of {len(res.shards)} workers failed; nothing merged into {args.out}. "
+                   "Rerun the same command to resume.")  # fmt: skip
         return 1
     m = res.merge
     summary = m.summary or {}
-    _print(f"{args.out}: {m.clips} clips from {len(res.shards)} shards ({m.copied} copied, {m.skipped} already "
-           f"there), verified; {summary.get('failed', 0)} failed inputs; workers {res.workers_seconds:.0f} s, "
-           f"total {res.seconds:.0f} s")  # fmt: skip
+    print_line(f"{args.out}: {m.clips} clips from {len(res.shards)} shards ({m.copied} copied, {m.skipped} already "
+               f"there), verified; {summary.get('failed', 0)} failed inputs; workers {res.workers_seconds:.0f} s, "
+               f"total {res.seconds:.0f} s")  # fmt: skip
     if summary.get("errors_file"):
-        _print(f"failures and their reasons: {summary['errors_file']}")
+        print_line(f"failures and their reasons: {summary['errors_file']}")
     nothing = summary.get("done", 0) == 0 and summary.get("skipped", 0) == 0 and summary.get("failed", 0) > 0
     return 1 if nothing else 0  # as a single extraction: 1 only when every clip failed
 
 
 def cmd_store_merge(args: argparse.Namespace) -> int:
-    from taemi.data.merge import merge_stores
+    from taemi.store.merge import merge_stores
 
     m = merge_stores(args.out, args.shards, replace=args.replace, progress=not args.no_progress)
-    _print(f"{args.out}: {m.clips} clips after merging {len(m.shards)} stores ({m.copied} copied, "
-           f"{m.skipped} already there, {m.side_files} side files); verified OK")  # fmt: skip
+    print_line(f"{args.out}: {m.clips} clips after merging {len(m.shards)} stores ({m.copied} copied, "
+               f"{m.skipped} already there, {m.side_files} side files); verified OK")  # fmt: skip
     if m.error_lines:
-        _print(f"{m.error_lines} failure records of the shards in {Path(args.out) / 'extract_errors.jsonl'}")
+        print_line(f"{m.error_lines} failure records of the shards in {Path(args.out) / 'extract_errors.jsonl'}")
     return 0
 
 

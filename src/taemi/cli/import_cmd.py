@@ -1,6 +1,6 @@
 """``taemi import``: the organisers' pre-extracted features -> a feature store.
 
-A thin entry point over :func:`taemi.data.organiser.import_organiser_features`; the text
+A thin entry point over :func:`taemi.extract.organiser.import_organiser_features`; the text
 encoder (which turns each transcript into the text vector) is loaded here:
 
 - ``offline`` (default): all-MiniLM-L6-v2, 384-d (the packaged model, or ``--model text=DIR``);
@@ -9,7 +9,7 @@ encoder (which turns each transcript into the text vector) is loaded here:
 - ``none``: no text (missing for every clip).
 
 A new store's audio and vision feature sizes are those most of the files agree on (see
-:mod:`taemi.data.organiser`), or ``--dims audio=1024,vision=768``. Exit status: 0 when every
+:mod:`taemi.extract.organiser`), or ``--dims audio=1024,vision=768``. Exit status: 0 when every
 clip was imported (absent files leave a modality missing, which is not an error), 1 when a
 file was rejected or a clip failed (each is in ``STORE/extract_errors.jsonl``; fix the file
 and run again: failed clips are retried), 2 on an error that stops the import.
@@ -67,11 +67,12 @@ def load_text_encoder(profile: str, model: str | None = None, *, device: str = "
             raise ValueError("--model text=... was given with --text-profile none")
         return None
     if profile == "offline":
-        from taemi.extract.encoders.offline import MiniLMTextEncoder
+        from taemi.backbones.text import MiniLMTextEncoder
 
         return MiniLMTextEncoder(model, device=device)
     if profile == "paper":
-        from taemi.extract.encoders.paper import PAPER_MODELS, GTETextEncoder
+        from taemi.backbones.profiles import PAPER_MODELS
+        from taemi.backbones.text import GTETextEncoder
 
         return GTETextEncoder(model or PAPER_MODELS["text"].model, trust_remote_code=trust_remote_code,
                               device=device, allow_download=allow_download)  # fmt: skip
@@ -79,12 +80,12 @@ def load_text_encoder(profile: str, model: str | None = None, *, device: str = "
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from taemi.data.abaw import read_split_ids
-    from taemi.data.organiser import import_organiser_features, summary_line
+    from taemi.data.labels import read_ids
+    from taemi.extract.organiser import import_organiser_features, summary_line
 
     model = _text_model(args.model)
     dims = _dims(args.dims)
-    ids = read_split_ids(args.ids) if args.ids else None
+    ids = read_ids(args.ids, what="split file", allow_empty=False) if args.ids else None
     encoder = load_text_encoder(args.text_profile, model, device=args.device,
                                 trust_remote_code=args.trust_remote_code, allow_download=args.allow_download)  # fmt: skip
     summary = import_organiser_features(

@@ -1,5 +1,5 @@
 """``taemi report``: one self-contained HTML page (and/or Markdown) over run and experiment
-folders; a thin entry point over :func:`taemi.eval.report.build_report`."""
+folders; a thin entry point over :func:`taemi.experiments.report.build_report`."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ from collections.abc import Callable
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from taemi.cli.main import _output_file
-    from taemi.eval.report import build_report
+    from taemi.cli.common import output_file
+    from taemi.experiments.report import build_report
 
     out = args.out
     if out is None and args.markdown is None:
         out = "report.html"
     for path, flag in ((out, "--out"), (args.markdown, "--markdown")):
         if path is not None:
-            _output_file(path, flag)
+            output_file(path, flag)
     try:
         build_report(args.dirs, out_html=out, out_md=args.markdown)
     except OSError as e:  # a file that cannot be read or written (permissions, a full disk)

@@ -1,6 +1,6 @@
 """``taemi robustness``: score runs under test-time degradations, write CSV and plots.
 
-A thin entry point over :func:`taemi.eval.robustness.robustness_suite` (spec section 5):
+A thin entry point over :func:`taemi.experiments.robustness.robustness_suite` (docs/method.md section 5):
 modalities dropped for a fraction of clips, the 8 missing-modality combinations,
 Gaussian feature noise at several SNRs, dropped frames. ``--compare`` adds more runs to
 the same CSV and overlays them in the plots.
@@ -27,10 +27,10 @@ def _table(rows: list[dict]) -> str:
 def cmd_robustness(args: argparse.Namespace) -> int:
     from taemi.config import load_config
     from taemi.data.labels import read_labels
-    from taemi.data.store import FeatureStore
-    from taemi.eval.robustness import plot_all, robustness_suite, write_rows
-    from taemi.model.checkpoint import CONFIG_FILE
-    from taemi.train.runtime import resolve_device
+    from taemi.experiments.robustness import plot_all, robustness_suite, write_rows
+    from taemi.run import CONFIG_FILE
+    from taemi.runtime import resolve_device
+    from taemi.store import FeatureStore
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():

@@ -1,6 +1,6 @@
 """Waveform augmentation for end-to-end fine-tuning of the audio backbone.
 
-The paper (spec ``TAEMI.md`` section 6) fine-tunes the audio backbone on the first 12 s of
+The paper (docs/method.md section 6) fine-tunes the audio backbone on the first 12 s of
 each clip but does not describe any augmentation: everything here is off by default and is
 an addition of this implementation. Each operation is applied with its own probability,
 in this order (the output never exceeds ``max_seconds``):
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from taemi.config import NOISE_COLORS, AugmentConfig  # the run config's finetune.augment section
-from taemi.data.waveforms import SAMPLE_RATE  # the default: the cached waveforms' rate
+from taemi.store.waveforms import SAMPLE_RATE  # the default: the cached waveforms' rate
 
 __all__ = ["NOISE_COLORS", "AugmentConfig", "AugmentParams", "WaveformAugment", "augment_rng"]
 

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from taemi.data.store import FeatureStore
-from taemi.model.taemi import Batch
+from taemi.data.batch import Batch
+from taemi.store import FeatureStore
 
 
 @dataclass

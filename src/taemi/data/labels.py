@@ -1,6 +1,6 @@
 """ABAW-style label and prediction CSVs.
 
-Format (ABAW EMI / Hume-Vidmimic2, spec sections 1-2): a header
+Format (ABAW EMI / Hume-Vidmimic2, docs/method.md sections 1-2): a header
 ``Filename,<emotion columns>`` and one row per clip. ``Filename`` is an id such as
 ``00042`` and is kept as a string exactly as written (parsing it as an int would
 lose the zero padding). Other columns may be present (CREMA-D's ``media``,
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from taemi import EMI_EMOTIONS
-from taemi.data.clip import check_clip_id
+from taemi.store.clip import check_clip_id
 
 __all__ = ["LabelError", "Labels", "read_labels", "write_predictions"]
 
@@ -334,3 +334,55 @@ def write_predictions(
         dst,
         " (clipped)" if clip else "",
     )
+
+
+def concat_labels(a: Labels, b: Labels) -> Labels:
+    """Labels of two disjoint splits, one after the other (train on all)."""
+    both = sorted(set(a.ids) & set(b.ids))
+    if both:
+        raise ValueError(f"{len(both)} ids are in both {a.source} and {b.source}, e.g. {both[:5]}")
+    return Labels(a.ids + b.ids, a.emotions, np.concatenate([a.values, b.values]), f"{a.source} + {b.source}")
+
+
+def read_ids(
+    path: str | os.PathLike[str], id_column: str = "Filename", *, what: str = "id list", allow_empty: bool = True
+) -> list[str]:
+    """The clip ids of a CSV's ``id_column``, as strings, in file order: a label file, an
+    ABAW split file or a plain id list with that header. Other columns are ignored, blank
+    lines skipped.
+
+    Raises ``FileNotFoundError`` for a missing file (``what`` names the kind of file) and
+    ``ValueError`` naming the file (and row) for a file without the column, a row without
+    a value, an invalid or repeated id, text that is not UTF-8 or not CSV, or (unless
+    ``allow_empty``) no rows.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} {p} does not exist" + (" (it is a folder)" if p.is_dir() else ""))
+    ids: list[str] = []
+    first: dict[str, int] = {}
+    try:
+        with open(p, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            if not header or id_column not in header:
+                raise ValueError(f"{p}: no {id_column!r} column (header: {header})")
+            col = header.index(id_column)
+            for row in reader:
+                if not row:
+                    continue
+                where = f"{p} row {len(ids) + 1} (line {reader.line_num})"
+                if len(row) <= col:
+                    raise ValueError(f"{where}: {len(row)} fields, no {id_column!r} value: {row!r}")
+                clip_id = check_clip_id(row[col], source=where)
+                if clip_id in first:
+                    raise ValueError(f"{where}: duplicate id {clip_id!r}, first at row {first[clip_id]}")
+                first[clip_id] = len(ids) + 1
+                ids.append(clip_id)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p}: not valid UTF-8 ({e})") from e
+    except csv.Error as e:
+        raise ValueError(f"{p}: malformed CSV: {e}") from e
+    if not ids and not allow_empty:
+        raise ValueError(f"{p}: no ids (header only)")
+    return ids

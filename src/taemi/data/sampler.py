@@ -2,7 +2,7 @@
 computes is padding.
 
 A batch is padded to its longest clip (:func:`taemi.data.dataset.collate`). With the
-corpus's length mix (spec section 2: audio mean 6.9 s, 95th percentile 11.5 s, capped at
+corpus's length mix (docs/method.md section 2: audio mean 6.9 s, 95th percentile 11.5 s, capped at
 599 frames; face frames just as varied) a random batch of 32 almost always holds a clip
 near the cap, and ~45% of the positions computed are padding (more of the self-attention's
 T^2 work). :class:`LengthBucketBatchSampler` draws the same random partition of the
@@ -46,7 +46,7 @@ import numpy as np
 from torch.utils.data import Sampler
 
 from taemi import MODALITIES
-from taemi.data.store import FeatureStore
+from taemi.store import FeatureStore
 
 __all__ = [
     "LengthBucketBatchSampler",
@@ -220,7 +220,7 @@ def abaw_like_lengths(
     """(n, 2) int64 synthetic (audio_len, vision_len) with the corpus's length mix, for tests
     and benchmarks (the real lengths come from :func:`dataset_lengths`).
 
-    Clip duration d ~ log-normal with mean 6.9 s and 95th percentile 11.5 s (spec section 2:
+    Clip duration d ~ log-normal with mean 6.9 s and 95th percentile 11.5 s (docs/method.md section 2:
     sigma 0.347, median 6.5 s), at least 1 s. Audio: ``round(audio_fps * d)`` wav2vec2
     frames, capped at ``max_audio_len`` (~4% of clips reach the 599 cap = 12 s). Vision:
     the face frames, ``round(video_fps * d * f)`` with f ~ U(0.6, 1.0) the fraction of

@@ -1,9 +1,9 @@
 """Challenge metric and companions: per-emotion Pearson r, Lin's CCC, MSE.
 
-ABAW EMI (spec section 1): Pearson's r per emotion over the WHOLE split, in float64,
+ABAW EMI (docs/method.md section 1): Pearson's r per emotion over the WHOLE split, in float64,
 and the score is the mean over emotions. A constant column has an undefined r; it is
 reported as 0.0 with a ``RuntimeWarning`` naming the column. Whether predictions were
-clipped to [0, 1] before scoring is recorded (spec section 8).
+clipped to [0, 1] before scoring is recorded (docs/method.md section 8).
 
 CCC: L. I. Lin, "A concordance correlation coefficient to evaluate reproducibility",
 Biometrics 45(1), 1989 (population moments).

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from taemi.train.runtime import autocast
+from taemi.runtime import autocast
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """Is model A really better than model B? Paired bootstrap of the challenge score.
 
-The challenge score (spec section 1) is the mean over emotions of Pearson's r over the
+The challenge score (docs/method.md section 1) is the mean over emotions of Pearson's r over the
 whole split, so it is not a mean over clips and has no closed-form standard error. The
 paired bootstrap resamples CLIPS with replacement, the same indices for both models,
 recomputes both scores on every resample and reads a percentile confidence interval of

@@ -1,8 +1,8 @@
 """ABAW EMI submissions: write one, and check one against the test id list.
 
-Format (spec section 2): a CSV with the label header ``Filename,<the six EMI emotions
+Format (docs/method.md section 2): a CSV with the label header ``Filename,<the six EMI emotions
 in order>``, one row per test id, sorted by id. Predictions are clipped to [0, 1] only
-here, when a submission is written (spec sections 4 and 8); metrics use raw values.
+here, when a submission is written (docs/method.md sections 4 and 8); metrics use raw values.
 
 :func:`check_submission` reads a file the way a strict scorer would, without trusting
 anything, and reports every problem, grouped by kind (the first few of each kind and

@@ -15,7 +15,7 @@ Workers. A worker is ``taemi extract ... --shard K/N --out STORE.shards/shard-K-
 output appended to ``STORE.shards/shard-K-of-N.log``. :func:`extract_distributed` runs
 the N workers on a backend, shows per-shard progress (a clip counts as done when its
 transcript is written, just before its features are added), then merges the shard stores into
-``STORE`` with :func:`taemi.data.merge.merge_stores`, which verifies the result:
+``STORE`` with :func:`taemi.store.merge.merge_stores`, which verifies the result:
 
 - ``local``: N subprocesses on this machine, each with ``threads_per_worker`` threads
   (``OMP_NUM_THREADS`` and the BLAS equivalents; default: this machine's CPUs / N);
@@ -50,8 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from taemi.data.merge import MergeReport, merge_stores
-from taemi.data.store import SUMMARY_FILE, TRANSCRIPTS  # TRANSCRIPTS: one file per done clip
+from taemi.store import SUMMARY_FILE, TRANSCRIPTS  # TRANSCRIPTS: one file per done clip
+from taemi.store.merge import MergeReport, merge_stores
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Face detection and square face crops for the vision backbone (TAEMI.md section 3).
+"""Face detection and square face crops for the vision backbone (docs/method.md section 3).
 
 The ABAW organisers ship aligned face crops (``face_images/{id}/{k}.jpg``, read by
 :func:`taemi.extract.media.read_face_images`); for other corpora (e.g. CREMA-D) or raw

@@ -1,6 +1,6 @@
 """Decode clip media with FFmpeg (through PyAV): mono 16 kHz audio and RGB video frames.
 
-Spec: TAEMI.md section 2 (media as users receive it: ``raw/{id}.mp4``, ``audio/{id}.mp3``,
+docs/method.md section 2 (media as users receive it: ``raw/{id}.mp4``, ``audio/{id}.mp3``,
 ``face_images/{id}/{k}.jpg``; container fps metadata is unreliable; audio outliers up to
 ~1250 s), section 3 (the audio backbone sees the first 12 s of 16 kHz mono audio, zero-padded,
 with an attention mask; vision sees at most 400 face frames, the release keeps the first 400)

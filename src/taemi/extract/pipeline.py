@@ -1,13 +1,13 @@
 """Media files -> feature store: decoding in parallel with batched model inference.
 
-Spec section 3 (features per clip) and section 8 (traps). For every input clip:
+docs/method.md section 3 (features per clip) and section 8 (traps). For every input clip:
 
 1. decode (worker threads, ahead of the models): the first ``max_audio_seconds`` of
    16 kHz mono audio, and up to ``max_frames`` video frames (policy ``first`` or
    ``uniform``), face-cropped as they are decoded when a face cropper is configured;
 2. recognise speech (the transcript is saved as ``STORE/transcripts/{id}.txt``);
 3. encode, batched across clips: audio frames, one vector per face crop, the transcript;
-4. write the clip to the store (atomic, resumable; see :mod:`taemi.data.store`).
+4. write the clip to the store (atomic, resumable; see :mod:`taemi.store`).
 
 A clip without an audio track, without a video track, without any detected face, or
 with an empty transcript gets that modality's missing flag. A file with no audio and no
@@ -24,7 +24,7 @@ missing counts, and seconds per stage. Nothing is written into a store the write
 refuses to open (other dims or settings, locked, not a store).
 
 Durability: finished clips are committed every ``ExtractOptions.commit_clips`` clips or
-``commit_seconds`` seconds, whichever comes first (:class:`taemi.data.store.StoreWriter`),
+``commit_seconds`` seconds, whichever comes first (:class:`taemi.store.StoreWriter`),
 so a killed run (SIGKILL, a time limit, a lost node) loses at most that much work; the
 rerun skips the committed clips. The small shards this makes are compacted when the run
 ends normally (or by the next run). Under :func:`taemi.signals.sigterm_raises` (``taemi extract``,
@@ -36,7 +36,7 @@ Face detection runs in the decoding threads; each thread has its own detector (s
 
 With ``ExtractOptions.waveforms`` (``taemi extract --waveforms``) the decoded audio of every
 clip that has audio is also kept in the store's waveform cache (``STORE/waveforms/``, see
-:mod:`taemi.data.waveforms`) for end-to-end fine-tuning. A clip already in the store whose
+:mod:`taemi.store.waveforms`) for end-to-end fine-tuning. A clip already in the store whose
 waveform is not cached yet has only its audio decoded and cached (no model runs, the store
 is not touched). A waveform that cannot be cached is reported in the error file, stage
 ``waveform``, and counted in ``waveforms_failed``, not in ``failed`` (its features are fine).
@@ -60,17 +60,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from taemi.data.clip import ClipFeatures, check_clip_id
-from taemi.data.store import (
-    ERRORS_FILE,
-    SUMMARY_FILE,
-    TRANSCRIPTS,
-    FeatureStore,
-    StoreError,
-    StoreWriter,
-)
-from taemi.data.waveforms import WaveformCache
-from taemi.extract.encoders.base import (
+from taemi.backbones.base import (
     SAMPLE_RATE,
     AudioEncoder,
     ImageEncoder,
@@ -85,6 +75,16 @@ from taemi.extract.media import (
     display_path,
     read_face_images,
 )
+from taemi.store import (
+    ERRORS_FILE,
+    SUMMARY_FILE,
+    TRANSCRIPTS,
+    FeatureStore,
+    StoreError,
+    StoreWriter,
+)
+from taemi.store.clip import ClipFeatures, check_clip_id
+from taemi.store.waveforms import WaveformCache
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ SHARD_SIZE = 256
 class ExtractOptions:
     """How media become features (recorded in the store's provenance)."""
 
-    max_audio_seconds: float = 12.0  # audio kept per clip (spec: first 12 s)
+    max_audio_seconds: float = 12.0  # audio kept per clip (docs/method.md section 3: first 12 s)
     max_frames: int = 400  # video frames considered per clip
     frame_policy: str = "first"  # first (the release) | uniform (spread over the clip)
     batch_size: int = 8  # clips per model batch

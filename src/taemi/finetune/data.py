@@ -1,6 +1,6 @@
 """Clips for end-to-end fine-tuning: raw audio, transcript text, stored vision features.
 
-Spec sections 3 and 6: the authors fine-tuned the audio backbone on the first 12 s of
+docs/method.md sections 3 and 6: the authors fine-tuned the audio backbone on the first 12 s of
 16 kHz mono audio and the text encoder on the transcript, with pre-extracted vision
 features. Per clip this module reads
 
@@ -33,8 +33,8 @@ from torch.utils.data import Dataset
 
 from taemi.config import AugmentConfig
 from taemi.data.dataset import check_clips
-from taemi.data.store import TRANSCRIPTS, FeatureStore
-from taemi.data.waveforms import SAMPLE_RATE, WaveformCache
+from taemi.store import TRANSCRIPTS, FeatureStore
+from taemi.store.waveforms import SAMPLE_RATE, WaveformCache
 
 
 @dataclass

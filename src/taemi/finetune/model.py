@@ -1,15 +1,18 @@
-"""Backbones + the TAEMI fusion model, trained end to end (spec sections 3 and 6).
+"""Backbones + the TAEMI fusion model, trained end to end (docs/method.md sections 3 and 6).
 
 Data flow for one :class:`~taemi.finetune.data.FinetuneBatch` of B clips::
 
     waves (B, S) + lengths (B,) --audio backbone--> A (B, T_a, D_a), mask (B, T_a)
     transcripts (B)  --tokenizer--> ids (B, L) --text backbone--> t (B, D_t)
     vision (B, T_v, D_v) from the feature store
-    -> taemi.model.taemi.Batch -> TAEMI (the same fusion code as frozen mode) -> (B, E)
+    -> taemi.data.batch.Batch -> TAEMI (the same fusion code as frozen mode) -> (B, E)
+
+The backbones decide ``model.audio_dim``/``text_dim`` when training starts
+(:func:`taemi.train.modes.backbone_sizes`).
 
 The backbones only see clips that have the modality: clips without audio (or without a
 transcript) are left out of the backbone's batch, and the fusion model gets its usual
-missing flag for them and substitutes its learned missing token (spec section 5).
+missing flag for them and substitutes its learned missing token (docs/method.md section 5).
 Modality dropout stays inside the fusion model, as in frozen mode.
 
 Weights: ``state_dict`` keys are ``audio.*``, ``text.*`` and ``fusion.*`` (the fusion
@@ -21,15 +24,15 @@ weights) so :func:`load_finetune_model` rebuilds the model from the run folder a
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from taemi.config import RunConfig
+from taemi.data.batch import Batch
 from taemi.finetune.data import FinetuneBatch
-from taemi.model.taemi import TAEMI, Batch
+from taemi.model.taemi import TAEMI
 
 log = logging.getLogger(__name__)
 
@@ -104,20 +107,10 @@ class FinetuneModel(nn.Module):
         return self.fusion(fused)  # (B, E)
 
 
-def resolve_finetune_dims(cfg: RunConfig, audio: nn.Module, text: nn.Module) -> RunConfig:
-    """In fine-tuning the backbones decide ``model.audio_dim``/``model.text_dim`` (logged)."""
-    m = cfg.model
-    if (m.audio_dim, m.text_dim) != (audio.dim, text.dim):
-        log.info(
-            "finetune: model.audio_dim %d -> %d and model.text_dim %d -> %d (the backbones' output sizes)",
-            m.audio_dim, audio.dim, m.text_dim, text.dim,
-        )  # fmt: skip
-    return replace(cfg, model=replace(m, audio_dim=audio.dim, text_dim=text.dim))
-
-
 def load_backbones(cfg: RunConfig) -> tuple[nn.Module, nn.Module]:
     """The configured backbones with their pretrained weights, freezing and checkpointing applied."""
-    from taemi.finetune.backbones import load_audio_backbone, load_text_backbone
+    from taemi.backbones.profiles import load_audio_backbone
+    from taemi.backbones.text import load_text_backbone
 
     ft = cfg.finetune
     audio = load_audio_backbone(
@@ -153,7 +146,8 @@ def save_backbone_architectures(model: FinetuneModel, run_dir: str | Path) -> No
 
 def load_finetune_model(run_dir: str | Path, cfg: RunConfig) -> FinetuneModel:
     """The run's model architecture (backbones from ``RUN/backbones``), weights not loaded."""
-    from taemi.finetune.backbones import rebuild_audio_backbone, rebuild_text_backbone
+    from taemi.backbones.profiles import rebuild_audio_backbone
+    from taemi.backbones.text import rebuild_text_backbone
 
     folder = Path(run_dir) / BACKBONES_DIR
     for role in ("audio", "text"):

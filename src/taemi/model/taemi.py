@@ -2,7 +2,7 @@
 
 Zhu et al., "Anchoring Emotions in Text: Robust Multimodal Fusion for Mimicry
 Intensity Estimation", arXiv 2603.14976 (ABAW 10th EMI, first place), section 3,
-plus the authors' release (spec sections 4-5 of ``shared/spec/TAEMI.md``).
+plus the authors' release (docs/method.md sections 4-5).
 
 Data flow for the default (``paper``) configuration, B clips per batch::
 
@@ -25,7 +25,7 @@ Variants are configuration (:class:`taemi.config.ModelConfig`), not copies:
 - ``missing_tokens="zeros"``: missing modalities become fixed zero vectors instead of
   learned tokens; ``modality_dropout=0`` disables modality dropout.
 
-Missing-modality semantics (spec section 5): a missing modality's RAW features are
+Missing-modality semantics (docs/method.md section 5): a missing modality's RAW features are
 replaced by its token, broadcast over time, before any projection, and every time
 step then counts as valid. Masks are boolean, ``True`` = a real (valid) step.
 
@@ -52,42 +52,7 @@ from torch import Tensor, nn
 
 from taemi import MODALITIES
 from taemi.config import ModelConfig
-
-
-@dataclass
-class Batch:
-    """A padded batch of clips. Masks are ``True`` at valid steps.
-
-    ``missing`` is (B, 3) in :data:`taemi.MODALITIES` order (audio, vision, text).
-    A missing modality's rows may hold anything finite (usually one zero step): the
-    model replaces them by its missing token.
-    """
-
-    audio: Tensor  # (B, T_a, D_a)
-    audio_mask: Tensor  # (B, T_a) bool
-    vision: Tensor  # (B, T_v, D_v)
-    vision_mask: Tensor  # (B, T_v) bool
-    text: Tensor  # (B, D_t)
-    missing: Tensor  # (B, 3) bool
-    text_tokens: Tensor | None = None  # (B, T_t, D_t), optional token states
-    text_tokens_mask: Tensor | None = None  # (B, T_t) bool
-    target: Tensor | None = None  # (B, E)
-    ids: tuple[str, ...] = ()
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        def mv(x: Tensor | None) -> Tensor | None:
-            return None if x is None else x.to(device, non_blocking=non_blocking)
-
-        return Batch(
-            audio=mv(self.audio), audio_mask=mv(self.audio_mask),
-            vision=mv(self.vision), vision_mask=mv(self.vision_mask),
-            text=mv(self.text), missing=mv(self.missing),
-            text_tokens=mv(self.text_tokens), text_tokens_mask=mv(self.text_tokens_mask),
-            target=mv(self.target), ids=self.ids,
-        )  # fmt: skip
-
-    def __len__(self) -> int:
-        return self.text.shape[0]
+from taemi.data.batch import Batch
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -153,7 +118,7 @@ class PaddedSequence:
 
 
 class MissingTokens(nn.Module):
-    """One replacement vector per modality for missing inputs (spec section 5).
+    """One replacement vector per modality for missing inputs (docs/method.md section 5).
 
     ``learned=True``: parameters initialised N(0, std^2). ``learned=False``: fixed
     zero buffers (the paper's "w/o learnable missing tokens" ablation), so the
@@ -233,7 +198,7 @@ class ModalityEncoder(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Single-query multi-head cross-attention as released (spec section 4.2).
+    """Single-query multi-head cross-attention as released (docs/method.md section 4.2).
 
     ``q = LN(W_q a)``, ``k = LN(W_k X)``, ``v = W_v X``; scores scaled by
     sqrt(head_dim), padded keys masked, softmax, attention dropout, output

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the headless Agg backend (for every module that draws)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -17,7 +18,7 @@ def _pyplot():
 
 def plot_history(history: Sequence[Mapping[str, float]], path: str | Path) -> Path:
     """Learning curves: train/valid loss and valid mean Pearson per epoch."""
-    plt = _pyplot()
+    plt = pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     epochs = [r["epoch"] for r in history]
@@ -43,7 +44,7 @@ def plot_history(history: Sequence[Mapping[str, float]], path: str | Path) -> Pa
 
 def plot_per_emotion(pearson: Mapping[str, float], path: str | Path, title: str = "Pearson per emotion") -> Path:
     """Bar chart of Pearson r per emotion, with the mean as a line."""
-    plt = _pyplot()
+    plt = pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     names, values = list(pearson), list(pearson.values())

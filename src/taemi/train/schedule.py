@@ -1,4 +1,4 @@
-"""Learning-rate schedule of the recipe (spec section 6).
+"""Learning-rate schedule of the recipe (docs/method.md section 6).
 
 Linear warm-up from 0 over the first ``warmup_steps`` optimiser steps, then cosine
 decay to 0 at ``total_steps`` (all max_epochs), stepped every optimiser step.

