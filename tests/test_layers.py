@@ -22,6 +22,7 @@ RANKS: dict[str, int] = {
     "signals": 0,  # graceful stop on SIGINT/SIGTERM
     "locking": 0,  # folder lock files
     "runtime": 0,  # device, precision, autocast, threads
+    "numeric": 0,  # checks on arrays shared by several layers (finite values)
     "store": 1,  # the feature store
     "data": 2,  # labels, batches, datasets, samplers, augmentation
     "backbones": 3,  # pretrained models by family, profiles

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from taemi import EMI_EMOTIONS
+from taemi.numeric import require_finite
 from taemi.store.clip import check_clip_id
 
 __all__ = ["LabelError", "Labels", "read_labels", "write_predictions"]
@@ -304,13 +305,7 @@ def write_predictions(
             f"write_predictions({dst}): values have shape {arr.shape}, expected "
             f"({len(ids)}, {len(names)}) = (ids, emotions)"
         )
-    bad = ~np.isfinite(arr)
-    if bad.any():
-        r, c = np.argwhere(bad)[0]
-        raise ValueError(
-            f"write_predictions({dst}): {int(bad.sum())} non-finite value(s), first at id "
-            f"{ids[r]!r}, column {names[c]!r}: {arr[r, c]}"
-        )
+    require_finite(arr, f"write_predictions({dst}): the values", rows=ids, columns=names, row_word="id")
     if clip:
         arr = np.clip(arr, 0.0, 1.0)
 

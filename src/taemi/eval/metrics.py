@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from taemi.numeric import require_finite
+
 __all__ = ["Metrics", "ccc", "compute_metrics", "pearson"]
 
 
@@ -31,12 +33,7 @@ def _as_pair(pred: np.ndarray, target: np.ndarray, what: str) -> tuple[np.ndarra
     if x.shape[0] < 2:
         raise ValueError(f"{what}: needs at least 2 values, got {x.shape[0]}")
     for name, a in (("pred", x), ("target", y)):
-        bad = ~np.isfinite(a)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise ValueError(
-                f"{what}: {name} has {int(bad.sum())} non-finite value(s), first at {i}: {a[i]}"
-            )
+        require_finite(a, f"{what}: {name}")
     return x, y
 
 
@@ -152,13 +149,7 @@ def compute_metrics(
     if p.shape[0] < 2:
         raise ValueError(f"compute_metrics: needs at least 2 rows, got {p.shape[0]}")
     for what, a in (("pred", p), ("target", t)):
-        bad = ~np.isfinite(a)
-        if bad.any():
-            r, c = np.argwhere(bad)[0]
-            raise ValueError(
-                f"compute_metrics: {what} has {int(bad.sum())} NaN/Inf value(s), first at row {r}, "
-                f"emotion {names[c]!r}: {a[r, c]}"
-            )
+        require_finite(a, f"compute_metrics: {what}", columns=names, column_word="emotion")
     if clipped:
         p = np.clip(p, 0.0, 1.0)
 

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from taemi.eval.metrics import pearson
+from taemi.numeric import require_finite
 
 __all__ = ["BootstrapResult", "paired_bootstrap", "resampled_mean_pearson", "seed_spread"]
 
@@ -58,13 +59,7 @@ def _as_matrix(a: np.ndarray, what: str) -> np.ndarray:
         x = x[:, None]  # (N,) -> (N, 1)
     if x.ndim != 2:
         raise ValueError(f"paired_bootstrap: {what} must be (N,) or (N, E), got shape {x.shape}")
-    bad = ~np.isfinite(x)
-    if bad.any():
-        r, c = np.argwhere(bad)[0]
-        raise ValueError(
-            f"paired_bootstrap: {what} has {int(bad.sum())} NaN/Inf value(s), first at row {r}, "
-            f"column {c}: {x[r, c]}"
-        )
+    require_finite(x, f"paired_bootstrap: {what}")
     return x
 
 
