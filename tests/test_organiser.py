@@ -22,15 +22,9 @@ import torch
 from conftest import run_main
 
 from taemi.cli.import_cmd import register
-from taemi.extract import organiser
-from taemi.extract.organiser import (
-    DEFAULT_DIMS,
-    FeatureTooLargeError,
-    ImportSummary,
-    UnsafePickleError,
-    import_organiser_features,
-    load_feature_pickle,
-)
+from taemi.extract import feature_files
+from taemi.extract.feature_files import FeatureTooLargeError, UnsafePickleError, load_feature_pickle
+from taemi.extract.organiser import DEFAULT_DIMS, ImportSummary, import_organiser_features
 from taemi.store import ERRORS_FILE, FeatureStore, verify_store
 
 D_A, D_V, D_T = 6, 5, 4
@@ -293,8 +287,8 @@ def _hostile_files(folder: Path) -> dict[str, Path]:
 def test_declared_data_larger_than_the_file_is_refused(tmp_path: Path, monkeypatch) -> None:
     """Within the absolute limits, an array may still not declare more data than its file
     holds: the rule that stops a small file from describing a large array."""
-    monkeypatch.setattr(organiser, "MAX_FEATURE_ELEMENTS", 2**40)
-    monkeypatch.setattr(organiser, "MAX_FEATURE_BYTES", 2**44)
+    monkeypatch.setattr(feature_files, "MAX_FEATURE_ELEMENTS", 2**40)
+    monkeypatch.setattr(feature_files, "MAX_FEATURE_BYTES", 2**44)
     paths = _hostile_files(tmp_path)
     for form in ("tensor", "rows", "npy"):
         with pytest.raises(FeatureTooLargeError, match="cannot hold them"):
@@ -324,8 +318,8 @@ def test_huge_declared_arrays_are_refused_before_allocation(tmp_path: Path) -> N
 
 def test_size_limits_are_exact(tmp_path: Path, monkeypatch) -> None:
     """At the limit a file loads; one value or one byte over, it is refused (all forms)."""
-    monkeypatch.setattr(organiser, "MAX_FEATURE_ELEMENTS", 12)
-    monkeypatch.setattr(organiser, "MAX_FEATURE_BYTES", 12 * 4)
+    monkeypatch.setattr(feature_files, "MAX_FEATURE_ELEMENTS", 12)
+    monkeypatch.setattr(feature_files, "MAX_FEATURE_BYTES", 12 * 4)
     writers = {
         "pickle.pkl": lambda p, a: p.write_bytes(pickle.dumps(a, protocol=2)),
         "pickle5.pkl": lambda p, a: p.write_bytes(pickle.dumps(a, protocol=5)),
@@ -344,7 +338,7 @@ def test_size_limits_are_exact(tmp_path: Path, monkeypatch) -> None:
         write(path, np.ones((2, 4), np.float64))  # 8 values, 64 bytes
         with pytest.raises(FeatureTooLargeError, match="64 bytes"):
             load_feature_pickle(path)
-    monkeypatch.setattr(organiser, "MAX_FEATURE_FILE_BYTES", 100)
+    monkeypatch.setattr(feature_files, "MAX_FEATURE_FILE_BYTES", 100)
     (tmp_path / "big.pkl").write_bytes(pickle.dumps(np.ones(2, np.float32)) + b"\x00" * 100)
     with pytest.raises(
         FeatureTooLargeError, match=r"big.pkl: .* bytes; a feature file may have at most 100"
@@ -384,7 +378,7 @@ def test_build_cannot_alter_a_dtype_in_use_or_other_objects(tmp_path: Path) -> N
     )
     path = tmp_path / "dtype.pkl"
     path.write_bytes(data)
-    arr, dtype = organiser._SafeUnpickler(io.BytesIO(data), path).load()
+    arr, dtype = feature_files._SafeUnpickler(io.BytesIO(data), path).load()
     assert arr.dtype.itemsize == 4 and arr.tobytes() == b"abcd"  # its dtype unchanged
     assert dtype.itemsize == 2**30  # the rebuilt one is a new dtype
     with pytest.raises(ValueError):
