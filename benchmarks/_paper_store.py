@@ -55,7 +55,9 @@ def expected_bytes(
 ) -> int:
     """Mean on-disk size of a store built by :func:`build_store` (data files only)."""
     if mix == "abaw":
-        L = abaw_like_lengths(n_clips, seed=0, max_audio_len=max_audio_len, max_vision_len=max_vision_len)
+        L = abaw_like_lengths(
+            n_clips, seed=0, max_audio_len=max_audio_len, max_vision_len=max_vision_len
+        )
         rows = L[:, 0].sum() * PAPER_DIMS["audio"] + L[:, 1].sum() * PAPER_DIMS["vision"]
         return int((rows + n_clips * PAPER_DIMS["text"]) * itemsize)
     a_lo, a_hi = length_range(max_audio_len)
@@ -136,9 +138,13 @@ def build_store(
     return FeatureStore(root)
 
 
-def _build_abaw_store(root: Path, n_clips: int, max_audio_len: int, max_vision_len: int, seed: int) -> FeatureStore:
+def _build_abaw_store(
+    root: Path, n_clips: int, max_audio_len: int, max_vision_len: int, seed: int
+) -> FeatureStore:
     ids = [f"{k:05d}" for k in range(n_clips)]
-    L = abaw_like_lengths(n_clips, seed=0, max_audio_len=max_audio_len, max_vision_len=max_vision_len)
+    L = abaw_like_lengths(
+        n_clips, seed=0, max_audio_len=max_audio_len, max_vision_len=max_vision_len
+    )
     if (root / "manifest.json").exists():
         store = FeatureStore(root)
         fits = (
@@ -148,7 +154,9 @@ def _build_abaw_store(root: Path, n_clips: int, max_audio_len: int, max_vision_l
             and np.array_equal(store.lengths["vision"], L[:, 1])
         )
         if not fits:
-            raise SystemExit(f"{root} holds a store that is not the requested one; delete it or choose another --workdir")
+            raise SystemExit(
+                f"{root} holds a store that is not the requested one; delete it or choose another --workdir"
+            )
         print(f"reusing {root} ({n_clips} clips, abaw length mix)")
         return store
     rng = np.random.default_rng(seed)
@@ -163,7 +171,9 @@ def _build_abaw_store(root: Path, n_clips: int, max_audio_len: int, max_vision_l
         return pool[start : start + t * d].reshape(t, d)
 
     with StoreWriter(root, dims=PAPER_DIMS, dtype="float16") as writer:
-        for cid, (t_a, t_v) in zip(tqdm(ids, desc=f"writing {root.name}", unit="clip", mininterval=2.0), L):
+        for cid, (t_a, t_v) in zip(
+            tqdm(ids, desc=f"writing {root.name}", unit="clip", mininterval=2.0), L
+        ):
             writer.add(
                 ClipFeatures(
                     clip_id=cid,

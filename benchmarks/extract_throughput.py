@@ -761,8 +761,11 @@ def part_detector(args: argparse.Namespace) -> None:
                 crops = [b"".join(f.tobytes() for f in d.faces or []) for d in decoded]
                 reference = reference or crops
                 same, faces = ("yes" if crops == reference else "NO"), str(kept)
-            print(f"  {workers:>7} {'yes' if crop else 'no':>5} {wall:>7.2f} {cpu:>7.2f} {frames / wall:>9.1f} "
-                  f"{faces:>6}  {same}", flush=True)  # fmt: skip
+            print(
+                f"  {workers:>7} {'yes' if crop else 'no':>5} {wall:>7.2f} {cpu:>7.2f} {frames / wall:>9.1f} "
+                f"{faces:>6}  {same}",
+                flush=True,
+            )
 
 
 def main() -> None:

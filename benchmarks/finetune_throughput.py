@@ -242,13 +242,19 @@ def paper_backbones(tokenizer) -> tuple[nn.Module, nn.Module]:
     from taemi.backbones.wav2vec2 import Wav2Vec2Backbone, Wav2Vec2EmotionModel
 
     audio = Wav2Vec2Backbone(
-        Wav2Vec2EmotionModel(Wav2Vec2Config(**WAV2VEC2_LARGE_ROBUST_12)), normalize=True, max_seconds=12.0,
+        Wav2Vec2EmotionModel(Wav2Vec2Config(**WAV2VEC2_LARGE_ROBUST_12)),
+        normalize=True,
+        max_seconds=12.0,
         name="random wav2vec2-large-robust-12 (audeering emotion layout)",
-    )  # fmt: skip
+    )
     text = TextBackbone(
-        BertModel(BertConfig(**GTE_BASE_SIZE), add_pooling_layer=False), tokenizer, pooling="cls",
-        normalize=False, max_tokens=128, name="random BERT of GTE-base size",
-    )  # fmt: skip
+        BertModel(BertConfig(**GTE_BASE_SIZE), add_pooling_layer=False),
+        tokenizer,
+        pooling="cls",
+        normalize=False,
+        max_tokens=128,
+        name="random BERT of GTE-base size",
+    )
     return audio, text
 
 
@@ -394,8 +400,16 @@ def fusion_config(args: argparse.Namespace, mode: str, dims: dict[str, int]) -> 
     return replace(cfg, mode=mode, model=model, finetune=ft).validate()
 
 
-def finetune_runner(name: str, what: str, args, audio: nn.Module, text: nn.Module, vision_dim: int,
-                    checkpointing: bool, frozen: str) -> Runner:  # fmt: skip
+def finetune_runner(
+    name: str,
+    what: str,
+    args,
+    audio: nn.Module,
+    text: nn.Module,
+    vision_dim: int,
+    checkpointing: bool,
+    frozen: str,
+) -> Runner:
     cfg = fusion_config(
         args, "finetune", {"audio": audio.dim, "vision": vision_dim, "text": text.dim}
     )
@@ -433,12 +447,30 @@ def build_runners(args: argparse.Namespace) -> list[Runner]:
     off = {"audio": audio.dim, "vision": OFFLINE_VISION_DIM, "text": text.dim}
     audio_ckpt, text_ckpt = copy.deepcopy(audio), copy.deepcopy(text)
     runners = [
-        frozen_runner("frozen_offline", f"fusion on stored features {tuple(off.values())}", args, off, t_a),
-        finetune_runner("finetune_offline", "Whisper tiny.en (clip window 12 s) + MiniLM-L6 + fusion", args,
-                        audio, text, OFFLINE_VISION_DIM, False, "frozen_offline"),
-        finetune_runner("finetune_offline_ckpt", "the same, gradient checkpointing in both backbones", args,
-                        audio_ckpt, text_ckpt, OFFLINE_VISION_DIM, True, "frozen_offline"),
-    ]  # fmt: skip
+        frozen_runner(
+            "frozen_offline", f"fusion on stored features {tuple(off.values())}", args, off, t_a
+        ),
+        finetune_runner(
+            "finetune_offline",
+            "Whisper tiny.en (clip window 12 s) + MiniLM-L6 + fusion",
+            args,
+            audio,
+            text,
+            OFFLINE_VISION_DIM,
+            False,
+            "frozen_offline",
+        ),
+        finetune_runner(
+            "finetune_offline_ckpt",
+            "the same, gradient checkpointing in both backbones",
+            args,
+            audio_ckpt,
+            text_ckpt,
+            OFFLINE_VISION_DIM,
+            True,
+            "frozen_offline",
+        ),
+    ]
     if not args.skip_paper:
         t0 = time.perf_counter()
         p_audio, p_text = paper_backbones(text.tokenizer)
@@ -449,13 +481,32 @@ def build_runners(args: argparse.Namespace) -> list[Runner]:
             [copy.deepcopy(p_audio), copy.deepcopy(p_text)] if args.gradient_checkpointing else []
         )
         runners += [
-            frozen_runner("frozen_paper", f"fusion on stored features {tuple(pap.values())}", args, pap, t_a),
-            finetune_runner("finetune_paper", "wav2vec2-large-robust-12 + GTE-base-size BERT (random) + fusion",
-                            args, p_audio, p_text, PAPER_VISION_DIM, False, "frozen_paper"),
-        ]  # fmt: skip
+            frozen_runner(
+                "frozen_paper", f"fusion on stored features {tuple(pap.values())}", args, pap, t_a
+            ),
+            finetune_runner(
+                "finetune_paper",
+                "wav2vec2-large-robust-12 + GTE-base-size BERT (random) + fusion",
+                args,
+                p_audio,
+                p_text,
+                PAPER_VISION_DIM,
+                False,
+                "frozen_paper",
+            ),
+        ]
         if more:
-            runners.append(finetune_runner("finetune_paper_ckpt", "the same, gradient checkpointing in both backbones",
-                                           args, *more, PAPER_VISION_DIM, True, "frozen_paper"))  # fmt: skip
+            runners.append(
+                finetune_runner(
+                    "finetune_paper_ckpt",
+                    "the same, gradient checkpointing in both backbones",
+                    args,
+                    *more,
+                    PAPER_VISION_DIM,
+                    True,
+                    "frozen_paper",
+                )
+            )
     return runners
 
 
@@ -516,9 +567,11 @@ def report(runners: list[Runner], device: torch.device) -> None:
     def m(x: int | None) -> str:
         return "n/a" if x is None else f"{x / mib:.0f}"
 
-    print(f"\n{'runner':<22} {'batch':>5} {'s/step':>7} {'samples/s':>9} {'x frozen':>8} {'paired':>7} "
-          f"{'trainable':>10} {'backbones':>10} {'w+Adam MiB':>10} {'bwd+ MiB':>8} {'step+ MiB':>9} "
-          f"{'sum MiB':>8} {'epoch h':>8} {'CPU share':>9}")  # fmt: skip
+    print(
+        f"\n{'runner':<22} {'batch':>5} {'s/step':>7} {'samples/s':>9} {'x frozen':>8} {'paired':>7} "
+        f"{'trainable':>10} {'backbones':>10} {'w+Adam MiB':>10} {'bwd+ MiB':>8} {'step+ MiB':>9} "
+        f"{'sum MiB':>8} {'epoch h':>8} {'CPU share':>9}"
+    )
     for r in runners:
         ref = by.get(r.frozen) if r.frozen else None
         x = f"{r.samples_s / ref.samples_s:.3f}" if ref else "-"
@@ -530,22 +583,28 @@ def report(runners: list[Runner], device: torch.device) -> None:
             if device.type == "cpu"
             else float("nan")
         )
-        print(f"{r.name:<22} {r.batch_size:>5} {r.median_step:>7.3f} {r.samples_s:>9.3f} {x:>8} {paired:>7} "
-              f"{r.trainable / 1e6:>9.2f}M {r.trainable_backbones / 1e6:>9.2f}M {m(r.state_bytes):>10} "
-              f"{m(r.backward_adds):>8} {m(r.step_adds):>9} {m(total):>8} {epoch_h:>8.2f} {share:>9.2f}")  # fmt: skip
-    print(f"\ns/step: median over the timed steps; samples/s = batch / s/step; x frozen: samples/s over the "
-          f"frozen runner's of the same sizes; paired: the median of that ratio per round; trainable: parameters "
-          f"with gradients (backbones: of which in the backbones); w+Adam: parameters + AdamW moments (float32); "
-          f"bwd+ / step+: the peak {kind} by the end of backward / over the whole step, minus the {kind} before "
-          f"the step (gradients freed); sum: w+Adam + step+; epoch h: hours for {EPOCH_CLIPS:,} clips at this "
-          f"samples/s (batch as timed); CPU share: process CPU s / wall s / threads.")  # fmt: skip
+        print(
+            f"{r.name:<22} {r.batch_size:>5} {r.median_step:>7.3f} {r.samples_s:>9.3f} {x:>8} {paired:>7} "
+            f"{r.trainable / 1e6:>9.2f}M {r.trainable_backbones / 1e6:>9.2f}M {m(r.state_bytes):>10} "
+            f"{m(r.backward_adds):>8} {m(r.step_adds):>9} {m(total):>8} {epoch_h:>8.2f} {share:>9.2f}"
+        )
+    print(
+        f"\ns/step: median over the timed steps; samples/s = batch / s/step; x frozen: samples/s over the "
+        f"frozen runner's of the same sizes; paired: the median of that ratio per round; trainable: parameters "
+        f"with gradients (backbones: of which in the backbones); w+Adam: parameters + AdamW moments (float32); "
+        f"bwd+ / step+: the peak {kind} by the end of backward / over the whole step, minus the {kind} before "
+        f"the step (gradients freed); sum: w+Adam + step+; epoch h: hours for {EPOCH_CLIPS:,} clips at this "
+        f"samples/s (batch as timed); CPU share: process CPU s / wall s / threads."
+    )
     print(f"\n{'runner':<22} {'forward s':>14} {'backward s':>14} {'optimiser s':>14}")
     for r in runners:
         med = [statistics.median(p[i] for p in r.phases) for i in range(3)]
         cells = [f"{v:.3f} ({v / sum(med):.0%})" for v in med]
         print(f"{r.name:<22} " + " ".join(f"{c:>14}" for c in cells))
-    print("medians over the timed steps (share of their sum); forward includes the batch transfer and the "
-          "loss; optimiser = unscale_ + clip_grad_value_ + AdamW + scheduler.\n")  # fmt: skip
+    print(
+        "medians over the timed steps (share of their sum); forward includes the batch transfer and the "
+        "loss; optimiser = unscale_ + clip_grad_value_ + AdamW + scheduler.\n"
+    )
     for r in runners:
         print(f"  {r.name}: {r.what}")
     for a, b in (
@@ -558,18 +617,25 @@ def report(runners: list[Runner], device: torch.device) -> None:
                 f"gradient checkpointing ({a} vs {b}): samples/s x{paired_ratio(A, B):.3f} (paired)"
             )
             if A.backward_adds is not None and B.backward_adds is not None:
-                line += (f"; memory by the end of backward {m(A.backward_adds)} vs {m(B.backward_adds)} MiB "
-                         f"(x{A.backward_adds / B.backward_adds:.2f}), whole step {m(A.step_adds)} vs "
-                         f"{m(B.step_adds)} MiB")  # fmt: skip
+                line += (
+                    f"; memory by the end of backward {m(A.backward_adds)} vs {m(B.backward_adds)} MiB "
+                    f"(x{A.backward_adds / B.backward_adds:.2f}), whole step {m(A.step_adds)} vs "
+                    f"{m(B.step_adds)} MiB"
+                )
             print(line)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                    help="auto: fp16 (+ GradScaler) on CUDA, fp32 on CPU, as the trainer resolves it")  # fmt: skip
+    ap.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="auto: fp16 (+ GradScaler) on CUDA, fp32 on CPU, as the trainer resolves it",
+    )
     ap.add_argument(
         "--batch-size", type=int, default=2, help="clips per step, every runner (default 2)"
     )
@@ -578,10 +644,17 @@ def main() -> None:
     ap.add_argument(
         "--seconds", type=float, default=6.9, help="clip length in s (default: the corpus mean 6.9)"
     )
-    ap.add_argument("--freeze-feature-encoder", action=argparse.BooleanOptionalAction, default=True,
-                    help="keep the audio backbones' conv front end fixed (the finetune config's default)")  # fmt: skip
-    ap.add_argument("--gradient-checkpointing", action="store_true",
-                    help="also time the paper configuration with gradient checkpointing (offline: always both)")  # fmt: skip
+    ap.add_argument(
+        "--freeze-feature-encoder",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the audio backbones' conv front end fixed (the finetune config's default)",
+    )
+    ap.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="also time the paper configuration with gradient checkpointing (offline: always both)",
+    )
     ap.add_argument("--skip-paper", action="store_true", help="leave out the paper-size runners")
     ap.add_argument("--preset", default="paper", help="fusion model preset (default paper)")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
@@ -606,21 +679,27 @@ def main() -> None:
     transformers.logging.set_verbosity_error()  # the load report of MiniLM's unused pooler
     transformers.logging.disable_progress_bar()
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {where}, {os.cpu_count()} CPUs, "
-          f"torch threads {torch.get_num_threads()}; device {device}, precision {precision}; load average "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")  # fmt: skip
-    print(f"batch {args.batch_size} clips of {args.seconds} s ({round(args.seconds * SAMPLE_RATE)} samples, vision "
-          f"{vision_frames(args.seconds)} frames, ~{round(WORDS_PER_SECOND * args.seconds)} words); preset "
-          f"{args.preset}; feature encoder {'frozen' if args.freeze_feature_encoder else 'trained'}; "
-          f"{args.warmup} warm-up + {args.steps} timed rounds")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, {where}, {os.cpu_count()} CPUs, "
+        f"torch threads {torch.get_num_threads()}; device {device}, precision {precision}; load average "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
+    print(
+        f"batch {args.batch_size} clips of {args.seconds} s ({round(args.seconds * SAMPLE_RATE)} samples, vision "
+        f"{vision_frames(args.seconds)} frames, ~{round(WORDS_PER_SECOND * args.seconds)} words); preset "
+        f"{args.preset}; feature encoder {'frozen' if args.freeze_feature_encoder else 'trained'}; "
+        f"{args.warmup} warm-up + {args.steps} timed rounds"
+    )
     runners = build_runners(args)
     for r in runners:
         r.setup(device, precision)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     run(runners, args)
-    print(f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {process_peak(device)} "
-          f"(all runners' models in one process)")  # fmt: skip
+    print(
+        f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {process_peak(device)} "
+        f"(all runners' models in one process)"
+    )
     measure_memory(runners, device)
     report(runners, device)
 

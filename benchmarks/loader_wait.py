@@ -54,14 +54,20 @@ def parse_setting(s: str) -> tuple[int, int | None]:
     return int(w), (int(p) if p else None)
 
 
-def measure(store: FeatureStore, setting: str, args: argparse.Namespace, model, optimizer, cfg) -> dict:
+def measure(
+    store: FeatureStore, setting: str, args: argparse.Namespace, model, optimizer, cfg
+) -> dict:
     workers, prefetch = parse_setting(setting)
-    ds = ClipDataset(store, store.ids, np.random.default_rng(0).random((len(store), 6), dtype=np.float32))
+    ds = ClipDataset(
+        store, store.ids, np.random.default_rng(0).random((len(store), 6), dtype=np.float32)
+    )
     lengths = dataset_lengths(store, store.ids, ds.max_audio_len, ds.max_vision_len)
     sampler = LengthBucketBatchSampler(lengths, args.batch_size, seed=3407, epoch=1)
     kw = {"prefetch_factor": prefetch} if workers and prefetch else {}
     drop_from_page_cache(data_files(store))
-    loader = DataLoader(ds, batch_sampler=sampler, num_workers=workers, collate_fn=Collator(store.dims), **kw)
+    loader = DataLoader(
+        ds, batch_sampler=sampler, num_workers=workers, collate_fn=Collator(store.dims), **kw
+    )
     device = torch.device("cpu")
     waits, steps, groups = [], [], []
     it = iter(loader)
@@ -97,12 +103,15 @@ def measure(store: FeatureStore, setting: str, args: argparse.Namespace, model, 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--clips", type=int, default=1000)
     ap.add_argument("--workdir", type=Path, help="build (or reuse) the store here and keep it")
     ap.add_argument("--settings", nargs="+", default=["0", "1", "2", "1x4"], help="W or WxPREFETCH")
-    ap.add_argument("--steps", type=int, default=8, help="steps per setting (the first one counted apart)")
+    ap.add_argument(
+        "--steps", type=int, default=8, help="steps per setting (the first one counted apart)"
+    )
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--preset", default="paper")
     ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
@@ -111,31 +120,43 @@ def main() -> None:
     with work_folder(args.workdir, "taemi-loader-wait-") as base:
         root = base / f"paper_store_abaw_{args.clips}"
         if not (root / "manifest.json").exists():
-            check_free_disk(base, expected_bytes(args.clips, 599, 400, mix="abaw"), f"a {args.clips}-clip store")
+            check_free_disk(
+                base, expected_bytes(args.clips, 599, 400, mix="abaw"), f"a {args.clips}-clip store"
+            )
         t0 = time.perf_counter()
         store = build_store(root, args.clips, mix="abaw")
         nbytes = sum(p.stat().st_size for p in data_files(store))
-        print(f"store {root}: {len(store)} clips, {nbytes / 1e9:.2f} GB float16 (built/opened in "
-              f"{time.perf_counter() - t0:.0f} s)")  # fmt: skip
-        print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
-              f"{args.preset} preset, {args.precision}, batch {args.batch_size}, {args.steps} steps per setting; "
-              f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")  # fmt: skip
+        print(
+            f"store {root}: {len(store)} clips, {nbytes / 1e9:.2f} GB float16 (built/opened in "
+            f"{time.perf_counter() - t0:.0f} s)"
+        )
+        print(
+            f"torch {torch.__version__}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
+            f"{args.preset} preset, {args.precision}, batch {args.batch_size}, {args.steps} steps per setting; "
+            f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+        )
         cfg = build_config(args.preset)
         torch.manual_seed(0)
         model = build_model(cfg).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
         results = [measure(store, s, args, model, optimizer, cfg) for s in args.settings]
 
-    print(f"\n{'setting':<8} {'workers':>7} {'prefetch':>8} {'1st wait s':>10} {'wait share':>10} "
-          f"{'incl. 1st':>9} {'median wait ms':>14} {'step s':>7} {'padding':>7}")  # fmt: skip
+    print(
+        f"\n{'setting':<8} {'workers':>7} {'prefetch':>8} {'1st wait s':>10} {'wait share':>10} "
+        f"{'incl. 1st':>9} {'median wait ms':>14} {'step s':>7} {'padding':>7}"
+    )
     for r in results:
-        print(f"{r['setting']:<8} {r['workers']:>7} {r['prefetch'] or '-'!s:>8} {r['first_wait']:>10.2f} "
-              f"{r['wait_share']:>10.1%} {r['wait_share_all']:>9.1%} {r['wait_median_ms']:>14.1f} "
-              f"{r['step_mean']:>7.2f} {r['padding']:>7.1%}")  # fmt: skip
+        print(
+            f"{r['setting']:<8} {r['workers']:>7} {r['prefetch'] or '-'!s:>8} {r['first_wait']:>10.2f} "
+            f"{r['wait_share']:>10.1%} {r['wait_share_all']:>9.1%} {r['wait_median_ms']:>14.1f} "
+            f"{r['step_mean']:>7.2f} {r['padding']:>7.1%}"
+        )
     base_r = results[0]
     for r in results[1:]:
-        print(f"  {r['setting']} vs {base_r['setting']}: step time {r['step_mean'] / base_r['step_mean']:.2f}x, "
-              f"wait share {r['wait_share']:.1%} vs {base_r['wait_share']:.1%}")  # fmt: skip
+        print(
+            f"  {r['setting']} vs {base_r['setting']}: step time {r['step_mean'] / base_r['step_mean']:.2f}x, "
+            f"wait share {r['wait_share']:.1%} vs {base_r['wait_share']:.1%}"
+        )
 
 
 if __name__ == "__main__":

@@ -59,19 +59,51 @@ def make_run(work: Path) -> Path:
     run = work / "run"
     if (run / "best.safetensors").is_file():
         return run
-    cfg = MediaSynthConfig(clips=6, seconds=(1.5, 2.5), size=160, fps=30, missing_video_rate=0.0,
-                           missing_audio_rate=0.0, silent_rate=0.0, valid_fraction=0.34, seed=1)  # fmt: skip
+    cfg = MediaSynthConfig(
+        clips=6,
+        seconds=(1.5, 2.5),
+        size=160,
+        fps=30,
+        missing_video_rate=0.0,
+        missing_audio_rate=0.0,
+        silent_rate=0.0,
+        valid_fraction=0.34,
+        seed=1,
+    )
     corpus = make_media_corpus(work / "train_media", cfg, progress=False)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = taemi_main(["extract", "--input", str(corpus.raw), "--out", str(work / "store"), "--no-progress"])
+        code = taemi_main(
+            ["extract", "--input", str(corpus.raw), "--out", str(work / "store"), "--no-progress"]
+        )
         if code != 0:
             raise SystemExit(f"taemi extract failed ({code}):\n{out.getvalue()}")
-        sets = ["model.hidden=64", "model.sa_ffn=128", "model.head_hidden=64", "train.max_epochs=1",
-                "train.device=cpu", "train.batch_size=4"]  # fmt: skip
-        code = taemi_main(["train", "--store", str(work / "store"), "--train", str(corpus.train_csv), "--valid",
-                           str(corpus.valid_csv), "--out", str(run), "--train-on-all", "--epochs", "1",
-                           "--no-progress", *[a for s in sets for a in ("--set", s)]])  # fmt: skip
+        sets = [
+            "model.hidden=64",
+            "model.sa_ffn=128",
+            "model.head_hidden=64",
+            "train.max_epochs=1",
+            "train.device=cpu",
+            "train.batch_size=4",
+        ]
+        code = taemi_main(
+            [
+                "train",
+                "--store",
+                str(work / "store"),
+                "--train",
+                str(corpus.train_csv),
+                "--valid",
+                str(corpus.valid_csv),
+                "--out",
+                str(run),
+                "--train-on-all",
+                "--epochs",
+                "1",
+                "--no-progress",
+                *[a for s in sets for a in ("--set", s)],
+            ]
+        )
         if code != 0:
             raise SystemExit(f"taemi train failed ({code}):\n{out.getvalue()}")
     return run
@@ -80,8 +112,17 @@ def make_run(work: Path) -> Path:
 def make_videos(work: Path, n: int, seconds: float) -> list[Path]:
     from taemi.synth.media import MediaSynthConfig, make_media_corpus
 
-    cfg = MediaSynthConfig(clips=n, seconds=(seconds, seconds), size=160, fps=30, missing_video_rate=0.0,
-                           missing_audio_rate=0.0, silent_rate=0.0, valid_fraction=0.0, seed=7)  # fmt: skip
+    cfg = MediaSynthConfig(
+        clips=n,
+        seconds=(seconds, seconds),
+        size=160,
+        fps=30,
+        missing_video_rate=0.0,
+        missing_audio_rate=0.0,
+        silent_rate=0.0,
+        valid_fraction=0.0,
+        seed=7,
+    )
     corpus = make_media_corpus(work / "videos", cfg, progress=False)
     return sorted(corpus.raw.glob("*.mp4"))
 
@@ -101,9 +142,12 @@ def face_alone(video: Path, max_frames: int) -> tuple[float, int, int, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    ap.add_argument("--videos", type=int, default=3, help="different videos predicted one after the other")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--videos", type=int, default=3, help="different videos predicted one after the other"
+    )
     ap.add_argument("--seconds", type=float, default=10.0, help="length of each video")
     ap.add_argument("--workdir", type=Path, help="keep the run and media here (reused)")
     ap.add_argument("--no-cli", action="store_true", help="skip the fresh-process CLI timing")
@@ -113,8 +157,10 @@ def main() -> None:
         t0 = time.perf_counter()
         run = make_run(work)
         videos = make_videos(work, args.videos, args.seconds)
-        print(f"setup (media, features, tiny run) {time.perf_counter() - t0:.0f} s; {len(videos)} videos of "
-              f"{args.seconds:g} s, 160x160 at 30 fps; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")  # fmt: skip
+        print(
+            f"setup (media, features, tiny run) {time.perf_counter() - t0:.0f} s; {len(videos)} videos of "
+            f"{args.seconds:g} s, 160x160 at 30 fps; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+        )
         # the models of setup are cached in this process: forget them, so call 1 loads as a fresh process would
         from taemi import predict_media as pm
 
@@ -123,7 +169,9 @@ def main() -> None:
         from taemi.store import FeatureStore
 
         rows = []
-        for k, video in enumerate([*videos, videos[0]]):  # the first video again last: same work, models warm
+        for k, video in enumerate(
+            [*videos, videos[0]]
+        ):  # the first video again last: same work, models warm
             feats = work / f"features_call{k + 1}"
             shutil.rmtree(feats, ignore_errors=True)
             res = pm.predict_media(run, [video], device="cpu", features_dir=feats)
@@ -135,28 +183,52 @@ def main() -> None:
         cli = None
         if not args.no_cli:
             t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "taemi", "predict", "--run", str(run), str(videos[0]),
-                                   "--no-progress"], capture_output=True, text=True, check=False)  # fmt: skip
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "taemi",
+                    "predict",
+                    "--run",
+                    str(run),
+                    str(videos[0]),
+                    "--no-progress",
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             cli = time.perf_counter() - t0
             if proc.returncode != 0:
                 raise SystemExit(f"taemi predict failed ({proc.returncode}):\n{proc.stderr}")
 
-    print("\nper call of predict_media in one process (seconds; stages summed over threads, they overlap)")
-    print(f"{'call':<5} {'video':<10} {'media s':>7} {'crops':>5} " + " ".join(f"{s:>7}" for s in STAGES)
-          + f" {'RTF':>6}")  # fmt: skip
+    print(
+        "\nper call of predict_media in one process (seconds; stages summed over threads, they overlap)"
+    )
+    print(
+        f"{'call':<5} {'video':<10} {'media s':>7} {'crops':>5} "
+        + " ".join(f"{s:>7}" for s in STAGES)
+        + f" {'RTF':>6}"
+    )
     for k, name, media, t, crops in rows:
         vals = " ".join(f"{t.get(s, float('nan')):>7.2f}" for s in STAGES)
         print(f"{k:<5} {name:<10} {media:>7.1f} {crops:>5} {vals} {media / t['total']:>6.2f}")
     first, again = rows[0][3], rows[-1][3]
-    print(f"{rows[0][1]}: first call {first['total']:.2f} s (models loaded in it: {first['load']:.2f} s), the same "
-          f"video again last {again['total']:.2f} s (load {again['load']:.3f} s): first / again "
-          f"{first['total'] / again['total']:.2f}x; vision (DINOv2) per crop "
-          f"{sum(r[3]['vision'] for r in rows) / max(1, sum(r[4] for r in rows)) * 1e3:.0f} ms")  # fmt: skip
-    print(f"face cropping alone (last video, 1 thread): {face_s:.2f} s for {frames} frames "
-          f"({face_s / max(frames, 1) * 1e3:.1f} ms/frame), {crops} crops; video decode alone {dec_s:.2f} s")  # fmt: skip
+    print(
+        f"{rows[0][1]}: first call {first['total']:.2f} s (models loaded in it: {first['load']:.2f} s), the same "
+        f"video again last {again['total']:.2f} s (load {again['load']:.3f} s): first / again "
+        f"{first['total'] / again['total']:.2f}x; vision (DINOv2) per crop "
+        f"{sum(r[3]['vision'] for r in rows) / max(1, sum(r[4] for r in rows)) * 1e3:.0f} ms"
+    )
+    print(
+        f"face cropping alone (last video, 1 thread): {face_s:.2f} s for {frames} frames "
+        f"({face_s / max(frames, 1) * 1e3:.1f} ms/frame), {crops} crops; video decode alone {dec_s:.2f} s"
+    )
     if cli is not None:
-        print(f"CLI, fresh process (`python -m taemi predict --run RUN {videos[0].name}`): {cli:.2f} s wall, "
-              f"real-time factor {args.seconds / cli:.2f}")  # fmt: skip
+        print(
+            f"CLI, fresh process (`python -m taemi predict --run RUN {videos[0].name}`): {cli:.2f} s wall, "
+            f"real-time factor {args.seconds / cli:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -90,9 +90,13 @@ def child(args: argparse.Namespace) -> None:
         max_vision_len=args.max_vision_len,
     )
     if args.sampler == "bucket":
-        lengths = dataset_lengths(store, store.ids, args.max_audio_len, args.max_vision_len)  # (N, 2)
+        lengths = dataset_lengths(
+            store, store.ids, args.max_audio_len, args.max_vision_len
+        )  # (N, 2)
         batches = LengthBucketBatchSampler(lengths, args.batch_size, seed=0)
-        loader = DataLoader(ds, batch_sampler=batches, num_workers=0, collate_fn=Collator(store.dims))
+        loader = DataLoader(
+            ds, batch_sampler=batches, num_workers=0, collate_fn=Collator(store.dims)
+        )
     else:
         loader = DataLoader(
             ds,
@@ -186,7 +190,9 @@ def main() -> None:
         help="longest vision clip (frames); also the trim",
     )
     ap.add_argument("--steps", type=int, default=25, help="training steps per store (same for all)")
-    ap.add_argument("--mix", choices=["abaw", "uniform"], default="abaw", help="clip length mix of the stores")
+    ap.add_argument(
+        "--mix", choices=["abaw", "uniform"], default="abaw", help="clip length mix of the stores"
+    )
     ap.add_argument("--sampler", choices=["bucket", "random"], default="bucket", help="batch order")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=64, help="model.hidden of the official preset")

@@ -109,7 +109,11 @@ def forward_flops(cfg: ModelConfig, t_a: int, t_v: int, num_outputs: int) -> dic
     - head: 2*(Dq + n_kv*H)*Hh + 2*Hh*E
     """
     dims = {"audio": cfg.audio_dim, "vision": cfg.vision_dim, "text": cfg.text_dim}
-    lengths = {"audio": max(t_a, 1), "vision": max(t_v, 1), "text": 1}  # missing: the token, one step
+    lengths = {
+        "audio": max(t_a, 1),
+        "vision": max(t_v, 1),
+        "text": 1,
+    }  # missing: the token, one step
     H, F_, Dq = cfg.hidden, cfg.sa_ffn, dims[cfg.anchor]
     encode = cfg.fusion != "cross_attention" or cfg.align
     with_sa = cfg.fusion in ("cross_attention", "self_attention")
@@ -141,7 +145,9 @@ def frozen_input_terms(cfg: ModelConfig) -> tuple[str, ...]:
     return (".proj",) if encode else (".ca.kv", ".ca.k", ".ca.pool")
 
 
-def executed_forward_flops(cfg: ModelConfig, t_a: int, t_v: int, num_outputs: int) -> dict[str, int]:
+def executed_forward_flops(
+    cfg: ModelConfig, t_a: int, t_v: int, num_outputs: int
+) -> dict[str, int]:
     """Forward FLOPs of ONE sample as the package's model computes them.
 
     As :func:`forward_flops`, except the cross-attention: its values are pooled with the
@@ -168,14 +174,20 @@ def executed_forward_flops(cfg: ModelConfig, t_a: int, t_v: int, num_outputs: in
     return out
 
 
-def train_flops(cfg: ModelConfig, t_a: int, t_v: int, num_outputs: int, *, executed: bool = False) -> int:
+def train_flops(
+    cfg: ModelConfig, t_a: int, t_v: int, num_outputs: int, *, executed: bool = False
+) -> int:
     """Useful training FLOPs of one clip: 3 x forward, less the input gradients never computed.
 
     ``executed=False``: the issue's count (the model as released); ``True``: what the
     package's model executes (:func:`executed_forward_flops`).
     """
     fwd = (executed_forward_flops if executed else forward_flops)(cfg, t_a, t_v, num_outputs)
-    frozen = sum(v for k, v in fwd.items() if k.endswith(frozen_input_terms(cfg)) and not k.startswith("text"))
+    frozen = sum(
+        v
+        for k, v in fwd.items()
+        if k.endswith(frozen_input_terms(cfg)) and not k.startswith("text")
+    )
     return 3 * sum(fwd.values()) - frozen
 
 
@@ -238,19 +250,40 @@ class PlainTAEMI(nn.Module):
         if cfg.align:
             for m in kv:
                 self.add_module(f"proj_{m}", nn.Linear(kv[m], H))
-                self.add_module(f"sa_{m}", nn.TransformerEncoderLayer(
-                    H, cfg.heads, cfg.sa_ffn, cfg.sa_dropout, activation="gelu", batch_first=True))  # fmt: skip
+                self.add_module(
+                    f"sa_{m}",
+                    nn.TransformerEncoderLayer(
+                        H,
+                        cfg.heads,
+                        cfg.sa_ffn,
+                        cfg.sa_dropout,
+                        activation="gelu",
+                        batch_first=True,
+                    ),
+                )
             kv = {m: H for m in kv}
-        self.ca_audio = PlainCrossAttention(cfg.text_dim, kv["audio"], H, cfg.heads, cfg.attn_dropout)
-        self.ca_vision = PlainCrossAttention(cfg.text_dim, kv["vision"], H, cfg.heads, cfg.attn_dropout)
-        self.head = nn.Sequential(nn.Linear(cfg.text_dim + 2 * H, cfg.head_hidden), nn.GELU(),
-                                  nn.Dropout(cfg.head_dropout), nn.Linear(cfg.head_hidden, num_outputs))  # fmt: skip
+        self.ca_audio = PlainCrossAttention(
+            cfg.text_dim, kv["audio"], H, cfg.heads, cfg.attn_dropout
+        )
+        self.ca_vision = PlainCrossAttention(
+            cfg.text_dim, kv["vision"], H, cfg.heads, cfg.attn_dropout
+        )
+        self.head = nn.Sequential(
+            nn.Linear(cfg.text_dim + 2 * H, cfg.head_hidden),
+            nn.GELU(),
+            nn.Dropout(cfg.head_dropout),
+            nn.Linear(cfg.head_hidden, num_outputs),
+        )
 
     def forward(self, b: Batch) -> Tensor:
         missing = b.missing
         if self.training:
-            missing = missing | (torch.rand(missing.shape, device=missing.device) < self.cfg.modality_dropout)
-        a = torch.where(missing[:, 0, None, None], self.tok_a, b.audio)  # (B, T_a, 1027), needs grad
+            missing = missing | (
+                torch.rand(missing.shape, device=missing.device) < self.cfg.modality_dropout
+            )
+        a = torch.where(
+            missing[:, 0, None, None], self.tok_a, b.audio
+        )  # (B, T_a, 1027), needs grad
         v = torch.where(missing[:, 1, None, None], self.tok_v, b.vision)
         t = torch.where(missing[:, 2, None], self.tok_t, b.text)
         ma, mv = b.audio_mask | missing[:, :1], b.vision_mask | missing[:, 1:2]
@@ -271,8 +304,13 @@ class ReleaseCrossAttention(CrossAttention):
         q = self.ln_q(self.q_proj(query)).view(B, h, 1, -1)
         k = self.ln_kv(kv.project(self.k_proj)).view(B, T, h, -1).transpose(1, 2)
         v = kv.project(self.v_proj).view(B, T, h, -1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=kv.mask.view(B, 1, 1, T),
-                                             dropout_p=self.attn_dropout if self.training else 0.0)  # fmt: skip
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=kv.mask.view(B, 1, 1, T),
+            dropout_p=self.attn_dropout if self.training else 0.0,
+        )
         return self.out_proj(out.reshape(B, -1))
 
 
@@ -322,7 +360,9 @@ def sdpa_backends(cfg: ModelConfig, batch: int, t: int, device: torch.device = C
         mask = torch.ones(batch, 1, 1, t, dtype=torch.bool, device=device)
         names = []
         for label, p in (("train", cfg.attn_dropout), ("eval", 0.0)):
-            names.append(f"{label} (dropout {p}): {SDPBackend(torch._fused_sdp_choice(q, q, q, mask, p, False)).name}")
+            names.append(
+                f"{label} (dropout {p}): {SDPBackend(torch._fused_sdp_choice(q, q, q, mask, p, False)).name}"
+            )
         return "; ".join(names)
     except (ImportError, AttributeError, RuntimeError, TypeError, ValueError) as exc:  # private API
         return f"unknown ({type(exc).__name__}: {exc})"
@@ -348,7 +388,9 @@ def make_batch(lengths: np.ndarray, cfg: RunConfig, seed: int, device: torch.dev
     ).to(device)
 
 
-def quantile_pick(batches: list[np.ndarray], key: Callable[[np.ndarray], float], k: int) -> list[np.ndarray]:
+def quantile_pick(
+    batches: list[np.ndarray], key: Callable[[np.ndarray], float], k: int
+) -> list[np.ndarray]:
     """``k`` batches at evenly spaced quantiles of ``key`` (a representative sample)."""
     order = sorted(range(len(batches)), key=lambda i: key(batches[i]))
     return [batches[order[int((j + 0.5) * len(order) / k)]] for j in range(k)]
@@ -381,25 +423,41 @@ class Runner:
 
     @property
     def util_adjacent(self) -> float:
-        return statistics.median(f / s / r for f, s, r in zip(self.done_flops, self.step_s, self.matmul))
+        return statistics.median(
+            f / s / r for f, s, r in zip(self.done_flops, self.step_s, self.matmul)
+        )
 
     @property
     def exec_util_adjacent(self) -> float:
-        return statistics.median(f / s / r for f, s, r in zip(self.done_exec, self.step_s, self.matmul))
+        return statistics.median(
+            f / s / r for f, s, r in zip(self.done_exec, self.step_s, self.matmul)
+        )
 
     @property
     def samples_s(self) -> float:
         return sum(self.samples) / sum(self.step_s)
 
 
-def make_step(model: nn.Module, fwd: Callable[[Batch], Tensor], cfg: RunConfig, precision: str,
-              *, fused_adamw: bool = False, threads: int | None = None,
-              device: torch.device = CPU) -> Callable[[Batch], None]:  # fmt: skip
+def make_step(
+    model: nn.Module,
+    fwd: Callable[[Batch], Tensor],
+    cfg: RunConfig,
+    precision: str,
+    *,
+    fused_adamw: bool = False,
+    threads: int | None = None,
+    device: torch.device = CPU,
+) -> Callable[[Batch], None]:
     """The trainer's step; fp16 (CUDA) with its ``GradScaler``, as the trainer does."""
     tc = cfg.train
     model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas,
-                                  fused=True if fused_adamw else None)  # fmt: skip
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=tc.lr,
+        weight_decay=tc.weight_decay,
+        betas=tc.betas,
+        fused=True if fused_adamw else None,
+    )
     scheduler = make_scheduler(optimizer, 10, 1000)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
@@ -426,46 +484,88 @@ def make_step(model: nn.Module, fwd: Callable[[Batch], Tensor], cfg: RunConfig, 
 
 
 RELEASE_FORM_RUNNERS = ("plain", "before", "sdpa_ca")  # execute the issue's count (plain: more)
-RUNNERS = ("plain", "before", "eager", "bf16", "fp16", "compiled", "compiled_bf16", "compiled_fp16", "sdpa_ca",
-           "unfused_adamw", "threads1")  # fmt: skip
+RUNNERS = (
+    "plain",
+    "before",
+    "eager",
+    "bf16",
+    "fp16",
+    "compiled",
+    "compiled_bf16",
+    "compiled_fp16",
+    "sdpa_ca",
+    "unfused_adamw",
+    "threads1",
+)
 
 
-def build_runner(name: str, cfg: RunConfig, sets: dict[str, tuple[list[Batch], list[int], float]],
-                 device: torch.device = CPU) -> Runner:  # fmt: skip
+def build_runner(
+    name: str,
+    cfg: RunConfig,
+    sets: dict[str, tuple[list[Batch], list[int], float]],
+    device: torch.device = CPU,
+) -> Runner:
     """One runner. The package's runners step as the trainer does (fused AdamW); ``plain``
     and ``before`` as the code before issue 7 did (AdamW's per-parameter loop)."""
     torch.manual_seed(0)
     E = len(cfg.data.emotions)
     random_set, bucket_set = sets["random"], sets["bucketed"]
 
-    def step(model: nn.Module, precision: str = "fp32", fwd: Callable[[Batch], Tensor] | None = None,
-             **kw) -> Callable[[Batch], None]:  # fmt: skip
+    def step(
+        model: nn.Module,
+        precision: str = "fp32",
+        fwd: Callable[[Batch], Tensor] | None = None,
+        **kw,
+    ) -> Callable[[Batch], None]:
         kw.setdefault("fused_adamw", True)
         return make_step(model, fwd or model, cfg, precision, device=device, **kw)
 
     if name == "plain":
         model = PlainTAEMI(cfg.model, E).train()
-        return Runner(name, "plain padded reference, random batches, fp32", step(model, fused_adamw=False),
-                      *random_set)  # fmt: skip
+        return Runner(
+            name,
+            "plain padded reference, random batches, fp32",
+            step(model, fused_adamw=False),
+            *random_set,
+        )
     model = build_model(cfg).train()
     if name == "before":
         release_cross_attention(model)
-        return Runner(name, "project before this issue: random batches, release-form cross-attention, fp32",
-                      step(model, fused_adamw=False), *random_set)  # fmt: skip
+        return Runner(
+            name,
+            "project before this issue: random batches, release-form cross-attention, fp32",
+            step(model, fused_adamw=False),
+            *random_set,
+        )
     if name == "sdpa_ca":
         release_cross_attention(model)
-        return Runner(name, "bucketed, fp32, release-form cross-attention (K, V over the sequence, SDPA)",
-                      step(model), *bucket_set)  # fmt: skip
+        return Runner(
+            name,
+            "bucketed, fp32, release-form cross-attention (K, V over the sequence, SDPA)",
+            step(model),
+            *bucket_set,
+        )
     if name.startswith("compiled"):
         prec = name.split("_")[1] if "_" in name else "fp32"
         fwd = torch.compile(model.to(device), dynamic=True)
-        return Runner(name, f"bucketed, torch.compile(dynamic=True), {prec}", step(model, prec, fwd), *bucket_set)
+        return Runner(
+            name,
+            f"bucketed, torch.compile(dynamic=True), {prec}",
+            step(model, prec, fwd),
+            *bucket_set,
+        )
     if name in ("bf16", "fp16"):
-        what = "bf16 autocast" if name == "bf16" else "fp16 autocast + GradScaler (the CUDA default)"
+        what = (
+            "bf16 autocast" if name == "bf16" else "fp16 autocast + GradScaler (the CUDA default)"
+        )
         return Runner(name, f"bucketed, {what}", step(model, name), *bucket_set)
     if name == "unfused_adamw":
-        return Runner(name, "bucketed, fp32, AdamW's per-parameter loop (fused=None)",
-                      step(model, fused_adamw=False), *bucket_set)  # fmt: skip
+        return Runner(
+            name,
+            "bucketed, fp32, AdamW's per-parameter loop (fused=None)",
+            step(model, fused_adamw=False),
+            *bucket_set,
+        )
     if name == "threads1":
         return Runner(name, "bucketed, fp32, 1 thread", step(model, threads=1), *bucket_set)
     if name == "eager":
@@ -480,35 +580,50 @@ def loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def run_preset(name: str, args: argparse.Namespace, lengths: np.ndarray, probe: MatmulProbe) -> list[Runner]:
+def run_preset(
+    name: str, args: argparse.Namespace, lengths: np.ndarray, probe: MatmulProbe
+) -> list[Runner]:
     cfg = build_config(name)
     device = probe.device
     E = len(cfg.data.emotions)
     per_clip = np.array([train_flops(cfg.model, int(a), int(v), E) for a, v in lengths])  # (N,)
-    per_clip_exec = np.array([train_flops(cfg.model, int(a), int(v), E, executed=True) for a, v in lengths])
+    per_clip_exec = np.array(
+        [train_flops(cfg.model, int(a), int(v), E, executed=True) for a, v in lengths]
+    )
     epoch_flops = int(per_clip.sum())
-    print(f"\n[{name}] useful training FLOPs (the issue's count): {per_clip.mean() / 1e9:.2f} GFLOP/clip on average, "
-          f"{epoch_flops / 1e12:.1f} TFLOP per epoch of {len(lengths)} clips; executed by the package's model: "
-          f"{per_clip_exec.mean() / 1e9:.2f} GFLOP/clip ({per_clip_exec.sum() / epoch_flops:.2f}x)")  # fmt: skip
+    print(
+        f"\n[{name}] useful training FLOPs (the issue's count): {per_clip.mean() / 1e9:.2f} GFLOP/clip on average, "
+        f"{epoch_flops / 1e12:.1f} TFLOP per epoch of {len(lengths)} clips; executed by the package's model: "
+        f"{per_clip_exec.mean() / 1e9:.2f} GFLOP/clip ({per_clip_exec.sum() / epoch_flops:.2f}x)"
+    )
     ta, tv = int(np.median(lengths[:, 0])), int(np.median(lengths[:, 1]))
     fwd_terms = forward_flops(cfg.model, ta, tv, E)
     top = sorted(fwd_terms.items(), key=lambda kv: -kv[1])[:4]
-    print(f"  forward at the median lengths ({ta}, {tv}): {sum(fwd_terms.values()) / 1e9:.2f} GFLOP; largest: "
-          + ", ".join(f"{k} {v / 1e9:.2f}G" for k, v in top))  # fmt: skip
+    print(
+        f"  forward at the median lengths ({ta}, {tv}): {sum(fwd_terms.values()) / 1e9:.2f} GFLOP; largest: "
+        + ", ".join(f"{k} {v / 1e9:.2f}G" for k, v in top)
+    )
     if not args.no_flop_check:
         one = make_batch(np.array([[ta, tv]]), cfg, seed=1)
-        for label, executed in (("as released (the issue's count)", False), ("as the package computes it", True)):
+        for label, executed in (
+            ("as released (the issue's count)", False),
+            ("as the package computes it", True),
+        ):
             model = build_model(cfg)
             model.cfg.modality_dropout = 0.0
             if not executed:
                 release_cross_attention(model)
             fwd = (executed_forward_flops if executed else forward_flops)(cfg.model, ta, tv, E)
             cf, cfb = counted_flops(model, one)
-            print(f"  FlopCounterMode on one unpadded clip ({ta}, {tv}), model {label}: forward {cf / 1e9:.3f} G "
-                  f"(analytic {sum(fwd.values()) / cf:.3f}x), forward+backward {cfb / 1e9:.3f} G (analytic useful "
-                  f"{train_flops(cfg.model, ta, tv, E, executed=executed) / cfb:.3f}x)")  # fmt: skip
-    print(f"  SDPA backend for the audio self-attention at T={ta}: "
-          f"{sdpa_backends(cfg.model, args.batch_size, ta, device)}")
+            print(
+                f"  FlopCounterMode on one unpadded clip ({ta}, {tv}), model {label}: forward {cf / 1e9:.3f} G "
+                f"(analytic {sum(fwd.values()) / cf:.3f}x), forward+backward {cfb / 1e9:.3f} G (analytic useful "
+                f"{train_flops(cfg.model, ta, tv, E, executed=executed) / cfb:.3f}x)"
+            )
+    print(
+        f"  SDPA backend for the audio self-attention at T={ta}: "
+        f"{sdpa_backends(cfg.model, args.batch_size, ta, device)}"
+    )
 
     B = args.batch_size
     rng = np.random.default_rng(args.seed)
@@ -522,10 +637,16 @@ def run_preset(name: str, args: argparse.Namespace, lengths: np.ndarray, probe: 
         picked = quantile_pick(pool, lambda b: per_clip[b].sum(), k)
         all_pad = padding_fraction(pool, lengths)
         batches = [make_batch(lengths[b], cfg, seed=j, device=device) for j, b in enumerate(picked)]
-        sets[label] = (batches, [int(per_clip[b].sum()) for b in picked], padding_fraction(picked, lengths))
+        sets[label] = (
+            batches,
+            [int(per_clip[b].sum()) for b in picked],
+            padding_fraction(picked, lengths),
+        )
         exec_flops[label] = [int(per_clip_exec[b].sum()) for b in picked]
-        print(f"  {label} batches: padding {all_pad:.1%} over the epoch's {len(pool)} batches, "
-              f"{sets[label][2]:.1%} in the {k} timed ones")  # fmt: skip
+        print(
+            f"  {label} batches: padding {all_pad:.1%} over the epoch's {len(pool)} batches, "
+            f"{sets[label][2]:.1%} in the {k} timed ones"
+        )
 
     runners = []
     for r in args.runners:
@@ -538,7 +659,9 @@ def run_preset(name: str, args: argparse.Namespace, lengths: np.ndarray, probe: 
         if r not in RELEASE_FORM_RUNNERS:
             runner.exec_flops = exec_flops["bucketed"]
         t0 = time.perf_counter()
-        for i in range(max(args.warmup, 2 if r.startswith("compiled") else 1)):  # compiled: 2 shapes, dynamic
+        for i in range(
+            max(args.warmup, 2 if r.startswith("compiled") else 1)
+        ):  # compiled: 2 shapes, dynamic
             runner.step(runner.batches[i % len(runner.batches)])
         runner.warmup_s = time.perf_counter() - t0
         print(f"  {r}: warm-up {runner.warmup_s:.1f} s ({runner.what})", flush=True)
@@ -555,8 +678,11 @@ def run_preset(name: str, args: argparse.Namespace, lengths: np.ndarray, probe: 
             runner.done_flops.append(runner.flops[j])
             runner.done_exec.append((runner.exec_flops or runner.flops)[j])
             runner.samples.append(len(runner.batches[j]))
-        print(f"  round {rnd + 1}/{k}: " + ", ".join(f"{r.name} {r.step_s[-1]:.2f}s@{r.matmul[-1] / 1e9:.0f}" for r in runners),
-              flush=True)  # fmt: skip
+        print(
+            f"  round {rnd + 1}/{k}: "
+            + ", ".join(f"{r.name} {r.step_s[-1]:.2f}s@{r.matmul[-1] / 1e9:.0f}" for r in runners),
+            flush=True,
+        )
     for r in runners:
         r.epoch_s = epoch_flops / r.rate  # type: ignore[attr-defined]
         r.epoch_flops = epoch_flops  # type: ignore[attr-defined]
@@ -564,41 +690,71 @@ def run_preset(name: str, args: argparse.Namespace, lengths: np.ndarray, probe: 
 
 
 def report(name: str, runners: list[Runner], best: float) -> None:
-    print(f"\n[{name}] summary; util adj = median over steps of useful FLOP/s (the issue's count) / fp32 matmul "
-          f"rate just before the step; exec util = the same with the FLOPs the step executes; util best = useful FLOP/s / best fp32 matmul rate of the run ({best / 1e9:.0f} GFLOP/s)")  # fmt: skip
-    head = (f"{'runner':<14} {'padding':>7} {'steps':>5} {'s/step':>7} {'samples/s':>9} {'GFLOP/s':>8} "
-            f"{'util adj':>8} {'exec util':>9} {'util best':>9} {'epoch min':>9} {'at best':>7} {'CPU share':>9}")  # fmt: skip
+    print(
+        f"\n[{name}] summary; util adj = median over steps of useful FLOP/s (the issue's count) / fp32 matmul "
+        f"rate just before the step; exec util = the same with the FLOPs the step executes; util best = useful FLOP/s / best fp32 matmul rate of the run ({best / 1e9:.0f} GFLOP/s)"
+    )
+    head = (
+        f"{'runner':<14} {'padding':>7} {'steps':>5} {'s/step':>7} {'samples/s':>9} {'GFLOP/s':>8} "
+        f"{'util adj':>8} {'exec util':>9} {'util best':>9} {'epoch min':>9} {'at best':>7} {'CPU share':>9}"
+    )
     print(head)
     for r in runners:
-        print(f"{r.name:<14} {r.padding:>7.1%} {len(r.step_s):>5} {statistics.median(r.step_s):>7.2f} "
-              f"{r.samples_s:>9.2f} {r.rate / 1e9:>8.1f} {r.util_adjacent:>8.1%} {r.exec_util_adjacent:>9.1%} "
-              f"{r.rate / best:>9.1%} "
-              f"{r.epoch_s / 60:>9.1f} {r.epoch_flops / (r.util_adjacent * best) / 60:>7.1f} "
-              f"{sum(r.cpu_s) / sum(r.step_s) / torch.get_num_threads():>9.2f}")  # fmt: skip
+        print(
+            f"{r.name:<14} {r.padding:>7.1%} {len(r.step_s):>5} {statistics.median(r.step_s):>7.2f} "
+            f"{r.samples_s:>9.2f} {r.rate / 1e9:>8.1f} {r.util_adjacent:>8.1%} {r.exec_util_adjacent:>9.1%} "
+            f"{r.rate / best:>9.1%} "
+            f"{r.epoch_s / 60:>9.1f} {r.epoch_flops / (r.util_adjacent * best) / 60:>7.1f} "
+            f"{sum(r.cpu_s) / sum(r.step_s) / torch.get_num_threads():>9.2f}"
+        )
     by = {r.name: r for r in runners}
     for ref in ("plain", "before"):
         if ref in by:
-            print(f"  epoch time vs {ref}: " + ", ".join(f"{r.name} {r.epoch_s / by[ref].epoch_s:.2f}x"
-                                                         for r in runners if r.name != ref))  # fmt: skip
-    for a, b in (("bf16", "eager"), ("compiled", "eager"), ("compiled_bf16", "bf16"), ("eager", "sdpa_ca"),
-                 ("fp16", "eager"), ("eager", "unfused_adamw"), ("threads1", "eager")):  # fmt: skip
+            print(
+                f"  epoch time vs {ref}: "
+                + ", ".join(
+                    f"{r.name} {r.epoch_s / by[ref].epoch_s:.2f}x" for r in runners if r.name != ref
+                )
+            )
+    for a, b in (
+        ("bf16", "eager"),
+        ("compiled", "eager"),
+        ("compiled_bf16", "bf16"),
+        ("eager", "sdpa_ca"),
+        ("fp16", "eager"),
+        ("eager", "unfused_adamw"),
+        ("threads1", "eager"),
+    ):
         if a in by and b in by:
-            print(f"  {a} vs {b}: useful FLOP/s {by[a].rate / by[b].rate:.2f}x (util adj "
-                  f"{by[a].util_adjacent / by[b].util_adjacent:.2f}x)")  # fmt: skip
+            print(
+                f"  {a} vs {b}: useful FLOP/s {by[a].rate / by[b].rate:.2f}x (util adj "
+                f"{by[a].util_adjacent / by[b].util_adjacent:.2f}x)"
+            )
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--presets", nargs="+", default=["paper", "official"])
-    ap.add_argument("--runners", nargs="+",
-                    default=["plain", "before", "sdpa_ca", "eager", "bf16", "compiled", "compiled_bf16"],
-                    choices=RUNNERS, help="compiled* only run with --compile")  # fmt: skip
+    ap.add_argument(
+        "--runners",
+        nargs="+",
+        default=["plain", "before", "sdpa_ca", "eager", "bf16", "compiled", "compiled_bf16"],
+        choices=RUNNERS,
+        help="compiled* only run with --compile",
+    )
     ap.add_argument("--compile", action="store_true", help="also time torch.compile runners")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--rounds", "--steps", type=int, default=6, help="timed steps per runner (one per round)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per runner first (GPU: a few)")
-    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (the matmul probe runs there too)")
+    ap.add_argument(
+        "--rounds", "--steps", type=int, default=6, help="timed steps per runner (one per round)"
+    )
+    ap.add_argument(
+        "--warmup", type=int, default=1, help="untimed steps per runner first (GPU: a few)"
+    )
+    ap.add_argument(
+        "--device", default="cpu", help="cpu | cuda | cuda:N (the matmul probe runs there too)"
+    )
     ap.add_argument("--clips", type=int, default=EPOCH_CLIPS, help="clips in the synthetic epoch")
     ap.add_argument("--seed", type=int, default=3407)
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
@@ -607,33 +763,44 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    print(f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, torch threads "
-          f"{torch.get_num_threads()}, CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 "
-          f"{cpu_has_bf16()}; load average at start {loadavg()}")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, torch threads "
+        f"{torch.get_num_threads()}, CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 "
+        f"{cpu_has_bf16()}; load average at start {loadavg()}"
+    )
     lengths = abaw_like_lengths(args.clips, seed=args.seed)
     a, v = lengths[:, 0][lengths[:, 0] > 0], lengths[:, 1][lengths[:, 1] > 0]
-    print(f"length mix ({args.clips} clips): audio mean {a.mean() / 50:.2f} s, p95 {np.percentile(a, 95) / 50:.2f} s "
-          f"({(a == 599).mean():.1%} at the 599 cap), vision mean {v.mean():.0f}, p95 {np.percentile(v, 95):.0f} "
-          f"frames; missing audio {(lengths[:, 0] == 0).mean():.1%}, vision {(lengths[:, 1] == 0).mean():.1%}")  # fmt: skip
+    print(
+        f"length mix ({args.clips} clips): audio mean {a.mean() / 50:.2f} s, p95 {np.percentile(a, 95) / 50:.2f} s "
+        f"({(a == 599).mean():.1%} at the 599 cap), vision mean {v.mean():.0f}, p95 {np.percentile(v, 95):.0f} "
+        f"frames; missing audio {(lengths[:, 0] == 0).mean():.1%}, vision {(lengths[:, 1] == 0).mean():.1%}"
+    )
     device = torch.device(args.device)
     n = 2048 if device.type == "cpu" else 8192  # a GPU needs a bigger product to reach its rate
     if device.type == "cuda":
-        print(f"device: {torch.cuda.get_device_name(device)}; TF32 matmul "
-              f"{torch.backends.cuda.matmul.allow_tf32} (fp32 rows are true fp32 unless enabled)")  # fmt: skip
+        print(
+            f"device: {torch.cuda.get_device_name(device)}; TF32 matmul "
+            f"{torch.backends.cuda.matmul.allow_tf32} (fp32 rows are true fp32 unless enabled)"
+        )
     probe = MatmulProbe(torch.float32, n, device)
     start = probe(repeats=10, warmup=3)
     rates = {"fp32": start, "bf16": MatmulProbe(torch.bfloat16, n, device)(repeats=10, warmup=3)}
     if device.type == "cuda":
         rates["fp16"] = MatmulProbe(torch.float16, n, device)(repeats=10, warmup=3)
-    print(f"matmul {n}^3: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rates.items())
-          + " (best of 10); utilisation below is against the fp32 rate, as the issue states it")  # fmt: skip
+    print(
+        f"matmul {n}^3: "
+        + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rates.items())
+        + " (best of 10); utilisation below is against the fp32 rate, as the issue states it"
+    )
     results = {}
     for name in args.presets:
         results[name] = run_preset(name, args, lengths, probe)
     end = probe(repeats=10)
     best = max([start, end] + [x for rs in results.values() for r in rs for x in r.matmul])
-    print(f"\nfp32 matmul at the end {end / 1e9:.0f} GFLOP/s; best in the run {best / 1e9:.0f} GFLOP/s; "
-          f"load average at end {loadavg()}")  # fmt: skip
+    print(
+        f"\nfp32 matmul at the end {end / 1e9:.0f} GFLOP/s; best in the run {best / 1e9:.0f} GFLOP/s; "
+        f"load average at end {loadavg()}"
+    )
     for name, runners in results.items():
         report(name, runners, best)
 

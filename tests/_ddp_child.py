@@ -31,8 +31,16 @@ def main(argv: list[str]) -> int:
             raise KeyboardInterrupt
 
     try:
-        train(cfg, store, read_labels(train_csv), read_labels(valid_csv), out, resume=resume, progress=False,
-              callbacks=[interrupt])  # fmt: skip
+        train(
+            cfg,
+            store,
+            read_labels(train_csv),
+            read_labels(valid_csv),
+            out,
+            resume=resume,
+            progress=False,
+            callbacks=[interrupt],
+        )
     except KeyboardInterrupt:
         return 130
     finally:

@@ -70,15 +70,20 @@ def make_bert_dir(folder: Path, seed: int = 2) -> Path:
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
     config = BertConfig(
-        vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=128,
-    )  # fmt: skip
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=128,
+    )
     BertModel(config).save_pretrained(folder)  # with a pooler: the backbone drops it
     return folder
 
 
-def make_finetune_store(root: Path, n: int = 40, *, vision_dim: int = 6, seed: int = 0,
-                        max_seconds: float = 2.0) -> tuple[Path, Path, Path]:  # fmt: skip
+def make_finetune_store(
+    root: Path, n: int = 40, *, vision_dim: int = 6, seed: int = 0, max_seconds: float = 2.0
+) -> tuple[Path, Path, Path]:
     """A store of ``n`` clips with waveforms and transcripts, and train/valid label CSVs.
 
     Targets: emotion 0 follows the loudness of the clip's tone, emotion 1 the share of
@@ -89,17 +94,23 @@ def make_finetune_store(root: Path, n: int = 40, *, vision_dim: int = 6, seed: i
     rng = np.random.default_rng(seed)
     store = root / "store"
     targets = rng.uniform(0.05, 0.95, size=(n, len(EMI_EMOTIONS))).astype(np.float32)
-    with StoreWriter(store, dims={"audio": 4, "vision": vision_dim, "text": 4}, dtype="float16") as w:
+    with StoreWriter(
+        store, dims={"audio": 4, "vision": vision_dim, "text": 4}, dtype="float16"
+    ) as w:
         for i in range(n):
             cid = f"{i:05d}"
-            vision = rng.standard_normal((int(rng.integers(3, 9)), vision_dim)).astype(np.float32) * 0.3
+            vision = (
+                rng.standard_normal((int(rng.integers(3, 9)), vision_dim)).astype(np.float32) * 0.3
+            )
             vision += targets[i, 2] * 2 - 1
-            w.add(ClipFeatures(
-                clip_id=cid,
-                audio=None if i == 3 else rng.standard_normal((5, 4)).astype(np.float32),
-                vision=None if i == 7 else vision,
-                text=None if i == 5 else rng.standard_normal(4).astype(np.float32),
-            ))  # fmt: skip
+            w.add(
+                ClipFeatures(
+                    clip_id=cid,
+                    audio=None if i == 3 else rng.standard_normal((5, 4)).astype(np.float32),
+                    vision=None if i == 7 else vision,
+                    text=None if i == 5 else rng.standard_normal(4).astype(np.float32),
+                )
+            )
     cache = WaveformCache(store, create=True, max_seconds=max_seconds)
     (store / "transcripts").mkdir(exist_ok=True)
     for i in range(n):
@@ -107,11 +118,15 @@ def make_finetune_store(root: Path, n: int = 40, *, vision_dim: int = 6, seed: i
         if i != 3:
             seconds = float(rng.uniform(0.3, max_seconds))
             t = np.arange(int(seconds * SR)) / SR
-            tone = np.sin(2 * np.pi * float(rng.uniform(120, 400)) * t) * (0.05 + 0.8 * targets[i, 0])
+            tone = np.sin(2 * np.pi * float(rng.uniform(120, 400)) * t) * (
+                0.05 + 0.8 * targets[i, 0]
+            )
             cache.put(cid, (tone + rng.standard_normal(t.size) * 0.01).astype(np.float32))
         k = int(rng.integers(3, 8))
         words = ["happy" if rng.uniform() < targets[i, 1] else "sad" for _ in range(k)]
-        (store / "transcripts" / f"{cid}.txt").write_text("" if i == 5 else " ".join(words), encoding="utf-8")
+        (store / "transcripts" / f"{cid}.txt").write_text(
+            "" if i == 5 else " ".join(words), encoding="utf-8"
+        )
     split = n - n // 4
     paths = []
     for name, rows in (("train.csv", range(split)), ("valid.csv", range(split, n))):

@@ -34,7 +34,9 @@ def write_media(
         vstream.height, vstream.width = frames[0].shape[:2]
         vstream.pix_fmt = "yuv420p"
     if samples is not None:
-        astream = container.add_stream("aac" if name.endswith(".mp4") else "pcm_s16le", rate=rate, layout="mono")
+        astream = container.add_stream(
+            "aac" if name.endswith(".mp4") else "pcm_s16le", rate=rate, layout="mono"
+        )
     if vstream is not None:
         for i, image in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(image, format="rgb24")
@@ -51,7 +53,9 @@ def write_media(
             total, block_of = len(samples), lambda a, b: samples[a:b]
         block = 10 * rate
         for start in range(0, total, block):
-            signal = np.ascontiguousarray(np.asarray(block_of(start, min(total, start + block)), np.float32)[None])
+            signal = np.ascontiguousarray(
+                np.asarray(block_of(start, min(total, start + block)), np.float32)[None]
+            )
             frame = av.AudioFrame.from_ndarray(signal, format="fltp", layout="mono")  # (1, n)
             frame.rate, frame.pts = rate, start
             for packet in astream.encode(frame):

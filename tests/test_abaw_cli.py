@@ -14,8 +14,20 @@ from test_extract import fake_encoders, write_clip
 
 from taemi.store import FeatureStore
 
-TINY = ["--set", "model.hidden=16", "--set", "model.heads=2", "--set", "model.sa_ffn=32",
-        "--set", "model.head_hidden=16", "--set", "train.max_epochs=2", "--set", "train.batch_size=4"]  # fmt: skip
+TINY = [
+    "--set",
+    "model.hidden=16",
+    "--set",
+    "model.heads=2",
+    "--set",
+    "model.sa_ffn=32",
+    "--set",
+    "model.head_hidden=16",
+    "--set",
+    "train.max_epochs=2",
+    "--set",
+    "train.batch_size=4",
+]
 
 
 def _frames(n: int, seed: int) -> list[np.ndarray]:
@@ -32,7 +44,9 @@ def abaw(tmp_path: Path) -> Path:
     for i, cid in enumerate(ids):
         write_clip(root / "raw" / f"{cid}.mp4", hz=300 + 40 * i, seconds=1.0, frames=_frames(5, i))
     write_clip(root / "audio" / "00003.wav", hz=900.0, seconds=1.0)  # separate audio for one clip
-    (root / "audio" / "00003.wav").rename(root / "audio" / "00003.mp3")  # name as ABAW does (content: wav)
+    (root / "audio" / "00003.wav").rename(
+        root / "audio" / "00003.mp3"
+    )  # name as ABAW does (content: wav)
     faces = root / "face_images" / "00001"
     faces.mkdir(parents=True)
     for k in (1, 2, 10):
@@ -41,7 +55,17 @@ def abaw(tmp_path: Path) -> Path:
     for split, part in (("train", ids[:7]), ("valid", ids[7:])):
         with open(root / f"{split}_split.csv", "w", newline="") as fh:
             w = csv.writer(fh)
-            w.writerow(["Filename", "Admiration", "Amusement", "Determination", "Empathic Pain", "Excitement", "Joy"])
+            w.writerow(
+                [
+                    "Filename",
+                    "Admiration",
+                    "Amusement",
+                    "Determination",
+                    "Empathic Pain",
+                    "Excitement",
+                    "Joy",
+                ]
+            )
             for cid in part:
                 w.writerow([cid, *np.round(rng.random(6), 3)])
     with open(root / "test_ids.csv", "w", newline="") as fh:
@@ -58,18 +82,47 @@ def test_abaw_tree_end_to_end(abaw: Path, tmp_path: Path, monkeypatch) -> None:
     assert "10 done" in out
     fs = FeatureStore(store)
     assert sorted(fs.ids) == [f"{i:05d}" for i in range(10)]  # leading zeros kept
-    assert len(fs.get("00001").vision) == 3  # from face_images/00001/{1,2,10}.jpg, not the 5 video frames
+    assert (
+        len(fs.get("00001").vision) == 3
+    )  # from face_images/00001/{1,2,10}.jpg, not the 5 video frames
     assert len(fs.get("00002").vision) == 5
     a3, a4 = fs.get("00003").audio, fs.get("00004").audio
-    assert a3 is not None and not np.allclose(np.asarray(a3, np.float32)[:5], np.asarray(a4, np.float32)[:5])
+    assert a3 is not None and not np.allclose(
+        np.asarray(a3, np.float32)[:5], np.asarray(a4, np.float32)[:5]
+    )
 
     run = tmp_path / "run"
-    code, out = run_main(["train", "--store", str(store), "--train", str(abaw / "train_split.csv"),
-                          "--valid", str(abaw / "valid_split.csv"), "--out", str(run), "--no-progress", *TINY])  # fmt: skip
+    code, out = run_main(
+        [
+            "train",
+            "--store",
+            str(store),
+            "--train",
+            str(abaw / "train_split.csv"),
+            "--valid",
+            str(abaw / "valid_split.csv"),
+            "--out",
+            str(run),
+            "--no-progress",
+            *TINY,
+        ]
+    )
     assert code == 0, out
     sub = tmp_path / "submission.csv"
-    code, out = run_main(["predict", "--run", str(run), "--store", str(store), "--ids", str(abaw / "test_ids.csv"),
-                          "--out", str(sub), "--no-progress"])  # fmt: skip
+    code, out = run_main(
+        [
+            "predict",
+            "--run",
+            str(run),
+            "--store",
+            str(store),
+            "--ids",
+            str(abaw / "test_ids.csv"),
+            "--out",
+            str(sub),
+            "--no-progress",
+        ]
+    )
     assert code == 0, out
     rows = list(csv.reader(open(sub)))
     assert rows[0][0] == "Filename" and [r[0] for r in rows[1:]] == ["00007", "00008", "00009"]

@@ -15,21 +15,36 @@ from taemi.experiments.ablate import GRIDS, grid_variants
 from taemi.store import FeatureStore
 from taemi.train.modes import build_model
 
-TINY = ["model.hidden=16", "model.heads=2", "model.sa_ffn=32", "model.head_hidden=16",
-        "train.max_epochs=1", "train.batch_size=16"]  # fmt: skip
+TINY = [
+    "model.hidden=16",
+    "model.heads=2",
+    "model.sa_ffn=32",
+    "model.head_hidden=16",
+    "train.max_epochs=1",
+    "train.batch_size=16",
+]
 
 
 def _params(variant) -> set[str]:
-    cfg = build_config(variant.preset, [*variant.overrides, ("model.hidden", "16"), ("model.heads", "2")])
+    cfg = build_config(
+        variant.preset, [*variant.overrides, ("model.hidden", "16"), ("model.heads", "2")]
+    )
     return {n for n, _ in build_model(cfg).named_parameters()}
 
 
 def test_each_variant_builds_the_intended_architecture() -> None:
     v = {x.name: x for x in grid_variants("all")}
     full = _params(v["full"])
-    assert {"enc_audio.self_attention.qkv.weight", "ca_audio.q_proj.weight", "missing.audio"} <= full
+    assert {
+        "enc_audio.self_attention.qkv.weight",
+        "ca_audio.q_proj.weight",
+        "missing.audio",
+    } <= full
     concat = _params(v["simple_concat"])
-    assert not any("self_attention" in n or n.startswith("ca_") for n in concat) and "enc_audio.proj.weight" in concat
+    assert (
+        not any("self_attention" in n or n.startswith("ca_") for n in concat)
+        and "enc_audio.proj.weight" in concat
+    )
     sa = _params(v["without_text_anchored_ca"])
     assert any("self_attention" in n for n in sa) and not any(n.startswith("ca_") for n in sa)
     assert not any(n.startswith("missing.") for n in _params(v["without_learned_tokens"]))
@@ -53,15 +68,35 @@ def test_hidden_modalities_are_always_missing(store, labels) -> None:
 
 def test_ablate_runs_are_reused_and_outputs_written(synth, tmp_path, monkeypatch) -> None:
     out = tmp_path / "abl"
-    argv = ["ablate", "--store", str(synth.store), "--train", str(synth.train_csv), "--valid", str(synth.valid_csv),
-            "--out", str(out), "--grid", "table4", "--seeds", "2", "--no-progress"]  # fmt: skip
+    argv = [
+        "ablate",
+        "--store",
+        str(synth.store),
+        "--train",
+        str(synth.train_csv),
+        "--valid",
+        str(synth.valid_csv),
+        "--out",
+        str(out),
+        "--grid",
+        "table4",
+        "--seeds",
+        "2",
+        "--no-progress",
+    ]
     for s in TINY:
         argv += ["--set", s]
     buf = io.StringIO()
     with redirect_stdout(buf):
         assert main(argv) == 0
     assert "anchor_audio" in buf.getvalue() and "+-" in buf.getvalue()
-    for name in ("results.csv", "summary.md", "summary.json", "ablation.png", "per_emotion_heatmap.png"):
+    for name in (
+        "results.csv",
+        "summary.md",
+        "summary.json",
+        "ablation.png",
+        "per_emotion_heatmap.png",
+    ):
         assert (out / name).is_file(), name
     rows = (out / "results.csv").read_text().splitlines()
     assert len(rows) == 1 + 3 * 2
@@ -95,7 +130,9 @@ def test_identical_variants_share_their_runs(synth, tmp_path, monkeypatch) -> No
 
     monkeypatch.setattr(ab, "_run_one", fake_run)
     monkeypatch.setattr(ab, "_write_outputs", lambda *a: None)
-    rows = ab.ablate(synth.store, synth.train_csv, synth.valid_csv, tmp_path / "g", grid="all", seeds=2)
+    rows = ab.ablate(
+        synth.store, synth.train_csv, synth.valid_csv, tmp_path / "g", grid="all", seeds=2
+    )
     names = {r["variant"] for r in rows}
     assert {"full", "anchor_text", "simple_concat", "all_concat"} <= names
     assert len(rows) == 2 * len(ab.grid_variants("all"))

@@ -192,7 +192,11 @@ def test_corrupted_whisper_copy_is_refused(tmp_path):
 
 def test_missing_model_dirs_name_where_they_looked(tmp_path):
     nowhere = tmp_path / "no" / "such" / "dir"
-    for load in (whisper_family.load_whisper, text_family.MiniLMTextEncoder, dinov2.DinoV2ImageEncoder):
+    for load in (
+        whisper_family.load_whisper,
+        text_family.MiniLMTextEncoder,
+        dinov2.DinoV2ImageEncoder,
+    ):
         with pytest.raises(ModelLoadError) as e:
             load(nowhere)
         assert str(nowhere) in str(e.value), load

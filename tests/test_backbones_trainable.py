@@ -748,7 +748,9 @@ def test_rebuild_needs_an_architecture_folder(tmp_path):
         rebuild_audio_backbone(tmp_path)
 
 
-def test_w2v_feature_extractor_at_another_rate_is_refused_by_backbone_and_encoder(w2v_dirs, tmp_path):
+def test_w2v_feature_extractor_at_another_rate_is_refused_by_backbone_and_encoder(
+    w2v_dirs, tmp_path
+):
     """A checkpoint whose feature extractor wants 8 kHz would be fed 16 kHz audio without
     notice: both the fine-tuning backbone and the frozen encoder refuse it by name."""
     from taemi.backbones.wav2vec2 import Wav2Vec2EmotionEncoder

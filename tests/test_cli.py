@@ -22,11 +22,15 @@ from taemi.config import PRESETS, load_config
 from taemi.store import FeatureStore
 
 SYNTH_SETS = [
-    "--set", f"dims={DIMS[0]},{DIMS[1]},{DIMS[2]}",
-    "--set", "audio_len=6,20",
-    "--set", "vision_len=4,12",
-    "--set", "missing_rate=0.15,0.15,0.1",
-]  # fmt: skip
+    "--set",
+    f"dims={DIMS[0]},{DIMS[1]},{DIMS[2]}",
+    "--set",
+    "audio_len=6,20",
+    "--set",
+    "vision_len=4,12",
+    "--set",
+    "missing_rate=0.15,0.15,0.1",
+]
 
 
 def taemi_command() -> list[str]:
@@ -48,8 +52,16 @@ def data(tmp_path_factory) -> Path:
     """``taemi synth`` as a real subprocess of the installed entry point: 64 clips."""
     out = tmp_path_factory.mktemp("cli") / "synth"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [*taemi_command(), "synth", "--out", str(out), "--clips", "64", *SYNTH_SETS,
-           "--no-progress"]  # fmt: skip
+    cmd = [
+        *taemi_command(),
+        "synth",
+        "--out",
+        str(out),
+        "--clips",
+        "64",
+        *SYNTH_SETS,
+        "--no-progress",
+    ]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "wrote 48 train + 16 valid clips" in proc.stdout
@@ -61,9 +73,18 @@ def data(tmp_path_factory) -> Path:
 
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "train", "--store", str(data / "store"), "--train", str(data / "train.csv"),
-        "--valid", str(data / "valid.csv"), "--out", str(out), "--no-progress", *extra,
-    ]  # fmt: skip
+        "train",
+        "--store",
+        str(data / "store"),
+        "--train",
+        str(data / "train.csv"),
+        "--valid",
+        str(data / "valid.csv"),
+        "--out",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +97,21 @@ def run(data: Path) -> tuple[Path, str]:
 
 
 def test_synth_in_process(tmp_path, capsys) -> None:
-    code = main(["synth", "--out", str(tmp_path / "s"), "--clips", "12", "--seed", "3", *SYNTH_SETS,
-                 "--set", "text_tokens=true", "--no-progress"])  # fmt: skip
+    code = main(
+        [
+            "synth",
+            "--out",
+            str(tmp_path / "s"),
+            "--clips",
+            "12",
+            "--seed",
+            "3",
+            *SYNTH_SETS,
+            "--set",
+            "text_tokens=true",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     assert "wrote 9 train + 3 valid clips" in capsys.readouterr().out
     store = FeatureStore(tmp_path / "s" / "store")
@@ -91,8 +125,15 @@ def test_train_writes_a_run(run) -> None:
     assert "best epoch" in stdout and "mean" in stdout and str(out) in stdout
     for e in EMI_EMOTIONS:
         assert e in stdout
-    for name in ("config.yaml", "best.safetensors", "last.safetensors", "history.csv",
-                 "metrics.json", "valid_predictions.csv", "state.pt"):  # fmt: skip
+    for name in (
+        "config.yaml",
+        "best.safetensors",
+        "last.safetensors",
+        "history.csv",
+        "metrics.json",
+        "valid_predictions.csv",
+        "state.pt",
+    ):
         assert (out / name).is_file(), name
     assert is_png(out / "plots" / "learning_curves.png")
     m = json.loads((out / "metrics.json").read_text())
@@ -108,8 +149,18 @@ def test_train_writes_a_run(run) -> None:
 @pytest.mark.filterwarnings("ignore:Pearson r for .* is undefined:RuntimeWarning")
 def test_evaluate(run, data, tmp_path) -> None:
     out, _ = run
-    code, stdout = run_main(["evaluate", "--run", str(out), "--store", str(data / "store"),
-                             "--labels", str(data / "valid.csv"), "--no-progress"])  # fmt: skip
+    code, stdout = run_main(
+        [
+            "evaluate",
+            "--run",
+            str(out),
+            "--store",
+            str(data / "store"),
+            "--labels",
+            str(data / "valid.csv"),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     report = json.loads((out / "eval_valid.json").read_text())
     assert report["n"] == 16 and report["weights"] == "best" and report["clipped"] is False
@@ -126,9 +177,23 @@ def test_evaluate(run, data, tmp_path) -> None:
     assert "eval_valid.json" in stdout
 
     dst = tmp_path / "clipped.json"
-    code, _ = run_main(["evaluate", "--run", str(out), "--store", str(data / "store"), "--which",
-                        "last", "--labels", str(data / "train.csv"), "--clip", "--out", str(dst),
-                        "--no-progress"])  # fmt: skip
+    code, _ = run_main(
+        [
+            "evaluate",
+            "--run",
+            str(out),
+            "--store",
+            str(data / "store"),
+            "--which",
+            "last",
+            "--labels",
+            str(data / "train.csv"),
+            "--clip",
+            "--out",
+            str(dst),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     report = json.loads(dst.read_text())
     assert report["clipped"] is True and report["n"] == 48 and report["weights"] == "last"
@@ -175,7 +240,10 @@ def test_predict_abaw_csv(shifted_run, data, tmp_path) -> None:
     id_list = tmp_path / "ids.csv"
     id_list.write_text("Filename\n00042\n00007\n00010\n", encoding="utf-8")
     sub_csv = tmp_path / "sub.csv"
-    assert run_main(["predict", *common, "--ids", str(id_list), "--out", str(sub_csv), "--no-clip"])[0] == 0
+    assert (
+        run_main(["predict", *common, "--ids", str(id_list), "--out", str(sub_csv), "--no-clip"])[0]
+        == 0
+    )
     _, sub_ids, sub = read_rows(sub_csv)
     assert sub_ids == ["00007", "00010", "00042"]
     # same clips, other batch padding: equal up to float rounding
@@ -278,7 +346,9 @@ def test_model_input_sizes_follow_the_store_unless_set(data, tmp_path, capsys) -
     cfg = load_config(tmp_path / "auto" / "config.yaml")
     assert (cfg.model.audio_dim, cfg.model.vision_dim, cfg.model.text_dim) == DIMS
 
-    code = main(train_args(data, tmp_path / "insist", *sets, "--set", f"model.audio_dim={DIMS[0] + 1}"))
+    code = main(
+        train_args(data, tmp_path / "insist", *sets, "--set", f"model.audio_dim={DIMS[0] + 1}")
+    )
     assert code == 2
     assert f"--set model.audio_dim={DIMS[0]}" in capsys.readouterr().err
 
@@ -302,9 +372,26 @@ def test_train_on_all_epochs_from_a_validated_run(run, data, tmp_path, capsys) -
     cfg, validated = load_config(final / "config.yaml"), load_config(out / "config.yaml")
     assert cfg.model == validated.model and cfg.train.max_epochs == validated.train.max_epochs
     assert cfg.train.patience == 0
-    assert json.loads((final / "features.json").read_text())["dims"] == {"audio": 12, "vision": 10, "text": 8}
-    assert run_main(["predict", "--run", str(final), "--store", str(data / "store"), "--out",
-                     str(tmp_path / "p.csv"), "--no-progress"])[0] == 0  # fmt: skip
+    assert json.loads((final / "features.json").read_text())["dims"] == {
+        "audio": 12,
+        "vision": 10,
+        "text": 8,
+    }
+    assert (
+        run_main(
+            [
+                "predict",
+                "--run",
+                str(final),
+                "--store",
+                str(data / "store"),
+                "--out",
+                str(tmp_path / "p.csv"),
+                "--no-progress",
+            ]
+        )[0]
+        == 0
+    )
 
     # --epochs N, training clips only (no --valid)
     args = train_args(data, tmp_path / "n", *tiny_cli_sets(), "--train-on-all", "--epochs", "1")
@@ -317,7 +404,10 @@ def test_train_on_all_epochs_from_a_validated_run(run, data, tmp_path, capsys) -
     ("extra", "message"),
     [
         (["--train-on-all"], "--epochs N or --epochs-from RUN"),
-        (["--train-on-all", "--epochs", "1", "--epochs-from", "x"], "--epochs N or --epochs-from RUN"),
+        (
+            ["--train-on-all", "--epochs", "1", "--epochs-from", "x"],
+            "--epochs N or --epochs-from RUN",
+        ),
         (["--epochs", "2"], "go with --train-on-all"),
         (["--train-on-all", "--epochs-from", "nowhere"], "metrics.json does not exist"),
         (["--train-on-all", "--epochs", "9"], "between 1 and train.max_epochs=3"),

@@ -31,14 +31,26 @@ from taemi.store import FeatureStore
 pytestmark = [pytest.mark.realmedia, pytest.mark.slow]
 
 EMOTIONS = ("Anger", "Disgust", "Fear", "Happy", "Neutral", "Sad")
-TINY = ["model.hidden=16", "model.heads=2", "model.sa_ffn=32", "model.head_hidden=16", "train.max_epochs=2",
-        "train.batch_size=4", "train.lr=1e-3", "train.device=cpu"]  # fmt: skip
+TINY = [
+    "model.hidden=16",
+    "model.heads=2",
+    "model.sa_ffn=32",
+    "model.head_hidden=16",
+    "train.max_epochs=2",
+    "train.batch_size=4",
+    "train.lr=1e-3",
+    "train.device=cpu",
+]
 NEEDED = ("av", "cv2", "faster_whisper", "ctranslate2", "onnxruntime", "transformers")
 
 
 def _sample_dir() -> Path:
     env = os.environ.get("TAEMI_CREMA_D")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data" / "crema-d-sample"
+    return (
+        Path(env)
+        if env
+        else Path(__file__).resolve().parents[2] / "shared" / "data" / "crema-d-sample"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +75,21 @@ def pipeline(crema) -> dict:
     sample, root = crema
     store = root / "store"
     # 16 frames spread over each video: the run must remember these options for predict
-    code, out = run_main(["extract", "--input", str(sample / "media"), "--out", str(store), "--max-frames", "16",
-                          "--frame-policy", "uniform", "--waveforms", "--no-progress"])  # fmt: skip
+    code, out = run_main(
+        [
+            "extract",
+            "--input",
+            str(sample / "media"),
+            "--out",
+            str(store),
+            "--max-frames",
+            "16",
+            "--frame-policy",
+            "uniform",
+            "--waveforms",
+            "--no-progress",
+        ]
+    )
     assert code == 0, out
     assert "12 done, 0 skipped, 0 failed; missing: audio 0, vision 6, text 0" in out
 
@@ -72,7 +97,10 @@ def pipeline(crema) -> dict:
     flv = [i for i in labels.ids if (sample / "media" / f"{i}.flv").is_file()]
     mp3 = [i for i in labels.ids if (sample / "media" / f"{i}.mp3").is_file()]
     assert len(flv) == len(mp3) == 6
-    split = {"train": flv[:4] + mp3[:4], "valid": flv[4:] + mp3[4:]}  # 8 / 4, both media kinds in each
+    split = {
+        "train": flv[:4] + mp3[:4],
+        "valid": flv[4:] + mp3[4:],
+    }  # 8 / 4, both media kinds in each
     csvs = {}
     for name, ids in split.items():
         part = labels.subset(ids)
@@ -81,22 +109,69 @@ def pipeline(crema) -> dict:
 
     run = root / "run"
     sets = [a for s in ["data.emotions=" + ",".join(EMOTIONS), *TINY] for a in ("--set", s)]
-    code, train_out = run_main(["train", "--store", str(store), "--train", str(csvs["train"]), "--valid",
-                                str(csvs["valid"]), "--out", str(run), "--no-progress", *sets])  # fmt: skip
+    code, train_out = run_main(
+        [
+            "train",
+            "--store",
+            str(store),
+            "--train",
+            str(csvs["train"]),
+            "--valid",
+            str(csvs["valid"]),
+            "--out",
+            str(run),
+            "--no-progress",
+            *sets,
+        ]
+    )
     assert code == 0
 
-    code, eval_out = run_main(["evaluate", "--run", str(run), "--store", str(store), "--labels", str(csvs["valid"]),
-                               "--device", "cpu", "--no-progress"])  # fmt: skip
+    code, eval_out = run_main(
+        [
+            "evaluate",
+            "--run",
+            str(run),
+            "--store",
+            str(store),
+            "--labels",
+            str(csvs["valid"]),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     assert code == 0
 
     preds = root / "preds.csv"
     media = [sample / "media" / f"{flv[0]}.flv", sample / "media" / f"{mp3[0]}.mp3"]
-    code, predict_out = run_main(["predict", "--run", str(run), *map(str, media), "--out", str(preds),
-                                  "--device", "cpu", "--no-progress"])  # fmt: skip
+    code, predict_out = run_main(
+        [
+            "predict",
+            "--run",
+            str(run),
+            *map(str, media),
+            "--out",
+            str(preds),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     assert code == 0, predict_out
-    return {"store": store, "run": run, "csvs": csvs, "split": split, "labels": labels, "flv": flv[0],
-            "mp3": mp3[0], "mp3_ids": set(mp3), "train_out": train_out, "eval_out": eval_out, "predict_out": predict_out,
-            "preds": preds}  # fmt: skip
+    return {
+        "store": store,
+        "run": run,
+        "csvs": csvs,
+        "split": split,
+        "labels": labels,
+        "flv": flv[0],
+        "mp3": mp3[0],
+        "mp3_ids": set(mp3),
+        "train_out": train_out,
+        "eval_out": eval_out,
+        "predict_out": predict_out,
+        "preds": preds,
+    }
 
 
 def test_labels_and_store(pipeline) -> None:
@@ -115,8 +190,15 @@ def test_labels_and_store(pipeline) -> None:
 
 def test_train_and_evaluate_on_crema_emotions(pipeline) -> None:
     run = pipeline["run"]
-    for name in ("config.yaml", "features.json", "best.safetensors", "last.safetensors", "history.csv",
-                 "metrics.json", "valid_predictions.csv"):  # fmt: skip
+    for name in (
+        "config.yaml",
+        "features.json",
+        "best.safetensors",
+        "last.safetensors",
+        "history.csv",
+        "metrics.json",
+        "valid_predictions.csv",
+    ):
         assert (run / name).is_file(), name
     features = json.loads((run / "features.json").read_text())
     assert features["dims"] == {"audio": 384, "vision": 384, "text": 384}
@@ -129,11 +211,19 @@ def test_train_and_evaluate_on_crema_emotions(pipeline) -> None:
     assert all(math.isfinite(float(history[i]["train_loss"])) for i in range(2))
     with open(run / "valid_predictions.csv", newline="") as fh:
         rows = list(csv.reader(fh))
-    assert rows[0] == ["Filename", *EMOTIONS] and sorted(r[0] for r in rows[1:]) == sorted(pipeline["split"]["valid"])
+    assert rows[0] == ["Filename", *EMOTIONS] and sorted(r[0] for r in rows[1:]) == sorted(
+        pipeline["split"]["valid"]
+    )
 
     report = json.loads((run / "eval_valid.json").read_text())
-    assert report["n"] == 4 and list(report["pearson"]) == list(EMOTIONS) and report["clipped"] is False
-    assert all(math.isfinite(v) for v in report["pearson"].values()) and math.isfinite(report["mse"])
+    assert (
+        report["n"] == 4
+        and list(report["pearson"]) == list(EMOTIONS)
+        and report["clipped"] is False
+    )
+    assert all(math.isfinite(v) for v in report["pearson"].values()) and math.isfinite(
+        report["mse"]
+    )
     for e in EMOTIONS:
         assert any(line.startswith(e) for line in pipeline["eval_out"].splitlines()), e
 
@@ -143,19 +233,31 @@ def test_predict_from_media_files(pipeline) -> None:
     lines = pipeline["predict_out"].splitlines()
     assert lines[0].split()[:3] == ["clip", "Anger", "Disgust"]
     assert next(line for line in lines if line.startswith(flv)).endswith("all three")
-    assert next(line for line in lines if line.startswith(mp3)).endswith("audio + text (vision missing)")
+    assert next(line for line in lines if line.startswith(mp3)).endswith(
+        "audio + text (vision missing)"
+    )
 
     with open(pipeline["preds"], newline="") as fh:
         rows = list(csv.reader(fh))
     assert rows[0] == ["Filename", *EMOTIONS]
     assert [r[0] for r in rows[1:]] == sorted([flv, mp3])
     values = np.array([r[1:] for r in rows[1:]], dtype=np.float64)
-    assert values.shape == (2, 6) and np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1
+    assert (
+        values.shape == (2, 6)
+        and np.isfinite(values).all()
+        and values.min() >= 0
+        and values.max() <= 1
+    )
 
     report = json.loads(pipeline["preds"].with_suffix(".json").read_text())
     assert report["emotions"] == list(EMOTIONS) and report["failures"] == []
-    assert report["extraction"]["options"] == {"max_audio_seconds": 12.0, "max_frames": 16,
-                                               "frame_policy": "uniform", "face": True, "text_tokens": False}  # fmt: skip
+    assert report["extraction"]["options"] == {
+        "max_audio_seconds": 12.0,
+        "max_frames": 16,
+        "frame_policy": "uniform",
+        "face": True,
+        "text_tokens": False,
+    }
     clips = {c["id"]: c for c in report["clips"]}
     assert clips[mp3]["missing"] == ["vision"] and clips[flv]["missing"] == []
     assert all(c["transcript"] for c in clips.values())  # "Don't forget a jacket." (more or less)
@@ -170,24 +272,61 @@ def test_fine_tune_the_offline_backbones_end_to_end(pipeline, tmp_path) -> None:
     from taemi.backbones.profiles import load_audio_backbone
 
     run = tmp_path / "ft"
-    sets = [a for s in ["data.emotions=" + ",".join(EMOTIONS), *TINY, "train.max_epochs=1"] for a in ("--set", s)]
-    code, out = run_main(["train", "--mode", "finetune", "--store", str(pipeline["store"]), "--train",
-                          str(pipeline["csvs"]["train"]), "--valid", str(pipeline["csvs"]["valid"]), "--out", str(run),
-                          "--no-progress", *sets])  # fmt: skip
+    sets = [
+        a
+        for s in ["data.emotions=" + ",".join(EMOTIONS), *TINY, "train.max_epochs=1"]
+        for a in ("--set", s)
+    ]
+    code, out = run_main(
+        [
+            "train",
+            "--mode",
+            "finetune",
+            "--store",
+            str(pipeline["store"]),
+            "--train",
+            str(pipeline["csvs"]["train"]),
+            "--valid",
+            str(pipeline["csvs"]["valid"]),
+            "--out",
+            str(run),
+            "--no-progress",
+            *sets,
+        ]
+    )
     assert code == 0, out
     weights = load_file(str(run / "last.safetensors"))
     before = load_audio_backbone("offline").state_dict()
-    layer = "encoder.layers.3.fc2.weight"  # the last transformer layer trains; the frozen conv does not
+    layer = (
+        "encoder.layers.3.fc2.weight"  # the last transformer layer trains; the frozen conv does not
+    )
     assert not weights[f"audio.{layer}"].equal(before[layer])
     assert weights["audio.encoder.conv1.weight"].equal(before["encoder.conv1.weight"])
 
-    code, out = run_main(["evaluate", "--run", str(run), "--store", str(pipeline["store"]), "--labels",
-                          str(pipeline["csvs"]["valid"]), "--no-progress"])  # fmt: skip
+    code, out = run_main(
+        [
+            "evaluate",
+            "--run",
+            str(run),
+            "--store",
+            str(pipeline["store"]),
+            "--labels",
+            str(pipeline["csvs"]["valid"]),
+            "--no-progress",
+        ]
+    )
     assert code == 0, out
     preds = tmp_path / "ft.csv"
-    media = [_sample_dir() / "media" / f"{pipeline['flv']}.flv", _sample_dir() / "media" / f"{pipeline['mp3']}.mp3"]
-    code, out = run_main(["predict", "--run", str(run), *map(str, media), "--out", str(preds), "--no-progress"])
+    media = [
+        _sample_dir() / "media" / f"{pipeline['flv']}.flv",
+        _sample_dir() / "media" / f"{pipeline['mp3']}.mp3",
+    ]
+    code, out = run_main(
+        ["predict", "--run", str(run), *map(str, media), "--out", str(preds), "--no-progress"]
+    )
     assert code == 0, out
     with open(preds, newline="") as fh:
         rows = list(csv.reader(fh))
-    assert len(rows) == 3 and np.isfinite(np.array([r[1:] for r in rows[1:]], dtype=np.float64)).all()
+    assert (
+        len(rows) == 3 and np.isfinite(np.array([r[1:] for r in rows[1:]], dtype=np.float64)).all()
+    )

@@ -10,7 +10,11 @@ import pytest
 from taemi.data.crema import crema_emotions, read_crema_labels
 from taemi.data.labels import LabelError
 
-SAMPLE = Path(os.environ.get("TAEMI_CREMA_D", Path(__file__).resolve().parents[2] / "shared" / "data" / "crema-d-sample"))
+SAMPLE = Path(
+    os.environ.get(
+        "TAEMI_CREMA_D", Path(__file__).resolve().parents[2] / "shared" / "data" / "crema-d-sample"
+    )
+)
 
 
 @pytest.mark.realmedia

@@ -12,8 +12,15 @@ from taemi.data.dataset import ClipDataset, Collator, Item, collate
 DIMS = {"audio": 3, "vision": 2, "text": 4}
 
 
-def _item(clip_id: str, t_a: int | None, t_v: int | None, text: bool = True, t_t: int | None = None,
-          target: bool = True, seed: int = 0) -> Item:  # fmt: skip
+def _item(
+    clip_id: str,
+    t_a: int | None,
+    t_v: int | None,
+    text: bool = True,
+    t_t: int | None = None,
+    target: bool = True,
+    seed: int = 0,
+) -> Item:
     rng = np.random.default_rng(seed)
 
     def seq(t, d):

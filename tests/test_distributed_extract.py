@@ -42,7 +42,16 @@ from taemi.store.merge import merge_stores
 TESTS = Path(__file__).resolve().parent
 STUB = "test_distributed_extract:stub_encoders"
 #: The media corpus: clip id -> shard among 2 (pinned: the hash must never change).
-SHARDS_OF_2 = {"c330": 0, "c440": 0, "c550": 0, "c660": 0, "c880": 0, "av": 1, "c770": 1, "silent": 1}
+SHARDS_OF_2 = {
+    "c330": 0,
+    "c440": 0,
+    "c550": 0,
+    "c660": 0,
+    "c880": 0,
+    "av": 1,
+    "c770": 1,
+    "silent": 1,
+}
 DONE = sorted(SHARDS_OF_2)
 
 
@@ -71,7 +80,9 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = good_corpus(tmp_path_factory.mktemp("dist") / "media", hz=(330, 440, 550, 770, 880))
     write_clip(root / "silent.wav", hz=440, amplitude=0.0, seconds=0.5)
     write_clip(root / "c660.mp4", hz=660, seconds=0.5, frames=colour_frames(3))
-    (root / "garbage.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    (root / "garbage.mp4").write_bytes(
+        np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    )
     write_clip(os.fsencode(root) + b"/" + BAD_NAME, hz=440, seconds=0.5)
     return root
 
@@ -80,7 +91,9 @@ def _extract(media: Path, store: Path, shard: tuple[int, int] | None = None, **o
     sources, errors = find_sources([media])
     if shard is not None:
         sources, errors = select_shard(sources, errors, *shard)
-    return extract(sources, store, stub_encoders(), ExtractOptions(**opts), input_errors=errors, progress=False)
+    return extract(
+        sources, store, stub_encoders(), ExtractOptions(**opts), input_errors=errors, progress=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +118,9 @@ def assert_same_store(a: Path, b: Path) -> None:
             assert (u is None) == (v is None), (cid, m)
             if u is not None:
                 assert np.array_equal(u, v), (cid, m)
-        assert (a / TRANSCRIPTS / f"{cid}.txt").read_text() == (b / TRANSCRIPTS / f"{cid}.txt").read_text()
+        assert (a / TRANSCRIPTS / f"{cid}.txt").read_text() == (
+            b / TRANSCRIPTS / f"{cid}.txt"
+        ).read_text()
     assert fa.manifest["modalities"] == fb.manifest["modalities"]
 
 
@@ -114,8 +129,17 @@ def error_lines(store: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def tiny_store(root: Path, ids: list[str], *, dims=None, text_tokens=False, modalities=None, dtype="float16",
-               seed=0, transcripts=True) -> Path:  # fmt: skip
+def tiny_store(
+    root: Path,
+    ids: list[str],
+    *,
+    dims=None,
+    text_tokens=False,
+    modalities=None,
+    dtype="float16",
+    seed=0,
+    transcripts=True,
+) -> Path:
     """A store of random clips (a few rows each), with transcripts/{id}.txt."""
     dims = dims or {"audio": 4, "vision": 3, "text": 5}
     mods = modalities or {m: {"backbone": f"fake-{m}", "settings": {"k": 1}} for m in dims}
@@ -125,7 +149,9 @@ def tiny_store(root: Path, ids: list[str], *, dims=None, text_tokens=False, moda
             audio = rng.normal(size=(2 + i % 3, dims["audio"])) if i % 4 != 1 else None
             text = rng.normal(size=dims["text"])
             tokens = rng.normal(size=(3, dims["text"])) if text_tokens else None
-            w.add(ClipFeatures(cid, audio, rng.normal(size=(1 + i % 2, dims["vision"])), text, tokens))
+            w.add(
+                ClipFeatures(cid, audio, rng.normal(size=(1 + i % 2, dims["vision"])), text, tokens)
+            )
     if transcripts:
         (root / TRANSCRIPTS).mkdir()
         for cid in ids:
@@ -144,10 +170,14 @@ def test_shard_assignment_is_a_stable_balanced_partition():
         assert sum(len(s) for s in shards) == len(ids)  # ... and in exactly one
         shuffled = ids[:]
         random.Random(n).shuffle(shuffled)
-        assert [{s.clip_id for s in select_shard(_ids(shuffled), [], k, n)[0]} for k in range(n)] == shards
+        assert [
+            {s.clip_id for s in select_shard(_ids(shuffled), [], k, n)[0]} for k in range(n)
+        ] == shards
         sizes = [len(s) for s in shards]
         mean = len(ids) / n
-        assert all(abs(k - mean) < 4 * mean**0.5 for k in sizes), sizes  # balanced as a fair die would be
+        assert all(abs(k - mean) < 4 * mean**0.5 for k in sizes), (
+            sizes
+        )  # balanced as a fair die would be
     # pinned: the same on every machine and every taemi version (blake2b, not hash())
     assert {cid: shard_of(cid, 2) for cid in SHARDS_OF_2} == SHARDS_OF_2
     assert [shard_of("00042", n) for n in (2, 3, 4, 1000)] == [0, 1, 2, 958]
@@ -158,8 +188,11 @@ def _ids(ids):
 
 
 def test_input_errors_go_to_exactly_one_shard():
-    errors = [{"clip_id": "dup", "path": "/a/dup.wav"}, {"clip_id": None, "path": "/x/bad_\\xff.wav"},
-              {"clip_id": None, "path": "/elsewhere/bad_\\xff.wav"}]  # fmt: skip
+    errors = [
+        {"clip_id": "dup", "path": "/a/dup.wav"},
+        {"clip_id": None, "path": "/x/bad_\\xff.wav"},
+        {"clip_id": None, "path": "/elsewhere/bad_\\xff.wav"},
+    ]
     per = [select_shard([], errors, k, 3)[1] for k in range(3)]
     assert sorted(len(p) for p in per) in ([0, 0, 3], [0, 1, 2], [1, 1, 1])
     assert sum(len(p) for p in per) == 3
@@ -185,7 +218,10 @@ def test_parse_shard_and_shard_folder():
 def test_constants_agree_with_the_pipeline():
     assert merge_mod.ERRORS_FILE == pipeline.ERRORS_FILE
     assert merge_mod.SUMMARY_FILE == pipeline.SUMMARY_FILE
-    assert distributed.TRANSCRIPTS == pipeline.TRANSCRIPTS and distributed.SUMMARY_FILE == pipeline.SUMMARY_FILE
+    assert (
+        distributed.TRANSCRIPTS == pipeline.TRANSCRIPTS
+        and distributed.SUMMARY_FILE == pipeline.SUMMARY_FILE
+    )
 
 
 def test_two_shards_merged_equal_one_extraction(media, single, tmp_path):
@@ -200,9 +236,11 @@ def test_two_shards_merged_equal_one_extraction(media, single, tmp_path):
     assert_same_store(single, out)
     # the failures of both shards, each once, with the shard it came from
     lines = error_lines(out)
-    assert sorted((str(e["clip_id"]), e["stage"]) for e in lines) == sorted(
-        (str(e["clip_id"]), e["stage"]) for e in error_lines(single)
-    ) == [("None", "input"), ("garbage", "decode")]  # fmt: skip
+    assert (
+        sorted((str(e["clip_id"]), e["stage"]) for e in lines)
+        == sorted((str(e["clip_id"]), e["stage"]) for e in error_lines(single))
+        == [("None", "input"), ("garbage", "decode")]
+    )
     assert {e["shard"] for e in lines} == {str(parts[0]), str(parts[1])}
     summary = json.loads((out / SUMMARY_FILE).read_text())
     one = json.loads((single / SUMMARY_FILE).read_text())
@@ -227,9 +265,12 @@ def test_merge_carries_per_clip_and_shared_side_files(tmp_path):
         (root / "crops" / ids[0] / "0.jpg").write_bytes(b"jpg")
     out = tmp_path / "out"
     report = merge_stores(out, [a, b], progress=False)
-    assert sorted((out / "cache").iterdir()) == [out / "cache" / n for n in
-                                                     ("a1.npy", "a2.npy", "b1.npy", "manifest.json")]  # fmt: skip
-    assert (out / "crops" / "a1" / "0.jpg").read_bytes() == b"jpg" and (out / "crops" / "b1" / "0.jpg").exists()
+    assert sorted((out / "cache").iterdir()) == [
+        out / "cache" / n for n in ("a1.npy", "a2.npy", "b1.npy", "manifest.json")
+    ]
+    assert (out / "crops" / "a1" / "0.jpg").read_bytes() == b"jpg" and (
+        out / "crops" / "b1" / "0.jpg"
+    ).exists()
     assert report.side_files == 3 + 3 + 2 + 1
     assert not (out / ERRORS_FILE).exists() and report.summary is None  # the shards had none
 
@@ -261,11 +302,18 @@ def test_merge_with_the_waveform_cache_of_extract(media, tmp_path):
         ({"dims": {"audio": 4, "vision": 3, "text": 6}}, "dims.text"),
         ({"dtype": "float32"}, "dtype"),
         ({"text_tokens": True}, "text_tokens"),
-        ({"modalities": {"audio": {"backbone": "fake-audio", "settings": {"k": 2}},
-                         "vision": {"backbone": "fake-vision", "settings": {"k": 1}},
-                         "text": {"backbone": "fake-text", "settings": {"k": 1}}}}, "modalities.audio.settings.k"),
+        (
+            {
+                "modalities": {
+                    "audio": {"backbone": "fake-audio", "settings": {"k": 2}},
+                    "vision": {"backbone": "fake-vision", "settings": {"k": 1}},
+                    "text": {"backbone": "fake-text", "settings": {"k": 1}},
+                }
+            },
+            "modalities.audio.settings.k",
+        ),
     ],
-)  # fmt: skip
+)
 def test_incompatible_shards_are_refused_naming_the_field(tmp_path, change, field):
     a = tiny_store(tmp_path / "a", ["a1"])
     b = tiny_store(tmp_path / "b", ["b1"], **change)
@@ -325,7 +373,9 @@ def test_interrupted_merge_resumes(tmp_path, monkeypatch):
     for src in (fa, fb):
         for cid in src.ids:
             assert np.array_equal(src.get(cid).vision, fo.get(cid).vision)
-    assert len(json.loads((out / "manifest.json").read_text())["shards"]) == 2  # nothing copied twice
+    assert (
+        len(json.loads((out / "manifest.json").read_text())["shards"]) == 2
+    )  # nothing copied twice
 
 
 def test_merge_replace_supersedes(tmp_path):
@@ -350,8 +400,9 @@ def test_cli_store_merge(tmp_path, capsys):
     b = tiny_store(tmp_path / "b", ["b1"], seed=1)
     out = tmp_path / "out"
     assert main(["store", "merge", str(out), str(a), str(b), "--no-progress"]) == 0
-    assert f"{out}: 3 clips after merging 2 stores (3 copied, 0 already there, 3 side files); verified OK" in (
-        capsys.readouterr().out
+    assert (
+        f"{out}: 3 clips after merging 2 stores (3 copied, 0 already there, 3 side files); verified OK"
+        in (capsys.readouterr().out)
     )
     c = tiny_store(tmp_path / "c", ["c1"], text_tokens=True)
     assert main(["store", "merge", str(tmp_path / "o2"), str(a), str(c)]) == 2
@@ -364,10 +415,34 @@ def test_cli_store_merge(tmp_path, capsys):
 
 def test_worker_command_line_carries_every_extract_option(tmp_path):
     parser = build_parser()
-    argv = ["extract", "--input", "m1", "m 2", "--out", "S", "--distributed", "3", "--backend", "ray",
-            "--ray-address", "auto", "--threads-per-worker", "4", "--max-frames", "7", "--text-tokens",
-            "--model", "vision=/models/v", "--model", "text=t", "--frame-policy", "uniform", "--no-progress",
-            "--encoders", "pkg.mod:make"]  # fmt: skip
+    argv = [
+        "extract",
+        "--input",
+        "m1",
+        "m 2",
+        "--out",
+        "S",
+        "--distributed",
+        "3",
+        "--backend",
+        "ray",
+        "--ray-address",
+        "auto",
+        "--threads-per-worker",
+        "4",
+        "--max-frames",
+        "7",
+        "--text-tokens",
+        "--model",
+        "vision=/models/v",
+        "--model",
+        "text=t",
+        "--frame-policy",
+        "uniform",
+        "--no-progress",
+        "--encoders",
+        "pkg.mod:make",
+    ]
     args = parser.parse_args(argv)
     from taemi.cli.distributed_cmd import _worker_args
 
@@ -376,8 +451,15 @@ def test_worker_command_line_carries_every_extract_option(tmp_path):
     assert "--ray-address" not in worker and "--threads-per-worker" not in worker
     back = parser.parse_args(["extract", *worker, "--out", "S"])
     for key, value in vars(args).items():
-        if key not in ("distributed", "backend", "ray_address", "threads_per_worker", "no_progress",
-                       "extract_parser", "func"):  # fmt: skip
+        if key not in (
+            "distributed",
+            "backend",
+            "ray_address",
+            "threads_per_worker",
+            "no_progress",
+            "extract_parser",
+            "func",
+        ):
             assert getattr(back, key) == value, key
 
 
@@ -395,15 +477,56 @@ def test_encoders_factory_errors():
 
 def test_cli_shard_extracts_only_its_clips(media, tmp_path, capsys, monkeypatch):
     store = tmp_path / "s1"
-    code = main(["extract", "--input", str(media), "--out", str(store), "--shard", "1/2", "--encoders", STUB,
-                 "--no-progress"])  # fmt: skip
+    code = main(
+        [
+            "extract",
+            "--input",
+            str(media),
+            "--out",
+            str(store),
+            "--shard",
+            "1/2",
+            "--encoders",
+            STUB,
+            "--no-progress",
+        ]
+    )
     assert code == 0
     assert sorted(FeatureStore(store).ids) == sorted(c for c, k in SHARDS_OF_2.items() if k == 1)
     assert "3 done, 0 skipped, 1 failed" in capsys.readouterr().out  # garbage.mp4 is in shard 1
-    assert main(["extract", "--input", str(media), "--out", str(store), "--shard", "1/2", "--distributed", "2"]) == 2
+    assert (
+        main(
+            [
+                "extract",
+                "--input",
+                str(media),
+                "--out",
+                str(store),
+                "--shard",
+                "1/2",
+                "--distributed",
+                "2",
+            ]
+        )
+        == 2
+    )
     assert "exclude each other" in capsys.readouterr().err
-    assert main(["extract", "--input", str(media), "--out", str(store), "--encoders", STUB,
-                 "--model", "text=x"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "extract",
+                "--input",
+                str(media),
+                "--out",
+                str(store),
+                "--encoders",
+                STUB,
+                "--model",
+                "text=x",
+            ]
+        )
+        == 2
+    )
     assert "--model and --encoders exclude each other" in capsys.readouterr().err
 
 
@@ -413,12 +536,27 @@ def test_cli_shard_extracts_only_its_clips(media, tmp_path, capsys, monkeypatch)
 @pytest.fixture
 def worker_path(monkeypatch):
     """Workers (subprocesses, Ray tasks) can import this module: the --encoders factories."""
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+    )
 
 
 def _distributed(media: Path, store: Path, *extra: str) -> int:
-    return main(["extract", "--input", str(media), "--out", str(store), "--distributed", "2",
-                 "--threads-per-worker", "1", "--no-progress", *extra])  # fmt: skip
+    return main(
+        [
+            "extract",
+            "--input",
+            str(media),
+            "--out",
+            str(store),
+            "--distributed",
+            "2",
+            "--threads-per-worker",
+            "1",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 def test_local_backend_two_workers_end_to_end(media, single, tmp_path, capsys, worker_path):
@@ -428,15 +566,25 @@ def test_local_backend_two_workers_end_to_end(media, single, tmp_path, capsys, w
     seconds = time.perf_counter() - t0
     out = capsys.readouterr().out
     assert_same_store(single, store)
-    assert f"{store}: 8 clips from 2 shards (8 copied, 0 already there), verified; 2 failed inputs" in out
+    assert (
+        f"{store}: 8 clips from 2 shards (8 copied, 0 already there), verified; 2 failed inputs"
+        in out
+    )
     assert f"failures and their reasons: {store / ERRORS_FILE}" in out
     # per-shard counts; the corrupt file failed in its shard without stopping it
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line[:1].isdigit()}
     assert rows["0"][:5] == ["0", "5", "5", "0", "1"] and rows["1"][:5] == ["1", "4", "3", "0", "1"]
-    assert {(e["clip_id"], e["stage"]) for e in error_lines(store)} == {(None, "input"), ("garbage", "decode")}
+    assert {(e["clip_id"], e["stage"]) for e in error_lines(store)} == {
+        (None, "input"),
+        ("garbage", "decode"),
+    }
     shards = store.with_name("store.shards")
-    assert sorted(p.name for p in shards.iterdir()) == ["shard-0-of-2", "shard-0-of-2.log", "shard-1-of-2",
-                                                        "shard-1-of-2.log"]  # fmt: skip
+    assert sorted(p.name for p in shards.iterdir()) == [
+        "shard-0-of-2",
+        "shard-0-of-2.log",
+        "shard-1-of-2",
+        "shard-1-of-2.log",
+    ]
     assert "--shard 1/2" in (shards / "shard-1-of-2.log").read_text()
 
     # rerun: the workers skip their clips, the merge skips the store's
@@ -447,27 +595,38 @@ def test_local_backend_two_workers_end_to_end(media, single, tmp_path, capsys, w
     print(f"local backend, 2 workers: {seconds:.1f} s")
 
 
-def test_local_backend_failed_worker_is_reported_and_rerun_resumes(media, single, tmp_path, capsys, worker_path):
+def test_local_backend_failed_worker_is_reported_and_rerun_resumes(
+    media, single, tmp_path, capsys, worker_path
+):
     store = tmp_path / "store"
-    assert _distributed(media, store, "--encoders", "test_distributed_extract:failing_in_shard_1") == 1
+    assert (
+        _distributed(media, store, "--encoders", "test_distributed_extract:failing_in_shard_1") == 1
+    )
     out = capsys.readouterr().out
     log1 = tmp_path / "store.shards" / "shard-1-of-2.log"
     assert f"FAILED: worker exited with status 1; its log: {log1}" in out
     assert "1 of 2 workers failed; nothing merged" in out
     assert "worker 1 cannot load its models" in log1.read_text()
     assert not store.exists()
-    assert len(FeatureStore(tmp_path / "store.shards" / "shard-0-of-2")) == 5  # the other worker finished
+    assert (
+        len(FeatureStore(tmp_path / "store.shards" / "shard-0-of-2")) == 5
+    )  # the other worker finished
 
     assert _distributed(media, store, "--encoders", STUB) == 0
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line[:1].isdigit()}
-    assert rows["0"][2:4] == ["0", "5"] and rows["1"][2:4] == ["3", "0"]  # shard 0 resumed: all skipped
+    assert rows["0"][2:4] == ["0", "5"] and rows["1"][2:4] == [
+        "3",
+        "0",
+    ]  # shard 0 resumed: all skipped
     assert_same_store(single, store)
 
 
 @pytest.mark.slow
 def test_ray_backend_two_workers(media, single, tmp_path, capsys, worker_path):
-    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'taemi[distributed]')")
+    ray = pytest.importorskip(
+        "ray", reason="Ray is not installed (pip install 'taemi[distributed]')"
+    )
     store = tmp_path / "store"
     try:
         assert _distributed(media, store, "--backend", "ray", "--encoders", STUB) == 0
@@ -477,4 +636,6 @@ def test_ray_backend_two_workers(media, single, tmp_path, capsys, worker_path):
     out = capsys.readouterr().out
     assert "8 clips from 2 shards (8 copied, 0 already there), verified" in out
     assert_same_store(single, store)
-    assert "on " in (tmp_path / "store.shards" / "shard-0-of-2.log").read_text()  # the node it ran on
+    assert (
+        "on " in (tmp_path / "store.shards" / "shard-0-of-2.log").read_text()
+    )  # the node it ran on

@@ -26,8 +26,15 @@ from taemi.run import STATE_FILE
 from taemi.train.trainer import train
 
 HERE = Path(__file__).parent
-NO_RANDOMNESS = ["model.modality_dropout=0", "model.attn_dropout=0", "model.sa_dropout=0", "model.head_dropout=0"]
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+NO_RANDOMNESS = [
+    "model.modality_dropout=0",
+    "model.attn_dropout=0",
+    "model.sa_dropout=0",
+    "model.head_dropout=0",
+]
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch.distributed is not available"
+)
 
 
 def free_port() -> int:
@@ -51,16 +58,40 @@ def max_weight_diff(a: Path, b: Path) -> float:
 
 def test_torchrun_two_processes_match_one(tmp_path, synth, store, labels) -> None:
     sets = [*NO_RANDOMNESS, "train.batch_size=16", "train.max_epochs=2", "train.patience=0"]
-    one = train(build_config("paper", parse_overrides([*TINY_OVERRIDES, *sets])), store, *labels, tmp_path / "one",
-                progress=False)  # fmt: skip
+    one = train(
+        build_config("paper", parse_overrides([*TINY_OVERRIDES, *sets])),
+        store,
+        *labels,
+        tmp_path / "one",
+        progress=False,
+    )
     run = tmp_path / "ddp"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-        "-m", "taemi", "train", "--store", str(synth.store), "--train", str(synth.train_csv),
-        "--valid", str(synth.valid_csv), "--out", str(run), "--no-progress", *tiny_cli_sets(),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "taemi",
+        "train",
+        "--store",
+        str(synth.store),
+        "--train",
+        str(synth.train_csv),
+        "--valid",
+        str(synth.valid_csv),
+        "--out",
+        str(run),
+        "--no-progress",
+        *tiny_cli_sets(),
         *[a for s in sets for a in ("--set", s)],
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=300, check=False)
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=child_env(), timeout=300, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("run folder:") == 1  # rank 0 reports, once
 
@@ -71,20 +102,42 @@ def test_torchrun_two_processes_match_one(tmp_path, synth, store, labels) -> Non
         assert m2["valid"]["pearson"][e] == pytest.approx(r, abs=2e-3)
     assert max_weight_diff(one.run_dir / "last.safetensors", run / "last.safetensors") < 5e-4
     # one run folder, written once: the single-process file set, no per-rank copies
-    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        p.name for p in (tmp_path / "one").iterdir()
+    )
     st = torch.load(run / STATE_FILE, weights_only=True)
     assert st["world_size"] == 2 and len(st["rng_ranks"]) == 2
 
 
-def _launch(synth, out: Path, overrides: list[str], *extra: str) -> list[subprocess.CompletedProcess]:
+def _launch(
+    synth, out: Path, overrides: list[str], *extra: str
+) -> list[subprocess.CompletedProcess]:
     port = str(free_port())
     procs = []
     for rank in range(2):
-        env = {**child_env(), "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}  # fmt: skip
-        cmd = [sys.executable, str(HERE / "_ddp_child.py"), str(synth.store), str(synth.train_csv),
-               str(synth.valid_csv), str(out), json.dumps(overrides), *extra]  # fmt: skip
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = {
+            **child_env(),
+            "WORLD_SIZE": "2",
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+        }
+        cmd = [
+            sys.executable,
+            str(HERE / "_ddp_child.py"),
+            str(synth.store),
+            str(synth.train_csv),
+            str(synth.valid_csv),
+            str(out),
+            json.dumps(overrides),
+            *extra,
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
     done = []
     for p in procs:
         out_, err = p.communicate(timeout=300)
@@ -119,12 +172,26 @@ def test_fine_tuning_runs_on_two_processes(tmp_path) -> None:
     store, train_csv, valid_csv = make_finetune_store(tmp_path, n=24)
     w2v = make_w2v_dir(tmp_path / "w2v", conv_kernel=(32, 10), conv_stride=(16, 10))
     bert = make_bert_dir(tmp_path / "bert")
-    overrides = ["mode=finetune", f"finetune.audio_backbone={w2v}", f"finetune.text_backbone={bert}",
-                 "finetune.max_audio_seconds=2.0", "model.vision_dim=6", "model.hidden=16", "model.heads=2",
-                 "model.sa_ffn=32", "model.head_hidden=16", "train.batch_size=8", "train.max_epochs=1",
-                 "train.patience=0", "train.precision=fp32", "data.batching=bucket"]  # fmt: skip
+    overrides = [
+        "mode=finetune",
+        f"finetune.audio_backbone={w2v}",
+        f"finetune.text_backbone={bert}",
+        "finetune.max_audio_seconds=2.0",
+        "model.vision_dim=6",
+        "model.hidden=16",
+        "model.heads=2",
+        "model.sa_ffn=32",
+        "model.head_hidden=16",
+        "train.batch_size=8",
+        "train.max_epochs=1",
+        "train.patience=0",
+        "train.precision=fp32",
+        "data.batching=bucket",
+    ]
 
-    data = SimpleNamespace(store=store, train_csv=train_csv, valid_csv=valid_csv)  # what _launch reads
+    data = SimpleNamespace(
+        store=store, train_csv=train_csv, valid_csv=valid_csv
+    )  # what _launch reads
     run = tmp_path / "run"
     done = _launch(data, run, overrides)
     assert all(p.returncode == 0 for p in done), [p.stderr[-2000:] for p in done]

@@ -18,7 +18,9 @@ def test_random_batches_are_those_of_a_seeded_random_sampler(store, labels, tiny
         gen = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch)
         expected = list(BatchSampler(RandomSampler(ds, generator=gen), 10, drop_last=False))
         assert epoch_batches(cfg, ds, store, epoch, DistInfo()) == expected
-    assert epoch_batches(cfg, ds, store, 1, DistInfo()) != epoch_batches(cfg, ds, store, 2, DistInfo())
+    assert epoch_batches(cfg, ds, store, 1, DistInfo()) != epoch_batches(
+        cfg, ds, store, 2, DistInfo()
+    )
 
 
 def test_ranks_share_each_global_batch(store, labels, tiny_config) -> None:
@@ -37,7 +39,9 @@ def test_ranks_share_each_global_batch(store, labels, tiny_config) -> None:
                 assert set(i for p in parts for i in p) == set(glob)
 
 
-def test_bucketed_batches_cover_the_epoch_with_less_padding(tmp_path, store, labels, tiny_config) -> None:
+def test_bucketed_batches_cover_the_epoch_with_less_padding(
+    tmp_path, store, labels, tiny_config
+) -> None:
     cfg = tiny_config("train.batch_size=8", "data.batching=bucket", "train.max_epochs=2")
     ds = make_dataset(cfg, store, labels[0])
     batches = epoch_batches(cfg, ds, store, 1, DistInfo())
@@ -49,15 +53,21 @@ def test_bucketed_batches_cover_the_epoch_with_less_padding(tmp_path, store, lab
     assert len(res.history) == 2
 
 
-def test_bucketing_also_groups_text_token_lengths_when_tokens_are_used(synth_tokens, tiny_config) -> None:
+def test_bucketing_also_groups_text_token_lengths_when_tokens_are_used(
+    synth_tokens, tiny_config
+) -> None:
     from taemi.data.labels import read_labels
     from taemi.store import FeatureStore
 
     store = FeatureStore(synth_tokens.store)
-    cfg = tiny_config("train.batch_size=8", "data.batching=bucket", "model.anchor=audio", "data.text_tokens=yes")
+    cfg = tiny_config(
+        "train.batch_size=8", "data.batching=bucket", "model.anchor=audio", "data.text_tokens=yes"
+    )
     ds = make_dataset(cfg, store, read_labels(synth_tokens.train_csv))
     assert ds.text_tokens
-    tokens = dataset_lengths(store, ds.ids, 10**6, 10**6, max_text_tokens=cfg.data.max_text_tokens)[:, 2:]  # (N, 1)
+    tokens = dataset_lengths(store, ds.ids, 10**6, 10**6, max_text_tokens=cfg.data.max_text_tokens)[
+        :, 2:
+    ]  # (N, 1)
     bucketed = epoch_batches(cfg, ds, store, 1, DistInfo())
     rand = epoch_batches(tiny_config("train.batch_size=8"), ds, store, 1, DistInfo())
     assert padding_fraction(bucketed, tokens) < 0.5 * padding_fraction(rand, tokens)

@@ -245,8 +245,14 @@ def write_clip(
     def tone_block(start: int, stop: int) -> np.ndarray:
         return amplitude * np.sin(2 * np.pi * hz * np.arange(start, stop) / rate)
 
-    return write_media(path, samples=None if hz is None else tone_block, n_samples=round(seconds * rate),
-                       rate=rate, frames=frames, fps=fps)  # fmt: skip
+    return write_media(
+        path,
+        samples=None if hz is None else tone_block,
+        n_samples=round(seconds * rate),
+        rate=rate,
+        frames=frames,
+        fps=fps,
+    )
 
 
 def colour_frames(n: int = 25, size: tuple[int, int] = (48, 64)) -> list[np.ndarray]:
@@ -855,7 +861,9 @@ def test_interrupted_run_still_reports_its_failures(tmp_path) -> None:
     enc = pipeline.Encoders(asr=boom, audio=boom, image=boom, text=boom, face=None)
     store = tmp_path / "store"
     with pytest.raises(KeyboardInterrupt):
-        pipeline.extract(sources, store, enc, pipeline.ExtractOptions(batch_size=1, workers=1), progress=False)
+        pipeline.extract(
+            sources, store, enc, pipeline.ExtractOptions(batch_size=1, workers=1), progress=False
+        )
     summary = json.loads((store / pipeline.SUMMARY_FILE).read_text())
     assert summary["interrupted"] and summary["failed"] == 1 and summary["done"] == 0
     (line,) = (store / pipeline.ERRORS_FILE).read_text().splitlines()
@@ -871,7 +879,9 @@ def test_separate_audio_file_replaces_the_media_track(tmp_path):
     audio = write_clip(tmp_path / "00007.wav", hz=550.0, seconds=1.0)
     enc = fake_encoders()
     store = tmp_path / "store"
-    summary = extract([Source("00007", video, audio=audio)], store, enc, ExtractOptions(), progress=False)
+    summary = extract(
+        [Source("00007", video, audio=audio)], store, enc, ExtractOptions(), progress=False
+    )
     assert summary.done == 1 and summary.missing == {"audio": 0, "vision": 0, "text": 0}
     clip = FeatureStore(store).get("00007")
     assert clip.audio is not None and clip.vision is not None

@@ -804,8 +804,21 @@ def test_predict_media_removes_its_temporary_folder_on_sigterm(tmp_path: Path, m
 def _extract_cmd(media: Path, store: Path) -> list[str]:
     script = Path(sys.executable).with_name("taemi")
     taemi = [str(script)] if script.is_file() else [sys.executable, "-m", "taemi"]
-    return [*taemi, "extract", "--input", str(media), "--out", str(store), "--no-progress",
-            "--batch-size", "1", "--commit-clips", "2", "--max-frames", "16"]  # fmt: skip
+    return [
+        *taemi,
+        "extract",
+        "--input",
+        str(media),
+        "--out",
+        str(store),
+        "--no-progress",
+        "--batch-size",
+        "1",
+        "--commit-clips",
+        "2",
+        "--max-frames",
+        "16",
+    ]
 
 
 def _offline_available() -> None:
@@ -847,8 +860,12 @@ def _start_and_signal_after_a_commit(
 
 
 def _verify_cli(store: Path) -> None:
-    verify = subprocess.run([sys.executable, "-m", "taemi", "store", "verify", str(store), "--no-progress"],
-                            capture_output=True, text=True, check=False)  # fmt: skip
+    verify = subprocess.run(
+        [sys.executable, "-m", "taemi", "store", "verify", str(store), "--no-progress"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
@@ -863,8 +880,14 @@ def test_sigkill_keeps_committed_clips_and_the_rerun_extracts_only_the_rest(tmp_
     _verify_cli(store)
     kept = set(FeatureStore(store).ids)
     assert committed <= kept and len(kept) < 12  # what was committed survived the kill
-    rerun = subprocess.run(_extract_cmd(media, store), capture_output=True, text=True, check=False,
-                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=900)  # fmt: skip
+    rerun = subprocess.run(
+        _extract_cmd(media, store),
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=900,
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     summary = json.loads((store / SUMMARY_FILE).read_text())
     counts = (summary["skipped"], summary["done"], summary["failed"])

@@ -52,8 +52,11 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tree(store: Path) -> dict[str, int]:
     """Features, index, manifest and transcripts (not the cache, not the run reports): name -> mtime."""
     reports = ("extract_summary.json", "extract_errors.jsonl", ".lock")
-    return {str(p.relative_to(store)): p.stat().st_mtime_ns for p in sorted(store.rglob("*"))
-            if p.is_file() and "waveforms" not in p.parts and p.name not in reports}  # fmt: skip
+    return {
+        str(p.relative_to(store)): p.stat().st_mtime_ns
+        for p in sorted(store.rglob("*"))
+        if p.is_file() and "waveforms" not in p.parts and p.name not in reports
+    }
 
 
 def test_extract_caches_the_decoded_audio_of_clips_with_audio(media: Path, tmp_path: Path) -> None:
@@ -178,7 +181,10 @@ def test_force_rewrites_the_cache(tmp_path: Path) -> None:
 
 
 def test_cli_extract_waveforms_and_store_info(
-    media: Path, tmp_path: Path, cli_fakes, capsys  # noqa: F811 (the imported fixture)
+    media: Path,
+    tmp_path: Path,
+    cli_fakes,  # noqa: F811 (the imported fixture)
+    capsys,
 ) -> None:
     store = tmp_path / "store"
     code = main(

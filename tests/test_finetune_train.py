@@ -30,9 +30,18 @@ from taemi.store.waveforms import WaveformCacheError
 from taemi.train.modes import make_dataset
 from taemi.train.trainer import train
 
-TINY = ["model.hidden=16", "model.heads=2", "model.sa_ffn=32", "model.head_hidden=16", "train.batch_size=8",
-        "train.lr=1e-3", "train.device=cpu", "train.precision=fp32", "train.patience=0",
-        "finetune.max_audio_seconds=2.0"]  # fmt: skip
+TINY = [
+    "model.hidden=16",
+    "model.heads=2",
+    "model.sa_ffn=32",
+    "model.head_hidden=16",
+    "train.batch_size=8",
+    "train.lr=1e-3",
+    "train.device=cpu",
+    "train.precision=fp32",
+    "train.patience=0",
+    "finetune.max_audio_seconds=2.0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,15 +49,24 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("ft")
     store, train_csv, valid_csv = make_finetune_store(root, n=40)
     return {
-        "store": store, "train": train_csv, "valid": valid_csv,
+        "store": store,
+        "train": train_csv,
+        "valid": valid_csv,
         # 160 samples per frame (100 frames/s): short sequences keep the tests fast
-        "w2v": make_w2v_dir(root / "w2v", conv_kernel=(32, 10), conv_stride=(16, 10)), "bert": make_bert_dir(root / "bert"),
-    }  # fmt: skip
+        "w2v": make_w2v_dir(root / "w2v", conv_kernel=(32, 10), conv_stride=(16, 10)),
+        "bert": make_bert_dir(root / "bert"),
+    }
 
 
 def config(data, *extra: str):
-    sets = [*TINY, "mode=finetune", f"finetune.audio_backbone={data['w2v']}", f"finetune.text_backbone={data['bert']}",
-            "model.vision_dim=6", *extra]  # fmt: skip
+    sets = [
+        *TINY,
+        "mode=finetune",
+        f"finetune.audio_backbone={data['w2v']}",
+        f"finetune.text_backbone={data['bert']}",
+        "model.vision_dim=6",
+        *extra,
+    ]
     return build_config("paper", parse_overrides(sets))
 
 
@@ -74,9 +92,16 @@ def test_run_folder_holds_backbones_and_fusion(trained) -> None:
     features = json.loads((run / "features.json").read_text())
     assert set(features["backbones"]) == {"audio", "text"}
     model, cfg = load_run(run)
-    assert isinstance(model, FinetuneModel) and type(model.fusion) is TAEMI  # the frozen mode's fusion code
-    assert (cfg.model.audio_dim, cfg.model.text_dim) == (35, 16)  # the backbones' sizes: 32 + 3 head outputs, 16
-    assert len(trained.history) == 2 and all(np.isfinite(r["valid_mean_pearson"]) for r in trained.history)
+    assert (
+        isinstance(model, FinetuneModel) and type(model.fusion) is TAEMI
+    )  # the frozen mode's fusion code
+    assert (cfg.model.audio_dim, cfg.model.text_dim) == (
+        35,
+        16,
+    )  # the backbones' sizes: 32 + 3 head outputs, 16
+    assert len(trained.history) == 2 and all(
+        np.isfinite(r["valid_mean_pearson"]) for r in trained.history
+    )
 
 
 def test_trainable_backbone_weights_move_frozen_ones_do_not(trained, data) -> None:
@@ -119,14 +144,42 @@ def test_a_short_clip_predicts_the_same_alone_and_beside_a_long_one(trained, dat
 
 def test_evaluate_and_predict_use_the_fine_tuned_run(trained, data, tmp_path) -> None:
     run = trained.run_dir
-    code, out = run_main(["evaluate", "--run", str(run), "--store", str(data["store"]), "--labels",
-                          str(data["valid"]), "--which", "best", "--no-progress", "--out", str(tmp_path / "e.json")])  # fmt: skip
+    code, out = run_main(
+        [
+            "evaluate",
+            "--run",
+            str(run),
+            "--store",
+            str(data["store"]),
+            "--labels",
+            str(data["valid"]),
+            "--which",
+            "best",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "e.json"),
+        ]
+    )
     assert code == 0, out
     best = json.loads((run / "metrics.json").read_text())["valid"]["mean_pearson"]
-    assert json.loads((tmp_path / "e.json").read_text())["mean_pearson"] == pytest.approx(best, abs=1e-5)
+    assert json.loads((tmp_path / "e.json").read_text())["mean_pearson"] == pytest.approx(
+        best, abs=1e-5
+    )
     sub = tmp_path / "sub.csv"
-    code, out = run_main(["predict", "--run", str(run), "--store", str(data["store"]), "--ids", str(data["valid"]),
-                          "--out", str(sub), "--no-progress"])  # fmt: skip
+    code, out = run_main(
+        [
+            "predict",
+            "--run",
+            str(run),
+            "--store",
+            str(data["store"]),
+            "--ids",
+            str(data["valid"]),
+            "--out",
+            str(sub),
+            "--no-progress",
+        ]
+    )
     assert code == 0, out
     with open(sub, newline="") as fh:
         rows = list(csv.reader(fh))
@@ -138,8 +191,13 @@ class Stop(Exception):
 
 
 def test_resume_with_augmentation_is_exact(data, tmp_path) -> None:
-    cfg = config(data, "train.max_epochs=2", "finetune.augment.noise_prob=0.5", "finetune.augment.shift_prob=0.5",
-                 "finetune.augment.shift_seconds=0.2")  # fmt: skip
+    cfg = config(
+        data,
+        "train.max_epochs=2",
+        "finetune.augment.noise_prob=0.5",
+        "finetune.augment.shift_prob=0.5",
+        "finetune.augment.shift_seconds=0.2",
+    )
     store = FeatureStore(data["store"])
     a = train(cfg, store, *labels(data), tmp_path / "a", progress=False)
 
@@ -150,7 +208,9 @@ def test_resume_with_augmentation_is_exact(data, tmp_path) -> None:
     with pytest.raises(KeyboardInterrupt):
         train(cfg, store, *labels(data), tmp_path / "b", progress=False, callbacks=[interrupt])
     b = train(cfg, store, *labels(data), tmp_path / "b", resume=True, progress=False)
-    assert [r["valid_mean_pearson"] for r in a.history] == [r["valid_mean_pearson"] for r in b.history]
+    assert [r["valid_mean_pearson"] for r in a.history] == [
+        r["valid_mean_pearson"] for r in b.history
+    ]
     wa, wb = (load_file(str(r.run_dir / "last.safetensors")) for r in (a, b))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert (tmp_path / "b" / STATE_FILE).is_file()
@@ -167,16 +227,24 @@ def test_augmentation_depends_on_seed_epoch_and_clip_only(data) -> None:
     ds.set_epoch(2)
     assert not np.array_equal(first, ds[0].waveform)
     plain = make_dataset(cfg, store, read_labels(data["train"]))  # evaluation: never augmented
-    assert np.array_equal(plain[0].waveform, plain[0].waveform) and not np.array_equal(plain[0].waveform, first)
+    assert np.array_equal(plain[0].waveform, plain[0].waveform) and not np.array_equal(
+        plain[0].waveform, first
+    )
 
 
 def test_missing_modalities_reach_the_fusion_model_as_missing(data) -> None:
     cfg = config(data)
     store = FeatureStore(data["store"])
     ds = make_dataset(cfg, store, read_labels(data["train"]))
-    batch: FinetuneBatch = ds.collator()([ds[3], ds[5], ds[7], ds[0]])  # no audio, no text, no face, complete
-    assert batch.missing.tolist() == [[True, False, False], [False, False, True], [False, True, False],
-                                      [False, False, False]]  # fmt: skip
+    batch: FinetuneBatch = ds.collator()(
+        [ds[3], ds[5], ds[7], ds[0]]
+    )  # no audio, no text, no face, complete
+    assert batch.missing.tolist() == [
+        [True, False, False],
+        [False, False, True],
+        [False, True, False],
+        [False, False, False],
+    ]
     assert batch.wave_lengths[0] == 0 and batch.texts[1] == ""
 
 
@@ -199,17 +267,46 @@ def test_a_store_without_waveforms_is_a_clear_error(data, tmp_path) -> None:
 
 def test_cli_train_mode_finetune(data, tmp_path) -> None:
     run = tmp_path / "cli"
-    sets = [a for s in [*TINY, "train.max_epochs=1", f"finetune.audio_backbone={data['w2v']}",
-                        f"finetune.text_backbone={data['bert']}", "train.grad_accum_steps=2"] for a in ("--set", s)]  # fmt: skip
-    code, out = run_main(["train", "--mode", "finetune", "--store", str(data["store"]), "--train", str(data["train"]),
-                          "--valid", str(data["valid"]), "--out", str(run), "--no-progress", *sets])  # fmt: skip
+    sets = [
+        a
+        for s in [
+            *TINY,
+            "train.max_epochs=1",
+            f"finetune.audio_backbone={data['w2v']}",
+            f"finetune.text_backbone={data['bert']}",
+            "train.grad_accum_steps=2",
+        ]
+        for a in ("--set", s)
+    ]
+    code, out = run_main(
+        [
+            "train",
+            "--mode",
+            "finetune",
+            "--store",
+            str(data["store"]),
+            "--train",
+            str(data["train"]),
+            "--valid",
+            str(data["valid"]),
+            "--out",
+            str(run),
+            "--no-progress",
+            *sets,
+        ]
+    )
     assert code == 0, out
     assert "mode: finetune" in (run / "config.yaml").read_text()
 
 
 def test_bf16_autocast_and_gradient_checkpointing_train(data, tmp_path) -> None:
-    cfg = config(data, "train.max_epochs=1", "train.precision=bf16", "finetune.gradient_checkpointing=true",
-                 "finetune.freeze_audio_layers=1")  # fmt: skip
+    cfg = config(
+        data,
+        "train.max_epochs=1",
+        "train.precision=bf16",
+        "finetune.gradient_checkpointing=true",
+        "finetune.freeze_audio_layers=1",
+    )
     res = train(cfg, FeatureStore(data["store"]), *labels(data), tmp_path / "bf16", progress=False)
     assert np.isfinite(res.history[0]["train_loss"]) and np.isfinite(res.history[0]["valid_loss"])
     assert json.loads((res.run_dir / "metrics.json").read_text())["precision"] == "bf16"

@@ -15,23 +15,51 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = {"DEVICE": "cpu", "PRECISION": "bf16", "STEPS": "1", "WARMUP": "1", "PRESETS": "official", "CLIPS": "120",
-         "EPOCHS": "1", "FT_BATCH": "2", "FT_STEPS": "1", "FT_ARGS": "--skip-paper", "DEMO_CLIPS": "24",
-         "DEMO_EPOCHS": "2"}  # fmt: skip
+SMOKE = {
+    "DEVICE": "cpu",
+    "PRECISION": "bf16",
+    "STEPS": "1",
+    "WARMUP": "1",
+    "PRESETS": "official",
+    "CLIPS": "120",
+    "EPOCHS": "1",
+    "FT_BATCH": "2",
+    "FT_STEPS": "1",
+    "FT_ARGS": "--skip-paper",
+    "DEMO_CLIPS": "24",
+    "DEMO_EPOCHS": "2",
+}
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
+@pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout"
+)
 def test_gpu_check_script_runs_every_step(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    env = {**os.environ, **SMOKE, "OUT": str(out), "PYTHON": sys.executable, "TMPDIR": str(tmp_path)}
-    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900, check=False)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    steps = dict(re.findall(r"^(\w+) rc=(\d+)", (out / "steps.txt").read_text(), flags=re.MULTILINE))
-    assert steps == {"throughput": "0", "synth": "0", "train": "0", "finetune": "0", "demo": "0"}, (
-        (out / "steps.txt").read_text() + proc.stdout[-3000:]
+    env = {
+        **os.environ,
+        **SMOKE,
+        "OUT": str(out),
+        "PYTHON": sys.executable,
+        "TMPDIR": str(tmp_path),
+    }
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
     )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = dict(
+        re.findall(r"^(\w+) rc=(\d+)", (out / "steps.txt").read_text(), flags=re.MULTILINE)
+    )
+    assert steps == {"throughput": "0", "synth": "0", "train": "0", "finetune": "0", "demo": "0"}, (
+        out / "steps.txt"
+    ).read_text() + proc.stdout[-3000:]
 
     throughput = (out / "throughput.txt").read_text()
     assert "exec util" in throughput and "[official] summary" in throughput

@@ -9,15 +9,25 @@ from safetensors.torch import load_file
 from taemi.config import ConfigError
 from taemi.train.trainer import train
 
-NO_RANDOMNESS = ("model.modality_dropout=0", "model.attn_dropout=0", "model.sa_dropout=0", "model.head_dropout=0",
-                 "train.max_epochs=2", "train.patience=0")  # fmt: skip
+NO_RANDOMNESS = (
+    "model.modality_dropout=0",
+    "model.attn_dropout=0",
+    "model.sa_dropout=0",
+    "model.head_dropout=0",
+    "train.max_epochs=2",
+    "train.patience=0",
+)
 
 
-def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, store, labels, tiny_config) -> None:
+def test_accumulated_micro_batches_equal_one_big_batch(
+    tmp_path, store, labels, tiny_config
+) -> None:
     n_train = len(labels[0].ids)
     big = tiny_config(*NO_RANDOMNESS, "train.batch_size=16")
     small = tiny_config(*NO_RANDOMNESS, "train.batch_size=8", "train.grad_accum_steps=2")
-    odd = tiny_config(*NO_RANDOMNESS, "train.batch_size=5", "train.grad_accum_steps=3")  # 15 per step: differs
+    odd = tiny_config(
+        *NO_RANDOMNESS, "train.batch_size=5", "train.grad_accum_steps=3"
+    )  # 15 per step: differs
     assert n_train % 16 != 0, "the last step should be a short one"
     ra = train(big, store, *labels, tmp_path / "big", progress=False)
     rb = train(small, store, *labels, tmp_path / "small", progress=False)
@@ -31,7 +41,9 @@ def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, store, labels, 
         assert row_a["valid_mean_pearson"] == pytest.approx(row_b["valid_mean_pearson"], abs=1e-4)
     rc = train(odd, store, *labels, tmp_path / "odd", progress=False)
     wc = load_file(str(rc.run_dir / "last.safetensors"))
-    assert max(float((wa[k] - wc[k]).abs().max()) for k in wa) > 1e-3  # a different step size changes training
+    assert (
+        max(float((wa[k] - wc[k]).abs().max()) for k in wa) > 1e-3
+    )  # a different step size changes training
 
 
 def test_grad_accum_steps_must_be_positive(tiny_config) -> None:

@@ -79,10 +79,25 @@ def good(synth, tmp_path_factory) -> Good:
     run = tmp_path_factory.mktemp("hostile") / "run"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")  # `taemi train` would set one thread per core otherwise
-        code, _ = run_main(["train", "--store", str(synth.store), "--train", str(synth.train_csv),
-                            "--valid", str(synth.valid_csv), "--out", str(run), "--no-progress", *RUN_SETS])  # fmt: skip
+        code, _ = run_main(
+            [
+                "train",
+                "--store",
+                str(synth.store),
+                "--train",
+                str(synth.train_csv),
+                "--valid",
+                str(synth.valid_csv),
+                "--out",
+                str(run),
+                "--no-progress",
+                *RUN_SETS,
+            ]
+        )
     assert code == 0
-    return Good(Path(synth.store), Path(synth.train_csv), Path(synth.valid_csv), run, file_hashes(run))
+    return Good(
+        Path(synth.store), Path(synth.train_csv), Path(synth.valid_csv), run, file_hashes(run)
+    )
 
 
 @dataclasses.dataclass
@@ -116,22 +131,69 @@ class Ctx:
 
     def train(self, out: Path | str, *extra: str, valid: Path | None = None) -> list[str]:
         """``taemi train`` of the tiny config into ``out``."""
-        return ["train", "--store", str(self.store), "--train", str(self.good.train_csv),
-                "--valid", str(valid or self.good.valid_csv), "--out", str(out), "--no-progress",
-                *tiny_cli_sets(), "--set", "train.max_epochs=2", *extra]  # fmt: skip
+        return [
+            "train",
+            "--store",
+            str(self.store),
+            "--train",
+            str(self.good.train_csv),
+            "--valid",
+            str(valid or self.good.valid_csv),
+            "--out",
+            str(out),
+            "--no-progress",
+            *tiny_cli_sets(),
+            "--set",
+            "train.max_epochs=2",
+            *extra,
+        ]
 
     def resume(self, run: Path) -> list[str]:
         """``taemi train --resume`` of ``run`` with its own config."""
-        return ["train", "--store", str(self.store), "--train", str(self.good.train_csv),
-                "--valid", str(self.good.valid_csv), "--out", str(run), "--resume", "--no-progress"]  # fmt: skip
+        return [
+            "train",
+            "--store",
+            str(self.store),
+            "--train",
+            str(self.good.train_csv),
+            "--valid",
+            str(self.good.valid_csv),
+            "--out",
+            str(run),
+            "--resume",
+            "--no-progress",
+        ]
 
-    def evaluate(self, run: Path, *extra: str, store: Path | None = None, labels: Path | None = None) -> list[str]:
-        return ["evaluate", "--run", str(run), "--store", str(store or self.store),
-                "--labels", str(labels or self.good.valid_csv), "--device", "cpu", "--no-progress", *extra]  # fmt: skip
+    def evaluate(
+        self, run: Path, *extra: str, store: Path | None = None, labels: Path | None = None
+    ) -> list[str]:
+        return [
+            "evaluate",
+            "--run",
+            str(run),
+            "--store",
+            str(store or self.store),
+            "--labels",
+            str(labels or self.good.valid_csv),
+            "--device",
+            "cpu",
+            "--no-progress",
+            *extra,
+        ]
 
     def predict(self, run: Path, out: Path | str, store: Path | None = None) -> list[str]:
-        return ["predict", "--run", str(run), "--store", str(store or self.store), "--out", str(out),
-                "--device", "cpu", "--no-progress"]  # fmt: skip
+        return [
+            "predict",
+            "--run",
+            str(run),
+            "--store",
+            str(store or self.store),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
 
 
 @dataclasses.dataclass
@@ -241,16 +303,24 @@ def _store_with_nan(ctx: Ctx, split: Path) -> tuple[Path, str]:
     for shard in manifest["shards"]:
         folder = dst / "shards" / shard["name"]
         with np.load(folder / "index.npz", allow_pickle=False) as index:
-            rows = [(str(c), int(o)) for c, o, n in zip(index["ids"], index["audio_offset"], index["audio_length"])
-                    if str(c) in ids and n > 0]  # fmt: skip
+            rows = [
+                (str(c), int(o))
+                for c, o, n in zip(index["ids"], index["audio_offset"], index["audio_length"])
+                if str(c) in ids and n > 0
+            ]
         if not rows:
             continue
         clip_id, offset = rows[0]
         data = bytearray((folder / "audio.bin").read_bytes())
-        pos = offset * manifest["dims"]["audio"] * dtype.itemsize  # first value of the clip's first row
+        pos = (
+            offset * manifest["dims"]["audio"] * dtype.itemsize
+        )  # first value of the clip's first row
         data[pos : pos + dtype.itemsize] = np.array([np.nan], dtype=dtype).tobytes()
         (folder / "audio.bin").write_bytes(bytes(data))
-        shard["files"]["audio.bin"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        shard["files"]["audio.bin"] = {
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
         (dst / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         ctx.nan_clip = clip_id
         return dst, clip_id
@@ -258,7 +328,9 @@ def _store_with_nan(ctx: Ctx, split: Path) -> tuple[Path, str]:
 
 
 def _store_of_other_sizes(ctx: Ctx) -> Path:
-    res = make_synth(ctx.tmp / "other", small_synth_config(clips=8, dims=(13, 10, 8), seed=5), progress=False)
+    res = make_synth(
+        ctx.tmp / "other", small_synth_config(clips=8, dims=(13, 10, 8), seed=5), progress=False
+    )
     ctx.other_valid = Path(res.valid_csv)
     return Path(res.store)
 
@@ -345,7 +417,9 @@ def _organiser_root(ctx: Ctx, first: bytes | None = None) -> Path:
         (root / sub).mkdir(parents=True)
         for k in range(6):
             data = pickle.dumps(np.ones((3 + k, dim), np.float32))
-            (root / sub / f"{k:05d}.pkl").write_bytes(first if (k == 0 and first is not None) else data)
+            (root / sub / f"{k:05d}.pkl").write_bytes(
+                first if (k == 0 and first is not None) else data
+            )
     (root / "text").mkdir()
     for k in range(6):
         (root / "text" / f"{k:05d}.txt").write_text("I am happy to see you.\n", encoding="utf-8")
@@ -353,13 +427,24 @@ def _organiser_root(ctx: Ctx, first: bytes | None = None) -> Path:
 
 
 #: 50 bytes that declare a (1, 2**26) float64 array: numpy.ndarray((1, 2**26), dtype('f8')).
-_HUGE_PICKLE = (b"\x80\x02cnumpy\nndarray\nK\x01J\x00\x00\x00\x04\x86"
-                b"cnumpy\ndtype\nX\x02\x00\x00\x00f8\x85R\x86R.")  # fmt: skip
+_HUGE_PICKLE = (
+    b"\x80\x02cnumpy\nndarray\nK\x01J\x00\x00\x00\x04\x86"
+    b"cnumpy\ndtype\nX\x02\x00\x00\x00f8\x85R\x86R."
+)
 
 
 def _import(ctx: Ctx, root: Path, *extra: str) -> list[str]:
-    return ["import", "--root", str(root), "--out", str(ctx.tmp / "imported"), "--text-profile", "none",
-            "--no-progress", *extra]  # fmt: skip
+    return [
+        "import",
+        "--root",
+        str(root),
+        "--out",
+        str(ctx.tmp / "imported"),
+        "--text-profile",
+        "none",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _imported_without(clip: str) -> Callable[[Ctx, Result], None]:
@@ -378,142 +463,389 @@ def _imported_without(clip: str) -> Callable[[Ctx, Result], None]:
 
 CASES = [
     # -- weights (best.safetensors): evaluate and predict
-    Case("evaluate-truncated-weights", lambda c: c.evaluate(_damaged_weights(c, "truncated")),
-         lambda c: [str(c.tmp / "run" / "best.safetensors"), "cannot be read"]),
-    Case("evaluate-empty-weights", lambda c: c.evaluate(_damaged_weights(c, "empty")),
-         lambda c: [str(c.tmp / "run" / "best.safetensors"), "cannot be read"]),
-    Case("evaluate-corrupted-weights-header", lambda c: c.evaluate(_damaged_weights(c, "header")),
-         lambda c: [str(c.tmp / "run" / "best.safetensors"), "cannot be read"]),
-    Case("evaluate-foreign-weights", lambda c: c.evaluate(_damaged_weights(c, "foreign")),
-         lambda c: [str(c.tmp / "run" / "best.safetensors"), "do not fit the model"]),
-    Case("predict-truncated-weights", lambda c: c.predict(_damaged_weights(c, "truncated"), c.tmp / "p.csv"),
-         lambda c: [str(c.tmp / "run" / "best.safetensors"), "cannot be read"], after=_no_folder("p.csv")),
-    Case("predict-nan-weights", lambda c: c.predict(_damaged_weights(c, "nan"), c.tmp / "p.csv"),
-         lambda c: [str(c.tmp / "run" / "best.safetensors"), "NaN/Inf"], after=_no_folder("p.csv")),
+    Case(
+        "evaluate-truncated-weights",
+        lambda c: c.evaluate(_damaged_weights(c, "truncated")),
+        lambda c: [str(c.tmp / "run" / "best.safetensors"), "cannot be read"],
+    ),
+    Case(
+        "evaluate-empty-weights",
+        lambda c: c.evaluate(_damaged_weights(c, "empty")),
+        lambda c: [str(c.tmp / "run" / "best.safetensors"), "cannot be read"],
+    ),
+    Case(
+        "evaluate-corrupted-weights-header",
+        lambda c: c.evaluate(_damaged_weights(c, "header")),
+        lambda c: [str(c.tmp / "run" / "best.safetensors"), "cannot be read"],
+    ),
+    Case(
+        "evaluate-foreign-weights",
+        lambda c: c.evaluate(_damaged_weights(c, "foreign")),
+        lambda c: [str(c.tmp / "run" / "best.safetensors"), "do not fit the model"],
+    ),
+    Case(
+        "predict-truncated-weights",
+        lambda c: c.predict(_damaged_weights(c, "truncated"), c.tmp / "p.csv"),
+        lambda c: [str(c.tmp / "run" / "best.safetensors"), "cannot be read"],
+        after=_no_folder("p.csv"),
+    ),
+    Case(
+        "predict-nan-weights",
+        lambda c: c.predict(_damaged_weights(c, "nan"), c.tmp / "p.csv"),
+        lambda c: [str(c.tmp / "run" / "best.safetensors"), "NaN/Inf"],
+        after=_no_folder("p.csv"),
+    ),
     # -- training state (state.pt): train --resume
-    Case("resume-truncated-state", lambda c: c.resume(_damaged_state(c, "truncated")),
-         lambda c: [str(c.tmp / "run" / "state.pt"), "cannot be read"]),
-    Case("resume-empty-state", lambda c: c.resume(_damaged_state(c, "empty")),
-         lambda c: [str(c.tmp / "run" / "state.pt"), "cannot be read"]),
-    Case("resume-garbage-state", lambda c: c.resume(_damaged_state(c, "garbage")),
-         lambda c: [str(c.tmp / "run" / "state.pt"), "cannot be read"]),
-    Case("resume-pickled-object-state", lambda c: c.resume(_damaged_state(c, "pickled object")),
-         lambda c: [str(c.tmp / "run" / "state.pt"), "refused without running"], after=_no_folder("PWNED")),
-    Case("resume-deleted-state", lambda c: c.resume(_damaged_state(c, "deleted")),
-         lambda c: [str(c.tmp / "run" / "state.pt"), "is missing"]),
+    Case(
+        "resume-truncated-state",
+        lambda c: c.resume(_damaged_state(c, "truncated")),
+        lambda c: [str(c.tmp / "run" / "state.pt"), "cannot be read"],
+    ),
+    Case(
+        "resume-empty-state",
+        lambda c: c.resume(_damaged_state(c, "empty")),
+        lambda c: [str(c.tmp / "run" / "state.pt"), "cannot be read"],
+    ),
+    Case(
+        "resume-garbage-state",
+        lambda c: c.resume(_damaged_state(c, "garbage")),
+        lambda c: [str(c.tmp / "run" / "state.pt"), "cannot be read"],
+    ),
+    Case(
+        "resume-pickled-object-state",
+        lambda c: c.resume(_damaged_state(c, "pickled object")),
+        lambda c: [str(c.tmp / "run" / "state.pt"), "refused without running"],
+        after=_no_folder("PWNED"),
+    ),
+    Case(
+        "resume-deleted-state",
+        lambda c: c.resume(_damaged_state(c, "deleted")),
+        lambda c: [str(c.tmp / "run" / "state.pt"), "is missing"],
+    ),
     # -- other run-folder files
-    Case("resume-damaged-features-json", lambda c: c.resume(_run_with(c, "features.json", "{not json")),
-         lambda c: [str(c.tmp / "run" / "features.json")]),
-    Case("evaluate-run-config-is-a-list", lambda c: c.evaluate(_run_with(c, "config.yaml", "- 1\n- 2\n")),
-         lambda c: [str(c.tmp / "run" / "config.yaml"), "mapping"]),
-    Case("evaluate-damaged-metrics-json", lambda c: c.evaluate(_run_with(c, "metrics.json", "[1,")),
-         lambda c: [str(c.tmp / "run" / "metrics.json")]),
-    Case("epochs-from-invalid-metrics-json",
-         lambda c: c.train(c.tmp / "final", "--train-on-all", "--epochs-from",
-                           str(_run_with(c, "metrics.json", '{"best_epoch": '))),
-         lambda c: [str(c.tmp / "run" / "metrics.json")], after=_no_folder("final")),
-    Case("epochs-from-metrics-json-not-an-object",
-         lambda c: c.train(c.tmp / "final", "--train-on-all", "--epochs-from", str(_run_with(c, "metrics.json", "[2]"))),
-         lambda c: [str(c.tmp / "run" / "metrics.json"), "JSON object"], after=_no_folder("final")),
+    Case(
+        "resume-damaged-features-json",
+        lambda c: c.resume(_run_with(c, "features.json", "{not json")),
+        lambda c: [str(c.tmp / "run" / "features.json")],
+    ),
+    Case(
+        "evaluate-run-config-is-a-list",
+        lambda c: c.evaluate(_run_with(c, "config.yaml", "- 1\n- 2\n")),
+        lambda c: [str(c.tmp / "run" / "config.yaml"), "mapping"],
+    ),
+    Case(
+        "evaluate-damaged-metrics-json",
+        lambda c: c.evaluate(_run_with(c, "metrics.json", "[1,")),
+        lambda c: [str(c.tmp / "run" / "metrics.json")],
+    ),
+    Case(
+        "epochs-from-invalid-metrics-json",
+        lambda c: c.train(
+            c.tmp / "final",
+            "--train-on-all",
+            "--epochs-from",
+            str(_run_with(c, "metrics.json", '{"best_epoch": ')),
+        ),
+        lambda c: [str(c.tmp / "run" / "metrics.json")],
+        after=_no_folder("final"),
+    ),
+    Case(
+        "epochs-from-metrics-json-not-an-object",
+        lambda c: c.train(
+            c.tmp / "final",
+            "--train-on-all",
+            "--epochs-from",
+            str(_run_with(c, "metrics.json", "[2]")),
+        ),
+        lambda c: [str(c.tmp / "run" / "metrics.json"), "JSON object"],
+        after=_no_folder("final"),
+    ),
     # -- --config files
-    Case("config-top-level-list", lambda c: c.train(c.tmp / "out", "--config", str(_write(c, "c.yaml", "- a\n- b\n"))),
-         lambda c: [str(c.tmp / "c.yaml"), "mapping"], after=_no_folder("out")),
-    Case("config-duplicate-key",
-         lambda c: c.train(c.tmp / "out", "--config", str(_write(c, "c.yaml", "train:\n  lr: 1e-3\n  lr: 1e-2\n"))),
-         lambda c: [str(c.tmp / "c.yaml"), "duplicate key 'lr'", "line 3"], after=_no_folder("out")),
-    Case("config-not-yaml", lambda c: c.train(c.tmp / "out", "--config", str(_write(c, "c.yaml", "train: [\n"))),
-         lambda c: [str(c.tmp / "c.yaml"), "not valid YAML"], after=_no_folder("out")),
-    Case("config-section-not-a-mapping", lambda c: c.train(c.tmp / "out", "--config", str(_write(c, "c.yaml", "model: 3\n"))),
-         lambda c: [str(c.tmp / "c.yaml"), "'model'"], after=_no_folder("out")),
-    Case("config-non-finite-lr", lambda c: c.train(c.tmp / "out", "--config", str(_write(c, "c.yaml", "train:\n  lr: .inf\n"))),
-         lambda c: [str(c.tmp / "c.yaml"), "train.lr=inf: must be finite and > 0"], after=_no_folder("out")),
+    Case(
+        "config-top-level-list",
+        lambda c: c.train(c.tmp / "out", "--config", str(_write(c, "c.yaml", "- a\n- b\n"))),
+        lambda c: [str(c.tmp / "c.yaml"), "mapping"],
+        after=_no_folder("out"),
+    ),
+    Case(
+        "config-duplicate-key",
+        lambda c: c.train(
+            c.tmp / "out", "--config", str(_write(c, "c.yaml", "train:\n  lr: 1e-3\n  lr: 1e-2\n"))
+        ),
+        lambda c: [str(c.tmp / "c.yaml"), "duplicate key 'lr'", "line 3"],
+        after=_no_folder("out"),
+    ),
+    Case(
+        "config-not-yaml",
+        lambda c: c.train(c.tmp / "out", "--config", str(_write(c, "c.yaml", "train: [\n"))),
+        lambda c: [str(c.tmp / "c.yaml"), "not valid YAML"],
+        after=_no_folder("out"),
+    ),
+    Case(
+        "config-section-not-a-mapping",
+        lambda c: c.train(c.tmp / "out", "--config", str(_write(c, "c.yaml", "model: 3\n"))),
+        lambda c: [str(c.tmp / "c.yaml"), "'model'"],
+        after=_no_folder("out"),
+    ),
+    Case(
+        "config-non-finite-lr",
+        lambda c: c.train(
+            c.tmp / "out", "--config", str(_write(c, "c.yaml", "train:\n  lr: .inf\n"))
+        ),
+        lambda c: [str(c.tmp / "c.yaml"), "train.lr=inf: must be finite and > 0"],
+        after=_no_folder("out"),
+    ),
     # -- settings that are not finite or not positive, refused when the config is built
-    Case("set-lr-inf", lambda c: c.train(c.tmp / "out", "--set", "train.lr=inf"),
-         lambda c: ["train.lr=inf: must be finite and > 0"], after=_no_folder("out")),
-    Case("set-lr-nan", lambda c: c.train(c.tmp / "out", "--set", "train.lr=nan"),
-         lambda c: ["train.lr=nan: must be finite and > 0"], after=_no_folder("out")),
-    Case("set-weight-decay-negative", lambda c: c.train(c.tmp / "out", "--set", "train.weight_decay=-0.1"),
-         lambda c: ["train.weight_decay=-0.1: must be finite and >= 0"], after=_no_folder("out")),
-    Case("set-max-audio-len-0", lambda c: c.train(c.tmp / "out", "--set", "data.max_audio_len=0"),
-         lambda c: ["data.max_audio_len=0: must be > 0"], after=_no_folder("out")),
+    Case(
+        "set-lr-inf",
+        lambda c: c.train(c.tmp / "out", "--set", "train.lr=inf"),
+        lambda c: ["train.lr=inf: must be finite and > 0"],
+        after=_no_folder("out"),
+    ),
+    Case(
+        "set-lr-nan",
+        lambda c: c.train(c.tmp / "out", "--set", "train.lr=nan"),
+        lambda c: ["train.lr=nan: must be finite and > 0"],
+        after=_no_folder("out"),
+    ),
+    Case(
+        "set-weight-decay-negative",
+        lambda c: c.train(c.tmp / "out", "--set", "train.weight_decay=-0.1"),
+        lambda c: ["train.weight_decay=-0.1: must be finite and >= 0"],
+        after=_no_folder("out"),
+    ),
+    Case(
+        "set-max-audio-len-0",
+        lambda c: c.train(c.tmp / "out", "--set", "data.max_audio_len=0"),
+        lambda c: ["data.max_audio_len=0: must be > 0"],
+        after=_no_folder("out"),
+    ),
     # -- a finite but absurd learning rate: stopped at the step the loss turns NaN/Inf, no stub left
-    Case("set-lr-1e30", lambda c: c.train(c.tmp / "out", "--set", "train.lr=1e30"),
-         lambda c: ["epoch 1, step", "training loss", "train.lr"], after=_no_folder("out")),
+    Case(
+        "set-lr-1e30",
+        lambda c: c.train(c.tmp / "out", "--set", "train.lr=1e30"),
+        lambda c: ["epoch 1, step", "training loss", "train.lr"],
+        after=_no_folder("out"),
+    ),
     # -- data
-    Case("nan-in-a-training-clip",
-         lambda c: ["train", "--store", str(_store_with_nan(c, c.good.train_csv)[0]), *c.train(c.tmp / "out")[3:]],
-         lambda c: [c.nan_clip], after=_no_folder("out")),
-    Case("nan-in-a-validation-clip",
-         lambda c: ["train", "--store", str(_store_with_nan(c, c.good.valid_csv)[0]), *c.train(c.tmp / "out")[3:]],
-         lambda c: [c.nan_clip], after=_no_folder("out")),
-    Case("evaluate-nan-in-a-clip", lambda c: c.evaluate(c.run, "--out", str(c.tmp / "e.json"),
-                                                          store=_store_with_nan(c, c.good.valid_csv)[0]),
-         lambda c: [c.nan_clip], after=_no_folder("e.json")),
-    Case("one-row-validation-csv", lambda c: c.train(c.tmp / "out", valid=_first_rows(c, "one.csv", c.good.valid_csv)),
-         lambda c: [str(c.tmp / "one.csv"), "at least 2"], after=_no_folder("out")),
-    Case("evaluate-one-row-labels",
-         lambda c: c.evaluate(c.run, "--out", str(c.tmp / "e.json"), labels=_first_rows(c, "one.csv", c.good.valid_csv)),
-         lambda c: [str(c.tmp / "one.csv"), "at least 2"], after=_no_folder("e.json")),
-    Case("evaluate-store-of-other-sizes", lambda c: c.evaluate(c.run, store=_store_of_other_sizes(c), labels=c.other_valid),
-         lambda c: [str(c.tmp / "other" / "store"), "size 13", "features.json"],
-         after=lambda c, r: None if "--set" not in r.stderr else pytest.fail(f"suggests --set: {r.stderr}")),
-    Case("predict-store-of-other-sizes", lambda c: c.predict(c.run, c.tmp / "p.csv", store=_store_of_other_sizes(c)),
-         lambda c: [str(c.tmp / "other" / "store"), "size 13", "features.json"],
-         after=lambda c, r: None if "--set" not in r.stderr else pytest.fail(f"suggests --set: {r.stderr}")),
+    Case(
+        "nan-in-a-training-clip",
+        lambda c: [
+            "train",
+            "--store",
+            str(_store_with_nan(c, c.good.train_csv)[0]),
+            *c.train(c.tmp / "out")[3:],
+        ],
+        lambda c: [c.nan_clip],
+        after=_no_folder("out"),
+    ),
+    Case(
+        "nan-in-a-validation-clip",
+        lambda c: [
+            "train",
+            "--store",
+            str(_store_with_nan(c, c.good.valid_csv)[0]),
+            *c.train(c.tmp / "out")[3:],
+        ],
+        lambda c: [c.nan_clip],
+        after=_no_folder("out"),
+    ),
+    Case(
+        "evaluate-nan-in-a-clip",
+        lambda c: c.evaluate(
+            c.run, "--out", str(c.tmp / "e.json"), store=_store_with_nan(c, c.good.valid_csv)[0]
+        ),
+        lambda c: [c.nan_clip],
+        after=_no_folder("e.json"),
+    ),
+    Case(
+        "one-row-validation-csv",
+        lambda c: c.train(c.tmp / "out", valid=_first_rows(c, "one.csv", c.good.valid_csv)),
+        lambda c: [str(c.tmp / "one.csv"), "at least 2"],
+        after=_no_folder("out"),
+    ),
+    Case(
+        "evaluate-one-row-labels",
+        lambda c: c.evaluate(
+            c.run,
+            "--out",
+            str(c.tmp / "e.json"),
+            labels=_first_rows(c, "one.csv", c.good.valid_csv),
+        ),
+        lambda c: [str(c.tmp / "one.csv"), "at least 2"],
+        after=_no_folder("e.json"),
+    ),
+    Case(
+        "evaluate-store-of-other-sizes",
+        lambda c: c.evaluate(c.run, store=_store_of_other_sizes(c), labels=c.other_valid),
+        lambda c: [str(c.tmp / "other" / "store"), "size 13", "features.json"],
+        after=lambda c, r: (
+            None if "--set" not in r.stderr else pytest.fail(f"suggests --set: {r.stderr}")
+        ),
+    ),
+    Case(
+        "predict-store-of-other-sizes",
+        lambda c: c.predict(c.run, c.tmp / "p.csv", store=_store_of_other_sizes(c)),
+        lambda c: [str(c.tmp / "other" / "store"), "size 13", "features.json"],
+        after=lambda c, r: (
+            None if "--set" not in r.stderr else pytest.fail(f"suggests --set: {r.stderr}")
+        ),
+    ),
     # -- output paths
-    Case("train-out-below-a-file", lambda c: c.train(_write(c, "afile", "x") / "run"),
-         lambda c: [str(c.tmp / "afile"), "is a file"]),
-    Case("train-out-is-a-file", lambda c: c.train(_write(c, "afile", "x")),
-         lambda c: [str(c.tmp / "afile"), "is a file"]),
-    Case("train-out-unwritable", lambda c: c.train(_unwritable(c) / "taemi-hostile-run"),
-         lambda c: ["taemi-hostile-run", "cannot create the run folder"]),
-    Case("evaluate-out-is-a-folder", lambda c: c.evaluate(c.run, "--out", str(c.tmp)),
-         lambda c: [str(c.tmp), "is a folder"]),
-    Case("evaluate-out-below-a-file", lambda c: c.evaluate(c.run, "--out", str(_write(c, "afile", "x") / "e.json")),
-         lambda c: [str(c.tmp / "afile"), "is a file"]),
-    Case("evaluate-out-unwritable", lambda c: c.evaluate(c.run, "--out", str(_unwritable(c) / "taemi-hostile.json")),
-         lambda c: ["taemi-hostile.json"]),
-    Case("predict-out-is-a-folder", lambda c: c.predict(c.run, c.tmp), lambda c: [str(c.tmp), "is a folder"]),
+    Case(
+        "train-out-below-a-file",
+        lambda c: c.train(_write(c, "afile", "x") / "run"),
+        lambda c: [str(c.tmp / "afile"), "is a file"],
+    ),
+    Case(
+        "train-out-is-a-file",
+        lambda c: c.train(_write(c, "afile", "x")),
+        lambda c: [str(c.tmp / "afile"), "is a file"],
+    ),
+    Case(
+        "train-out-unwritable",
+        lambda c: c.train(_unwritable(c) / "taemi-hostile-run"),
+        lambda c: ["taemi-hostile-run", "cannot create the run folder"],
+    ),
+    Case(
+        "evaluate-out-is-a-folder",
+        lambda c: c.evaluate(c.run, "--out", str(c.tmp)),
+        lambda c: [str(c.tmp), "is a folder"],
+    ),
+    Case(
+        "evaluate-out-below-a-file",
+        lambda c: c.evaluate(c.run, "--out", str(_write(c, "afile", "x") / "e.json")),
+        lambda c: [str(c.tmp / "afile"), "is a file"],
+    ),
+    Case(
+        "evaluate-out-unwritable",
+        lambda c: c.evaluate(c.run, "--out", str(_unwritable(c) / "taemi-hostile.json")),
+        lambda c: ["taemi-hostile.json"],
+    ),
+    Case(
+        "predict-out-is-a-folder",
+        lambda c: c.predict(c.run, c.tmp),
+        lambda c: [str(c.tmp), "is a folder"],
+    ),
     # -- run-folder lock: a second training process on a folder being trained fails at once
-    Case("resume-while-training", lambda c: c.resume(c.hold_lock(c.copy_run())),
-         lambda c: [str(c.tmp / "run"), "being trained by another process"], after=_unchanged_copy),
-    Case("train-while-training", lambda c: c.train(c.hold_lock(_new_folder(c, "new"))),
-         lambda c: [str(c.tmp / "new"), "being trained by another process"], after=_only_the_lock_in("new")),
+    Case(
+        "resume-while-training",
+        lambda c: c.resume(c.hold_lock(c.copy_run())),
+        lambda c: [str(c.tmp / "run"), "being trained by another process"],
+        after=_unchanged_copy,
+    ),
+    Case(
+        "train-while-training",
+        lambda c: c.train(c.hold_lock(_new_folder(c, "new"))),
+        lambda c: [str(c.tmp / "new"), "being trained by another process"],
+        after=_only_the_lock_in("new"),
+    ),
     # -- said, not refused
-    Case("valid-is-the-train-file", lambda c: c.train(c.tmp / "out", valid=c.good.train_csv),
-         lambda c: [str(c.good.train_csv), "are the training labels"], code=0, kind="warning"),
-    Case("valid-overlaps-train",
-         lambda c: c.train(c.tmp / "out", valid=_first_rows(c, "mixed.csv", c.good.valid_csv, extra=c.good.train_csv)),
-         lambda c: [str(c.tmp / "mixed.csv"), "2 of the", "also training clips"], code=0, kind="warning"),
-    Case("evaluate-scores-in-the-run-precision", lambda c: c.evaluate(c.run, "--out", str(c.tmp / "eval.json")),
-         lambda c: ["scored in bf16", "the precision", "validated in"], code=0, kind="output",
-         after=_eval_reproduces_metrics),
-    Case("evaluate-in-another-precision-says-so",
-         lambda c: c.evaluate(c.run, "--precision", "fp32", "--out", str(c.tmp / "eval.json")),
-         lambda c: ["scored in fp32", "validated in bf16", "can differ slightly"], code=0, kind="output"),
+    Case(
+        "valid-is-the-train-file",
+        lambda c: c.train(c.tmp / "out", valid=c.good.train_csv),
+        lambda c: [str(c.good.train_csv), "are the training labels"],
+        code=0,
+        kind="warning",
+    ),
+    Case(
+        "valid-overlaps-train",
+        lambda c: c.train(
+            c.tmp / "out",
+            valid=_first_rows(c, "mixed.csv", c.good.valid_csv, extra=c.good.train_csv),
+        ),
+        lambda c: [str(c.tmp / "mixed.csv"), "2 of the", "also training clips"],
+        code=0,
+        kind="warning",
+    ),
+    Case(
+        "evaluate-scores-in-the-run-precision",
+        lambda c: c.evaluate(c.run, "--out", str(c.tmp / "eval.json")),
+        lambda c: ["scored in bf16", "the precision", "validated in"],
+        code=0,
+        kind="output",
+        after=_eval_reproduces_metrics,
+    ),
+    Case(
+        "evaluate-in-another-precision-says-so",
+        lambda c: c.evaluate(c.run, "--precision", "fp32", "--out", str(c.tmp / "eval.json")),
+        lambda c: ["scored in fp32", "validated in bf16", "can differ slightly"],
+        code=0,
+        kind="output",
+    ),
     # -- extraction: refused before any model loads, nothing written
-    Case("extract-max-frames-0",
-         lambda c: ["extract", "--input", str(_media_folder(c)), "--out", str(c.tmp / "feats"), "--max-frames", "0",
-                    "--no-progress"],
-         lambda c: ["--max-frames", "0"], after=_nothing_written("feats")),
-    Case("extract-workers-0",
-         lambda c: ["extract", "--input", str(_media_folder(c)), "--out", str(c.tmp / "feats"), "--workers", "0",
-                    "--no-progress"],
-         lambda c: ["--workers"], after=_nothing_written("feats")),
-    Case("extract-out-is-a-file",
-         lambda c: ["extract", "--input", str(_media_folder(c)), "--out", str(_write(c, "afile", "x")), "--no-progress"],
-         lambda c: [str(c.tmp / "afile")],
-         after=lambda c, r: (c.tmp / "afile").read_text() == "x" or pytest.fail("the file was changed")),
+    Case(
+        "extract-max-frames-0",
+        lambda c: [
+            "extract",
+            "--input",
+            str(_media_folder(c)),
+            "--out",
+            str(c.tmp / "feats"),
+            "--max-frames",
+            "0",
+            "--no-progress",
+        ],
+        lambda c: ["--max-frames", "0"],
+        after=_nothing_written("feats"),
+    ),
+    Case(
+        "extract-workers-0",
+        lambda c: [
+            "extract",
+            "--input",
+            str(_media_folder(c)),
+            "--out",
+            str(c.tmp / "feats"),
+            "--workers",
+            "0",
+            "--no-progress",
+        ],
+        lambda c: ["--workers"],
+        after=_nothing_written("feats"),
+    ),
+    Case(
+        "extract-out-is-a-file",
+        lambda c: [
+            "extract",
+            "--input",
+            str(_media_folder(c)),
+            "--out",
+            str(_write(c, "afile", "x")),
+            "--no-progress",
+        ],
+        lambda c: [str(c.tmp / "afile")],
+        after=lambda c, r: (
+            (c.tmp / "afile").read_text() == "x" or pytest.fail("the file was changed")
+        ),
+    ),
     # -- import: sizes by agreement, hostile sizes refused before allocation, exit 1 when files are rejected
-    Case("import-huge-pickle-first", lambda c: _import(c, _organiser_root(c, first=_HUGE_PICKLE)),
-         lambda c: [str(c.tmp / "organiser" / "wav2vec2" / "00000.pkl"), "refused before being allocated"],
-         code=1, kind="warning", after=_imported_without("00000")),
-    Case("import-odd-size-first", lambda c: _import(c, _organiser_root(c, first=pickle.dumps(np.ones((4, 31), np.float32)))),
-         lambda c: [str(c.tmp / "organiser" / "wav2vec2" / "00000.pkl"), "31"],
-         code=1, kind="warning", after=_imported_without("00000")),
-    Case("import-dims-malformed", lambda c: _import(c, _organiser_root(c), "--dims", "audio=sixteen"),
-         lambda c: ["--dims", "audio=sixteen"], after=_nothing_written("imported")),
-]  # fmt: skip
+    Case(
+        "import-huge-pickle-first",
+        lambda c: _import(c, _organiser_root(c, first=_HUGE_PICKLE)),
+        lambda c: [
+            str(c.tmp / "organiser" / "wav2vec2" / "00000.pkl"),
+            "refused before being allocated",
+        ],
+        code=1,
+        kind="warning",
+        after=_imported_without("00000"),
+    ),
+    Case(
+        "import-odd-size-first",
+        lambda c: _import(c, _organiser_root(c, first=pickle.dumps(np.ones((4, 31), np.float32)))),
+        lambda c: [str(c.tmp / "organiser" / "wav2vec2" / "00000.pkl"), "31"],
+        code=1,
+        kind="warning",
+        after=_imported_without("00000"),
+    ),
+    Case(
+        "import-dims-malformed",
+        lambda c: _import(c, _organiser_root(c), "--dims", "audio=sixteen"),
+        lambda c: ["--dims", "audio=sixteen"],
+        after=_nothing_written("imported"),
+    ),
+]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -528,9 +860,16 @@ def test_hostile_input(case: Case, good: Good, tmp_path, capsys, caplog, monkeyp
             try:
                 code = main(argv)
             except Exception:  # noqa: BLE001 - any exception is a traceback: the input was not mapped to its error
-                pytest.fail(f"taemi {' '.join(argv)} raised instead of exiting:\n{traceback.format_exc()}")
+                pytest.fail(
+                    f"taemi {' '.join(argv)} raised instead of exiting:\n{traceback.format_exc()}"
+                )
         out = capsys.readouterr()
-        res = Result(code, out.out, out.err, [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING])
+        res = Result(
+            code,
+            out.out,
+            out.err,
+            [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING],
+        )
         names = case.names(ctx)
         assert "Traceback" not in res.stdout + res.stderr
         assert res.code == case.code, f"exit {res.code}, stderr: {res.stderr!r}"

@@ -34,7 +34,19 @@ def test_evaluate_goes_through_the_entry_point(tmp_path: Path, entry_calls) -> N
     from taemi.cli.main import main
 
     with pytest.raises(_Reached):
-        main(["evaluate", "--run", str(tmp_path / "RUN"), "--which", "last", "--store", "S", "--labels", "L.csv"])
+        main(
+            [
+                "evaluate",
+                "--run",
+                str(tmp_path / "RUN"),
+                "--which",
+                "last",
+                "--store",
+                "S",
+                "--labels",
+                "L.csv",
+            ]
+        )
     assert entry_calls == [(str(tmp_path / "RUN"), "last")]
 
 
@@ -42,7 +54,17 @@ def test_predict_store_goes_through_the_entry_point(tmp_path: Path, entry_calls)
     from taemi.cli.main import main
 
     with pytest.raises(_Reached):
-        main(["predict", "--run", str(tmp_path / "RUN"), "--store", "S", "--out", str(tmp_path / "p.csv")])
+        main(
+            [
+                "predict",
+                "--run",
+                str(tmp_path / "RUN"),
+                "--store",
+                "S",
+                "--out",
+                str(tmp_path / "p.csv"),
+            ]
+        )
     assert entry_calls == [(str(tmp_path / "RUN"), "best")]
 
 
@@ -55,7 +77,9 @@ def test_predict_media_goes_through_the_entry_point(tmp_path: Path, entry_calls)
     assert entry_calls == [(str(tmp_path / "RUN"), "last")]
 
 
-def test_robustness_goes_through_the_entry_point(tmp_path: Path, entry_calls, store, labels) -> None:
+def test_robustness_goes_through_the_entry_point(
+    tmp_path: Path, entry_calls, store, labels
+) -> None:
     from taemi.experiments.robustness import robustness_suite
 
     with pytest.raises(_Reached):
@@ -66,15 +90,24 @@ def test_robustness_goes_through_the_entry_point(tmp_path: Path, entry_calls, st
 def test_demo_goes_through_the_entry_point(tmp_path: Path, entry_calls, synth, monkeypatch) -> None:
     from taemi import demo
 
-    data = {"store": synth.store, "train_csv": synth.train_csv, "valid_csv": synth.valid_csv, "oracle": 1.0}
+    data = {
+        "store": synth.store,
+        "train_csv": synth.train_csv,
+        "valid_csv": synth.valid_csv,
+        "oracle": 1.0,
+    }
     monkeypatch.setattr(demo, "_feature_data", lambda *a, **kw: data)
-    monkeypatch.setattr(demo, "train", lambda *a, **kw: None)  # the entry point is what is checked here
+    monkeypatch.setattr(
+        demo, "train", lambda *a, **kw: None
+    )  # the entry point is what is checked here
     with pytest.raises(_Reached):
         demo.run_demo(tmp_path / "demo", synthetic_features=True, progress=False)
     assert entry_calls == [(str(tmp_path / "demo" / "run"), "best")]
 
 
-def test_predictor_predicts_as_the_run_validated(tmp_path: Path, store, labels, tiny_config) -> None:
+def test_predictor_predicts_as_the_run_validated(
+    tmp_path: Path, store, labels, tiny_config
+) -> None:
     cfg = tiny_config("train.max_epochs=1")
     res = train(cfg, store, *labels, tmp_path / "run", progress=False)
     predictor = Predictor.from_run(res.run_dir)
@@ -83,6 +116,8 @@ def test_predictor_predicts_as_the_run_validated(tmp_path: Path, store, labels, 
     model, run_cfg = load_run(res.run_dir)
     from taemi.eval.predict import predict_dataset
 
-    want, _ = predict_dataset(model, make_dataset(run_cfg, store, labels[1]), batch_size=run_cfg.train.eval_batch_size)
+    want, _ = predict_dataset(
+        model, make_dataset(run_cfg, store, labels[1]), batch_size=run_cfg.train.eval_batch_size
+    )
     np.testing.assert_array_equal(pred, want)
     assert pred.shape == (len(labels[1]), len(run_cfg.data.emotions))

@@ -257,7 +257,9 @@ def test_check_scorable_needs_two_clips(tmp_path: Path) -> None:
     one = read_labels(_write(tmp_path, "\n".join([HEADER, _row("00042"), ""]), name="one.csv"))
     with pytest.raises(LabelError, match=r"one\.csv: 1 validation clip\(s\); .* at least 2"):
         one.check_scorable("validation")
-    two = read_labels(_write(tmp_path, "\n".join([HEADER, _row("a"), _row("b"), ""]), name="two.csv"))
+    two = read_labels(
+        _write(tmp_path, "\n".join([HEADER, _row("a"), _row("b"), ""]), name="two.csv")
+    )
     assert two.check_scorable("validation") is two
 
 

@@ -58,7 +58,9 @@ def module_name(path: Path, src: Path) -> str:
     return ".".join(parts)
 
 
-def imported_modules(tree: ast.Module, module: str, is_package: bool, src: Path) -> list[tuple[int, str]]:
+def imported_modules(
+    tree: ast.Module, module: str, is_package: bool, src: Path
+) -> list[tuple[int, str]]:
     """(line, ``taemi...`` module) for every import of taemi in ``tree``, at any depth.
 
     ``from X import name`` counts as ``X.name`` when that is a module or package on disk
@@ -101,9 +103,13 @@ def check_layers(src: Path, ranks: dict[str, int]) -> tuple[list[str], list[str]
         for line, target in imported_modules(tree, module, path.name == "__init__.py", src):
             other = unit_of(target)
             if other not in ranks:
-                unplaced.add(f"{where}:{line} imports {target}, whose taemi.{other} is not in the layer table")
+                unplaced.add(
+                    f"{where}:{line} imports {target}, whose taemi.{other} is not in the layer table"
+                )
             elif ranks[other] > ranks[unit]:
-                upward.append(f"{where}:{line} imports {target} (rank {ranks[unit]} -> {ranks[other]})")
+                upward.append(
+                    f"{where}:{line} imports {target} (rank {ranks[unit]} -> {ranks[other]})"
+                )
     return upward, sorted(unplaced)
 
 

@@ -44,8 +44,14 @@ def _backend() -> str:
 def _small_config(**kw) -> ms.MediaSynthConfig:
     """6 clips covering the four layouts (the first seed that does, found on latents
     alone), with at least one valid clip."""
-    base = {"clips": 6, "valid_fraction": 0.34, "missing_audio_rate": 0.2,
-            "missing_video_rate": 0.2, "silent_rate": 0.2, "tts": _backend()}  # fmt: skip
+    base = {
+        "clips": 6,
+        "valid_fraction": 0.34,
+        "missing_audio_rate": 0.2,
+        "missing_video_rate": 0.2,
+        "silent_rate": 0.2,
+        "tts": _backend(),
+    }
     base.update(kw)
     for seed in range(200):
         cfg = ms.MediaSynthConfig(**{**base, "seed": seed})
@@ -367,8 +373,14 @@ def test_a_subset_of_emotions():
 
 
 def test_long_speech_is_sped_up_or_cut_to_fit():
-    cfg = ms.MediaSynthConfig(clips=30, seconds=(1.0, 1.5), tts=_backend(), missing_audio_rate=0,
-                              missing_video_rate=0, silent_rate=0)  # fmt: skip
+    cfg = ms.MediaSynthConfig(
+        clips=30,
+        seconds=(1.0, 1.5),
+        tts=_backend(),
+        missing_audio_rate=0,
+        missing_video_rate=0,
+        silent_rate=0,
+    )
     tts = speech.make_tts(cfg.tts)
     plans = [ms.plan_clip(ms.draw_latents(cfg, i), cfg, tts) for i in range(8)]
     for p in plans:

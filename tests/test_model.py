@@ -232,7 +232,9 @@ def test_paper_architecture() -> None:
         )
     assert not hasattr(model, "enc_text") and not hasattr(model, "ca_text")
     expected = {**_missing_shapes(), **_head_shapes(DT + 2 * H)}
-    expected |= ca_param_shapes(DT, H, "ca_audio") | ca_param_shapes(DT, H, "ca_vision")  # K/V from H
+    expected |= ca_param_shapes(DT, H, "ca_audio") | ca_param_shapes(
+        DT, H, "ca_vision"
+    )  # K/V from H
     assert {k: v for k, v in shapes.items() if not k.startswith("enc_")} == expected
     assert {k.split(".")[0] for k in shapes} == {
         "missing",

@@ -21,18 +21,24 @@ from taemi.data.batch import Batch
 from taemi.model.taemi import TAEMI, CrossAttention, PaddedSequence
 
 
-def separate_kv_forward(self: CrossAttention, query: torch.Tensor, kv: PaddedSequence) -> torch.Tensor:
+def separate_kv_forward(
+    self: CrossAttention, query: torch.Tensor, kv: PaddedSequence
+) -> torch.Tensor:
     """The release's cross-attention written plainly: k and v from two separate projections."""
     B, T, _ = kv.x.shape
     h = self.heads
     q = self.ln_q(self.q_proj(query)).view(B, h, 1, -1)  # (B, h, 1, hd)
     k = self.ln_kv(kv.project(self.k_proj)).view(B, T, h, -1).transpose(1, 2)  # (B, h, T, hd)
     v = kv.project(self.v_proj).view(B, T, h, -1).transpose(1, 2)  # (B, h, T, hd)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=kv.mask.view(B, 1, 1, T))  # (B, h, 1, hd)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=kv.mask.view(B, 1, 1, T)
+    )  # (B, h, 1, hd)
     return self.out_proj(out.reshape(B, -1))  # (B, H)
 
 
-def _batch(dims: dict[str, int], lengths: list[tuple[int, int]], missing: list[tuple[bool, bool, bool]]) -> Batch:
+def _batch(
+    dims: dict[str, int], lengths: list[tuple[int, int]], missing: list[tuple[bool, bool, bool]]
+) -> Batch:
     g = torch.Generator().manual_seed(0)
     B, Ta, Tv = len(lengths), max(a for a, _ in lengths), max(v for _, v in lengths)
     return Batch(
@@ -46,7 +52,9 @@ def _batch(dims: dict[str, int], lengths: list[tuple[int, int]], missing: list[t
 
 
 CASES = {
-    "tiny": dict(audio_dim=7, vision_dim=5, text_dim=6, hidden=8, heads=2, sa_ffn=16, head_hidden=8),
+    "tiny": dict(
+        audio_dim=7, vision_dim=5, text_dim=6, hidden=8, heads=2, sa_ffn=16, head_hidden=8
+    ),
     "paper_width": {},
 }
 
@@ -57,21 +65,35 @@ CASES = {
 def test_cross_attention_equals_the_plain_release_form(
     name: str, size: str, precision: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = dataclasses.replace(preset(name).model, **CASES[size], modality_dropout=0.0, attn_dropout=0.0,
-                              sa_dropout=0.0, head_dropout=0.0)  # fmt: skip
+    cfg = dataclasses.replace(
+        preset(name).model,
+        **CASES[size],
+        modality_dropout=0.0,
+        attn_dropout=0.0,
+        sa_dropout=0.0,
+        head_dropout=0.0,
+    )
     torch.manual_seed(0)
     model = TAEMI(cfg).train()
     dims = model.dims
     lengths = [(6, 4), (3, 5), (5, 1), (2, 2)] if size == "tiny" else [(40, 20), (31, 25), (12, 9)]
-    missing = [(False, False, False), (True, False, False), (False, True, True), (False, False, False)][: len(lengths)]
+    missing = [
+        (False, False, False),
+        (True, False, False),
+        (False, True, True),
+        (False, False, False),
+    ][: len(lengths)]
     batch = _batch(dims, lengths, missing)
+
     def run(forward, bf16: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         monkeypatch.setattr(CrossAttention, "forward", forward)
         model.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = model(batch).float()
         out.square().sum().backward()
-        return out.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        return out.detach(), {
+            k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None
+        }
 
     fast_forward = CrossAttention.forward
     ref_out, ref_grads = run(separate_kv_forward, bf16=False)
@@ -87,7 +109,9 @@ def test_cross_attention_equals_the_plain_release_form(
     if precision == "fp32":
         torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
         for k, g in grads.items():
-            torch.testing.assert_close(g / scales[k], ref_grads[k] / scales[k], rtol=1e-5, atol=1e-5, msg=k)
+            torch.testing.assert_close(
+                g / scales[k], ref_grads[k] / scales[k], rtol=1e-5, atol=1e-5, msg=k
+            )
         return
     plain_out, plain_grads = run(separate_kv_forward, bf16=True)
     assert (out - ref_out).abs().max() <= 2 * (plain_out - ref_out).abs().max() + 1e-3

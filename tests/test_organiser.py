@@ -471,8 +471,12 @@ def organiser_root(tmp_path: Path) -> tuple[Path, dict]:
     return root, arrays
 
 
-REJECTED = [("00004", "vision", "read"), ("00005", "audio", "read"), ("00005", "text", "encode"),
-            ("00007", "vision", "read")]  # fmt: skip
+REJECTED = [
+    ("00004", "vision", "read"),
+    ("00005", "audio", "read"),
+    ("00005", "text", "encode"),
+    ("00007", "vision", "read"),
+]
 
 
 def test_import_end_to_end(organiser_root, tmp_path: Path, caplog) -> None:
@@ -577,8 +581,14 @@ def test_import_without_text_encoder(organiser_root, tmp_path: Path, caplog) -> 
     store = FeatureStore(tmp_path / "store")
     assert store.dims["text"] == DEFAULT_DIMS["text"]
     assert store.manifest["modalities"]["text"]["backbone"] == "none"
-    s2 = import_organiser_features(root, tmp_path / "store2", text_encoder=None, vision_dir=None,
-                                   dims={"text": 16, "vision": 3}, progress=False)  # fmt: skip
+    s2 = import_organiser_features(
+        root,
+        tmp_path / "store2",
+        text_encoder=None,
+        vision_dir=None,
+        dims={"text": 16, "vision": 3},
+        progress=False,
+    )
     assert FeatureStore(tmp_path / "store2").dims == {"audio": D_A, "vision": 3, "text": 16}
     assert (s2.done, s2.failed, s2.missing["vision"]) == (6, 1, 6)  # 00005's audio is rejected
 
@@ -589,8 +599,11 @@ def test_import_argument_errors(organiser_root, tmp_path: Path) -> None:
         import_organiser_features(tmp_path / "nope", tmp_path / "s", text_encoder=None)
     with pytest.raises(FileNotFoundError, match=r"audio folder .*w2v does not exist"):
         import_organiser_features(root, tmp_path / "s", text_encoder=None, audio_dir="w2v")
-    for dims, message in [({"audio": 0}, r"dims\['audio'\] = 0"), ({"depth": 3}, "unknown modalities"),
-                          ({"text": 5}, "text encoder fake-text gives 4-d")]:  # fmt: skip
+    for dims, message in [
+        ({"audio": 0}, r"dims\['audio'\] = 0"),
+        ({"depth": 3}, "unknown modalities"),
+        ({"text": 5}, "text encoder fake-text gives 4-d"),
+    ]:
         with pytest.raises(ValueError, match=message):
             import_organiser_features(
                 root, tmp_path / "s", text_encoder=FakeTextEncoder(), dims=dims
@@ -654,8 +667,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cli_import(root: Path, out: Path, *extra: str) -> tuple[int, str]:
-    return run_main(["import", "--root", str(root), "--out", str(out), "--text-profile", "none",
-                     "--no-progress", *extra])  # fmt: skip
+    return run_main(
+        [
+            "import",
+            "--root",
+            str(root),
+            "--out",
+            str(out),
+            "--text-profile",
+            "none",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 def _one_error_line(err: str) -> str:
@@ -723,10 +747,12 @@ def test_cli_dims(tmp_path: Path, capsys) -> None:
     assert sorted(e["clip_id"] for e in _errors(out)) == ["00001", "00002"]
     assert all(f"D = {D_A}, the store has audio D = 31" in e["reason"] for e in _errors(out))
 
-    for bad, message in [(["--dims", f"audio={D_A}"], "has feature sizes"),
-                         (["--dims", "audio:31"], "not of the form audio=D,vision=D"),
-                         (["--dims", "audio=31,audio=32"], "gives audio twice"),
-                         (["--dims", "depth=3"], "unknown modalities")]:  # fmt: skip
+    for bad, message in [
+        (["--dims", f"audio={D_A}"], "has feature sizes"),
+        (["--dims", "audio:31"], "not of the form audio=D,vision=D"),
+        (["--dims", "audio=31,audio=32"], "gives audio twice"),
+        (["--dims", "depth=3"], "unknown modalities"),
+    ]:
         capsys.readouterr()
         code, _ = _cli_import(root, out, *bad)
         assert code == 2 and message in _one_error_line(capsys.readouterr().err), bad
@@ -739,8 +765,22 @@ def test_cli_import_without_text(organiser_root, tmp_path: Path, capsys) -> None
     ids = tmp_path / "ids.csv"
     ids.write_text("Filename,Joy\n00001,0.5\n00006,0.1\n", encoding="utf-8")
     out = tmp_path / "store"
-    args = _parser().parse_args(["import", "--root", str(root), "--out", str(out), "--text-profile", "none",
-                                 "--ids", str(ids), "--dtype", "float32", "--no-progress"])  # fmt: skip
+    args = _parser().parse_args(
+        [
+            "import",
+            "--root",
+            str(root),
+            "--out",
+            str(out),
+            "--text-profile",
+            "none",
+            "--ids",
+            str(ids),
+            "--dtype",
+            "float32",
+            "--no-progress",
+        ]
+    )
     assert args.func(args) == 0
     assert "2 imported, 0 skipped, 0 failed, 0 file(s) rejected" in capsys.readouterr().out
     store = FeatureStore(out)
@@ -748,8 +788,9 @@ def test_cli_import_without_text(organiser_root, tmp_path: Path, capsys) -> None
     assert verify_store(out) == []
     # float16 store (the default): values beyond its range reject the file
     _dump(root / "vit" / "00001.pkl", np.full((2, D_V), 1e6))
-    s = import_organiser_features(root, tmp_path / "f16", text_encoder=None, ids=["00001"],
-                                  progress=False)  # fmt: skip
+    s = import_organiser_features(
+        root, tmp_path / "f16", text_encoder=None, ids=["00001"], progress=False
+    )
     assert (s.done, s.failed, s.rejected) == (0, 1, 1)
     assert "does not fit the store's dtype" in s.errors[0]["reason"]
     bad = _parser().parse_args(
@@ -767,8 +808,9 @@ def test_cli_import_with_the_offline_minilm(organiser_root, tmp_path: Path, caps
     )
     root, _ = organiser_root
     out = tmp_path / "store"
-    args = _parser().parse_args(["import", "--root", str(root), "--out", str(out), "--audio-dir", "none",
-                                 "--no-progress"])  # fmt: skip
+    args = _parser().parse_args(
+        ["import", "--root", str(root), "--out", str(out), "--audio-dir", "none", "--no-progress"]
+    )
     assert args.func(args) == 1  # 00004's and 00007's vision files are rejected
     printed = capsys.readouterr().out
     assert "5 imported, 0 skipped, 2 failed, 2 file(s) rejected" in printed

@@ -21,8 +21,14 @@ from taemi import EMI_EMOTIONS
 from taemi.cli.main import main
 from taemi.extract.pipeline import Encoders, ExtractOptions
 
-TINY = ["model.hidden=16", "model.heads=2", "model.sa_ffn=32", "model.head_hidden=16", "train.max_epochs=1",
-        "train.device=cpu"]  # fmt: skip
+TINY = [
+    "model.hidden=16",
+    "model.heads=2",
+    "model.sa_ffn=32",
+    "model.head_hidden=16",
+    "train.max_epochs=1",
+    "train.device=cpu",
+]
 
 
 def read_csv(path: Path) -> tuple[list[str], list[str], np.ndarray]:
@@ -38,17 +44,31 @@ def provenance(profile: str = "offline", face: bool = False, **vision) -> dict:
     """features.json as training writes it for a store made by ``taemi extract``."""
     common = {"profile": profile}
     return {
-        "dims": {"audio": 384, "vision": 384, "text": 384}, "dtype": "float16", "text_tokens": False,
+        "dims": {"audio": 384, "vision": 384, "text": 384},
+        "dtype": "float16",
+        "text_tokens": False,
         "modalities": {
-            "audio": {"backbone": "whisper", "settings": {**common, "device": "cpu", "max_seconds": 6.0,
-                                                          "sample_rate": 16000}},
-            "vision": {"backbone": "dino", "settings": {**common, "device": "cpu", "max_frames": 8,
-                                                        "frame_policy": "uniform",
-                                                        "face": {"detector": "haar"} if face else None, **vision}},
-            "text": {"backbone": "minilm", "settings": {**common, "device": "cpu", "asr": "whisper",
-                                                        "token_states": False}},
+            "audio": {
+                "backbone": "whisper",
+                "settings": {**common, "device": "cpu", "max_seconds": 6.0, "sample_rate": 16000},
+            },
+            "vision": {
+                "backbone": "dino",
+                "settings": {
+                    **common,
+                    "device": "cpu",
+                    "max_frames": 8,
+                    "frame_policy": "uniform",
+                    "face": {"detector": "haar"} if face else None,
+                    **vision,
+                },
+            },
+            "text": {
+                "backbone": "minilm",
+                "settings": {**common, "device": "cpu", "asr": "whisper", "token_states": False},
+            },
         },
-    }  # fmt: skip
+    }
 
 
 def test_extraction_plan_follows_the_run() -> None:
@@ -56,7 +76,12 @@ def test_extraction_plan_follows_the_run() -> None:
 
     profile, opts, face = extraction_plan(provenance(face=True), None)
     assert profile == "offline" and face is True
-    assert (opts.max_audio_seconds, opts.max_frames, opts.frame_policy, opts.text_tokens) == (6.0, 8, "uniform", False)
+    assert (opts.max_audio_seconds, opts.max_frames, opts.frame_policy, opts.text_tokens) == (
+        6.0,
+        8,
+        "uniform",
+        False,
+    )
     assert extraction_plan(provenance(), "offline")[2] is False  # the same profile, said explicitly
 
     with pytest.raises(ValueError, match="has no features.json.*pass --profile"):
@@ -65,7 +90,11 @@ def test_extraction_plan_follows_the_run() -> None:
     assert profile == "paper" and face is True and opts == ExtractOptions()
     with pytest.raises(ValueError, match="'offline' profile"):
         extraction_plan(provenance(), "paper")
-    synthetic = {"modalities": {m: {"backbone": "synthetic", "settings": {}} for m in ("audio", "vision", "text")}}
+    synthetic = {
+        "modalities": {
+            m: {"backbone": "synthetic", "settings": {}} for m in ("audio", "vision", "text")
+        }
+    }
     with pytest.raises(ValueError, match="cannot be extracted from media"):
         extraction_plan(synthetic, None)
     with pytest.raises(ValueError, match="cannot be extracted from media"):
@@ -80,11 +109,21 @@ def stand_in_encoders(**names: str) -> Encoders:
     """Encoders whose names/settings are those of ``provenance()`` unless renamed."""
 
     def enc(name: str, **settings) -> SimpleNamespace:
-        return SimpleNamespace(name=names.get(name, name), settings={"profile": "offline", "device": "cpu", **settings},
-                               dim=384)  # fmt: skip
+        return SimpleNamespace(
+            name=names.get(name, name),
+            settings={"profile": "offline", "device": "cpu", **settings},
+            dim=384,
+        )
 
     asr = SimpleNamespace(name=names.get("whisper_asr", "whisper"), settings={})
-    return Encoders(asr=asr, audio=enc("whisper"), image=enc("dino"), text=enc("minilm"), face=None, profile="offline")
+    return Encoders(
+        asr=asr,
+        audio=enc("whisper"),
+        image=enc("dino"),
+        text=enc("minilm"),
+        face=None,
+        profile="offline",
+    )
 
 
 def test_other_models_than_the_runs_are_refused() -> None:
@@ -98,8 +137,12 @@ def test_other_models_than_the_runs_are_refused() -> None:
         check_provenance(rec, stand_in_encoders(dino="vit"), opts)
     with pytest.raises(ValueError, match=r"asr model was 'whisper'.*--model asr="):
         check_provenance(rec, stand_in_encoders(whisper_asr="large-v3"), opts)
-    rec["modalities"]["audio"]["settings"]["device"] = "cuda"  # other settings: reported, not refused
-    assert check_provenance(rec, stand_in_encoders(), opts) == ["audio.device: 'cuda' (run) vs 'cpu' (now)"]
+    rec["modalities"]["audio"]["settings"]["device"] = (
+        "cuda"  # other settings: reported, not refused
+    )
+    assert check_provenance(rec, stand_in_encoders(), opts) == [
+        "audio.device: 'cuda' (run) vs 'cpu' (now)"
+    ]
 
 
 # --------------------------------------------------------------------------- real media
@@ -108,9 +151,13 @@ def test_other_models_than_the_runs_are_refused() -> None:
 @pytest.fixture(scope="module")
 def media_run(tmp_path_factory) -> SimpleNamespace:
     """4 generated clips (00000 audio-only), their offline features, a 1-epoch tiny run."""
-    pytest.importorskip("espeakng_loader", reason="the generated corpus speaks through espeakng-loader ([extract])")
+    pytest.importorskip(
+        "espeakng_loader", reason="the generated corpus speaks through espeakng-loader ([extract])"
+    )
     pytest.importorskip("av", reason="PyAV is not installed ([extract])")
-    whisper = pytest.importorskip("taemi.backbones.whisper", reason="offline profile dependencies ([extract])")
+    whisper = pytest.importorskip(
+        "taemi.backbones.whisper", reason="offline profile dependencies ([extract])"
+    )
     try:
         whisper.load_whisper()
     except whisper.ModelLoadError as e:
@@ -120,17 +167,65 @@ def media_run(tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("predict_media")
     # 2-3 s: long enough that Whisper tiny.en hears every sentence (at 1-2 s it dropped the
     # audio-only clip's as no speech, 0.62 against its 0.6 threshold, on some CPUs)
-    cfg = MediaSynthConfig(clips=4, seconds=(2.0, 3.0), size=96, fps=10, missing_video_rate=0.3,
-                           missing_audio_rate=0.0, silent_rate=0.0, seed=0)  # fmt: skip
+    cfg = MediaSynthConfig(
+        clips=4,
+        seconds=(2.0, 3.0),
+        size=96,
+        fps=10,
+        missing_video_rate=0.3,
+        missing_audio_rate=0.0,
+        silent_rate=0.0,
+        seed=0,
+    )
     corpus = make_media_corpus(root / "media", cfg, progress=False)
-    assert sorted(p.name for p in corpus.raw.iterdir()) == ["00000.m4a", "00001.mp4", "00002.mp4", "00003.mp4"]
+    assert sorted(p.name for p in corpus.raw.iterdir()) == [
+        "00000.m4a",
+        "00001.mp4",
+        "00002.mp4",
+        "00003.mp4",
+    ]
     store = root / "store"
-    assert main(["extract", "--input", str(corpus.raw), "--out", str(store), "--max-frames", "2",
-                 "--frame-policy", "uniform", "--no-face", "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "extract",
+                "--input",
+                str(corpus.raw),
+                "--out",
+                str(store),
+                "--max-frames",
+                "2",
+                "--frame-policy",
+                "uniform",
+                "--no-face",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     run = root / "run"
     sets = [a for s in TINY for a in ("--set", s)]
-    assert main(["train", "--store", str(store), "--train", str(corpus.train_csv), "--valid", str(corpus.valid_csv),
-                 "--out", str(run), "--train-on-all", "--epochs", "1", "--no-progress", *sets]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--store",
+                str(store),
+                "--train",
+                str(corpus.train_csv),
+                "--valid",
+                str(corpus.valid_csv),
+                "--out",
+                str(run),
+                "--train-on-all",
+                "--epochs",
+                "1",
+                "--no-progress",
+                *sets,
+            ]
+        )
+        == 0
+    )
     corrupt = root / "corrupt.mp4"
     corrupt.write_bytes(b"this is not a video\n" * 50)
     return SimpleNamespace(root=root, raw=corpus.raw, store=store, run=run, corrupt=corrupt)
@@ -156,13 +251,32 @@ def count_loads(monkeypatch):
 
 @pytest.mark.slow
 def test_predict_from_media_files(media_run, count_loads, tmp_path) -> None:
-    audio_only, video, corrupt = media_run.raw / "00000.m4a", media_run.raw / "00001.mp4", media_run.corrupt
+    audio_only, video, corrupt = (
+        media_run.raw / "00000.m4a",
+        media_run.raw / "00001.mp4",
+        media_run.corrupt,
+    )
     out = tmp_path / "preds.csv"
-    code, stdout = run_main(["predict", "--run", str(media_run.run), str(video), str(audio_only), str(corrupt),
-                             "--out", str(out), "--no-progress"])  # fmt: skip
+    code, stdout = run_main(
+        [
+            "predict",
+            "--run",
+            str(media_run.run),
+            str(video),
+            str(audio_only),
+            str(corrupt),
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert code == 1  # one input failed; the others are predicted and written
-    assert len(count_loads) == 1 and count_loads[0][0] == ("offline",)  # the run's profile, loaded once
-    assert count_loads[0][1]["face"] is False  # the run's features were extracted without face crops
+    assert len(count_loads) == 1 and count_loads[0][0] == (
+        "offline",
+    )  # the run's profile, loaded once
+    assert (
+        count_loads[0][1]["face"] is False
+    )  # the run's features were extracted without face crops
 
     # the table: one line per clip, with its modalities; the failure with its reason
     lines = stdout.splitlines()
@@ -173,38 +287,79 @@ def test_predict_from_media_files(media_run, count_loads, tmp_path) -> None:
     assert len(row0.split()) > len(EMI_EMOTIONS)
     failed = next(line for line in lines if line.startswith("FAILED"))
     assert str(corrupt) in failed and "(decode)" in failed and "FFmpeg cannot read it" in failed
-    assert "2 predicted, 1 failed; clipped to [0, 1]; features: offline profile, 2 frames (uniform)" in stdout
+    assert (
+        "2 predicted, 1 failed; clipped to [0, 1]; features: offline profile, 2 frames (uniform)"
+        in stdout
+    )
 
     header, ids, values = read_csv(out)
     assert header == ["Filename", *EMI_EMOTIONS] and ids == ["00000", "00001"]
-    assert values.shape == (2, 6) and np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1
+    assert (
+        values.shape == (2, 6)
+        and np.isfinite(values).all()
+        and values.min() >= 0
+        and values.max() <= 1
+    )
     report = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
     assert report["clipped"] is True and report["emotions"] == list(EMI_EMOTIONS)
     assert report["extraction"]["profile"] == "offline" and report["extraction"]["store"] is None
-    assert report["extraction"]["options"] == {"max_audio_seconds": 12.0, "max_frames": 2, "frame_policy": "uniform",
-                                               "face": False, "text_tokens": False}  # fmt: skip
+    assert report["extraction"]["options"] == {
+        "max_audio_seconds": 12.0,
+        "max_frames": 2,
+        "frame_policy": "uniform",
+        "face": False,
+        "text_tokens": False,
+    }
     clips = {c["id"]: c for c in report["clips"]}
     assert clips["00000"]["present"] == {"audio": True, "vision": False, "text": True}
     assert clips["00000"]["missing"] == ["vision"] and clips["00001"]["missing"] == []
     assert clips["00001"]["path"] == str(video)
     assert all(isinstance(c["transcript"], str) and c["transcript"] for c in clips.values())
-    np.testing.assert_array_equal(values[0], np.float32([clips["00000"]["intensities"][e] for e in EMI_EMOTIONS]))
-    assert report["failures"] == [{"clip_id": "corrupt", "path": str(corrupt), "stage": "decode",
-                                   "reason": report["failures"][0]["reason"]}]  # fmt: skip
+    np.testing.assert_array_equal(
+        values[0], np.float32([clips["00000"]["intensities"][e] for e in EMI_EMOTIONS])
+    )
+    assert report["failures"] == [
+        {
+            "clip_id": "corrupt",
+            "path": str(corrupt),
+            "stage": "decode",
+            "reason": report["failures"][0]["reason"],
+        }
+    ]
 
 
 @pytest.mark.slow
-def test_media_predictions_match_the_store_and_reuse_the_models(media_run, count_loads, tmp_path) -> None:
+def test_media_predictions_match_the_store_and_reuse_the_models(
+    media_run, count_loads, tmp_path
+) -> None:
     """Features extracted as the run's were give the predictions of the run's own store;
     a second prediction in the process loads no model; --features keeps the store."""
     from taemi.predict_media import predict_media
 
     kept = tmp_path / "features"
     res = predict_media(media_run.run, [media_run.raw], features_dir=kept, clip=False, device="cpu")
-    assert [c.clip_id for c in res.clips] == ["00000", "00001", "00002", "00003"] and res.failures == []
+    assert [c.clip_id for c in res.clips] == [
+        "00000",
+        "00001",
+        "00002",
+        "00003",
+    ] and res.failures == []
     assert res.store == str(kept) and (kept / "manifest.json").is_file()
-    code, _ = run_main(["predict", "--run", str(media_run.run), "--store", str(media_run.store), "--out",
-                        str(tmp_path / "store.csv"), "--no-clip", "--device", "cpu", "--no-progress"])  # fmt: skip
+    code, _ = run_main(
+        [
+            "predict",
+            "--run",
+            str(media_run.run),
+            "--store",
+            str(media_run.store),
+            "--out",
+            str(tmp_path / "store.csv"),
+            "--no-clip",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     _, ids, from_store = read_csv(tmp_path / "store.csv")
     assert ids == ["00000", "00001", "00002", "00003"]
@@ -222,7 +377,9 @@ def test_run_without_features_json_asks_for_a_profile(media_run, tmp_path, capsy
     run = tmp_path / "imported"
     shutil.copytree(media_run.run, run)
     (run / "features.json").unlink()
-    assert main(["predict", "--run", str(run), str(media_run.raw / "00001.mp4"), "--no-progress"]) == 2
+    assert (
+        main(["predict", "--run", str(run), str(media_run.raw / "00001.mp4"), "--no-progress"]) == 2
+    )
     err = capsys.readouterr().err
     assert "has no features.json" in err and "--profile offline|paper" in err
 
@@ -232,5 +389,20 @@ def test_predict_needs_media_or_a_store(tmp_path, capsys) -> None:
     assert "--store STORE (features) or media files" in capsys.readouterr().err
     assert main(["predict", "--run", str(tmp_path), "--store", "s", "x.mp4"]) == 2
     assert "not both" in capsys.readouterr().err
-    assert main(["predict", "--run", str(tmp_path), "--store", "s", "--out", "o.csv", "--profile", "offline"]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--run",
+                str(tmp_path),
+                "--store",
+                "s",
+                "--out",
+                "o.csv",
+                "--profile",
+                "offline",
+            ]
+        )
+        == 2
+    )
     assert "--profile is for predicting from media" in capsys.readouterr().err

@@ -80,14 +80,34 @@ def assert_offline(text: str, page: Page) -> None:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("report")
-    synth = make_synth(tmp / "synth", SynthConfig(clips=40, dims=(12, 10, 8), audio_len=(5, 15),
-                                                  vision_len=(4, 10), seed=0), progress=False)  # fmt: skip
-    cfg = build_config("paper", [("model.audio_dim", 12), ("model.vision_dim", 10), ("model.text_dim", 8),
-                                 ("model.hidden", 16), ("model.heads", 2), ("model.sa_ffn", 32),
-                                 ("model.head_hidden", 16), ("train.max_epochs", 2), ("train.batch_size", 8),
-                                 ("train.device", "cpu")])  # fmt: skip
-    res = train(cfg, synth.store, read_labels(synth.train_csv), read_labels(synth.valid_csv), tmp / "run",
-                progress=False)  # fmt: skip
+    synth = make_synth(
+        tmp / "synth",
+        SynthConfig(clips=40, dims=(12, 10, 8), audio_len=(5, 15), vision_len=(4, 10), seed=0),
+        progress=False,
+    )
+    cfg = build_config(
+        "paper",
+        [
+            ("model.audio_dim", 12),
+            ("model.vision_dim", 10),
+            ("model.text_dim", 8),
+            ("model.hidden", 16),
+            ("model.heads", 2),
+            ("model.sa_ffn", 32),
+            ("model.head_hidden", 16),
+            ("train.max_epochs", 2),
+            ("train.batch_size", 8),
+            ("train.device", "cpu"),
+        ],
+    )
+    res = train(
+        cfg,
+        synth.store,
+        read_labels(synth.train_csv),
+        read_labels(synth.valid_csv),
+        tmp / "run",
+        progress=False,
+    )
     return res.run_dir
 
 

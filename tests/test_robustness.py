@@ -38,8 +38,14 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def make_batch(B: int = 16, T_a: int = 30, T_v: int = 20, D: tuple[int, int, int] = (12, 10, 8),
-               seed: int = 0, tokens: bool = False) -> Batch:  # fmt: skip
+def make_batch(
+    B: int = 16,
+    T_a: int = 30,
+    T_v: int = 20,
+    D: tuple[int, int, int] = (12, 10, 8),
+    seed: int = 0,
+    tokens: bool = False,
+) -> Batch:
     """A random padded batch, nothing missing; clip b has lengths in [1, T]."""
     g = gen(seed)
     len_a = torch.randint(1, T_a + 1, (B,), generator=g)
@@ -190,8 +196,10 @@ def test_transforms_are_deterministic_under_a_seed() -> None:
     assert_batches_equal(
         drop_modality(b, "vision", 0.5, gen(1)), drop_modality(b, "vision", 0.5, gen(1))
     )
-    assert not torch.equal(drop_modality(b, "vision", 0.5, gen(1)).missing,
-                           drop_modality(b, "vision", 0.5, gen(2)).missing)  # fmt: skip
+    assert not torch.equal(
+        drop_modality(b, "vision", 0.5, gen(1)).missing,
+        drop_modality(b, "vision", 0.5, gen(2)).missing,
+    )
 
 
 # --------------------------------------------------------------------------- suite and CLI
@@ -201,8 +209,11 @@ def test_transforms_are_deterministic_under_a_seed() -> None:
 def tiny(tmp_path_factory, tiny_config):
     """A 40-clip store and two 1-epoch runs (different seeds)."""
     root = tmp_path_factory.mktemp("robust")
-    synth = make_synth(root / "synth", SynthConfig(clips=40, dims=(12, 10, 8), audio_len=(5, 15),
-                                                   vision_len=(4, 10), seed=0), progress=False)  # fmt: skip
+    synth = make_synth(
+        root / "synth",
+        SynthConfig(clips=40, dims=(12, 10, 8), audio_len=(5, 15), vision_len=(4, 10), seed=0),
+        progress=False,
+    )
     store = FeatureStore(synth.store)
     train_l, valid_l = read_labels(synth.train_csv), read_labels(synth.valid_csv)
     runs = []
@@ -260,9 +271,24 @@ def test_cli_end_to_end_with_compare(tiny, tmp_path, capsys) -> None:
     sub = parser.add_subparsers(dest="command")
     robustness_cmd.register(sub, lambda sp: sp.add_argument("--no-progress", action="store_true"))
     out = tmp_path / "out"
-    args = parser.parse_args(["robustness", "--run", str(runs[0]), "--store", str(synth.store),
-                              "--labels", str(synth.valid_csv), "--out", str(out),
-                              "--compare", str(runs[1]), "--seed", "3", "--no-progress"])  # fmt: skip
+    args = parser.parse_args(
+        [
+            "robustness",
+            "--run",
+            str(runs[0]),
+            "--store",
+            str(synth.store),
+            "--labels",
+            str(synth.valid_csv),
+            "--out",
+            str(out),
+            "--compare",
+            str(runs[1]),
+            "--seed",
+            "3",
+            "--no-progress",
+        ]
+    )
     assert args.func(args) == 0
     with (out / "robustness.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))

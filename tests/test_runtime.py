@@ -21,12 +21,28 @@ def test_auto_precision_is_bf16_only_on_cpus_that_compute_it(monkeypatch) -> Non
 
 @pytest.mark.slow
 def test_compiled_training_matches_eager(tmp_path, store, labels, tiny_config) -> None:
-    sets = ("model.modality_dropout=0", "model.attn_dropout=0", "model.sa_dropout=0", "model.head_dropout=0",
-            "train.max_epochs=1", "train.patience=0")  # fmt: skip
+    sets = (
+        "model.modality_dropout=0",
+        "model.attn_dropout=0",
+        "model.sa_dropout=0",
+        "model.head_dropout=0",
+        "train.max_epochs=1",
+        "train.patience=0",
+    )
     eager = train(tiny_config(*sets), store, *labels, tmp_path / "eager", progress=False)
-    compiled = train(tiny_config(*sets, "train.compile=true"), store, *labels, tmp_path / "compiled", progress=False)
-    assert compiled.history[0]["train_loss"] == pytest.approx(eager.history[0]["train_loss"], rel=1e-3)
-    assert compiled.history[0]["valid_mean_pearson"] == pytest.approx(eager.history[0]["valid_mean_pearson"], abs=1e-3)
+    compiled = train(
+        tiny_config(*sets, "train.compile=true"),
+        store,
+        *labels,
+        tmp_path / "compiled",
+        progress=False,
+    )
+    assert compiled.history[0]["train_loss"] == pytest.approx(
+        eager.history[0]["train_loss"], rel=1e-3
+    )
+    assert compiled.history[0]["valid_mean_pearson"] == pytest.approx(
+        eager.history[0]["valid_mean_pearson"], abs=1e-3
+    )
 
 
 def test_configure_threads_uses_the_cores_this_process_may_run_on(monkeypatch) -> None:

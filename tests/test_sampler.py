@@ -42,7 +42,9 @@ def test_each_epoch_is_a_partition_of_the_indices(n: int) -> None:
         batches = list(s)
         assert sorted(flat(batches)) == list(range(n))
         assert len(batches) == len(s) == -(-n // 32)
-        assert sum(len(b) < 32 for b in batches) == (1 if n % 32 else 0)  # one partial batch at most
+        assert sum(len(b) < 32 for b in batches) == (
+            1 if n % 32 else 0
+        )  # one partial batch at most
         assert all(isinstance(i, int) for i in flat(batches))
 
 
@@ -86,8 +88,10 @@ def test_batches_change_between_epochs() -> None:
 def test_distributed_ranks_share_every_global_batch(n: int, replicas: int) -> None:
     lengths = MIX[:n]
     ref = LengthBucketBatchSampler(lengths, 32, seed=7, epoch=2)
-    ranks = [list(LengthBucketBatchSampler(lengths, 32, seed=7, epoch=2, num_replicas=replicas, rank=r))
-             for r in range(replicas)]  # fmt: skip
+    ranks = [
+        list(LengthBucketBatchSampler(lengths, 32, seed=7, epoch=2, num_replicas=replicas, rank=r))
+        for r in range(replicas)
+    ]
     glob = ref.global_batches()
     assert all(len(r) == len(glob) == len(ref) for r in ranks)  # equal numbers of batches
     for k, g in enumerate(glob):
@@ -103,7 +107,9 @@ def test_distributed_ranks_share_every_global_batch(n: int, replicas: int) -> No
 
 
 def test_distributed_shares_of_a_batch_have_similar_lengths() -> None:
-    ranks = [list(LengthBucketBatchSampler(MIX, 32, seed=7, num_replicas=2, rank=r)) for r in range(2)]
+    ranks = [
+        list(LengthBucketBatchSampler(MIX, 32, seed=7, num_replicas=2, rank=r)) for r in range(2)
+    ]
     for a, b in zip(*ranks):  # each rank pads to its own longest clip: similar work per rank
         la, lb = MIX[a].sum(), MIX[b].sum()
         assert abs(la - lb) <= 0.05 * max(la, lb) + 30, (la, lb)
@@ -135,14 +141,19 @@ def test_padding_fraction_counts_computed_positions() -> None:
 
 def test_padding_under_ten_percent_on_the_corpus_length_mix() -> None:
     a, v = MIX[:, 0][MIX[:, 0] > 0], MIX[:, 1][MIX[:, 1] > 0]
-    assert 6.6 < a.mean() / 50 < 7.2 and 11.0 < np.percentile(a, 95) / 50 < 12.0  # docs/method.md section 2
+    assert (
+        6.6 < a.mean() / 50 < 7.2 and 11.0 < np.percentile(a, 95) / 50 < 12.0
+    )  # docs/method.md section 2
     assert v.std() / v.mean() > 0.3  # vision lengths vary as much
     s = LengthBucketBatchSampler(MIX, 32, seed=3407)
     for epoch in range(3):
         s.set_epoch(epoch)
         batches = list(s)
         assert padding_fraction(batches, MIX) < 0.10
-        assert padding_fraction(batches, MIX[:, [0]]) < 0.10 and padding_fraction(batches, MIX[:, [1]]) < 0.15
+        assert (
+            padding_fraction(batches, MIX[:, [0]]) < 0.10
+            and padding_fraction(batches, MIX[:, [1]]) < 0.15
+        )
     rnd = torch.randperm(len(MIX), generator=torch.Generator().manual_seed(0)).split(32)
     assert padding_fraction(rnd, MIX) > 0.40  # what random batches waste
 
@@ -152,7 +163,9 @@ def test_padding_under_ten_percent_on_the_corpus_length_mix() -> None:
 DIMS = {"audio": 5, "vision": 4, "text": 3}
 
 
-def _store(root: Path, specs: list[tuple[int, int, int]], *, seed: int = 0, tokens: bool = False) -> FeatureStore:
+def _store(
+    root: Path, specs: list[tuple[int, int, int]], *, seed: int = 0, tokens: bool = False
+) -> FeatureStore:
     """Clips ``{k:05d}`` with (T_a, T_v, T_t) lengths (0 = missing; T_t 0 = text missing)."""
     rng = np.random.default_rng(seed)
 
@@ -161,18 +174,24 @@ def _store(root: Path, specs: list[tuple[int, int, int]], *, seed: int = 0, toke
 
     with StoreWriter(root, dims=DIMS, text_tokens=tokens, shard_size=7) as w:
         for k, (ta, tv, tt) in enumerate(specs):
-            w.add(ClipFeatures(
-                clip_id=f"{k:05d}", audio=seq(ta, DIMS["audio"]), vision=seq(tv, DIMS["vision"]),
-                text=None if tt == 0 else rng.normal(size=DIMS["text"]).astype(np.float16),
-                text_tokens=seq(tt, DIMS["text"]) if tokens else None,
-            ))  # fmt: skip
+            w.add(
+                ClipFeatures(
+                    clip_id=f"{k:05d}",
+                    audio=seq(ta, DIMS["audio"]),
+                    vision=seq(tv, DIMS["vision"]),
+                    text=None if tt == 0 else rng.normal(size=DIMS["text"]).astype(np.float16),
+                    text_tokens=seq(tt, DIMS["text"]) if tokens else None,
+                )
+            )
     return FeatureStore(root)
 
 
 def test_dataset_lengths_read_the_index_and_trim(tmp_path: Path) -> None:
     store = _store(tmp_path / "s", [(9, 3, 2), (0, 5, 4), (2, 0, 0), (12, 1, 1)], tokens=True)
     ids = ["00003", "00000", "00001", "00002"]
-    np.testing.assert_array_equal(dataset_lengths(store, ids, 10, 4), [[10, 1], [9, 3], [0, 4], [2, 0]])
+    np.testing.assert_array_equal(
+        dataset_lengths(store, ids, 10, 4), [[10, 1], [9, 3], [0, 4], [2, 0]]
+    )
     hidden = dataset_lengths(store, ids, 10, 4, modalities=("vision", "text"))
     np.testing.assert_array_equal(hidden[:, 0], 0)
     with_tokens = dataset_lengths(store, ids, 10, 4, max_text_tokens=3)
@@ -190,8 +209,19 @@ def test_dataset_lengths_read_the_index_and_trim(tmp_path: Path) -> None:
 
 def _tiny_model() -> TAEMI:
     cfg = preset("paper").model
-    for k, v in dict(audio_dim=5, vision_dim=4, text_dim=3, hidden=8, heads=2, sa_ffn=16, head_hidden=8,
-                     modality_dropout=0.0, attn_dropout=0.0, sa_dropout=0.0, head_dropout=0.0).items():  # fmt: skip
+    for k, v in dict(
+        audio_dim=5,
+        vision_dim=4,
+        text_dim=3,
+        hidden=8,
+        heads=2,
+        sa_ffn=16,
+        head_hidden=8,
+        modality_dropout=0.0,
+        attn_dropout=0.0,
+        sa_dropout=0.0,
+        head_dropout=0.0,
+    ).items():
         setattr(cfg, k, v)
     torch.manual_seed(0)
     return TAEMI(cfg)
@@ -201,7 +231,9 @@ def test_model_results_do_not_depend_on_bucketing(tmp_path: Path) -> None:
     """Bucketed batches give every clip the output it gets in random (more padded) batches,
     and the gradient of the epoch's summed per-clip loss is the same."""
     rng = np.random.default_rng(3)
-    specs = [(int(a), int(v), int(rng.integers(0, 2))) for a, v in abaw_like_lengths(96, seed=5) // 10]
+    specs = [
+        (int(a), int(v), int(rng.integers(0, 2))) for a, v in abaw_like_lengths(96, seed=5) // 10
+    ]
     store = _store(tmp_path / "s", specs, seed=1)
     targets = rng.random((len(store), 6), dtype=np.float32)
     ds = ClipDataset(store, store.ids, targets, max_audio_len=60, max_vision_len=40)
@@ -211,9 +243,13 @@ def test_model_results_do_not_depend_on_bucketing(tmp_path: Path) -> None:
     bucketed = LengthBucketBatchSampler(lengths, 16, seed=0, bucket_size_multiplier=3)
     loaders = {
         "bucketed": DataLoader(ds, batch_sampler=bucketed, collate_fn=collate),
-        "random": DataLoader(ds, batch_size=16, sampler=RandomSampler(ds, generator=torch.Generator().manual_seed(0)),
-                             collate_fn=collate),
-    }  # fmt: skip
+        "random": DataLoader(
+            ds,
+            batch_size=16,
+            sampler=RandomSampler(ds, generator=torch.Generator().manual_seed(0)),
+            collate_fn=collate,
+        ),
+    }
     outs, grads, pads = {}, {}, {}
     for name, loader in loaders.items():
         model.zero_grad(set_to_none=True)

@@ -136,10 +136,22 @@ def runs(tmp_path):
 def test_compare_cli_prints_and_writes_json(runs, capsys):
     runs, t, b = runs
     out_json = runs / "cmp.json"
-    args = _parser().parse_args([
-        "compare", str(runs / "run_a"), str(runs / "run_b"), "--labels", str(runs / "labels.csv"),
-        "--n-boot", "200", "--seed", "3", "--out", str(out_json), "--no-progress",
-    ])  # fmt: skip
+    args = _parser().parse_args(
+        [
+            "compare",
+            str(runs / "run_a"),
+            str(runs / "run_b"),
+            "--labels",
+            str(runs / "labels.csv"),
+            "--n-boot",
+            "200",
+            "--seed",
+            "3",
+            "--out",
+            str(out_json),
+            "--no-progress",
+        ]
+    )
     assert args.func(args) == 0
     text = capsys.readouterr().out
     assert "Joy" in text and "Sadness" in text and "95% CI" in text

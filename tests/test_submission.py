@@ -41,7 +41,9 @@ def problems(path: Path, ids=IDS, **kw) -> list[str]:
 def test_write_submission_sorted_header_clipped(tmp_path) -> None:
     rng = np.random.default_rng(0)
     ids = list(reversed(IDS))  # given unsorted
-    values = rng.uniform(-0.5, 1.5, size=(len(ids), len(EMI_EMOTIONS)))  # (N, E), some outside [0, 1]
+    values = rng.uniform(
+        -0.5, 1.5, size=(len(ids), len(EMI_EMOTIONS))
+    )  # (N, E), some outside [0, 1]
     out = tmp_path / "sub.csv"
     write_submission(out, ids, EMI_EMOTIONS, values)
     with open(out, newline="", encoding="utf-8") as fh:
@@ -59,7 +61,9 @@ def test_write_submission_sorted_header_clipped(tmp_path) -> None:
         got_raw = np.array([r[1:] for r in list(csv.reader(fh))[1:]], dtype=np.float64)
     np.testing.assert_array_equal(got_raw, values[::-1])  # raw values, exactly
     report = check_submission(raw, IDS)
-    assert not report.ok and any(p.startswith("rows with values outside [0, 1]") for p in report.problems)
+    assert not report.ok and any(
+        p.startswith("rows with values outside [0, 1]") for p in report.problems
+    )
 
 
 # --------------------------------------------------------------------------- checker
@@ -79,7 +83,9 @@ def test_leading_zeros_lost_are_named(tmp_path) -> None:
     assert "'7' should be '00007'" in msg and "dtype={'Filename': str}" in msg
     # a float written by a number-minded tool: 42.0
     found = problems(submission(tmp_path / "f.csv", rows([*IDS[:-1], f"{int(IDS[-1])}.0"])))
-    assert found[0].startswith(f"ids that lost their leading zeros (1): line {len(IDS) + 1}: '77.0' should be '00077' (")
+    assert found[0].startswith(
+        f"ids that lost their leading zeros (1): line {len(IDS) + 1}: '77.0' should be '00077' ("
+    )
 
 
 @pytest.mark.parametrize(
@@ -88,24 +94,63 @@ def test_leading_zeros_lost_are_named(tmp_path) -> None:
         (rows(IDS[:-2]), HEADER, "test ids without a row (2)", "'00070'"),
         (rows([*IDS, "99999"]), HEADER, "ids not in the test list (1)", "'99999' (line 14)"),
         (rows([*IDS[:3], IDS[2], *IDS[3:]]), HEADER, "duplicate ids (1)", "'00014' on lines 4, 5"),
-        ([*rows(IDS[:-1]), f"{IDS[-1]},0.5,0.5"], HEADER, "rows with the wrong number of fields (1)",
-         "line 13: 3 fields, not 7"),
-        ([*rows(IDS[:-1]), f"{IDS[-1]},0.5,abc,0.5,0.5,0.5,0.5"], HEADER, "rows with values that are not numbers (1)",
-         "line 13, 00077: Amusement 'abc'"),
-        ([*rows(IDS[:-1]), f"{IDS[-1]},0.5,0.5,,0.5,0.5,-"], HEADER, "rows with values that are not numbers (1)",
-         "Determination '', Joy '-'"),
-        ([*rows(IDS[:-2]), *rows(IDS[-2:], "nan")], HEADER, "rows with NaN or infinite values (2)",
-         "line 12, 00070: Admiration 'nan', Amusement 'nan'"),
-        ([*rows(IDS[:-1]), *rows(IDS[-1:], "inf")], HEADER, "rows with NaN or infinite values (1)", "Joy 'inf'"),
-        ([*rows(IDS[:-1]), *rows(IDS[-1:], "1.25")], HEADER, "rows with values outside [0, 1] (1)",
-         "line 13, 00077: Admiration 1.25, Amusement 1.25"),
-        ([*rows(IDS[:-1]), *rows(IDS[-1:], "-0.01")], HEADER, "rows with values outside [0, 1] (1)", "Joy -0.01"),
-        (rows([IDS[1], IDS[0], *IDS[2:]]), HEADER, "rows not sorted by id", "line 3: '00000' comes after '00007'"),
-        ([*rows(IDS[:-1]), " 00077," + ",".join(["0.5"] * 6)], HEADER, "ids with spaces around them (1)",
-         "line 13: ' 00077'"),
+        (
+            [*rows(IDS[:-1]), f"{IDS[-1]},0.5,0.5"],
+            HEADER,
+            "rows with the wrong number of fields (1)",
+            "line 13: 3 fields, not 7",
+        ),
+        (
+            [*rows(IDS[:-1]), f"{IDS[-1]},0.5,abc,0.5,0.5,0.5,0.5"],
+            HEADER,
+            "rows with values that are not numbers (1)",
+            "line 13, 00077: Amusement 'abc'",
+        ),
+        (
+            [*rows(IDS[:-1]), f"{IDS[-1]},0.5,0.5,,0.5,0.5,-"],
+            HEADER,
+            "rows with values that are not numbers (1)",
+            "Determination '', Joy '-'",
+        ),
+        (
+            [*rows(IDS[:-2]), *rows(IDS[-2:], "nan")],
+            HEADER,
+            "rows with NaN or infinite values (2)",
+            "line 12, 00070: Admiration 'nan', Amusement 'nan'",
+        ),
+        (
+            [*rows(IDS[:-1]), *rows(IDS[-1:], "inf")],
+            HEADER,
+            "rows with NaN or infinite values (1)",
+            "Joy 'inf'",
+        ),
+        (
+            [*rows(IDS[:-1]), *rows(IDS[-1:], "1.25")],
+            HEADER,
+            "rows with values outside [0, 1] (1)",
+            "line 13, 00077: Admiration 1.25, Amusement 1.25",
+        ),
+        (
+            [*rows(IDS[:-1]), *rows(IDS[-1:], "-0.01")],
+            HEADER,
+            "rows with values outside [0, 1] (1)",
+            "Joy -0.01",
+        ),
+        (
+            rows([IDS[1], IDS[0], *IDS[2:]]),
+            HEADER,
+            "rows not sorted by id",
+            "line 3: '00000' comes after '00007'",
+        ),
+        (
+            [*rows(IDS[:-1]), " 00077," + ",".join(["0.5"] * 6)],
+            HEADER,
+            "ids with spaces around them (1)",
+            "line 13: ' 00077'",
+        ),
         ([*rows(IDS), ",0.5,0.5,0.5,0.5,0.5,0.5"], HEADER, "rows without an id (1)", "line 14"),
     ],
-)  # fmt: skip
+)
 def test_each_problem_kind(tmp_path, lines, header, kind, detail) -> None:
     found = problems(submission(tmp_path / "s.csv", lines, header))
     assert len(found) == 1, found
@@ -142,8 +187,13 @@ def test_several_kinds_are_all_reported(tmp_path) -> None:
     lines = [*rows([IDS[1], IDS[0]]), *rows(IDS[3:-1], "2"), "oops,1,2"]
     found = problems(submission(tmp_path / "s.csv", lines))
     kinds = [p.split(" (")[0] for p in found]
-    assert kinds == ["rows with the wrong number of fields", "ids not in the test list",
-                     "test ids without a row", "rows with values outside [0, 1]", "rows not sorted by id"]  # fmt: skip
+    assert kinds == [
+        "rows with the wrong number of fields",
+        "ids not in the test list",
+        "test ids without a row",
+        "rows with values outside [0, 1]",
+        "rows not sorted by id",
+    ]
 
 
 def test_custom_emotions_and_warnings(tmp_path) -> None:
@@ -191,8 +241,19 @@ def test_check_submission_command(tmp_path, capsys) -> None:
 
     two = tmp_path / "two.csv"
     two.write_text("Filename,Anger,Joy\n00000,0.1,0.2\n00007,0.3,0.4\n", encoding="utf-8")
-    assert main(["check-submission", str(two), "--ids", str(write_ids(tmp_path / "i2.csv", IDS[:2])),
-                 "--emotions", "Anger,Joy"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "check-submission",
+                str(two),
+                "--ids",
+                str(write_ids(tmp_path / "i2.csv", IDS[:2])),
+                "--emotions",
+                "Anger,Joy",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
 
     assert main(["check-submission", str(tmp_path / "absent.csv"), "--ids", str(ids)]) == 2

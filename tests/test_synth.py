@@ -14,9 +14,7 @@ from taemi.eval.metrics import compute_metrics
 from taemi.synth import features as synth
 from taemi.synth.features import SynthConfig, draw_truth, make_patterns, make_synth, render_clip
 
-FeatureStore = pytest.importorskip(
-    "taemi.store", reason="taemi.store not available"
-).FeatureStore
+FeatureStore = pytest.importorskip("taemi.store", reason="taemi.store not available").FeatureStore
 
 SMALL = {"clips": 40, "dims": (12, 10, 8), "audio_len": (5, 15), "vision_len": (5, 15)}
 

@@ -76,8 +76,15 @@ def short_run(tmp_path_factory, store, labels, tiny_config) -> tuple[TrainResult
 def test_run_folder_outputs(short_run, labels) -> None:
     res, cfg = short_run
     run = res.run_dir
-    for name in ("config.yaml", "history.csv", "metrics.json", "best.safetensors",
-                 "last.safetensors", STATE_FILE, "valid_predictions.csv"):  # fmt: skip
+    for name in (
+        "config.yaml",
+        "history.csv",
+        "metrics.json",
+        "best.safetensors",
+        "last.safetensors",
+        STATE_FILE,
+        "valid_predictions.csv",
+    ):
         assert (run / name).is_file(), name
     assert is_png(run / "plots" / "learning_curves.png")
     assert is_png(run / "plots" / "per_emotion_pearson.png")
@@ -140,8 +147,9 @@ def test_valid_predictions_are_those_of_the_best_weights(short_run, store, label
 @pytest.fixture(scope="module")
 def learnable(tmp_path_factory):
     """320 clips (80 valid): enough for a stable validation score."""
-    res = make_synth(tmp_path_factory.mktemp("learn"), small_synth_config(clips=320, seed=3),
-                     progress=False)  # fmt: skip
+    res = make_synth(
+        tmp_path_factory.mktemp("learn"), small_synth_config(clips=320, seed=3), progress=False
+    )
     return res, read_labels(res.train_csv), read_labels(res.valid_csv)
 
 
@@ -199,8 +207,18 @@ def scripted_scores(monkeypatch):
         (0, [0.5, 0.4, 0.3, 0.2, 0.1, 0.0], 6, 1, False),  # patience 0: no early stopping
     ],
 )
-def test_early_stopping_rule(tmp_path, store, labels, tiny_config, scripted_scores, patience,
-                             scores, epochs_run, best_epoch, stopped) -> None:  # fmt: skip
+def test_early_stopping_rule(
+    tmp_path,
+    store,
+    labels,
+    tiny_config,
+    scripted_scores,
+    patience,
+    scores,
+    epochs_run,
+    best_epoch,
+    stopped,
+) -> None:
     scripted_scores(scores)
     cfg = tiny_config(f"train.patience={patience}", "train.max_epochs=6")
     run = tmp_path / "run"
@@ -286,8 +304,14 @@ def test_resume_and_new_run_guards(tmp_path, store, labels, tiny_config) -> None
         train(cfg, store, *labels, empty, resume=True, progress=False)
 
     # runtime settings may change on resume
-    res = train(tiny_config("train.max_epochs=2", "train.eval_batch_size=7"), store, *labels, run,
-                resume=True, progress=False)  # fmt: skip
+    res = train(
+        tiny_config("train.max_epochs=2", "train.eval_batch_size=7"),
+        store,
+        *labels,
+        run,
+        resume=True,
+        progress=False,
+    )
     assert [h["epoch"] for h in res.history] == [1, 2]
 
 
@@ -410,8 +434,9 @@ def test_deterministic_runs_are_identical(
     assert_same_weights(tmp_path / "a" / "last.safetensors", tmp_path / "b" / "last.safetensors")
 
 
-def test_resume_of_a_run_interrupted_in_its_first_epoch_starts_it_afresh(store, labels, tiny_config, tmp_path,
-                                                                         monkeypatch):
+def test_resume_of_a_run_interrupted_in_its_first_epoch_starts_it_afresh(
+    store, labels, tiny_config, tmp_path, monkeypatch
+):
     """config.yaml but no state.pt (killed during epoch 1): --resume trains from epoch 1.
 
     A kill (here a BaseException, as KeyboardInterrupt is) leaves the folder resumable; a
@@ -442,7 +467,9 @@ def _fail(*args, **kwargs):
     raise Fails
 
 
-def test_failed_first_epoch_leaves_no_stub(tmp_path, store, labels, tiny_config, monkeypatch) -> None:
+def test_failed_first_epoch_leaves_no_stub(
+    tmp_path, store, labels, tiny_config, monkeypatch
+) -> None:
     """A run that fails before its first epoch is saved removes what it created (folders
     too), so a plain rerun is not blocked; what was there before stays; a failure after
     a saved epoch keeps the run (it is resumable)."""
@@ -469,7 +496,11 @@ def test_failed_first_epoch_leaves_no_stub(tmp_path, store, labels, tiny_config,
 
     with pytest.raises(Fails):
         train(cfg, store, *labels, kept, progress=False, callbacks=[fail_after_epoch_1])
-    assert (kept / STATE_FILE).is_file() and (kept / "config.yaml").is_file() and not (kept / LOCK_FILE).exists()
+    assert (
+        (kept / STATE_FILE).is_file()
+        and (kept / "config.yaml").is_file()
+        and not (kept / LOCK_FILE).exists()
+    )
 
 
 def test_train_holds_a_lock_on_its_run_folder(tmp_path, store, labels, tiny_config) -> None:
@@ -499,7 +530,9 @@ def test_train_holds_a_lock_on_its_run_folder(tmp_path, store, labels, tiny_conf
 def test_non_finite_loss_stops_training_at_once(tmp_path, store, labels, tiny_config) -> None:
     """train.lr=1e30 diverges within the first steps: stopped there, named, no stub left."""
     run = tmp_path / "run"
-    with pytest.raises(TrainingError, match=r"epoch 1, step \d+ of \d+: the training loss is .*lower train.lr"):
+    with pytest.raises(
+        TrainingError, match=r"epoch 1, step \d+ of \d+: the training loss is .*lower train.lr"
+    ):
         train(tiny_config("train.lr=1e30"), store, *labels, run, progress=False)
     assert not run.exists()
 
@@ -513,12 +546,18 @@ def test_batched_loss_check_names_the_first_bad_step() -> None:
     cfg = build_config("paper", [("train.lr", 1e-3)])
     ok, bad = torch.tensor([0.5]), torch.tensor([float("nan")])
     pending = [(4, ok, [], 1e-3), (5, ok, [], 1e-3), (6, bad, [], 2e-3), (7, bad, [], 3e-3)]
-    _check_step_losses(pending[:2], DistInfo(), epoch=2, steps=9, cfg=cfg, store=None)  # finite: no error
-    with pytest.raises(TrainingError, match=r"epoch 2, step 6 of 9: the training loss is nan .*rate 0.002"):
+    _check_step_losses(
+        pending[:2], DistInfo(), epoch=2, steps=9, cfg=cfg, store=None
+    )  # finite: no error
+    with pytest.raises(
+        TrainingError, match=r"epoch 2, step 6 of 9: the training loss is nan .*rate 0.002"
+    ):
         _check_step_losses(pending, DistInfo(), epoch=2, steps=9, cfg=cfg, store=None)
 
 
-def test_non_finite_features_are_named_where_they_enter(tmp_path, store, labels, tiny_config) -> None:
+def test_non_finite_features_are_named_where_they_enter(
+    tmp_path, store, labels, tiny_config
+) -> None:
     """Features holding NaN that reach the model (past the store's own read check, e.g. from
     a backbone) stop training at the step that sees them, naming the clip; in a validation
     clip they are named before the metric sees an anonymous NaN."""
@@ -543,7 +582,9 @@ def test_non_finite_features_are_named_where_they_enter(tmp_path, store, labels,
         assert "epoch 1" in str(info.value) and not run.exists()
 
 
-def test_resume_without_state_after_finished_epochs_is_refused(tmp_path, store, labels, tiny_config) -> None:
+def test_resume_without_state_after_finished_epochs_is_refused(
+    tmp_path, store, labels, tiny_config
+) -> None:
     """Weights of finished epochs but state.pt deleted: an error, not a silent restart
     that would overwrite them."""
     cfg = tiny_config("train.max_epochs=2")
@@ -560,7 +601,9 @@ def test_resume_without_state_after_finished_epochs_is_refused(tmp_path, store, 
 # --------------------------------------------------------------------------- train on all
 
 
-def test_train_on_all_runs_fixed_epochs_without_validation(tmp_path, store, labels, tiny_config) -> None:
+def test_train_on_all_runs_fixed_epochs_without_validation(
+    tmp_path, store, labels, tiny_config
+) -> None:
     """valid_labels=None: exactly fixed_epochs epochs of the usual schedule, no validation,
     best = last."""
     cfg = tiny_config("train.max_epochs=4")  # patience 5 (preset): irrelevant without validation
@@ -601,10 +644,21 @@ def test_train_on_all_resume_and_guards(tmp_path, store, labels, tiny_config) ->
         train(cfg, store, *labels, tmp_path / "a", fixed_epochs=2, progress=False)
     assert not (tmp_path / "a").exists()
 
-    straight = train(cfg, store, labels[0], None, tmp_path / "straight", fixed_epochs=3, progress=False)
+    straight = train(
+        cfg, store, labels[0], None, tmp_path / "straight", fixed_epochs=3, progress=False
+    )
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, store, labels[0], None, run, fixed_epochs=3, progress=False, callbacks=[Interrupt(after=1)])
+        train(
+            cfg,
+            store,
+            labels[0],
+            None,
+            run,
+            fixed_epochs=3,
+            progress=False,
+            callbacks=[Interrupt(after=1)],
+        )
     with pytest.raises(ConfigError, match="fixed_epochs=3"):
         train(cfg, store, labels[0], None, run, fixed_epochs=2, resume=True, progress=False)
     res = train(cfg, store, labels[0], None, run, fixed_epochs=3, resume=True, progress=False)
@@ -618,11 +672,17 @@ def test_run_records_its_features(short_run, store) -> None:
     rec = run_folder.load_features_record(res.run_dir)
     assert rec["dims"] == store.dims and rec["dtype"] == store.manifest["dtype"]
     assert rec["text_tokens"] is False and rec["clips"] == len(store)
-    assert rec["modalities"] == store.manifest["modalities"] and set(rec["modalities"]) == {"audio", "vision", "text"}
+    assert rec["modalities"] == store.manifest["modalities"] and set(rec["modalities"]) == {
+        "audio",
+        "vision",
+        "text",
+    }
     assert run_folder.load_features_record(res.run_dir / "absent") is None
 
 
-def test_resume_refuses_features_of_another_kind(tmp_path, store, synth_tokens, labels, tiny_config) -> None:
+def test_resume_refuses_features_of_another_kind(
+    tmp_path, store, synth_tokens, labels, tiny_config
+) -> None:
     cfg = tiny_config("train.max_epochs=2", "data.text_tokens=no")
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):

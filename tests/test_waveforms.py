@@ -260,8 +260,14 @@ def small_store(root: Path, ids: list[str]) -> None:
     dims = {"audio": 3, "vision": 2, "text": 2}
     with StoreWriter(root, dims=dims) as w:
         for i, cid in enumerate(ids):
-            w.add(ClipFeatures(cid, np.full((4, 3), i, np.float32), np.ones((2, 2), np.float32),
-                               np.ones(2, np.float32)))  # fmt: skip
+            w.add(
+                ClipFeatures(
+                    cid,
+                    np.full((4, 3), i, np.float32),
+                    np.ones((2, 2), np.float32),
+                    np.ones(2, np.float32),
+                )
+            )
 
 
 def test_store_info_and_verify_report_the_cache(tmp_path: Path) -> None:

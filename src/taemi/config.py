@@ -63,9 +63,13 @@ class ModelConfig:
     fusion: str = "cross_attention"  # cross_attention | self_attention (pool after SA) | concat (pool after projection)
     align: bool = True  # cross_attention only: project + self-attend each K/V modality first (paper); False = CA on raw dims (release)
     anchor: str = "text"  # query modality of the cross-attention: text | audio | vision
-    missing_tokens: str = "learned"  # learned (N(0, 0.02^2) parameters) | zeros (fixed zero vectors)
+    missing_tokens: str = (
+        "learned"  # learned (N(0, 0.02^2) parameters) | zeros (fixed zero vectors)
+    )
     token_init_std: float = 0.02  # std of the learned missing-token initialisation
-    modality_dropout: float = 0.1  # training-time probability of replacing each modality of each sample by its token
+    modality_dropout: float = (
+        0.1  # training-time probability of replacing each modality of each sample by its token
+    )
     attn_dropout: float = 0.1  # dropout on attention weights
     sa_ffn: int = 2048  # feed-forward width of the intra-modal self-attention layer
     sa_dropout: float = 0.1  # residual dropout inside the self-attention layer
@@ -82,7 +86,9 @@ class ModelConfig:
                 f"model.missing_tokens={self.missing_tokens!r}: expected one of {MISSING_TOKENS}"
             )
         if self.hidden % self.heads:
-            raise ConfigError(f"model.hidden={self.hidden} is not divisible by model.heads={self.heads}")
+            raise ConfigError(
+                f"model.hidden={self.hidden} is not divisible by model.heads={self.heads}"
+            )
         if self.fusion != "cross_attention" and not self.align:
             raise ConfigError(
                 f"model.align=False only applies to fusion='cross_attention', got fusion={self.fusion!r}"
@@ -91,7 +97,15 @@ class ModelConfig:
             p = getattr(self, name)
             if not 0.0 <= p < 1.0:
                 raise ConfigError(f"model.{name}={p}: must be in [0, 1)")
-        for name in ("audio_dim", "vision_dim", "text_dim", "hidden", "heads", "sa_ffn", "head_hidden"):
+        for name in (
+            "audio_dim",
+            "vision_dim",
+            "text_dim",
+            "hidden",
+            "heads",
+            "sa_ffn",
+            "head_hidden",
+        ):
             _at_least(f"model.{name}", getattr(self, name), 1)
         _finite("model.token_init_std", self.token_init_std, ">= 0")
 
@@ -105,8 +119,14 @@ class DataConfig:
     max_audio_len: int = 599  # frames kept per clip (first ones): 12 s at ~50 frames/s
     max_vision_len: int = 400  # face frames kept per clip (first ones, as released)
     max_text_tokens: int = 128  # text token states kept per clip (when used)
-    text_tokens: str = "auto"  # use the store's text token states as K/V (non-text anchors): auto | yes | no
-    modalities: tuple[str, ...] = ("audio", "vision", "text")  # what the model may see; others are always missing
+    text_tokens: str = (
+        "auto"  # use the store's text token states as K/V (non-text anchors): auto | yes | no
+    )
+    modalities: tuple[str, ...] = (
+        "audio",
+        "vision",
+        "text",
+    )  # what the model may see; others are always missing
     num_workers: int = 0  # DataLoader worker processes
     batching: str = "random"  # random (the recipe: shuffled batches) | bucket (clips of similar lengths share a batch: little padding, faster)
 
@@ -117,7 +137,9 @@ class DataConfig:
         if not self.emotions or len(set(self.emotions)) != len(self.emotions):
             raise ConfigError(f"data.emotions={list(self.emotions)}: need distinct names")
         if not self.modalities or not set(self.modalities) <= set(ANCHORS):
-            raise ConfigError(f"data.modalities={list(self.modalities)}: a non-empty subset of {ANCHORS}")
+            raise ConfigError(
+                f"data.modalities={list(self.modalities)}: a non-empty subset of {ANCHORS}"
+            )
         if self.batching not in ("random", "bucket"):
             raise ConfigError(f"data.batching={self.batching!r}: expected random|bucket")
         if self.text_tokens not in ("auto", "yes", "no"):
@@ -139,8 +161,12 @@ class TrainConfig:
     patience: int = 5  # early stopping: epochs without a better valid mean Pearson
     seed: int = 3407  # release seed
     deterministic: bool = False  # torch.use_deterministic_algorithms + fixed cuDNN
-    precision: str = "auto"  # auto (fp16 on CUDA; bf16 on CPUs with native bf16, else fp32) | fp32 | fp16 | bf16
-    compile: bool = False  # torch.compile the model (dynamic shapes); pays for the official preset on CPU
+    precision: str = (
+        "auto"  # auto (fp16 on CUDA; bf16 on CPUs with native bf16, else fp32) | fp32 | fp16 | bf16
+    )
+    compile: bool = (
+        False  # torch.compile the model (dynamic shapes); pays for the official preset on CPU
+    )
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     eval_batch_size: int = 64  # clips per evaluation forward pass
     log_every: int = 0  # log the running train loss every N steps (0: per epoch only)
@@ -148,7 +174,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.grad_clip_mode not in ("value", "norm"):
-            raise ConfigError(f"train.grad_clip_mode={self.grad_clip_mode!r}: expected 'value' or 'norm'")
+            raise ConfigError(
+                f"train.grad_clip_mode={self.grad_clip_mode!r}: expected 'value' or 'norm'"
+            )
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise ConfigError(f"train.precision={self.precision!r}: expected auto|fp32|fp16|bf16")
         _finite("train.lr", self.lr, "> 0")
@@ -157,7 +185,9 @@ class TrainConfig:
         _finite("train.grad_clip", self.grad_clip, ">= 0")
         for i, beta in enumerate(self.betas):
             if not 0.0 <= beta < 1.0:  # NaN fails this too
-                raise ConfigError(f"train.betas={list(self.betas)}: beta{i + 1}={beta!r} must be in [0, 1)")
+                raise ConfigError(
+                    f"train.betas={list(self.betas)}: beta{i + 1}={beta!r} must be in [0, 1)"
+                )
         for name in ("batch_size", "max_epochs", "eval_batch_size", "grad_accum_steps"):
             _at_least(f"train.{name}", getattr(self, name), 1)
         for name in ("patience", "log_every"):
@@ -178,7 +208,10 @@ class AugmentConfig:
 
     seed: int = 0  # augmentation seed (combined with the epoch and the clip's position)
     noise_prob: float = 0.0  # probability of additive white noise
-    noise_snr_db: tuple[float, float] = (10.0, 30.0)  # SNR range of the noise, dB against the clip's own power
+    noise_snr_db: tuple[float, float] = (
+        10.0,
+        30.0,
+    )  # SNR range of the noise, dB against the clip's own power
     noise_color: str = "white"  # white | pink | random (either, equally likely, per application)
     stretch_prob: float = 0.0  # probability of a time-stretch (tempo changes, pitch does not)
     stretch_max: float = 0.1  # stretch rate drawn from [1 - s, 1 + s]
@@ -189,28 +222,42 @@ class AugmentConfig:
 
     @property
     def enabled(self) -> bool:
-        return any(getattr(self, p) > 0 for p in ("noise_prob", "stretch_prob", "pitch_prob", "shift_prob"))
+        return any(
+            getattr(self, p) > 0 for p in ("noise_prob", "stretch_prob", "pitch_prob", "shift_prob")
+        )
 
     def validate(self) -> None:
         def number(name: str, value: Any) -> float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+            ):
                 raise ConfigError(f"finetune.augment.{name}={value!r}: must be a finite number")
             return float(value)
 
         for name in ("noise_prob", "stretch_prob", "pitch_prob", "shift_prob"):
             if not 0.0 <= number(name, getattr(self, name)) <= 1.0:
-                raise ConfigError(f"finetune.augment.{name}={getattr(self, name)}: must be in [0, 1]")
+                raise ConfigError(
+                    f"finetune.augment.{name}={getattr(self, name)}: must be in [0, 1]"
+                )
         snr = self.noise_snr_db
         if not isinstance(snr, (tuple, list)) or len(snr) != 2:
             raise ConfigError(f"finetune.augment.noise_snr_db={snr!r}: expected [min, max] in dB")
         if number("noise_snr_db", snr[0]) > number("noise_snr_db", snr[1]):
             raise ConfigError(f"finetune.augment.noise_snr_db={list(snr)}: min above max")
         if self.noise_color not in NOISE_COLORS:
-            raise ConfigError(f"finetune.augment.noise_color={self.noise_color!r}: expected one of {NOISE_COLORS}")
+            raise ConfigError(
+                f"finetune.augment.noise_color={self.noise_color!r}: expected one of {NOISE_COLORS}"
+            )
         if not 0.0 <= number("stretch_max", self.stretch_max) < 0.5:
-            raise ConfigError(f"finetune.augment.stretch_max={self.stretch_max}: must be in [0, 0.5)")
+            raise ConfigError(
+                f"finetune.augment.stretch_max={self.stretch_max}: must be in [0, 0.5)"
+            )
         if not 0.0 <= number("pitch_semitones", self.pitch_semitones) <= 12.0:
-            raise ConfigError(f"finetune.augment.pitch_semitones={self.pitch_semitones}: must be in [0, 12]")
+            raise ConfigError(
+                f"finetune.augment.pitch_semitones={self.pitch_semitones}: must be in [0, 12]"
+            )
         if number("shift_seconds", self.shift_seconds) < 0:
             raise ConfigError(f"finetune.augment.shift_seconds={self.shift_seconds}: must be >= 0")
 
@@ -226,28 +273,50 @@ class FinetuneConfig:
     the store, as in frozen mode."""
 
     audio_backbone: str = "offline"  # offline (packaged Whisper tiny.en) | paper (audeering wav2vec2) | hub id | local dir
-    text_backbone: str = "offline"  # offline (packaged all-MiniLM-L6-v2) | paper (GTE-base) | hub id | local dir
+    text_backbone: str = (
+        "offline"  # offline (packaged all-MiniLM-L6-v2) | paper (GTE-base) | hub id | local dir
+    )
     audio_window: str = "clip"  # Whisper backbones: clip (pad to max_audio_seconds) | full (30 s, as frozen extraction)
     max_audio_seconds: float = 12.0  # audio kept per clip (docs/method.md section 3: first 12 s)
-    text_pooling: str = "auto"  # cls | mean | auto (a sentence-transformers folder's own pooling, else CLS)
+    text_pooling: str = (
+        "auto"  # cls | mean | auto (a sentence-transformers folder's own pooling, else CLS)
+    )
     max_text_tokens: int = 128  # transcript tokens kept (special tokens included)
-    trust_remote_code: bool = False  # allow model code shipped with a backbone (GTE's "new" architecture)
-    allow_download: bool = False  # let Hugging Face download backbones (off: local files / caches only)
-    backbone_lr: float = 1e-4  # peak learning rate of both backbones (release: 1e-4, as the fusion model)
+    trust_remote_code: bool = (
+        False  # allow model code shipped with a backbone (GTE's "new" architecture)
+    )
+    allow_download: bool = (
+        False  # let Hugging Face download backbones (off: local files / caches only)
+    )
+    backbone_lr: float = (
+        1e-4  # peak learning rate of both backbones (release: 1e-4, as the fusion model)
+    )
     backbone_weight_decay: float = 0.01  # AdamW weight decay of the backbones
-    freeze_feature_encoder: bool = True  # keep the audio CNN feature encoder (and Whisper's convs) fixed
+    freeze_feature_encoder: bool = (
+        True  # keep the audio CNN feature encoder (and Whisper's convs) fixed
+    )
     freeze_audio_layers: int = 0  # also freeze the first N transformer layers of the audio backbone
     freeze_text_layers: int = 0  # freeze the text embeddings and the first N transformer layers
-    gradient_checkpointing: bool = False  # recompute backbone activations in backward (less memory, ~30% slower)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)  # waveform augmentation while training
+    gradient_checkpointing: bool = (
+        False  # recompute backbone activations in backward (less memory, ~30% slower)
+    )
+    augment: AugmentConfig = field(
+        default_factory=AugmentConfig
+    )  # waveform augmentation while training
 
     def validate(self) -> None:
         if self.audio_window not in ("clip", "full"):
-            raise ConfigError(f"finetune.audio_window={self.audio_window!r}: expected 'clip' or 'full'")
+            raise ConfigError(
+                f"finetune.audio_window={self.audio_window!r}: expected 'clip' or 'full'"
+            )
         if self.text_pooling not in ("auto", "cls", "mean"):
-            raise ConfigError(f"finetune.text_pooling={self.text_pooling!r}: expected auto|cls|mean")
+            raise ConfigError(
+                f"finetune.text_pooling={self.text_pooling!r}: expected auto|cls|mean"
+            )
         if not 0 < self.max_audio_seconds <= 30:
-            raise ConfigError(f"finetune.max_audio_seconds={self.max_audio_seconds}: must be in (0, 30]")
+            raise ConfigError(
+                f"finetune.max_audio_seconds={self.max_audio_seconds}: must be in (0, 30]"
+            )
         if self.max_text_tokens < 2:
             raise ConfigError(f"finetune.max_text_tokens={self.max_text_tokens}: must be >= 2")
         _finite("finetune.backbone_lr", self.backbone_lr, ">= 0")
@@ -256,7 +325,9 @@ class FinetuneConfig:
         _at_least("finetune.freeze_text_layers", self.freeze_text_layers, 0)
         for name in ("audio_backbone", "text_backbone"):
             if not getattr(self, name).strip():
-                raise ConfigError(f"finetune.{name} is empty: give offline, paper, a hub id or a local folder")
+                raise ConfigError(
+                    f"finetune.{name} is empty: give offline, paper, a hub id or a local folder"
+                )
         self.augment.validate()
 
 
@@ -279,7 +350,9 @@ class RunConfig:
         self.train.validate()
         self.finetune.validate()
         if self.mode == "finetune" and self.data.text_tokens == "yes":
-            raise ConfigError("data.text_tokens=yes does not apply to mode=finetune (the text backbone gives one vector)")
+            raise ConfigError(
+                "data.text_tokens=yes does not apply to mode=finetune (the text backbone gives one vector)"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -402,7 +475,9 @@ def apply_override(cfg: RunConfig, key: str, value: Any) -> None:
         else:
             obj = getattr(obj, part)
             if not dataclasses.is_dataclass(obj):
-                raise ConfigError(f"config key {key!r}: {'.'.join(parts[: i + 1])} is not a section")
+                raise ConfigError(
+                    f"config key {key!r}: {'.'.join(parts[: i + 1])} is not a section"
+                )
 
 
 def parse_overrides(items: typing.Iterable[str]) -> list[tuple[str, str]]:
@@ -458,7 +533,9 @@ def input_dim_overrides(
     ``overrides`` or in the ``model`` section of ``config_file``."""
     given = {k for k, _ in overrides}
     if config_file is not None:
-        section = load_yaml(config_file).get("model")  # a non-mapping section is refused by build_config
+        section = load_yaml(config_file).get(
+            "model"
+        )  # a non-mapping section is refused by build_config
         given |= {f"model.{k}" for k in (section if isinstance(section, dict) else {})}
     return [(f"model.{m}_dim", d) for m, d in dims.items() if f"model.{m}_dim" not in given]
 
@@ -556,4 +633,3 @@ def _to_plain(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_to_plain(v) for v in x]
     return x
-

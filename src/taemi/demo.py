@@ -48,28 +48,43 @@ def _media_data(out: Path, clips: int, seed: int, max_frames: int, progress: boo
     sources, input_errors = find_sources([corpus.raw])
     encoders = load_encoders("offline", face=False)
     opts = ExtractOptions(max_frames=max_frames, frame_policy="uniform")
-    summary = extract(sources, out / "features", encoders, opts, input_errors=input_errors, progress=progress)
+    summary = extract(
+        sources, out / "features", encoders, opts, input_errors=input_errors, progress=progress
+    )
     log.info("extraction: %s", summary_counts(summary))
     if not summary.ok:
         raise RuntimeError(f"extraction of the demo media failed; see {summary.errors_file}")
 
     valid = [r.latents for r in corpus.clips if r.latents.split == "valid"]
-    clean = np.stack([label_fn(v.text, v.audio, v.face, 0.0, mcfg.weights) for v in valid])  # (N, E)
+    clean = np.stack(
+        [label_fn(v.text, v.audio, v.face, 0.0, mcfg.weights) for v in valid]
+    )  # (N, E)
     noisy = np.stack([v.label for v in valid])
     oracle = compute_metrics(clean, noisy, mcfg.emotions).mean_pearson
     return {
-        "store": out / "features", "train_csv": corpus.train_csv, "valid_csv": corpus.valid_csv,
-        "oracle": oracle, "extract": {"done": summary.done, "failed": summary.failed,
-                                      "missing": summary.missing, "wall_seconds": summary.wall_seconds},
-    }  # fmt: skip
+        "store": out / "features",
+        "train_csv": corpus.train_csv,
+        "valid_csv": corpus.valid_csv,
+        "oracle": oracle,
+        "extract": {
+            "done": summary.done,
+            "failed": summary.failed,
+            "missing": summary.missing,
+            "wall_seconds": summary.wall_seconds,
+        },
+    }
 
 
 def _feature_data(out: Path, clips: int, seed: int, progress: bool) -> dict:
     from taemi.synth.features import SynthConfig, make_synth
 
     synth = make_synth(out / "data", SynthConfig(clips=clips, seed=seed), progress=progress)
-    return {"store": synth.store, "train_csv": synth.train_csv, "valid_csv": synth.valid_csv,
-            "oracle": synth.oracle["mean_pearson"]}  # fmt: skip
+    return {
+        "store": synth.store,
+        "train_csv": synth.train_csv,
+        "valid_csv": synth.valid_csv,
+        "oracle": synth.oracle["mean_pearson"],
+    }
 
 
 def run_demo(
@@ -91,21 +106,35 @@ def run_demo(
     else:
         data = _media_data(out, clips, seed, max_frames, progress)
     store = FeatureStore(data["store"])
-    cfg = config_for_store(preset, [("train.max_epochs", epochs)], store)  # input sizes: the store's
+    cfg = config_for_store(
+        preset, [("train.max_epochs", epochs)], store
+    )  # input sizes: the store's
     kw = dict(emotions=cfg.data.emotions, store_ids=store)
     train_labels = read_labels(data["train_csv"], **kw)
     valid_labels = read_labels(data["valid_csv"], **kw)
     run_dir = out / "run"
     if not (resume and is_finished(run_dir)):
-        train(cfg, store, train_labels, valid_labels, run_dir, resume=resume and has_run(run_dir), progress=progress)
+        train(
+            cfg,
+            store,
+            train_labels,
+            valid_labels,
+            run_dir,
+            resume=resume and has_run(run_dir),
+            progress=progress,
+        )
 
     predictor = Predictor.from_run(run_dir, "best")
     cfg = predictor.cfg
     pred = predictor.predict(predictor.dataset(store, valid_labels), progress=progress)
     metrics = compute_metrics(pred, valid_labels.values, cfg.data.emotions)
-    write_predictions(out / "valid_predictions.csv", valid_labels.ids, cfg.data.emotions, pred, clip=True)
+    write_predictions(
+        out / "valid_predictions.csv", valid_labels.ids, cfg.data.emotions, pred, clip=True
+    )
     summary = {
-        "data": "synthetic features" if synthetic_features else "generated media -> taemi extract (offline)",
+        "data": "synthetic features"
+        if synthetic_features
+        else "generated media -> taemi extract (offline)",
         "preset": preset,
         "clips": {"train": len(train_labels), "valid": len(valid_labels)},
         "store_dims": store.dims,

@@ -54,8 +54,14 @@ class Predictor:
     precision: str = "fp32"
 
     @classmethod
-    def from_run(cls, run: str | os.PathLike, which: str = "best", *, device: torch.device | str = "cpu",
-                 precision: str = "fp32") -> Predictor:  # fmt: skip
+    def from_run(
+        cls,
+        run: str | os.PathLike,
+        which: str = "best",
+        *,
+        device: torch.device | str = "cpu",
+        precision: str = "fp32",
+    ) -> Predictor:
         """Load ``run``'s ``which`` weights (see :func:`load_run`) onto ``device``."""
         model, cfg = load_run(run, which)
         return cls(model, cfg, run, which).on(device, precision)
@@ -74,20 +80,34 @@ class Predictor:
         which suggests ``--set``)."""
         check_store_fits(self.cfg, store, run=None if new_run_message else self.run)
 
-    def dataset(self, store: FeatureStore, labels: Labels | None = None, ids: Sequence[str] | None = None):
+    def dataset(
+        self, store: FeatureStore, labels: Labels | None = None, ids: Sequence[str] | None = None
+    ):
         """The clips of ``labels`` (or ``ids``) as the run's mode reads them (no augmentation)."""
         return mode_for(self.cfg).dataset(self.cfg, store, labels, ids)
 
-    def predict(self, dataset, *, batch_size: int | None = None, progress: bool = False, desc: str = "predict",
-                check: str | None = None) -> np.ndarray:  # fmt: skip
+    def predict(
+        self,
+        dataset,
+        *,
+        batch_size: int | None = None,
+        progress: bool = False,
+        desc: str = "predict",
+        check: str | None = None,
+    ) -> np.ndarray:
         """Raw predictions (N, E) float32 in dataset order, batches of ``train.eval_batch_size``.
 
         ``check``: what is being predicted, to refuse NaN/Inf predictions with a message
         naming the clips (the weights were checked finite on load, so their features are not)."""
         pred, _ = predict_dataset(
-            self.model, dataset, batch_size=batch_size or self.cfg.train.eval_batch_size, device=self.device,
-            precision=self.precision, progress=progress, desc=desc,
-        )  # fmt: skip
+            self.model,
+            dataset,
+            batch_size=batch_size or self.cfg.train.eval_batch_size,
+            device=self.device,
+            precision=self.precision,
+            progress=progress,
+            desc=desc,
+        )
         if check is not None:
             check_finite_predictions(pred, dataset.ids, check, cause=features_cause(dataset.store))
         return pred

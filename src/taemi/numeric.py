@@ -26,7 +26,11 @@ def require_finite(
     where = tuple(int(i) for i in np.argwhere(bad)[0])
     parts = [f"{row_word} {rows[where[0]]!r}" if rows is not None else f"{row_word} {where[0]}"]
     if len(where) == 2:
-        parts.append(f"{column_word} {columns[where[1]]!r}" if columns is not None else f"{column_word} {where[1]}")
+        parts.append(
+            f"{column_word} {columns[where[1]]!r}"
+            if columns is not None
+            else f"{column_word} {where[1]}"
+        )
     raise ValueError(
         f"{what} has {int(bad.sum())} NaN/Inf (non-finite) value(s), first at {', '.join(parts)}: {a[where]}"
     )

@@ -83,7 +83,9 @@ class ClipPrediction:
     clip_id: str  # the file name without extension
     path: str  # the media file
     intensities: dict[str, float]  # emotion -> value (clipped to [0, 1] unless clip=False)
-    present: dict[str, bool]  # audio/vision/text -> the modality was extracted (False: missing token used)
+    present: dict[
+        str, bool
+    ]  # audio/vision/text -> the modality was extracted (False: missing token used)
     transcript: str  # what speech recognition heard ('' = text missing)
 
 
@@ -96,18 +98,28 @@ class MediaPredictions:
     emotions: tuple[str, ...]
     clipped: bool
     profile: str
-    options: dict[str, Any]  # the extraction options used (max_audio_seconds, max_frames, frame_policy, face, text_tokens)
+    options: dict[
+        str, Any
+    ]  # the extraction options used (max_audio_seconds, max_frames, frame_policy, face, text_tokens)
     store: str | None  # the feature store written (None: a temporary one, deleted)
     clips: list[ClipPrediction] = field(default_factory=list)  # sorted by clip id
-    failures: list[dict[str, str | None]] = field(default_factory=list)  # {clip_id, path, stage, reason}
-    provenance_differences: list[str] = field(default_factory=list)  # settings that differ from the run's
-    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds of this call (module docstring)
+    failures: list[dict[str, str | None]] = field(
+        default_factory=list
+    )  # {clip_id, path, stage, reason}
+    provenance_differences: list[str] = field(
+        default_factory=list
+    )  # settings that differ from the run's
+    timings: dict[str, float] = field(
+        default_factory=dict
+    )  # stage -> seconds of this call (module docstring)
     media_seconds: float = 0.0  # media the extracted features cover (for the real-time factor)
 
     def values(self) -> np.ndarray:
         """(N, E) float32 intensities in ``clips`` order."""
         rows = [[c.intensities[e] for e in self.emotions] for c in self.clips]
-        return np.array(rows, dtype=np.float32).reshape(len(self.clips), len(self.emotions))  # the model's float32
+        return np.array(rows, dtype=np.float32).reshape(
+            len(self.clips), len(self.emotions)
+        )  # the model's float32
 
     def to_json(self) -> dict[str, Any]:
         extraction = {
@@ -148,7 +160,9 @@ class MediaPredictions:
         if json_path == csv_path:
             raise ValueError(f"--out {csv_path}: give the CSV a name not ending in .json")
         # values are already clipped (or deliberately raw): write them as they are
-        write_submission(csv_path, [c.clip_id for c in self.clips], self.emotions, self.values(), clip=False)
+        write_submission(
+            csv_path, [c.clip_id for c in self.clips], self.emotions, self.values(), clip=False
+        )
         tmp = json_path.with_name(json_path.name + ".tmp")
         tmp.write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False), encoding="utf-8")
         os.replace(tmp, json_path)
@@ -158,7 +172,9 @@ class MediaPredictions:
 # --------------------------------------------------------------------------- the run's extraction
 
 
-def extraction_plan(features: dict | None, profile: str | None, *, run: str = "RUN") -> tuple[str, ExtractOptions, bool]:
+def extraction_plan(
+    features: dict | None, profile: str | None, *, run: str = "RUN"
+) -> tuple[str, ExtractOptions, bool]:
     """(profile, extraction options, face cropping on) that reproduce a run's features.
 
     ``features`` is the run's ``features.json`` (None when it has none: then ``profile``
@@ -172,7 +188,9 @@ def extraction_plan(features: dict | None, profile: str | None, *, run: str = "R
                 "their features), so how its features were extracted is unknown: pass --profile offline|paper "
                 "(the extraction defaults then apply: 12 s of audio, the first 400 frames, face crops)"
             )
-        log.warning("%s has no %s: extracting with the %s profile's defaults", run, FEATURES_FILE, profile)
+        log.warning(
+            "%s has no %s: extracting with the %s profile's defaults", run, FEATURES_FILE, profile
+        )
         return profile, ExtractOptions(), True
     mods = features.get("modalities") or {}
     if set(mods) != set(MODALITIES):
@@ -203,7 +221,9 @@ def extraction_plan(features: dict | None, profile: str | None, *, run: str = "R
         )
         face = v["face"] is not None
     except KeyError as e:
-        raise ValueError(f"{run}/{FEATURES_FILE}: the recorded settings lack {e.args[0]!r}") from None
+        raise ValueError(
+            f"{run}/{FEATURES_FILE}: the recorded settings lack {e.args[0]!r}"
+        ) from None
     return run_profile, opts, face
 
 
@@ -222,12 +242,25 @@ def load_encoders_once(
 ) -> Encoders:
     """:func:`taemi.extract.profiles.load_encoders`, cached for the life of the process
     (keyed by every argument): predicting again does not load the models again."""
-    key = (profile, face, device, batch_size, tuple(sorted((models or {}).items())), trust_remote_code, allow_download)
+    key = (
+        profile,
+        face,
+        device,
+        batch_size,
+        tuple(sorted((models or {}).items())),
+        trust_remote_code,
+        allow_download,
+    )
     if key not in _ENCODERS:
         _ENCODERS[key] = profiles.load_encoders(
-            profile, device=device, batch_size=batch_size, models=dict(models or {}), face=face,
-            trust_remote_code=trust_remote_code, allow_download=allow_download,
-        )  # fmt: skip
+            profile,
+            device=device,
+            batch_size=batch_size,
+            models=dict(models or {}),
+            face=face,
+            trust_remote_code=trust_remote_code,
+            allow_download=allow_download,
+        )
     return _ENCODERS[key]
 
 
@@ -239,7 +272,10 @@ def load_run_once(run: str | os.PathLike[str], which: str = "best") -> Predictor
     by the run folder, ``which`` and the weights' and config's modification times (a run
     trained again is reloaded). The model is in eval mode; callers share the predictor."""
     root = Path(run).resolve()
-    stamp = tuple(p.stat().st_mtime_ns if p.is_file() else None for p in (root / CONFIG_FILE, weights_file(root, which)))
+    stamp = tuple(
+        p.stat().st_mtime_ns if p.is_file() else None
+        for p in (root / CONFIG_FILE, weights_file(root, which))
+    )
     key = (str(root), which, stamp)
     if key not in _RUNS:
         _RUNS.clear()  # one run at a time: an older version of it is never used again
@@ -247,7 +283,9 @@ def load_run_once(run: str | os.PathLike[str], which: str = "best") -> Predictor
     return _RUNS[key]
 
 
-def check_provenance(features: dict | None, encoders: Encoders, opts: ExtractOptions, *, run: str = "RUN") -> list[str]:
+def check_provenance(
+    features: dict | None, encoders: Encoders, opts: ExtractOptions, *, run: str = "RUN"
+) -> list[str]:
     """The loaded models must be the run's. A different backbone or speech recogniser is an
     error; returns the settings that differ otherwise (device, library versions ...)."""
     if features is None:
@@ -323,38 +361,65 @@ def predict_media(
     profile, opts, face = extraction_plan(features, profile, run=run_name)
     # replace() checks the options: a bad batch size or worker count fails before any model loads.
     # waveforms: a fine-tuned run's backbones read the raw audio (cached as extracted)
-    opts = replace(opts, batch_size=batch_size, workers=workers, waveforms=mode_for(cfg).reads_waveforms)
+    opts = replace(
+        opts, batch_size=batch_size, workers=workers, waveforms=mode_for(cfg).reads_waveforms
+    )
     if features_dir is not None:
-        check_writable(features_dir)  # a store that cannot take the features fails before the models load
+        check_writable(
+            features_dir
+        )  # a store that cannot take the features fails before the models load
     sources, input_errors = find_sources(inputs)
     if not sources and not input_errors:
         raise FileNotFoundError(f"no media files found in {', '.join(map(str, inputs))}")
     torch_device = resolve_device(device)
     if encoders is None:
         encoders = load_encoders_once(
-            profile, face=face, device=torch_device.type, batch_size=batch_size, models=models,
-            trust_remote_code=trust_remote_code, allow_download=allow_download,
-        )  # fmt: skip
+            profile,
+            face=face,
+            device=torch_device.type,
+            batch_size=batch_size,
+            models=models,
+            trust_remote_code=trust_remote_code,
+            allow_download=allow_download,
+        )
     t_loaded = time.perf_counter()
     diffs = check_provenance(features, encoders, opts, run=run_name)
-    options = {"max_audio_seconds": opts.max_audio_seconds, "max_frames": opts.max_frames,
-               "frame_policy": opts.frame_policy, "face": face, "text_tokens": opts.text_tokens}  # fmt: skip
+    options = {
+        "max_audio_seconds": opts.max_audio_seconds,
+        "max_frames": opts.max_frames,
+        "frame_policy": opts.frame_policy,
+        "face": face,
+        "text_tokens": opts.text_tokens,
+    }
     result = MediaPredictions(
-        run=run_name, weights=which, emotions=tuple(cfg.data.emotions), clipped=clip, profile=profile,
-        options=options, store=None if features_dir is None else str(features_dir), provenance_differences=diffs,
-    )  # fmt: skip
+        run=run_name,
+        weights=which,
+        emotions=tuple(cfg.data.emotions),
+        clipped=clip,
+        profile=profile,
+        options=options,
+        store=None if features_dir is None else str(features_dir),
+        provenance_differences=diffs,
+    )
 
     # SIGTERM raises (like Ctrl-C) so that the temporary folder is removed on the way out
     with sigterm_raises(), tempfile.TemporaryDirectory(prefix="taemi-predict-") as tmp:
         root = Path(features_dir) if features_dir is not None else Path(tmp) / "features"
         errors_file = root / ERRORS_FILE
         seen_errors = _count_lines(errors_file)
-        summary = extract(sources, root, encoders, opts, input_errors=input_errors, progress=progress)
+        summary = extract(
+            sources, root, encoders, opts, input_errors=input_errors, progress=progress
+        )
         t_extracted = time.perf_counter()
-        result.timings = {"load": t_loaded - t_start, **summary.stage_seconds, "extract": t_extracted - t_loaded}
+        result.timings = {
+            "load": t_loaded - t_start,
+            **summary.stage_seconds,
+            "extract": t_extracted - t_loaded,
+        }
         result.media_seconds = summary.media_seconds
         result.failures = [
-            {k: e.get(k) for k in ("clip_id", "path", "stage", "reason")} for e in _read_jsonl(errors_file, seen_errors)
+            {k: e.get(k) for k in ("clip_id", "path", "stage", "reason")}
+            for e in _read_jsonl(errors_file, seen_errors)
         ]
         if not root.is_dir() or not (root / "manifest.json").is_file():
             result.timings["total"] = time.perf_counter() - t_start
@@ -379,12 +444,19 @@ def predict_media(
                     path=str(s.media),
                     intensities={e: float(v) for e, v in zip(result.emotions, row)},
                     present={m: not bool(x) for m, x in zip(MODALITIES, missing)},
-                    transcript=transcript_file.read_text(encoding="utf-8").strip() if transcript_file.is_file() else "",
+                    transcript=transcript_file.read_text(encoding="utf-8").strip()
+                    if transcript_file.is_file()
+                    else "",
                 )
             )
     result.timings["total"] = time.perf_counter() - t_start
-    log.info("predicted %d clips (%.1f s of media) in %.2f s: %s", len(result.clips), result.media_seconds,
-             result.timings["total"], ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()))  # fmt: skip
+    log.info(
+        "predicted %d clips (%.1f s of media) in %.2f s: %s",
+        len(result.clips),
+        result.media_seconds,
+        result.timings["total"],
+        ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()),
+    )
     return result
 
 
@@ -408,12 +480,20 @@ def format_table(res: MediaPredictions) -> str:
     then one line per failed input with its reason."""
     width = max([len("clip"), *(len(c.clip_id) for c in res.clips)]) + 2
     cols = [max(len(e), 6) + 2 for e in res.emotions]
-    head = f"{'clip':<{width}}" + "".join(f"{e:>{w}}" for e, w in zip(res.emotions, cols)) + "  modalities"
+    head = (
+        f"{'clip':<{width}}"
+        + "".join(f"{e:>{w}}" for e, w in zip(res.emotions, cols))
+        + "  modalities"
+    )
     lines = [head]
     for c in res.clips:
         missing = [m for m, p in c.present.items() if not p]
-        mods = "all three" if not missing else f"{' + '.join(m for m, p in c.present.items() if p) or 'none'} " \
-                                               f"({', '.join(missing)} missing)"  # fmt: skip
+        mods = (
+            "all three"
+            if not missing
+            else f"{' + '.join(m for m, p in c.present.items() if p) or 'none'} "
+            f"({', '.join(missing)} missing)"
+        )
         vals = "".join(f"{c.intensities[e]:>{w}.3f}" for e, w in zip(res.emotions, cols))
         lines.append(f"{c.clip_id:<{width}}{vals}  {mods}")
     for f in res.failures:

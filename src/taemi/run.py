@@ -38,7 +38,9 @@ from typing import TYPE_CHECKING
 from taemi.config import ConfigError, RunConfig, load_config, save_config
 from taemi.locking import acquire_lock, release_lock
 
-if TYPE_CHECKING:  # torch and safetensors load with the weights, so reading a run's files stays light
+if (
+    TYPE_CHECKING
+):  # torch and safetensors load with the weights, so reading a run's files stays light
     import numpy as np
     import torch
 
@@ -77,7 +79,9 @@ class RunFolderError(ValueError):
 
 
 def _listed(names: list[str]) -> str:
-    return ", ".join(names[:_LISTED]) + (f" ... ({len(names)} in all)" if len(names) > _LISTED else "")
+    return ", ".join(names[:_LISTED]) + (
+        f" ... ({len(names)} in all)" if len(names) > _LISTED else ""
+    )
 
 
 def save_weights(model: torch.nn.Module, path: str | Path) -> None:
@@ -111,7 +115,9 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as e:  # empty, truncated, not safetensors at all
-        raise RunFolderError(f"weights {path} cannot be read (damaged or not a safetensors file: {e})") from None
+        raise RunFolderError(
+            f"weights {path} cannot be read (damaged or not a safetensors file: {e})"
+        ) from None
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
@@ -125,7 +131,9 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
             raise RunFolderError(
                 f"weights {path}: {k} has shape {tuple(v.shape)}, model expects {tuple(expected[k].shape)}"
             )
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = [
+        k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
     if bad:
         raise RunFolderError(
             f"weights {path} hold NaN/Inf values in {len(bad)} tensor(s) ({_listed(bad)}): the file is damaged "
@@ -134,7 +142,13 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     model.load_state_dict(state, strict=True)
 
 
-def write_run(run_dir: str | Path, cfg: RunConfig, model: torch.nn.Module, *, names: tuple[str, ...] = ("best", "last")) -> Path:
+def write_run(
+    run_dir: str | Path,
+    cfg: RunConfig,
+    model: torch.nn.Module,
+    *,
+    names: tuple[str, ...] = ("best", "last"),
+) -> Path:
     """Create a run folder holding ``cfg`` and ``model``'s weights under each of ``names``."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -194,8 +208,10 @@ class RunFolderLock:
         return self
 
     def _held(self, who: str) -> str:
-        return (f"{self.run_dir} is being trained by another process{who} (lock {self.path} is held); "
-                "wait for it to finish or use another run folder")  # fmt: skip
+        return (
+            f"{self.run_dir} is being trained by another process{who} (lock {self.path} is held); "
+            "wait for it to finish or use another run folder"
+        )
 
     def release(self) -> None:
         if self._fd is None:
@@ -215,9 +231,19 @@ def is_finished(run_dir: str | Path) -> bool:
     return bool((read_metrics(run_dir) or {}).get("finished"))
 
 
-def write_metrics(run_dir: str | Path, best_epoch: int, best: Metrics | None, history: list[dict],
-                  stopped_early: bool, finished: bool, device: str, precision: str, fixed_epochs: int | None,
-                  train_clips: int, world_size: int = 1) -> None:  # fmt: skip
+def write_metrics(
+    run_dir: str | Path,
+    best_epoch: int,
+    best: Metrics | None,
+    history: list[dict],
+    stopped_early: bool,
+    finished: bool,
+    device: str,
+    precision: str,
+    fixed_epochs: int | None,
+    train_clips: int,
+    world_size: int = 1,
+) -> None:
     """``RUN/metrics.json``: the selected epoch, its validation metrics (None when trained
     without validation) and how the run went; written atomically after every epoch."""
     data = {
@@ -250,7 +276,9 @@ def write_history(run_dir: str | Path, history: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def write_valid_predictions(run_dir: str | Path, ids: Sequence[str], emotions: Sequence[str], pred: np.ndarray) -> None:
+def write_valid_predictions(
+    run_dir: str | Path, ids: Sequence[str], emotions: Sequence[str], pred: np.ndarray
+) -> None:
     """``RUN/valid_predictions.csv``: the best epoch's raw (not clipped) predictions (N, E)."""
     from taemi.data.labels import write_predictions
 
@@ -298,7 +326,9 @@ def load_features_record(run_dir: str | os.PathLike) -> dict | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RunFolderError(f"{path} cannot be read as JSON ({e})") from None
     if not isinstance(data, dict) or not isinstance(data.get("dims"), dict):
-        raise RunFolderError(f"{path} is not a features record (a JSON object with the store's dims)")
+        raise RunFolderError(
+            f"{path} is not a features record (a JSON object with the store's dims)"
+        )
     return data
 
 

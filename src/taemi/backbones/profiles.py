@@ -188,16 +188,23 @@ def _offline(device: str, batch_size: int, models: dict[str, str]) -> ProfileMod
     )
 
 
-def _paper(device: str, batch_size: int, models: dict[str, str], trust_remote_code: bool,
-           allow_download: bool) -> ProfileModels:  # fmt: skip
+def _paper(
+    device: str,
+    batch_size: int,
+    models: dict[str, str],
+    trust_remote_code: bool,
+    allow_download: bool,
+) -> ProfileModels:
     from taemi.backbones import text, vit, wav2vec2, whisper
 
     kw = {"device": device, "allow_download": allow_download}
-    audio = wav2vec2.Wav2Vec2EmotionEncoder(models.get("audio", WAV2VEC2_EMOTION),
-                                            batch_size=batch_size, **kw)  # fmt: skip
+    audio = wav2vec2.Wav2Vec2EmotionEncoder(
+        models.get("audio", WAV2VEC2_EMOTION), batch_size=batch_size, **kw
+    )
     image = vit.ViTImageEncoder(models.get("vision", VIT_B16_IN21K), **kw)
-    txt = text.GTETextEncoder(models.get("text", GTE_EN_MLM_BASE),
-                              trust_remote_code=trust_remote_code, **kw)  # fmt: skip
+    txt = text.GTETextEncoder(
+        models.get("text", GTE_EN_MLM_BASE), trust_remote_code=trust_remote_code, **kw
+    )
     asr = whisper.FasterWhisperRecognizer(models.get("asr", WHISPER_LARGE_V3), **kw)
     return ProfileModels(asr=asr, audio=audio, image=image, text=txt, profile="paper")
 

@@ -23,7 +23,9 @@ def metrics_table(metrics: dict, title: str) -> str:
     for e, r in metrics["pearson"].items():
         lines.append(f"{e:<{width}}{r:>9.4f}{metrics['ccc'][e]:>9.4f}")
     lines.append(f"{'mean':<{width}}{metrics['mean_pearson']:>9.4f}{metrics['mean_ccc']:>9.4f}")
-    lines.append(f"MSE {metrics['mse']:.5f} over n={metrics['n']} clips ({'clipped' if metrics['clipped'] else 'raw'} predictions)")
+    lines.append(
+        f"MSE {metrics['mse']:.5f} over n={metrics['n']} clips ({'clipped' if metrics['clipped'] else 'raw'} predictions)"
+    )
     return "\n".join(lines)
 
 
@@ -74,9 +76,18 @@ def add_progress_option(sp: argparse.ArgumentParser) -> None:
 
 def add_config_options(sp: argparse.ArgumentParser, preset_default: str | None) -> None:
     """``--preset``, ``--config`` and ``--set`` (taemi.config.build_config)."""
-    sp.add_argument("--preset", default=preset_default, help="paper | official | an ablation variant (see `taemi presets`)")
+    sp.add_argument(
+        "--preset",
+        default=preset_default,
+        help="paper | official | an ablation variant (see `taemi presets`)",
+    )
     sp.add_argument("--config", help="YAML file of settings applied over the preset")
-    sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting, e.g. model.hidden=256 (repeatable)")
+    sp.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override one setting, e.g. model.hidden=256 (repeatable)",
+    )
 
 
 def add_run_options(sp: argparse.ArgumentParser, precision_default: str = "fp32") -> None:
@@ -86,8 +97,16 @@ def add_run_options(sp: argparse.ArgumentParser, precision_default: str = "fp32"
     sp.add_argument("--which", default="best", choices=("best", "last"), help="which weights")
     sp.add_argument("--device", default="auto")
     choices = ("run",) * (precision_default == "run") + ("auto", "fp32", "fp16", "bf16")
-    sp.add_argument("--precision", default=precision_default, choices=choices,
-                    help="autocast precision" + (" (default run: the one the run validated in, its "
-                                                 "metrics.json, so the score reproduces it; fp32 when the run "
-                                                 "records none or it cannot run here)"
-                                                 if precision_default == "run" else ""))  # fmt: skip
+    sp.add_argument(
+        "--precision",
+        default=precision_default,
+        choices=choices,
+        help="autocast precision"
+        + (
+            " (default run: the one the run validated in, its "
+            "metrics.json, so the score reproduces it; fp32 when the run "
+            "records none or it cannot run here)"
+            if precision_default == "run"
+            else ""
+        ),
+    )

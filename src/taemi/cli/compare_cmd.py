@@ -23,8 +23,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from taemi.experiments.compare import compare_runs
 
     dst = output_file(args.out) if args.out else None
-    c = compare_runs(args.run_a, args.run_b, args.labels, n_boot=args.n_boot, seed=args.seed, clip=args.clip)
-    path_a, path_b, emotions, ma, mb, res = c.path_a, c.path_b, c.emotions, c.metrics_a, c.metrics_b, c.result
+    c = compare_runs(
+        args.run_a, args.run_b, args.labels, n_boot=args.n_boot, seed=args.seed, clip=args.clip
+    )
+    path_a, path_b, emotions, ma, mb, res = (
+        c.path_a,
+        c.path_b,
+        c.emotions,
+        c.metrics_a,
+        c.metrics_b,
+        c.result,
+    )
 
     out = sys.stdout.write
     width = max(len(e) for e in (*emotions, "mean")) + 2
@@ -53,7 +62,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
             "pearson_b": {e: float(v) for e, v in mb.pearson.items()},
         }
         assert dst is not None
-        write_output(dst, lambda p: p.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8"))
+        write_output(
+            dst, lambda p: p.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        )
         out(f"wrote {dst}\n")
     return 0
 
@@ -73,7 +84,9 @@ def register(
         "compare", help="paired bootstrap comparison of two runs' validation predictions"
     )
     sp.add_argument(
-        "run_a", metavar="RUN_A", help=f"run folder (its {VALID_PREDICTIONS_FILE}) or prediction CSV"
+        "run_a",
+        metavar="RUN_A",
+        help=f"run folder (its {VALID_PREDICTIONS_FILE}) or prediction CSV",
     )
     sp.add_argument("run_b", metavar="RUN_B", help="the same for the other model")
     sp.add_argument("--labels", required=True, help="the validation label CSV (targets)")

@@ -9,17 +9,26 @@ from pathlib import Path
 from taemi.cli.common import metrics_table, print_line
 
 
-def register(sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:
+def register(
+    sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]
+) -> None:
     """Add the command to ``sub``; ``common`` adds the shared options."""
-    sp = sub.add_parser("demo", help="the main job: generated media -> extract -> train -> evaluate -> predict")
+    sp = sub.add_parser(
+        "demo", help="the main job: generated media -> extract -> train -> evaluate -> predict"
+    )
     sp.add_argument("--out", default="demo", help="output folder (default: ./demo)")
     sp.add_argument("--clips", type=int, default=160)
     sp.add_argument("--epochs", type=int, default=30)
     sp.add_argument("--preset", default="paper")
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--max-frames", type=int, default=8, help="video frames per clip (uniform policy)")
-    sp.add_argument("--synthetic-features", action="store_true",
-                    help="skip media: train on a synthetic feature store at paper sizes")  # fmt: skip
+    sp.add_argument(
+        "--max-frames", type=int, default=8, help="video frames per clip (uniform policy)"
+    )
+    sp.add_argument(
+        "--synthetic-features",
+        action="store_true",
+        help="skip media: train on a synthetic feature store at paper sizes",
+    )
     sp.add_argument("--resume", action="store_true", help="reuse finished steps in --out")
     common(sp)
     sp.set_defaults(func=cmd_demo)
@@ -28,9 +37,17 @@ def register(sub: argparse._SubParsersAction, common: Callable[[argparse.Argumen
 def cmd_demo(args: argparse.Namespace) -> int:
     from taemi.demo import run_demo
 
-    s = run_demo(args.out, clips=args.clips, epochs=args.epochs, preset=args.preset, seed=args.seed,
-                 max_frames=args.max_frames, synthetic_features=args.synthetic_features, resume=args.resume,
-                 progress=not args.no_progress)  # fmt: skip
+    s = run_demo(
+        args.out,
+        clips=args.clips,
+        epochs=args.epochs,
+        preset=args.preset,
+        seed=args.seed,
+        max_frames=args.max_frames,
+        synthetic_features=args.synthetic_features,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
     print_line(metrics_table(s["valid"], f"{args.preset} preset, {s['data']}, valid split:"))
     print_line(
         f"valid mean Pearson {s['valid']['mean_pearson']:.4f} vs oracle ceiling {s['oracle_mean_pearson']:.4f} "

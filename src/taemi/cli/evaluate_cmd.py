@@ -16,12 +16,18 @@ from taemi.cli.common import (
 )
 
 
-def register(sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:
+def register(
+    sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]
+) -> None:
     """Add the command to ``sub``; ``common`` adds the shared options."""
     sp = sub.add_parser("evaluate", help="score a run on labelled clips")
     add_run_options(sp, precision_default="run")
     sp.add_argument("--store", required=True)
-    sp.add_argument("--clip", action="store_true", help="clip predictions to [0, 1] before scoring (default: raw)")
+    sp.add_argument(
+        "--clip",
+        action="store_true",
+        help="clip predictions to [0, 1] before scoring (default: raw)",
+    )
     sp.add_argument("--labels", required=True, help="label CSV")
     sp.add_argument("--out", help="metrics JSON (default: RUN/eval_<labels>.json)")
     common(sp)
@@ -41,16 +47,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = out or output_file(Path(args.run) / f"eval_{Path(args.labels).stem}.json")
     store = FeatureStore(args.store)
     predictor.check_store(store)
-    labels = read_labels(args.labels, emotions=cfg.data.emotions, id_column=cfg.data.id_column, store_ids=store)
+    labels = read_labels(
+        args.labels, emotions=cfg.data.emotions, id_column=cfg.data.id_column, store_ids=store
+    )
     labels.check_scorable("labelled")
     device = resolve_device(args.device)
     precision, why = _evaluation_precision(args.run, args.precision, device)
     pred = predictor.on(device, precision).predict(
-        predictor.dataset(store, labels), progress=not args.no_progress, check=f"evaluate {args.run} on {args.store}"
+        predictor.dataset(store, labels),
+        progress=not args.no_progress,
+        check=f"evaluate {args.run} on {args.store}",
     )
     metrics = compute_metrics(pred, labels.values, cfg.data.emotions, clipped=args.clip).to_dict()
-    report = {"run": str(args.run), "weights": args.which, "store": str(args.store), "labels": str(args.labels),
-              "precision": precision, "device": str(device), **metrics}  # fmt: skip
+    report = {
+        "run": str(args.run),
+        "weights": args.which,
+        "store": str(args.store),
+        "labels": str(args.labels),
+        "precision": precision,
+        "device": str(device),
+        **metrics,
+    }
     write_output(out, lambda p: p.write_text(json.dumps(report, indent=2), encoding="utf-8"))
     print_line(metrics_table(metrics, f"{args.labels} ({args.which} weights):"))
     print_line(f"scored in {precision}: {why}")
@@ -72,13 +89,17 @@ def _evaluation_precision(run: str, asked: str, device) -> tuple[str, str]:
     if asked != "run":
         precision = resolve_precision(asked, device)
         if validated is not None and validated != precision:
-            return precision, (f"--precision {asked}; {run} validated in {validated} ({source}), so these figures "
-                               f"can differ slightly from its metrics (--precision run scores as it did)")  # fmt: skip
+            return precision, (
+                f"--precision {asked}; {run} validated in {validated} ({source}), so these figures "
+                f"can differ slightly from its metrics (--precision run scores as it did)"
+            )
         return precision, f"--precision {asked}"
     if validated is None:
         return "fp32", f"{run} records no validation precision ({source}): fp32"
     try:
         return resolve_precision(validated, device), f"the precision {run} validated in ({source})"
     except ConfigError:
-        return "fp32", (f"{run} validated in {validated}, which needs CUDA: fp32 here, so these figures can "
-                        f"differ slightly from its metrics ({source})")  # fmt: skip
+        return "fp32", (
+            f"{run} validated in {validated}, which needs CUDA: fp32 here, so these figures can "
+            f"differ slightly from its metrics ({source})"
+        )

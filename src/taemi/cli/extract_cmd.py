@@ -14,14 +14,22 @@ from taemi.cli.common import key_value, print_line
 log = logging.getLogger("taemi")
 
 
-def register(sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:
+def register(
+    sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]
+) -> None:
     """Add the command to ``sub``; ``common`` adds the shared options."""
     sp = sub.add_parser("extract", help="extract features from media files into a feature store")
-    sp.add_argument("--input", required=True, nargs="+", help="media folder(s), list file(s) or media files")
+    sp.add_argument(
+        "--input", required=True, nargs="+", help="media folder(s), list file(s) or media files"
+    )
     sp.add_argument("--out", required=True, help="feature store folder (created or extended)")
     sp.add_argument("--profile", default="offline", choices=("offline", "paper"))
-    sp.add_argument("--model", action="append", metavar="ROLE=ID_OR_DIR",
-                    help="replace a profile model: asr, audio, vision or text (repeatable)")  # fmt: skip
+    sp.add_argument(
+        "--model",
+        action="append",
+        metavar="ROLE=ID_OR_DIR",
+        help="replace a profile model: asr, audio, vision or text (repeatable)",
+    )
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--batch-size", type=int, default=8, help="clips per model batch")
     sp.add_argument("--workers", type=int, default=2, help="decoding threads")
@@ -29,20 +37,47 @@ def register(sub: argparse._SubParsersAction, common: Callable[[argparse.Argumen
     sp.add_argument("--max-frames", type=int, default=400)
     sp.add_argument("--frame-policy", default="first", choices=("first", "uniform"))
     sp.add_argument("--no-face", action="store_true", help="use whole frames (no face detection)")
-    sp.add_argument("--split", default="all", help="ABAW root: train | valid | test | all (default)")
-    sp.add_argument("--no-face-images", action="store_true", help="ABAW root: decode video frames, not face_images/")
-    sp.add_argument("--no-audio-files", action="store_true", help="ABAW root: use the video's audio, not audio/*.mp3")
+    sp.add_argument(
+        "--split", default="all", help="ABAW root: train | valid | test | all (default)"
+    )
+    sp.add_argument(
+        "--no-face-images",
+        action="store_true",
+        help="ABAW root: decode video frames, not face_images/",
+    )
+    sp.add_argument(
+        "--no-audio-files",
+        action="store_true",
+        help="ABAW root: use the video's audio, not audio/*.mp3",
+    )
     sp.add_argument("--text-tokens", action="store_true", help="also store text token states")
     sp.add_argument("--force", action="store_true", help="recompute clips already in the store")
-    sp.add_argument("--commit-clips", type=int, default=32,
-                    help="commit finished clips to the store every N clips (a killed run keeps them)")  # fmt: skip
-    sp.add_argument("--commit-seconds", type=float, default=10.0,
-                    help="... or every S seconds, whichever comes first")  # fmt: skip
-    sp.add_argument("--waveforms", action="store_true",
-                    help="also cache the decoded 16 kHz audio (STORE/waveforms/) for end-to-end fine-tuning; "
-                         "clips already in the store only get their audio decoded and cached")  # fmt: skip
-    sp.add_argument("--trust-remote-code", action="store_true", help="paper profile: allow GTE's model code")
-    sp.add_argument("--allow-download", action="store_true", help="paper profile: let Hugging Face download models")
+    sp.add_argument(
+        "--commit-clips",
+        type=int,
+        default=32,
+        help="commit finished clips to the store every N clips (a killed run keeps them)",
+    )
+    sp.add_argument(
+        "--commit-seconds",
+        type=float,
+        default=10.0,
+        help="... or every S seconds, whichever comes first",
+    )
+    sp.add_argument(
+        "--waveforms",
+        action="store_true",
+        help="also cache the decoded 16 kHz audio (STORE/waveforms/) for end-to-end fine-tuning; "
+        "clips already in the store only get their audio decoded and cached",
+    )
+    sp.add_argument(
+        "--trust-remote-code", action="store_true", help="paper profile: allow GTE's model code"
+    )
+    sp.add_argument(
+        "--allow-download",
+        action="store_true",
+        help="paper profile: let Hugging Face download models",
+    )
     distributed_cmd.add_extract_options(sp)
     common(sp)
     sp.set_defaults(func=cmd_extract)
@@ -61,18 +96,28 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     # options and the output store are checked before any model loads or anything is written
     opts = ExtractOptions(
-        max_audio_seconds=args.max_audio_seconds, max_frames=args.max_frames, frame_policy=args.frame_policy,
-        batch_size=args.batch_size, workers=args.workers, text_tokens=args.text_tokens, force=args.force,
-        waveforms=args.waveforms, commit_clips=args.commit_clips, commit_seconds=args.commit_seconds,
-    )  # fmt: skip
+        max_audio_seconds=args.max_audio_seconds,
+        max_frames=args.max_frames,
+        frame_policy=args.frame_policy,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        text_tokens=args.text_tokens,
+        force=args.force,
+        waveforms=args.waveforms,
+        commit_clips=args.commit_clips,
+        commit_seconds=args.commit_seconds,
+    )
     check_writable(args.out)
     models = dict(key_value(m, "--model") for m in (args.model or []))
     sources, input_errors = [], []
     plain = [i for i in args.input if not is_abaw_root(i)]
     for root in (i for i in args.input if is_abaw_root(i)):
         layout = open_abaw(root)
-        s, e = layout.sources(None if args.split == "all" else args.split, use_face_images=not args.no_face_images,
-                              use_audio_files=not args.no_audio_files)  # fmt: skip
+        s, e = layout.sources(
+            None if args.split == "all" else args.split,
+            use_face_images=not args.no_face_images,
+            use_audio_files=not args.no_audio_files,
+        )
         log.info("%s: ABAW layout, %s: %d clips", root, args.split, len(s))
         sources, input_errors = sources + s, input_errors + e
     if plain:
@@ -88,20 +133,31 @@ def cmd_extract(args: argparse.Namespace) -> int:
         from taemi.extract.factory import encoders_from_factory
 
         if models:
-            raise ValueError("--model and --encoders exclude each other (the factory builds every model)")
+            raise ValueError(
+                "--model and --encoders exclude each other (the factory builds every model)"
+            )
         enc = encoders_from_factory(args.encoders)
     else:
         enc = load_encoders(
-            args.profile, device=args.device, batch_size=args.batch_size, models=models, face=not args.no_face,
-            trust_remote_code=args.trust_remote_code, allow_download=args.allow_download,
-        )  # fmt: skip
+            args.profile,
+            device=args.device,
+            batch_size=args.batch_size,
+            models=models,
+            face=not args.no_face,
+            trust_remote_code=args.trust_remote_code,
+            allow_download=args.allow_download,
+        )
     from taemi.signals import Terminated
 
     try:  # main() runs every command under sigterm_raises: finished clips committed, summary written
-        summary = extract(sources, args.out, enc, opts, input_errors=input_errors, progress=not args.no_progress)
+        summary = extract(
+            sources, args.out, enc, opts, input_errors=input_errors, progress=not args.no_progress
+        )
     except Terminated:
-        sys.stderr.write(f"taemi: terminated (SIGTERM): the finished clips are committed in {args.out}; "
-                         "run the same command again to extract the rest\n")  # fmt: skip
+        sys.stderr.write(
+            f"taemi: terminated (SIGTERM): the finished clips are committed in {args.out}; "
+            "run the same command again to extract the rest\n"
+        )
         return 143
     print_line(f"{args.out}: {summary_counts(summary)}")
     if summary.errors_file:

@@ -59,8 +59,14 @@ def _dims(items: list[str] | None) -> dict[str, int]:
     return dims
 
 
-def load_text_encoder(profile: str, model: str | None = None, *, device: str = "cpu",
-                      trust_remote_code: bool = False, allow_download: bool = False):  # fmt: skip
+def load_text_encoder(
+    profile: str,
+    model: str | None = None,
+    *,
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    allow_download: bool = False,
+):
     """The text encoder of ``profile`` (see the module docstring); None for ``none``."""
     if profile == "none":
         if model is not None:
@@ -74,8 +80,12 @@ def load_text_encoder(profile: str, model: str | None = None, *, device: str = "
         from taemi.backbones.profiles import PAPER_MODELS
         from taemi.backbones.text import GTETextEncoder
 
-        return GTETextEncoder(model or PAPER_MODELS["text"].model, trust_remote_code=trust_remote_code,
-                              device=device, allow_download=allow_download)  # fmt: skip
+        return GTETextEncoder(
+            model or PAPER_MODELS["text"].model,
+            trust_remote_code=trust_remote_code,
+            device=device,
+            allow_download=allow_download,
+        )
     raise ValueError(f"unknown text profile {profile!r}; expected one of {TEXT_PROFILES}")
 
 
@@ -86,17 +96,32 @@ def cmd_import(args: argparse.Namespace) -> int:
     model = _text_model(args.model)
     dims = _dims(args.dims)
     ids = read_ids(args.ids, what="split file", allow_empty=False) if args.ids else None
-    encoder = load_text_encoder(args.text_profile, model, device=args.device,
-                                trust_remote_code=args.trust_remote_code, allow_download=args.allow_download)  # fmt: skip
+    encoder = load_text_encoder(
+        args.text_profile,
+        model,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+        allow_download=args.allow_download,
+    )
     summary = import_organiser_features(
-        args.root, args.out, text_encoder=encoder, audio_dir=args.audio_dir, vision_dir=args.vision_dir,
-        text_dir=args.text_dir, ids=ids, dims=dims, dtype=args.dtype, progress=not args.no_progress,
-    )  # fmt: skip
+        args.root,
+        args.out,
+        text_encoder=encoder,
+        audio_dir=args.audio_dir,
+        vision_dir=args.vision_dir,
+        text_dir=args.text_dir,
+        ids=ids,
+        dims=dims,
+        dtype=args.dtype,
+        progress=not args.no_progress,
+    )
     sys.stdout.write(f"{args.out}: {summary_line(summary)}\n")
     sys.stdout.write(f"report: {summary.report_file}\n")
     if not summary.ok:
-        sys.stdout.write(f"rejected files and failed clips: {summary.errors_file} "
-                         "(fix them and run again: failed clips are retried)\n")  # fmt: skip
+        sys.stdout.write(
+            f"rejected files and failed clips: {summary.errors_file} "
+            "(fix them and run again: failed clips are retried)\n"
+        )
     return 0 if summary.ok else 1
 
 
@@ -111,8 +136,12 @@ def register(
     sp.add_argument(
         "--out", required=True, help="feature store folder (created, or extended: resumable)"
     )
-    sp.add_argument("--text-profile", default="offline", choices=TEXT_PROFILES,
-                    help="transcript encoder: offline (MiniLM, 384), paper (GTE, 768) or none")  # fmt: skip
+    sp.add_argument(
+        "--text-profile",
+        default="offline",
+        choices=TEXT_PROFILES,
+        help="transcript encoder: offline (MiniLM, 384), paper (GTE, 768) or none",
+    )
     sp.add_argument(
         "--model", action="append", metavar="text=ID_OR_DIR", help="replace the text model"
     )
@@ -144,9 +173,13 @@ def register(
         default="text",
         help="transcript folder under --root ('none': skip)",
     )
-    sp.add_argument("--dims", action="append", metavar="MODALITY=D[,...]",
-                    help="feature sizes of a new store, e.g. audio=1024,vision=768 (default: the "
-                    "size most files agree on); a file of another size is rejected")  # fmt: skip
+    sp.add_argument(
+        "--dims",
+        action="append",
+        metavar="MODALITY=D[,...]",
+        help="feature sizes of a new store, e.g. audio=1024,vision=768 (default: the "
+        "size most files agree on); a file of another size is rejected",
+    )
     sp.add_argument(
         "--dtype",
         default=None,

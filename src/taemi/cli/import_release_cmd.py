@@ -8,9 +8,13 @@ from collections.abc import Callable
 from taemi.cli.common import print_line
 
 
-def register(sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:
+def register(
+    sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]
+) -> None:
     """Add the command to ``sub`` (it takes none of the shared options ``common`` adds)."""
-    sp = sub.add_parser("import-release", help="convert the authors' released fusion weights into a run folder")
+    sp = sub.add_parser(
+        "import-release", help="convert the authors' released fusion weights into a run folder"
+    )
     sp.add_argument("checkpoint")
     sp.add_argument("--out", required=True, help="run folder to write")
     sp.add_argument("--emotions", help="comma-separated output names (default: the EMI six)")
@@ -23,5 +27,7 @@ def cmd_import_release(args: argparse.Namespace) -> int:
     emotions = tuple(e.strip() for e in args.emotions.split(",")) if args.emotions else None
     kw = {"emotions": emotions} if emotions else {}
     out = import_release(args.checkpoint, args.out, **kw)
-    print_line(f"imported {args.checkpoint} into run folder {out} (preset 'official'); use it with evaluate/predict")
+    print_line(
+        f"imported {args.checkpoint} into run folder {out} (preset 'official'); use it with evaluate/predict"
+    )
     return 0

@@ -34,15 +34,31 @@ from taemi.cli import (
 from taemi.cli.common import add_progress_option
 
 #: The command modules, in the order ``taemi --help`` lists them.
-COMMANDS = (synth_cmd, extract_cmd, train_cmd, evaluate_cmd, predict_cmd, check_submission_cmd, store_cmd,
-            import_release_cmd, demo_cmd, import_cmd, ablate_cmd, robustness_cmd, compare_cmd, report_cmd,
-            presets_cmd)  # fmt: skip
+COMMANDS = (
+    synth_cmd,
+    extract_cmd,
+    train_cmd,
+    evaluate_cmd,
+    predict_cmd,
+    check_submission_cmd,
+    store_cmd,
+    import_release_cmd,
+    demo_cmd,
+    import_cmd,
+    ablate_cmd,
+    robustness_cmd,
+    compare_cmd,
+    report_cmd,
+    presets_cmd,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from taemi import __version__
 
-    p = argparse.ArgumentParser(prog="taemi", description="TAEMI: text-anchored multimodal emotion intensity.")
+    p = argparse.ArgumentParser(
+        prog="taemi", description="TAEMI: text-anchored multimodal emotion intensity."
+    )
     p.add_argument("--version", action="version", version=f"taemi {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -64,7 +80,16 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     trainer = sys.modules.get("taemi.train.trainer")
     extra = (trainer.TrainingError,) if trainer is not None else ()
     # RunFolderError (a damaged run-folder file) and LabelError are ValueErrors
-    return (ConfigError, StoreError, ModelLoadError, FileNotFoundError, FileExistsError, ValueError, KeyError, *extra)
+    return (
+        ConfigError,
+        StoreError,
+        ModelLoadError,
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+        KeyError,
+        *extra,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("faster_whisper", "httpx", "transformers"):
             logging.getLogger(name).setLevel(logging.WARNING)
     loads_models = args.command in ("extract", "import", "predict", "demo")
-    if loads_models and getattr(args, "no_progress", False):  # model-loading bars of transformers / HF hub
+    if loads_models and getattr(
+        args, "no_progress", False
+    ):  # model-loading bars of transformers / HF hub
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         if "transformers" in sys.modules or importlib.util.find_spec("transformers") is not None:
             from transformers.utils import logging as hf_logging
@@ -95,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
             return args.func(args)
     except _expected_errors() as e:  # evaluated only when an exception arrives
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        msg = " ".join(str(msg).split())  # one line, whatever the message (e.g. a DataLoader worker's)
+        msg = " ".join(
+            str(msg).split()
+        )  # one line, whatever the message (e.g. a DataLoader worker's)
         sys.stderr.write(f"taemi: error: {msg}\n")
         return 2
     except Terminated:

@@ -8,9 +8,13 @@ from collections.abc import Callable
 from taemi.cli.common import print_line
 
 
-def register(sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:
+def register(
+    sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]
+) -> None:
     """Add the command to ``sub`` (it takes none of the shared options ``common`` adds)."""
-    sp = sub.add_parser("presets", help="list the named presets and how they differ from the paper model")
+    sp = sub.add_parser(
+        "presets", help="list the named presets and how they differ from the paper model"
+    )
     sp.set_defaults(func=cmd_presets)
 
 

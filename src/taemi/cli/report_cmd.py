@@ -36,12 +36,19 @@ def register(
         "report",
         help="one self-contained HTML (and/or Markdown) page over run and experiment folders",
     )
-    sp.add_argument("dirs", nargs="+", metavar="DIR",
-                    help="run folder (holds config.yaml) or experiment folder (PNGs, CSVs, summary.md, runs)")  # fmt: skip
+    sp.add_argument(
+        "dirs",
+        nargs="+",
+        metavar="DIR",
+        help="run folder (holds config.yaml) or experiment folder (PNGs, CSVs, summary.md, runs)",
+    )
     sp.add_argument(
         "--out", help="HTML file (default: report.html unless only --markdown is given)"
     )
-    sp.add_argument("--markdown", metavar="FILE",
-                    help="also (or only) write Markdown; its figures are copied into FILE's <stem>_files/")  # fmt: skip
+    sp.add_argument(
+        "--markdown",
+        metavar="FILE",
+        help="also (or only) write Markdown; its figures are copied into FILE's <stem>_files/",
+    )
     common(sp)
     sp.set_defaults(func=cmd_report)

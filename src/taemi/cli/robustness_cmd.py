@@ -34,7 +34,9 @@ def cmd_robustness(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; robustness writes a folder (robustness.csv, plots)")
+        raise ValueError(
+            f"--out {out} is a file; robustness writes a folder (robustness.csv, plots)"
+        )
     store = FeatureStore(args.store)
     device = resolve_device(args.device)
     rows: list[dict] = []

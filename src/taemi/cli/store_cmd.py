@@ -11,7 +11,9 @@ from taemi.cli import distributed_cmd
 from taemi.cli.common import print_line
 
 
-def register(sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:
+def register(
+    sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]
+) -> None:
     """Add the command to ``sub``; ``common`` adds the shared options."""
     sp = sub.add_parser("store", help="inspect a feature store")
     ssub = sp.add_subparsers(dest="store_command", required=True, metavar="ACTION")

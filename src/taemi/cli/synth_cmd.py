@@ -8,13 +8,19 @@ from collections.abc import Callable
 from taemi.cli.common import print_line
 
 
-def register(sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:
+def register(
+    sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]
+) -> None:
     """Add the command to ``sub``; ``common`` adds the shared options."""
     sp = sub.add_parser("synth", help="write a synthetic feature store and label files")
-    sp.add_argument("--out", required=True, help="output folder (store/, train.csv, valid.csv, synth.json)")
+    sp.add_argument(
+        "--out", required=True, help="output folder (store/, train.csv, valid.csv, synth.json)"
+    )
     sp.add_argument("--clips", type=int, default=1000)
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="SynthConfig field, e.g. dims=64,48,32")
+    sp.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="SynthConfig field, e.g. dims=64,48,32"
+    )
     common(sp)
     sp.set_defaults(func=cmd_synth)
 

@@ -38,12 +38,17 @@ class Batch:
             return None if x is None else x.to(device, non_blocking=non_blocking)
 
         return Batch(
-            audio=mv(self.audio), audio_mask=mv(self.audio_mask),
-            vision=mv(self.vision), vision_mask=mv(self.vision_mask),
-            text=mv(self.text), missing=mv(self.missing),
-            text_tokens=mv(self.text_tokens), text_tokens_mask=mv(self.text_tokens_mask),
-            target=mv(self.target), ids=self.ids,
-        )  # fmt: skip
+            audio=mv(self.audio),
+            audio_mask=mv(self.audio_mask),
+            vision=mv(self.vision),
+            vision_mask=mv(self.vision_mask),
+            text=mv(self.text),
+            missing=mv(self.missing),
+            text_tokens=mv(self.text_tokens),
+            text_tokens_mask=mv(self.text_tokens_mask),
+            target=mv(self.target),
+            ids=self.ids,
+        )
 
     def __len__(self) -> int:
         return self.text.shape[0]

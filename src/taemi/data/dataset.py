@@ -64,7 +64,9 @@ class ClipDataset(Dataset):
     ):
         check_clips(store, ids, targets)
         if text_tokens and not store.has_text_tokens:
-            raise ValueError(f"text token states were requested but the store {store.root} has none")
+            raise ValueError(
+                f"text token states were requested but the store {store.root} has none"
+            )
         self.store = store
         self.ids = list(ids)
         self.targets = None if targets is None else np.asarray(targets, dtype=np.float32)
@@ -72,7 +74,9 @@ class ClipDataset(Dataset):
         self.max_vision_len = max_vision_len
         self.max_text_tokens = max_text_tokens
         self.text_tokens = text_tokens
-        self.hidden = {m for m in ("audio", "vision", "text") if m not in modalities}  # always missing
+        self.hidden = {
+            m for m in ("audio", "vision", "text") if m not in modalities
+        }  # always missing
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -128,12 +132,21 @@ def collate(items: list[Item], dims: dict[str, int], text_tokens: bool = False) 
         tok, tok_mask = _pad([it.text_tokens for it in items], dims["text"])  # (B, T_t, D_t)
     target = None
     if items[0].target is not None:
-        target = torch.from_numpy(np.stack([it.target for it in items]).astype(np.float32))  # (B, E)
+        target = torch.from_numpy(
+            np.stack([it.target for it in items]).astype(np.float32)
+        )  # (B, E)
     return Batch(
-        audio=audio, audio_mask=audio_mask, vision=vision, vision_mask=vision_mask,
-        text=torch.from_numpy(text), missing=missing, text_tokens=tok, text_tokens_mask=tok_mask,
-        target=target, ids=tuple(it.clip_id for it in items),
-    )  # fmt: skip
+        audio=audio,
+        audio_mask=audio_mask,
+        vision=vision,
+        vision_mask=vision_mask,
+        text=torch.from_numpy(text),
+        missing=missing,
+        text_tokens=tok,
+        text_tokens_mask=tok_mask,
+        target=target,
+        ids=tuple(it.clip_id for it in items),
+    )
 
 
 class Collator:

@@ -305,7 +305,9 @@ def write_predictions(
             f"write_predictions({dst}): values have shape {arr.shape}, expected "
             f"({len(ids)}, {len(names)}) = (ids, emotions)"
         )
-    require_finite(arr, f"write_predictions({dst}): the values", rows=ids, columns=names, row_word="id")
+    require_finite(
+        arr, f"write_predictions({dst}): the values", rows=ids, columns=names, row_word="id"
+    )
     if clip:
         arr = np.clip(arr, 0.0, 1.0)
 
@@ -336,11 +338,17 @@ def concat_labels(a: Labels, b: Labels) -> Labels:
     both = sorted(set(a.ids) & set(b.ids))
     if both:
         raise ValueError(f"{len(both)} ids are in both {a.source} and {b.source}, e.g. {both[:5]}")
-    return Labels(a.ids + b.ids, a.emotions, np.concatenate([a.values, b.values]), f"{a.source} + {b.source}")
+    return Labels(
+        a.ids + b.ids, a.emotions, np.concatenate([a.values, b.values]), f"{a.source} + {b.source}"
+    )
 
 
 def read_ids(
-    path: str | os.PathLike[str], id_column: str = "Filename", *, what: str = "id list", allow_empty: bool = True
+    path: str | os.PathLike[str],
+    id_column: str = "Filename",
+    *,
+    what: str = "id list",
+    allow_empty: bool = True,
 ) -> list[str]:
     """The clip ids of a CSV's ``id_column``, as strings, in file order: a label file, an
     ABAW split file or a plain id list with that header. Other columns are ignored, blank
@@ -353,7 +361,9 @@ def read_ids(
     """
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"{what} {p} does not exist" + (" (it is a folder)" if p.is_dir() else ""))
+        raise FileNotFoundError(
+            f"{what} {p} does not exist" + (" (it is a folder)" if p.is_dir() else "")
+        )
     ids: list[str] = []
     first: dict[str, int] = {}
     try:
@@ -371,7 +381,9 @@ def read_ids(
                     raise ValueError(f"{where}: {len(row)} fields, no {id_column!r} value: {row!r}")
                 clip_id = check_clip_id(row[col], source=where)
                 if clip_id in first:
-                    raise ValueError(f"{where}: duplicate id {clip_id!r}, first at row {first[clip_id]}")
+                    raise ValueError(
+                        f"{where}: duplicate id {clip_id!r}, first at row {first[clip_id]}"
+                    )
                 first[clip_id] = len(ids) + 1
                 ids.append(clip_id)
     except UnicodeDecodeError as e:

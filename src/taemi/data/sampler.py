@@ -61,7 +61,9 @@ def _check_lengths(lengths: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
     if a.ndim == 1:
         a = a[:, None]
     if a.ndim != 2 or a.shape[1] < 1 or a.dtype.kind not in "iu":
-        raise ValueError(f"lengths must be integer (N, K) per clip (audio, vision, ...), got {a.dtype} {a.shape}")
+        raise ValueError(
+            f"lengths must be integer (N, K) per clip (audio, vision, ...), got {a.dtype} {a.shape}"
+        )
     if (a < 0).any():
         raise ValueError(f"lengths must be >= 0 (0 = missing), got a minimum of {int(a.min())}")
     return a.astype(np.int64)
@@ -97,8 +99,12 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
         group_batches: int = 4,
     ):
         self.lengths = _check_lengths(lengths)  # (N, K)
-        for name, v in (("batch_size", batch_size), ("num_replicas", num_replicas),
-                        ("bucket_size_multiplier", bucket_size_multiplier), ("group_batches", group_batches)):  # fmt: skip
+        for name, v in (
+            ("batch_size", batch_size),
+            ("num_replicas", num_replicas),
+            ("bucket_size_multiplier", bucket_size_multiplier),
+            ("group_batches", group_batches),
+        ):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if not 0 <= rank < num_replicas:
@@ -106,7 +112,9 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
         if seed < 0 or epoch < 0:
             raise ValueError(f"seed and epoch must be >= 0, got seed={seed!r}, epoch={epoch!r}")
         if drop_last and len(self.lengths) < batch_size:
-            raise ValueError(f"drop_last=True with {len(self.lengths)} clips < batch_size={batch_size}: no batch at all")
+            raise ValueError(
+                f"drop_last=True with {len(self.lengths)} clips < batch_size={batch_size}: no batch at all"
+            )
         self.batch_size = int(batch_size)
         self.seed, self.epoch = int(seed), int(epoch)
         self.drop_last = drop_last
@@ -141,7 +149,10 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
         for k in range(1, K):
             g = self.batch_size * self.group_batches ** (K - k)
             pool = np.concatenate(
-                [p[np.argsort(self.lengths[p, k], kind="stable")] for p in np.split(pool, range(g, len(pool), g))]
+                [
+                    p[np.argsort(self.lengths[p, k], kind="stable")]
+                    for p in np.split(pool, range(g, len(pool), g))
+                ]
             )
         return pool
 
@@ -159,7 +170,9 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
         return n // B if self.drop_last else -(-n // B)
 
 
-def padding_fraction(batches: Sequence[Sequence[int]], lengths: Sequence[Sequence[int]] | np.ndarray) -> float:
+def padding_fraction(
+    batches: Sequence[Sequence[int]], lengths: Sequence[Sequence[int]] | np.ndarray
+) -> float:
     """Padded positions / all positions the model computes, over ``batches`` and every column.
 
     A batch computes ``len(batch) * max(lengths)`` positions per column (as
@@ -199,7 +212,9 @@ def dataset_lengths(
     cols = [("audio", max_audio_len), ("vision", max_vision_len)]
     if max_text_tokens is not None:
         if not store.has_text_tokens:
-            raise ValueError(f"max_text_tokens={max_text_tokens} but the store {store.root} has no text token states")
+            raise ValueError(
+                f"max_text_tokens={max_text_tokens} but the store {store.root} has no text token states"
+            )
         cols.append(("text_tokens", max_text_tokens))
     out = np.zeros((len(ids), len(cols)), dtype=np.int64)
     for k, (name, cap) in enumerate(cols):
@@ -237,4 +252,3 @@ def abaw_like_lengths(
     audio[rng.random(n) < 0.01] = 0
     vision[rng.random(n) < 0.03] = 0
     return np.stack([audio, vision], axis=1)
-

@@ -70,8 +70,9 @@ def _centred(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return xc, constant
 
 
-def _pearson_rows(xc: np.ndarray, x_const: np.ndarray, yc: np.ndarray, y_const: np.ndarray,
-                  y_norm: np.ndarray) -> np.ndarray:  # fmt: skip
+def _pearson_rows(
+    xc: np.ndarray, x_const: np.ndarray, yc: np.ndarray, y_const: np.ndarray, y_norm: np.ndarray
+) -> np.ndarray:
     """Mean over E of Pearson r per resample, from centred (b, N, E) blocks -> (b,)."""
     num = np.einsum("bne,bne->be", xc, yc)  # (b, E)
     den = np.sqrt(np.einsum("bne,bne->be", xc, xc)) * y_norm  # (b, E)
@@ -173,9 +174,16 @@ def paired_bootstrap(
     else:
         p = 1.0
     return BootstrapResult(
-        mean_a=mean_a, mean_b=mean_b, diff=diff, ci_low=float(lo), ci_high=float(hi),
-        p_value=min(1.0, p), n=n, n_boot=int(n_boot), alpha=float(alpha),
-    )  # fmt: skip
+        mean_a=mean_a,
+        mean_b=mean_b,
+        diff=diff,
+        ci_low=float(lo),
+        ci_high=float(hi),
+        p_value=min(1.0, p),
+        n=n,
+        n_boot=int(n_boot),
+        alpha=float(alpha),
+    )
 
 
 def seed_spread(values: Sequence[float]) -> tuple[float, float, int]:

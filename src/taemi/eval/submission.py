@@ -110,7 +110,9 @@ class _Kinds:
         for kind in sorted(self.items, key=rank):
             examples = self.items[kind]
             shown = "; ".join(examples[:max_listed])
-            more = f"; ... and {len(examples) - max_listed} more" if len(examples) > max_listed else ""
+            more = (
+                f"; ... and {len(examples) - max_listed} more" if len(examples) > max_listed else ""
+            )
             hint = f" ({self.hints[kind]})" if kind in self.hints else ""
             out.append(f"{kind} ({len(examples)}): {shown}{more}{hint}")
         return out
@@ -145,10 +147,14 @@ def check_submission(
     """
     src = Path(path)
     if not src.is_file():
-        raise FileNotFoundError(f"submission {src} does not exist" + (" (it is a folder)" if src.is_dir() else ""))
+        raise FileNotFoundError(
+            f"submission {src} does not exist" + (" (it is a folder)" if src.is_dir() else "")
+        )
     expected_ids = list(ids)
     if len(set(expected_ids)) != len(expected_ids):
-        raise ValueError(f"the test id list repeats ids, e.g. {sorted({i for i in expected_ids if expected_ids.count(i) > 1})[:3]}")
+        raise ValueError(
+            f"the test id list repeats ids, e.g. {sorted({i for i in expected_ids if expected_ids.count(i) > 1})[:3]}"
+        )
     report = SubmissionCheck(str(src))
     problems = _Kinds()
     try:
@@ -157,7 +163,9 @@ def check_submission(
         report.problems.append(f"not valid UTF-8 text: {e}")
         return report
     if text.startswith("\ufeff"):
-        report.warnings.append("the file starts with a UTF-8 byte-order mark (most readers drop it; some keep it in the first column name)")
+        report.warnings.append(
+            "the file starts with a UTF-8 byte-order mark (most readers drop it; some keep it in the first column name)"
+        )
         text = text[1:]
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
@@ -195,25 +203,36 @@ def check_submission(
                 seen.setdefault(clip_id, []).append(line)
                 order.append((clip_id, line))
             if len(row) != ncols:
-                problems.add("rows with the wrong number of fields", f"line {line}: {len(row)} fields, not {ncols}")
+                problems.add(
+                    "rows with the wrong number of fields",
+                    f"line {line}: {len(row)} fields, not {ncols}",
+                )
                 continue
             bad: dict[str, list[str]] = {}  # kind -> "column: value" of this row
             for name, cell in zip(want[1:], row[1:]):
                 try:
                     v = float(cell)
                 except ValueError:
-                    bad.setdefault("rows with values that are not numbers", []).append(f"{name} {cell!r}")
+                    bad.setdefault("rows with values that are not numbers", []).append(
+                        f"{name} {cell!r}"
+                    )
                     continue
                 if not math.isfinite(v):
-                    bad.setdefault("rows with NaN or infinite values", []).append(f"{name} {cell!r}")
+                    bad.setdefault("rows with NaN or infinite values", []).append(
+                        f"{name} {cell!r}"
+                    )
                 elif not lo <= v <= hi:
-                    bad.setdefault(f"rows with values outside [{lo:g}, {hi:g}]", []).append(f"{name} {cell}")
+                    bad.setdefault(f"rows with values outside [{lo:g}, {hi:g}]", []).append(
+                        f"{name} {cell}"
+                    )
             for kind, cells in bad.items():
                 problems.add(kind, f"line {line}, {clip_id or '(no id)'}: {', '.join(cells)}")
     except csv.Error as e:
         problems.add("malformed CSV", f"line {reader.line_num}: {e}")
     if blank:
-        report.warnings.append(f"{len(blank)} blank line(s), e.g. line(s) {', '.join(map(str, blank[:max_listed]))}")
+        report.warnings.append(
+            f"{len(blank)} blank line(s), e.g. line(s) {', '.join(map(str, blank[:max_listed]))}"
+        )
     if report.rows == 0:
         report.problems.append("no data rows")
 
@@ -247,8 +266,11 @@ def check_submission(
     canonical = [lost.get(clip_id, clip_id) for clip_id, _ in order]
     for k in range(1, len(order)):
         if canonical[k] < canonical[k - 1]:
-            problems.add("rows not sorted by id", f"line {order[k][1]}: {order[k][0]!r} comes after {order[k - 1][0]!r}",
-                         hint="the format lists rows sorted by id; sort them")  # fmt: skip
+            problems.add(
+                "rows not sorted by id",
+                f"line {order[k][1]}: {order[k][0]!r} comes after {order[k - 1][0]!r}",
+                hint="the format lists rows sorted by id; sort them",
+            )
             break
     report.problems += problems.lines(max_listed)
     return report
@@ -262,12 +284,17 @@ def _header_problem(header: list[str], want: list[str], id_column: str) -> str:
     if header and _NUMBER_ID.fullmatch(header[0].strip()) and id_column not in header:
         return f"no header row: the first line looks like data ({got!r}); expected the header {expected!r}"
     if sorted(header) == sorted(want):
-        return f"the header has the right columns in the wrong order: {got!r}; expected {expected!r}"
+        return (
+            f"the header has the right columns in the wrong order: {got!r}; expected {expected!r}"
+        )
     missing = [w for w in want if w not in header]
     unexpected = [h for h in header if h not in want]
     detail = "; ".join(
         part
-        for part in (f"missing {missing}" if missing else "", f"unexpected {unexpected}" if unexpected else "")
+        for part in (
+            f"missing {missing}" if missing else "",
+            f"unexpected {unexpected}" if unexpected else "",
+        )
         if part
     )
     return f"the header is {got!r}; expected {expected!r}" + (f" ({detail})" if detail else "")

@@ -78,18 +78,33 @@ def _run_one(job: dict) -> dict:
 
     store = FeatureStore(job["store"])
     overrides = [*job["overrides"], *job["extra"], ("train.seed", job["seed"])]
-    cfg = config_for_store(job["preset"], overrides, store)  # input sizes: the store's, unless overridden
+    cfg = config_for_store(
+        job["preset"], overrides, store
+    )  # input sizes: the store's, unless overridden
     kw = dict(emotions=cfg.data.emotions, store_ids=store)
     run = Path(job["run"])
-    res = train(cfg, store, read_labels(job["train"], **kw), read_labels(job["valid"], **kw), run,
-                resume=has_run(run), progress=False)  # fmt: skip
+    res = train(
+        cfg,
+        store,
+        read_labels(job["train"], **kw),
+        read_labels(job["valid"], **kw),
+        run,
+        resume=has_run(run),
+        progress=False,
+    )
     return _row(job, res.best_epoch, res.best.to_dict())
 
 
 def _row(job: dict, best_epoch: int, valid: dict) -> dict:
-    return {"variant": job["variant"], "seed": job["seed"], "run": job["run"], "best_epoch": best_epoch,
-            "mean_pearson": valid["mean_pearson"], **{f"pearson_{e}": r for e, r in valid["pearson"].items()},
-            "paper": job["paper"]}  # fmt: skip
+    return {
+        "variant": job["variant"],
+        "seed": job["seed"],
+        "run": job["run"],
+        "best_epoch": best_epoch,
+        "mean_pearson": valid["mean_pearson"],
+        **{f"pearson_{e}": r for e, r in valid["pearson"].items()},
+        "paper": job["paper"],
+    }
 
 
 def ablate(
@@ -117,16 +132,30 @@ def ablate(
         for k in range(seeds):
             seed = first_seed + k
             run = out / "runs" / same_as / f"seed{seed}"
-            job = {"variant": v.name, "preset": v.preset, "overrides": v.overrides, "extra": overrides,
-                   "seed": seed, "run": str(run), "store": str(store), "train": str(train_csv),
-                   "valid": str(valid_csv), "paper": v.paper}  # fmt: skip
+            job = {
+                "variant": v.name,
+                "preset": v.preset,
+                "overrides": v.overrides,
+                "extra": overrides,
+                "seed": seed,
+                "run": str(run),
+                "store": str(store),
+                "train": str(train_csv),
+                "valid": str(valid_csv),
+                "paper": v.paper,
+            }
             m = read_metrics(run)
             if m is not None and m.get("finished"):
                 rows.append(_row(job, m["best_epoch"], m["valid"]))
             else:
                 todo.append(job)
-    log.info("ablation grid %s: %d runs, %d already finished, %d to train", grid, len(rows) + len(todo),
-             len(rows), len(todo))  # fmt: skip
+    log.info(
+        "ablation grid %s: %d runs, %d already finished, %d to train",
+        grid,
+        len(rows) + len(todo),
+        len(rows),
+        len(todo),
+    )
     unique = list({j["run"]: j for j in todo}.values())  # a shared run is trained once
     if jobs > 1 and len(unique) > 1:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
@@ -148,10 +177,20 @@ def summarise(rows: list[dict], variants: tuple[Variant, ...]) -> list[dict]:
         if not vals:
             continue
         emo = sorted(k for k in rows[0] if k.startswith("pearson_"))
-        per = {k[len("pearson_"):]: statistics.fmean(r[k] for r in rows if r["variant"] == v.name) for k in emo}
-        out.append({"variant": v.name, "n": len(vals), "mean": statistics.fmean(vals),
-                    "std": statistics.stdev(vals) if len(vals) > 1 else math.nan, "per_emotion": per,
-                    "paper": v.paper})  # fmt: skip
+        per = {
+            k[len("pearson_") :]: statistics.fmean(r[k] for r in rows if r["variant"] == v.name)
+            for k in emo
+        }
+        out.append(
+            {
+                "variant": v.name,
+                "n": len(vals),
+                "mean": statistics.fmean(vals),
+                "std": statistics.stdev(vals) if len(vals) > 1 else math.nan,
+                "per_emotion": per,
+                "paper": v.paper,
+            }
+        )
     if out:
         ref = out[0]["mean"]
         for s in out:
@@ -173,12 +212,23 @@ def _write_outputs(out: Path, rows: list[dict], variants: tuple[Variant, ...]) -
     ]
     for s in summary:
         paper = "-" if s["paper"] is None else f"{s['paper']:.2f}"
-        lines.append(f"| {s['variant']} | {s['n']} | {s['mean']:.4f} +- {s['std']:.4f} | {s['delta']:+.4f} | {paper} |")
+        lines.append(
+            f"| {s['variant']} | {s['n']} | {s['mean']:.4f} +- {s['std']:.4f} | {s['delta']:+.4f} | {paper} |"
+        )
     emotions = list(summary[0]["per_emotion"]) if summary else []
-    lines += ["", "Per emotion (mean over seeds):", "",
-              "| variant | " + " | ".join(emotions) + " |", "|---|" + "---|" * len(emotions)]  # fmt: skip
+    lines += [
+        "",
+        "Per emotion (mean over seeds):",
+        "",
+        "| variant | " + " | ".join(emotions) + " |",
+        "|---|" + "---|" * len(emotions),
+    ]
     for s in summary:
-        lines.append(f"| {s['variant']} | " + " | ".join(f"{s['per_emotion'][e]:.3f}" for e in emotions) + " |")
+        lines.append(
+            f"| {s['variant']} | "
+            + " | ".join(f"{s['per_emotion'][e]:.3f}" for e in emotions)
+            + " |"
+        )
     (out / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     _plots(out, summary)
 
@@ -189,11 +239,24 @@ def _plots(out: Path, summary: list[dict]) -> None:
     plt = pyplot()
     names = [s["variant"] for s in summary]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4))
-    ax.bar(range(len(names)), [s["mean"] for s in summary],
-           yerr=[0 if math.isnan(s["std"]) else s["std"] for s in summary], capsize=4, color="C0", label="taemi")
+    ax.bar(
+        range(len(names)),
+        [s["mean"] for s in summary],
+        yerr=[0 if math.isnan(s["std"]) else s["std"] for s in summary],
+        capsize=4,
+        color="C0",
+        label="taemi",
+    )
     papers = [(i, s["paper"]) for i, s in enumerate(summary) if s["paper"] is not None]
     if papers:
-        ax.scatter([i for i, _ in papers], [p for _, p in papers], color="C3", marker="D", zorder=3, label="paper")
+        ax.scatter(
+            [i for i, _ in papers],
+            [p for _, p in papers],
+            color="C3",
+            marker="D",
+            zorder=3,
+            label="paper",
+        )
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_ylabel("valid mean Pearson")
     ax.legend()

@@ -81,8 +81,15 @@ class Comparison:
     result: BootstrapResult
 
 
-def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike, labels: str | os.PathLike, *,
-                 n_boot: int = 2000, seed: int = 0, clip: bool = False) -> Comparison:  # fmt: skip
+def compare_runs(
+    run_a: str | os.PathLike,
+    run_b: str | os.PathLike,
+    labels: str | os.PathLike,
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+    clip: bool = False,
+) -> Comparison:
     """Both runs' metrics and the paired bootstrap of mean Pearson A - B (``clip``: predictions
     clipped to [0, 1] first)."""
     path_a, path_b, pa, pred_b, target = load_pair(run_a, run_b, labels)
@@ -94,5 +101,6 @@ def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike, labels: str
     emotions = pa.emotions
     ma = compute_metrics(a, t, emotions, clipped=clip)
     mb = compute_metrics(b, t, emotions, clipped=clip)
-    return Comparison(path_a, path_b, tuple(emotions), ma, mb, paired_bootstrap(a, b, t, n_boot=n_boot, seed=seed))
-
+    return Comparison(
+        path_a, path_b, tuple(emotions), ma, mb, paired_bootstrap(a, b, t, n_boot=n_boot, seed=seed)
+    )

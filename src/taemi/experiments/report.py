@@ -270,8 +270,16 @@ HEADLINE = [
 def headline_row(name: str, metrics: dict | None) -> list[str]:
     m = metrics or {}
     v = m.get("valid") or {}
-    return [name, _fmt(v.get("mean_pearson")), _fmt(v.get("mean_ccc")), _fmt(v.get("mse")), _fmt(v.get("n")),
-            _fmt(m.get("best_epoch")), _fmt(m.get("epochs_run")), _fmt(m.get("stopped_early"))]  # fmt: skip
+    return [
+        name,
+        _fmt(v.get("mean_pearson")),
+        _fmt(v.get("mean_ccc")),
+        _fmt(v.get("mse")),
+        _fmt(v.get("n")),
+        _fmt(m.get("best_epoch")),
+        _fmt(m.get("epochs_run")),
+        _fmt(m.get("stopped_early")),
+    ]
 
 
 # --------------------------------------------------------------------------- HTML
@@ -341,8 +349,11 @@ def _html_run(sec: RunSection, title: str) -> str:
     if sec.preset is None:
         parts.append('<p class="note">unknown preset: no comparison</p>')
     elif sec.config_diff:
-        t = Table(["key", f"preset {sec.preset}", "this run"],
-                  [[k, _fmt(a), _fmt(b)] for k, a, b in sec.config_diff], len(sec.config_diff))  # fmt: skip
+        t = Table(
+            ["key", f"preset {sec.preset}", "this run"],
+            [[k, _fmt(a), _fmt(b)] for k, a, b in sec.config_diff],
+            len(sec.config_diff),
+        )
         parts.append(_html_table(t))
     else:
         parts.append(f'<p class="note">the {_e(sec.preset)} preset, unchanged</p>')

@@ -203,9 +203,12 @@ def predict_degraded(
     function of (model, dataset, transform, batch_size, seed). fp32, eval mode.
     """
     loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=False,
-        collate_fn=Collator(model.dims, dataset.text_tokens), generator=torch.Generator(),
-    )  # fmt: skip
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=Collator(model.dims, dataset.text_tokens),
+        generator=torch.Generator(),
+    )
     gen = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
@@ -300,14 +303,28 @@ def robustness_suite(
                 # every clip is the same three missing tokens: constant predictions, r = 0 by
                 # definition (metrics.pearson); the warning says nothing new here
                 warnings.filterwarnings("ignore", "Pearson r .* is undefined", RuntimeWarning)
-            m = evaluate_degraded(model, dataset, transform, emotions=cfg.data.emotions,
-                                  batch_size=bs, seed=seed, device=device)  # fmt: skip
+            m = evaluate_degraded(
+                model,
+                dataset,
+                transform,
+                emotions=cfg.data.emotions,
+                batch_size=bs,
+                seed=seed,
+                device=device,
+            )
         log.debug("%s %s %s: mean Pearson %.4f", kind, cond, level, m.mean_pearson)
-        rows.append({
-            "run": str(run_dir), "kind": kind, "condition": cond, "level": level,
-            "mean_pearson": m.mean_pearson, "mean_ccc": m.mean_ccc, "mse": m.mse,
-            **{f"pearson_{e}": r for e, r in m.pearson.items()},
-        })  # fmt: skip
+        rows.append(
+            {
+                "run": str(run_dir),
+                "kind": kind,
+                "condition": cond,
+                "level": level,
+                "mean_pearson": m.mean_pearson,
+                "mean_ccc": m.mean_ccc,
+                "mse": m.mse,
+                **{f"pearson_{e}": r for e, r in m.pearson.items()},
+            }
+        )
     return rows
 
 
@@ -353,13 +370,21 @@ def _curve_plot(rows, path, kind: str, xlabel: str, title: str, invert_x: bool =
     conds = list(dict.fromkeys(r["condition"] for r in rows if r["kind"] == kind))
     for i, run in enumerate(runs):
         for j, cond in enumerate(conds):
-            pts = sorted((float(r["level"]), r["mean_pearson"]) for r in rows
-                         if r["run"] == run and r["kind"] == kind and r["condition"] == cond)  # fmt: skip
+            pts = sorted(
+                (float(r["level"]), r["mean_pearson"])
+                for r in rows
+                if r["run"] == run and r["kind"] == kind and r["condition"] == cond
+            )
             if not pts:
                 continue
             name = cond if len(runs) == 1 else f"{_label(run, runs)}: {cond}"
-            ax.plot(*zip(*pts), ls=_STYLES[i % len(_STYLES)], marker=_MARKERS[i % len(_MARKERS)],
-                    color=f"C{j}", label=name)  # fmt: skip
+            ax.plot(
+                *zip(*pts),
+                ls=_STYLES[i % len(_STYLES)],
+                marker=_MARKERS[i % len(_MARKERS)],
+                color=f"C{j}",
+                label=name,
+            )
     if invert_x:
         ax.invert_xaxis()
     ax.set_xlabel(xlabel)
@@ -374,8 +399,13 @@ def _curve_plot(rows, path, kind: str, xlabel: str, title: str, invert_x: bool =
 
 def plot_modality_drop(rows: Sequence[dict], path: str | os.PathLike) -> Path:
     """Mean Pearson vs the fraction p of clips losing a modality; a line per modality (and run)."""
-    return _curve_plot(rows, path, "drop_modality", "fraction of clips missing the modality (p)",
-                       "modality dropped at test time")  # fmt: skip
+    return _curve_plot(
+        rows,
+        path,
+        "drop_modality",
+        "fraction of clips missing the modality (p)",
+        "modality dropped at test time",
+    )
 
 
 def plot_noise(rows: Sequence[dict], path: str | os.PathLike) -> Path:
@@ -406,8 +436,14 @@ def plot_combinations(rows: Sequence[dict], path: str | os.PathLike) -> Path:
             if r["run"] == run and r["kind"] == "combination"
         }
         xs = [k + (i - (len(runs) - 1) / 2) * width for k in range(len(names))]
-        ax.bar(xs, [score.get(n, float("nan")) for n in names], width, color=f"C{i}",
-               hatch=("", "//", "..", "xx")[i % 4], label=_label(run, runs))  # fmt: skip
+        ax.bar(
+            xs,
+            [score.get(n, float("nan")) for n in names],
+            width,
+            color=f"C{i}",
+            hatch=("", "//", "..", "xx")[i % 4],
+            label=_label(run, runs),
+        )
     ax.set_xticks(range(len(names)), [f"missing: {n}" for n in names], rotation=30, ha="right")
     ax.axhline(0.0, color="grey", lw=0.8)
     ax.set_ylabel("mean Pearson r")

@@ -152,13 +152,25 @@ class AbawLayout:
         if split in self.splits:
             return read_ids(self.splits[split], ID_COLUMN, what="split file", allow_empty=False)
         if split == "test":
-            listed = {i for name in self.splits for i in read_ids(self.splits[name], ID_COLUMN, what="split file", allow_empty=False)}
+            listed = {
+                i
+                for name in self.splits
+                for i in read_ids(
+                    self.splits[name], ID_COLUMN, what="split file", allow_empty=False
+                )
+            }
             ids = [i for i in self.ids() if i not in listed]
             log.info(
                 "%s: no test%s; test = the %d clips under %s/ and %s/ that %s",
-                self.root, SPLIT_SUFFIX, len(ids), VIDEO_DIR, AUDIO_DIR,
-                f"{', '.join(sorted(self.splits))} do not list" if self.splits else "the root holds",
-            )  # fmt: skip
+                self.root,
+                SPLIT_SUFFIX,
+                len(ids),
+                VIDEO_DIR,
+                AUDIO_DIR,
+                f"{', '.join(sorted(self.splits))} do not list"
+                if self.splits
+                else "the root holds",
+            )
             return ids
         raise ValueError(
             f"{self.root}: no split {split!r} ({split}{SPLIT_SUFFIX} not found); "

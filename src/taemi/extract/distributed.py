@@ -79,7 +79,9 @@ def parse_shard(text: str) -> tuple[int, int]:
         raise ValueError(f"--shard {text!r}: expected K/N, e.g. 0/4 (shards are numbered 0 to N-1)")
     k, n = int(m.group(1)), int(m.group(2))
     if n < 1 or k >= n:
-        raise ValueError(f"--shard {text}: K must be in 0..N-1 and N >= 1 (shards are numbered from 0)")
+        raise ValueError(
+            f"--shard {text}: K must be in 0..N-1 and N >= 1 (shards are numbered from 0)"
+        )
     return k, n
 
 
@@ -90,7 +92,9 @@ def _error_key(record: dict) -> str:
     return Path(str(record.get("path") or "")).name
 
 
-def select_shard(sources: Sequence[Any], input_errors: Sequence[dict], k: int, n: int) -> tuple[list, list[dict]]:
+def select_shard(
+    sources: Sequence[Any], input_errors: Sequence[dict], k: int, n: int
+) -> tuple[list, list[dict]]:
     """The sources (anything with a ``clip_id``) and input error records of shard ``k`` of ``n``."""
     if not 0 <= k < n:
         raise ValueError(f"shard {k} of {n}: K must be in 0..N-1")
@@ -157,17 +161,31 @@ class DistributedResult:
         return not self.failed and self.merge is not None
 
 
-def worker_command(extract_args: Sequence[str], run: ShardRun, global_args: Sequence[str] = ()) -> list[str]:
+def worker_command(
+    extract_args: Sequence[str], run: ShardRun, global_args: Sequence[str] = ()
+) -> list[str]:
     """Arguments after ``python`` of the worker extracting ``run``'s shard."""
-    return ["-m", "taemi", *global_args, "extract", *extract_args, "--out", str(run.store),
-            "--shard", f"{run.k}/{run.n}", "--no-progress"]  # fmt: skip
+    return [
+        "-m",
+        "taemi",
+        *global_args,
+        "extract",
+        *extract_args,
+        "--out",
+        str(run.store),
+        "--shard",
+        f"{run.k}/{run.n}",
+        "--no-progress",
+    ]
 
 
 def _thread_env(threads: int) -> dict[str, str]:
     return {v: str(threads) for v in _THREAD_VARS}
 
 
-def _finish(run: ShardRun, returncode: int | None, started_wall: float, error: str | None = None) -> None:
+def _finish(
+    run: ShardRun, returncode: int | None, started_wall: float, error: str | None = None
+) -> None:
     """Record how a worker ended; exit status 1 with a fresh summary is a completed shard
     whose clips all failed (each is in its extract_errors.jsonl), not a failed worker."""
     run.returncode = returncode
@@ -184,8 +202,13 @@ def _finish(run: ShardRun, returncode: int | None, started_wall: float, error: s
     elif returncode == 0:
         pass
     elif returncode == 1 and run.summary is not None and not run.summary.get("interrupted"):
-        log.warning("shard %d/%d: no clip could be extracted (%d failed), see %s",
-                    run.k, run.n, run.summary.get("failed", 0), run.store / "extract_errors.jsonl")  # fmt: skip
+        log.warning(
+            "shard %d/%d: no clip could be extracted (%d failed), see %s",
+            run.k,
+            run.n,
+            run.summary.get("failed", 0),
+            run.store / "extract_errors.jsonl",
+        )
     else:
         run.error = f"worker exited with status {returncode}; its log: {run.log}"
 
@@ -203,9 +226,13 @@ class _LocalBackend:
     def start(self, run: ShardRun, cmd: list[str]) -> None:
         env = {**os.environ, **_thread_env(self.threads)}
         fh = open(run.log, "ab")  # noqa: SIM115 (closed when the worker ends)
-        fh.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} {sys.executable} {' '.join(cmd)}\n".encode())
+        fh.write(
+            f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} {sys.executable} {' '.join(cmd)}\n".encode()
+        )
         fh.flush()
-        proc = subprocess.Popen([sys.executable, *cmd], stdout=fh, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, *cmd], stdout=fh, stderr=subprocess.STDOUT, env=env
+        )
         run.host = socket.gethostname()
         self.procs[run.k] = (proc, fh, time.time())
 
@@ -237,15 +264,27 @@ def _ray_worker(cmd: list[str], log_path: str, cwd: str, env: dict[str, str]) ->
     """Body of a Ray task: run one worker command on this node (its own Python)."""
     host = socket.gethostname()
     if not os.path.isdir(cwd):
-        return {"rc": None, "host": host, "error": (
-            f"the working directory {cwd} does not exist on node {host}: run from a folder on the "
-            "filesystem every node shares")}  # fmt: skip
+        return {
+            "rc": None,
+            "host": host,
+            "error": (
+                f"the working directory {cwd} does not exist on node {host}: run from a folder on the "
+                "filesystem every node shares"
+            ),
+        }
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as fh:
-        fh.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} on {host}: {sys.executable} {' '.join(cmd)}\n".encode())
+        fh.write(
+            f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} on {host}: {sys.executable} {' '.join(cmd)}\n".encode()
+        )
         fh.flush()
-        proc = subprocess.Popen([sys.executable, *cmd], cwd=cwd, stdout=fh, stderr=subprocess.STDOUT,
-                                env={**os.environ, **env})  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, *cmd],
+            cwd=cwd,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+        )
         try:
             rc = proc.wait()
         except BaseException:  # cancelled: stop the worker too
@@ -274,7 +313,9 @@ class _RayBackend:
         self.ray = ray = import_ray()
         self.started_here = not ray.is_initialized()
         if self.started_here:
-            ray.init(address=address or "local", log_to_driver=False)  # "local": a new instance, never another's
+            ray.init(
+                address=address or "local", log_to_driver=False
+            )  # "local": a new instance, never another's
             where = f"cluster at {address}" if address else "a local Ray instance"
             log.info("ray: connected to %s (%s CPUs)", where, ray.cluster_resources().get("CPU"))
         self.task = ray.remote(num_cpus=threads, num_gpus=gpus)(_ray_worker)
@@ -292,8 +333,12 @@ class _RayBackend:
             return False
         try:
             out = self.ray.get(ref)
-        except self.ray.exceptions.RayError as e:  # the task raised, or its node died: the others go on
-            _finish(run, None, t0, error=f"Ray task failed: {type(e).__name__}: {e}; log: {run.log}")
+        except (
+            self.ray.exceptions.RayError
+        ) as e:  # the task raised, or its node died: the others go on
+            _finish(
+                run, None, t0, error=f"Ray task failed: {type(e).__name__}: {e}; log: {run.log}"
+            )
             return True
         run.host = out["host"]
         _finish(run, out["rc"], t0, error=out["error"])
@@ -347,7 +392,9 @@ def extract_distributed(
     if threads_per_worker < 1:
         raise ValueError(f"threads_per_worker must be >= 1, got {threads_per_worker}")
     if gpus_per_worker and backend != "ray":
-        raise ValueError("gpus_per_worker is a Ray resource request; with the local backend use --device")
+        raise ValueError(
+            "gpus_per_worker is a Ray resource request; with the local backend use --device"
+        )
     t_start = time.perf_counter()
     runs: list[ShardRun] = []
     for k in range(n):
@@ -355,12 +402,21 @@ def extract_distributed(
         sdir = shard_store(store, k, n)
         runs.append(ShardRun(k, n, sdir, sdir.with_name(sdir.name + ".log"), len(srcs)))
     runs[0].store.parent.mkdir(parents=True, exist_ok=True)
-    log.info("%d clips in %d shards (%s) under %s, %d thread(s) per worker, backend %s",
-             len(sources), n, ", ".join(str(r.clips) for r in runs), runs[0].store.parent,
-             threads_per_worker, backend)  # fmt: skip
+    log.info(
+        "%d clips in %d shards (%s) under %s, %d thread(s) per worker, backend %s",
+        len(sources),
+        n,
+        ", ".join(str(r.clips) for r in runs),
+        runs[0].store.parent,
+        threads_per_worker,
+        backend,
+    )
 
-    runner = _LocalBackend(threads_per_worker) if backend == "local" else \
-        _RayBackend(threads_per_worker, gpus_per_worker, ray_address)  # fmt: skip
+    runner = (
+        _LocalBackend(threads_per_worker)
+        if backend == "local"
+        else _RayBackend(threads_per_worker, gpus_per_worker, ray_address)
+    )
     result = DistributedResult(Path(store), backend, runs, threads_per_worker=threads_per_worker)
     bars = _Bars(runs, progress, tqdm)
     try:
@@ -386,10 +442,16 @@ def extract_distributed(
     if result.failed:
         for run in result.failed:
             log.error("shard %d/%d failed: %s", run.k, run.n, run.error)
-        log.error("%d of %d workers failed: the shards are not merged; fix the cause and rerun the same "
-                  "command (finished clips are skipped)", len(result.failed), n)  # fmt: skip
+        log.error(
+            "%d of %d workers failed: the shards are not merged; fix the cause and rerun the same "
+            "command (finished clips are skipped)",
+            len(result.failed),
+            n,
+        )
     elif merge:
-        result.merge = merge_stores(store, [r.store for r in runs], replace=replace, progress=progress)
+        result.merge = merge_stores(
+            store, [r.store for r in runs], replace=replace, progress=progress
+        )
     result.seconds = time.perf_counter() - t_start
     return result
 
@@ -398,9 +460,16 @@ def _log_end(run: ShardRun) -> None:
     if not run.ok:
         return
     s = run.summary or {}
-    log.info("shard %d/%d finished on %s in %.0f s: %s done, %s skipped, %s failed",
-             run.k, run.n, run.host, run.seconds, s.get("done", "?"), s.get("skipped", "?"),
-             s.get("failed", "?"))  # fmt: skip
+    log.info(
+        "shard %d/%d finished on %s in %.0f s: %s done, %s skipped, %s failed",
+        run.k,
+        run.n,
+        run.host,
+        run.seconds,
+        s.get("done", "?"),
+        s.get("skipped", "?"),
+        s.get("failed", "?"),
+    )
 
 
 class _Bars:
@@ -412,10 +481,26 @@ class _Bars:
         if not enabled:
             self.bars = []
         elif len(runs) <= _MAX_BARS:
-            self.bars = [tqdm(total=r.clips, desc=f"shard {r.k}/{r.n}", unit="clip", position=i, leave=True,
-                              dynamic_ncols=True) for i, r in enumerate(runs)]  # fmt: skip
+            self.bars = [
+                tqdm(
+                    total=r.clips,
+                    desc=f"shard {r.k}/{r.n}",
+                    unit="clip",
+                    position=i,
+                    leave=True,
+                    dynamic_ncols=True,
+                )
+                for i, r in enumerate(runs)
+            ]
         else:
-            self.bars = [tqdm(total=sum(r.clips for r in runs), desc="extract", unit="clip", dynamic_ncols=True)]
+            self.bars = [
+                tqdm(
+                    total=sum(r.clips for r in runs),
+                    desc="extract",
+                    unit="clip",
+                    dynamic_ncols=True,
+                )
+            ]
 
     def update(self) -> None:
         if not self.enabled:
@@ -423,15 +508,23 @@ class _Bars:
         if len(self.bars) == len(self.runs):
             for bar, run in zip(self.bars, self.runs):
                 bar.n = min(run.done(), run.clips)
-                state = "running" if run.returncode is None and run.error is None else ("ok" if run.ok else "FAILED")
+                state = (
+                    "running"
+                    if run.returncode is None and run.error is None
+                    else ("ok" if run.ok else "FAILED")
+                )
                 bar.set_postfix_str(state, refresh=False)
                 bar.refresh()
         else:
             bar = self.bars[0]
             bar.n = sum(min(r.done(), r.clips) for r in self.runs)
             ended = [r for r in self.runs if r.returncode is not None or r.error is not None]
-            bar.set_postfix(finished=sum(r.ok for r in ended), failed=sum(not r.ok for r in ended),
-                            running=len(self.runs) - len(ended), refresh=False)  # fmt: skip
+            bar.set_postfix(
+                finished=sum(r.ok for r in ended),
+                failed=sum(not r.ok for r in ended),
+                running=len(self.runs) - len(ended),
+                refresh=False,
+            )
             bar.refresh()
 
     def close(self) -> None:

@@ -26,7 +26,9 @@ def encoders_from_factory(spec: str) -> Encoders:
     """Call the function named by ``spec`` (``"package.module:function"``) and check that it
     returned an :class:`Encoders`."""
     if not isinstance(spec, str) or _SPEC.match(spec) is None:
-        raise ValueError(f"--encoders {spec!r}: expected MODULE:FUNCTION, e.g. mypkg.models:make_encoders")
+        raise ValueError(
+            f"--encoders {spec!r}: expected MODULE:FUNCTION, e.g. mypkg.models:make_encoders"
+        )
     module_name, func_name = spec.split(":")
     try:
         module = importlib.import_module(module_name)
@@ -37,7 +39,9 @@ def encoders_from_factory(spec: str) -> Encoders:
         ) from e
     factory = getattr(module, func_name, None)
     if not callable(factory):
-        raise ValueError(f"--encoders {spec}: module {module.__file__} has no function {func_name!r}")  # noqa: TRY004 (a CLI error)
+        raise ValueError(  # noqa: TRY004 (a CLI error)
+            f"--encoders {spec}: module {module.__file__} has no function {func_name!r}"
+        )
     enc = factory()
     if not isinstance(enc, Encoders):
         raise ValueError(  # noqa: TRY004 (the CLI reports ValueErrors as clean errors)

@@ -84,7 +84,9 @@ MAX_FEATURE_FILE_BYTES = 2 * MAX_FEATURE_BYTES
 #: megabytes of features (a stride-0 view or a memoised row repeated can declare them).
 _FILE_SLACK_BYTES = 4096
 #: Size of the feature file being read (set by :func:`_load_object`), for the rule above.
-_FILE_BYTES: contextvars.ContextVar[int | None] = contextvars.ContextVar("_FILE_BYTES", default=None)
+_FILE_BYTES: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "_FILE_BYTES", default=None
+)
 
 _TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first object of a legacy torch.save file
 

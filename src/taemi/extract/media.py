@@ -508,7 +508,9 @@ def decode_video(
         if stream is None:
             return None
         decode = _decode_first if policy == "first" else _decode_uniform
-        frames, times, seen, problems = decode(path, container, stream, max_frames, max_seconds, transform)
+        frames, times, seen, problems = decode(
+            path, container, stream, max_frames, max_seconds, transform
+        )
     damage = "; ".join(filter(None, [problems.describe(), *problems.notes]))
     if not seen:
         raise _error(path, "video stream decodes to no frames" + (f" ({damage})" if damage else ""))

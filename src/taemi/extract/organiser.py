@@ -109,19 +109,32 @@ def _error(
     clip_id: str | None, modality: str | None, path: Path | None, stage: str, reason: str
 ) -> dict:
     """One error record, shaped like ``taemi extract``'s (plus ``modality``)."""
-    return {"clip_id": clip_id, "path": None if path is None else str(path), "stage": stage,
-            "modality": modality, "reason": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+    return {
+        "clip_id": clip_id,
+        "path": None if path is None else str(path),
+        "stage": stage,
+        "modality": modality,
+        "reason": reason,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
 
 
-def _reject(errors: list[dict], clip_id: str | None, modality: str | None, path: Path | None,
-            stage: str, reason: str) -> None:  # fmt: skip
+def _reject(
+    errors: list[dict],
+    clip_id: str | None,
+    modality: str | None,
+    path: Path | None,
+    stage: str,
+    reason: str,
+) -> None:
     """Record a rejected file (or a failed step) and say so, one warning line."""
     errors.append(_error(clip_id, modality, path, stage, reason))
     log.warning("rejected: clip %s %s: %s", clip_id, modality or "", reason)
 
 
-def _index_folder(folder: Path, suffixes: tuple[str, ...], modality: str,
-                  errors: list[dict]) -> dict[str, Path]:  # fmt: skip
+def _index_folder(
+    folder: Path, suffixes: tuple[str, ...], modality: str, errors: list[dict]
+) -> dict[str, Path]:
     """Files of ``folder`` by stem (the earlier suffix of ``suffixes`` wins a shared stem)."""
     index: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
@@ -170,22 +183,35 @@ def _agreed_dim(m: str, index: dict[str, Path], folder: Path) -> int:
     readable = sum(counts.values())
     ask = f"pass --dims {m}=D (in Python: dims={{'{m}': D}}) to create the store"
     if not readable:
-        raise ValueError(f"cannot tell the {m} feature size: none of the {len(ids)} {m} feature "
-                         f"files read in {folder} is readable; {ask}")  # fmt: skip
+        raise ValueError(
+            f"cannot tell the {m} feature size: none of the {len(ids)} {m} feature "
+            f"files read in {folder} is readable; {ask}"
+        )
     seen = ", ".join(f"D = {d}: {n}" for d, n in counts.most_common())
     seen += f", unreadable: {unreadable}" if unreadable else ""
     d, n = counts.most_common(1)[0]
     if 2 * n <= readable:
-        raise ValueError(f"cannot tell the {m} feature size: the {len(ids)} {m} feature files read in "
-                         f"{folder} disagree ({seen}), and no size is held by more than half of the "
-                         f"readable ones; {ask}")  # fmt: skip
-    log.info("%s feature size D = %d: %d of the %d files read agree (%s; %d files in %s)",
-             m, d, n, len(ids), seen, len(index), folder)  # fmt: skip
+        raise ValueError(
+            f"cannot tell the {m} feature size: the {len(ids)} {m} feature files read in "
+            f"{folder} disagree ({seen}), and no size is held by more than half of the "
+            f"readable ones; {ask}"
+        )
+    log.info(
+        "%s feature size D = %d: %d of the %d files read agree (%s; %d files in %s)",
+        m,
+        d,
+        n,
+        len(ids),
+        seen,
+        len(index),
+        folder,
+    )
     return d
 
 
-def _provenance(folders: dict[str, Path | None], text_encoder: TextEncoder | None,
-                text_dir: Path | None) -> dict[str, dict]:  # fmt: skip
+def _provenance(
+    folders: dict[str, Path | None], text_encoder: TextEncoder | None, text_dir: Path | None
+) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for m in ("audio", "vision"):
         folder = folders[m]
@@ -200,8 +226,10 @@ def _provenance(folders: dict[str, Path | None], text_encoder: TextEncoder | Non
     transcripts = None if text_dir is None else str(text_dir)
     if text_encoder is None or text_dir is None:
         why = "no text encoder" if text_encoder is None else "no transcripts"
-        out["text"] = {"backbone": "none", "settings": {"transcripts": transcripts,
-                                                       "note": f"{why}: text missing for every clip"}}  # fmt: skip
+        out["text"] = {
+            "backbone": "none",
+            "settings": {"transcripts": transcripts, "note": f"{why}: text missing for every clip"},
+        }
     else:
         out["text"] = {
             "backbone": text_encoder.name,
@@ -222,12 +250,19 @@ def _check_given_dims(given: Mapping[str, Any]) -> dict[str, int]:
     return {m: int(d) for m, d in given.items()}
 
 
-def _resolve_dims(store: Path, given: dict[str, int], indexes: dict[str, dict[str, Path]],
-                  folders: dict[str, Path | None], text_encoder: TextEncoder | None) -> dict[str, int] | None:  # fmt: skip
+def _resolve_dims(
+    store: Path,
+    given: dict[str, int],
+    indexes: dict[str, dict[str, Path]],
+    folders: dict[str, Path | None],
+    text_encoder: TextEncoder | None,
+) -> dict[str, int] | None:
     """Dims for a new store (None when the store exists: its own dims are used)."""
     if text_encoder is not None and given.get("text", text_encoder.dim) != text_encoder.dim:
-        raise ValueError(f"dims gives text = {given['text']}, but the text encoder "
-                         f"{text_encoder.name} gives {text_encoder.dim}-d vectors")  # fmt: skip
+        raise ValueError(
+            f"dims gives text = {given['text']}, but the text encoder "
+            f"{text_encoder.name} gives {text_encoder.dim}-d vectors"
+        )
     if (store / MANIFEST).exists():
         have = FeatureStore(store).dims
         differ = {m: d for m, d in given.items() if have[m] != d}
@@ -244,8 +279,10 @@ def _resolve_dims(store: Path, given: dict[str, int], indexes: dict[str, dict[st
         elif folder is None:
             dims[m] = DEFAULT_DIMS[m]
         elif not indexes[m]:
-            raise ValueError(f"cannot tell the {m} feature size: no {m} feature file in {folder}; "
-                             f"pass --dims {m}=D (in Python: dims={{'{m}': D}}) to create the store")  # fmt: skip
+            raise ValueError(
+                f"cannot tell the {m} feature size: no {m} feature file in {folder}; "
+                f"pass --dims {m}=D (in Python: dims={{'{m}': D}}) to create the store"
+            )
         else:
             dims[m] = _agreed_dim(m, indexes[m], folder)
     dims["text"] = (
@@ -309,8 +346,11 @@ def import_organiser_features(
         "vision": _folder(root, vision_dir, "vision"),
         "text": _folder(root, text_dir, "text"),
     }
-    summary = ImportSummary(store=str(store), root=str(root),
-                            text_encoder="none" if text_encoder is None else text_encoder.name)  # fmt: skip
+    summary = ImportSummary(
+        store=str(store),
+        root=str(root),
+        text_encoder="none" if text_encoder is None else text_encoder.name,
+    )
     if text_encoder is None:
         log.info("no text encoder: text is missing for every clip (transcripts are not read)")
     indexes: dict[str, dict[str, Path]] = {}
@@ -328,8 +368,13 @@ def import_organiser_features(
     modalities = _provenance(folders, text_encoder, folders["text"])
     opened, written = False, set()  # written: ids this run added to the store
     try:
-        with StoreWriter(store, dims=new_dims, dtype=dtype, text_tokens=False if new_dims else None,
-                         modalities=modalities) as writer:  # fmt: skip
+        with StoreWriter(
+            store,
+            dims=new_dims,
+            dtype=dtype,
+            text_tokens=False if new_dims else None,
+            modalities=modalities,
+        ) as writer:
             if writer.text_tokens:
                 raise ValueError(
                     f"the store {store} keeps text token states; organiser features have none"
@@ -386,8 +431,16 @@ def _checked_ids(wanted: list[str], writer: StoreWriter, summary: ImportSummary)
     return todo
 
 
-def _load_sequence(clip_id: str, m: str, index: dict[str, Path], folder: Path | None, dim: int,
-                   limit: float, absent: list[dict], errors: list[dict]) -> np.ndarray | None:  # fmt: skip
+def _load_sequence(
+    clip_id: str,
+    m: str,
+    index: dict[str, Path],
+    folder: Path | None,
+    dim: int,
+    limit: float,
+    absent: list[dict],
+    errors: list[dict],
+) -> np.ndarray | None:
     """A clip's (T, D) features of modality ``m``, or None: not imported, absent (noted
     in ``absent``) or rejected (recorded in ``errors``)."""
     if folder is None:
@@ -402,19 +455,33 @@ def _load_sequence(clip_id: str, m: str, index: dict[str, Path], folder: Path | 
         _reject(errors, clip_id, m, path, "read", str(e))
         return None
     if arr.shape[1] != dim:
-        _reject(errors, clip_id, m, path, "read",
-                f"{path}: shape {arr.shape}: D = {arr.shape[1]}, the store has {m} D = {dim}")  # fmt: skip
+        _reject(
+            errors,
+            clip_id,
+            m,
+            path,
+            "read",
+            f"{path}: shape {arr.shape}: D = {arr.shape[1]}, the store has {m} D = {dim}",
+        )
         return None
     peak = float(np.abs(arr).max())
     if peak > limit:
-        _reject(errors, clip_id, m, path, "read", f"{path}: max |x| = {peak:g} does not fit the store's "
-                f"dtype (largest {limit:g}); import into a float32 store")  # fmt: skip
+        _reject(
+            errors,
+            clip_id,
+            m,
+            path,
+            "read",
+            f"{path}: max |x| = {peak:g} does not fit the store's "
+            f"dtype (largest {limit:g}); import into a float32 store",
+        )
         return None
     return arr
 
 
-def _read_transcript(clip_id: str, index: dict[str, Path], folder: Path, absent: list[dict],
-                     errors: list[dict]) -> str | None:  # fmt: skip
+def _read_transcript(
+    clip_id: str, index: dict[str, Path], folder: Path, absent: list[dict], errors: list[dict]
+) -> str | None:
     """The transcript text ('' when empty), or None: absent (noted) or unreadable (rejected)."""
     path = index.get(clip_id)
     if path is None:
@@ -436,16 +503,23 @@ def _read_transcript(clip_id: str, index: dict[str, Path], folder: Path, absent:
         return None
 
 
-def _encode_texts(encoder: TextEncoder, texts: list[str], ids: list[str], folder: Path,
-                  errors: list[dict]) -> list[np.ndarray | None]:  # fmt: skip
+def _encode_texts(
+    encoder: TextEncoder, texts: list[str], ids: list[str], folder: Path, errors: list[dict]
+) -> list[np.ndarray | None]:
     """(D_t,) vectors of ``texts``; a batch that fails is retried text by text."""
     try:
         vecs, _ = encoder.encode(texts)  # (N, D_t)
         return list(vecs)
     except (ValueError, RuntimeError) as e:
         if len(texts) == 1:
-            _reject(errors, ids[0], "text", folder / f"{ids[0]}.txt", "encode",
-                    f"text encoder failed: {type(e).__name__}: {e}")  # fmt: skip
+            _reject(
+                errors,
+                ids[0],
+                "text",
+                folder / f"{ids[0]}.txt",
+                "encode",
+                f"text encoder failed: {type(e).__name__}: {e}",
+            )
             return [None]
         log.warning(
             "a batch of %d transcripts failed to encode (%s); retrying one by one", len(texts), e
@@ -455,9 +529,17 @@ def _encode_texts(encoder: TextEncoder, texts: list[str], ids: list[str], folder
         ]
 
 
-def _import(todo: list[str], writer: StoreWriter, indexes: dict[str, dict[str, Path]],
-            folders: dict[str, Path | None], text_encoder: TextEncoder | None, batch_size: int,
-            summary: ImportSummary, progress: bool, written: set[str]) -> None:  # fmt: skip
+def _import(
+    todo: list[str],
+    writer: StoreWriter,
+    indexes: dict[str, dict[str, Path]],
+    folders: dict[str, Path | None],
+    text_encoder: TextEncoder | None,
+    batch_size: int,
+    summary: ImportSummary,
+    progress: bool,
+    written: set[str],
+) -> None:
     dims = writer.dims
     limit = float(np.finfo(writer.dtype).max)  # largest value the store dtype holds
     transcripts_dir = writer.root / TRANSCRIPTS
@@ -477,16 +559,36 @@ def _import(todo: list[str], writer: StoreWriter, indexes: dict[str, dict[str, P
             ]
             present = [k for k, t in enumerate(texts) if t]  # empty transcript: text missing
             failures: list[dict] = []
-            encoded = _encode_texts(text_encoder, [str(texts[k]) for k in present],
-                                    [chunk[k] for k in present], text_dir, failures) if present else []  # fmt: skip
+            encoded = (
+                _encode_texts(
+                    text_encoder,
+                    [str(texts[k]) for k in present],
+                    [chunk[k] for k in present],
+                    text_dir,
+                    failures,
+                )
+                if present
+                else []
+            )
             for e in failures:
                 errors[e["clip_id"]].append(e)
             for k, v in zip(present, encoded):
                 vecs[k] = v  # (D_t,)
         for k, clip_id in enumerate(chunk):
             # one clip's arrays at a time: at most two arrays at the size limit in memory
-            seqs = {m: _load_sequence(clip_id, m, indexes[m], folders[m], dims[m], limit, absent[clip_id],
-                                      errors[clip_id]) for m in ("audio", "vision")}  # fmt: skip
+            seqs = {
+                m: _load_sequence(
+                    clip_id,
+                    m,
+                    indexes[m],
+                    folders[m],
+                    dims[m],
+                    limit,
+                    absent[clip_id],
+                    errors[clip_id],
+                )
+                for m in ("audio", "vision")
+            }
             if errors[clip_id]:  # a rejected file: not written, so the next run retries it
                 summary.errors.extend(errors[clip_id])
                 summary.failed += 1

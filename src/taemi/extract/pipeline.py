@@ -89,7 +89,19 @@ from taemi.store.waveforms import WaveformCache
 log = logging.getLogger(__name__)
 
 #: File extensions taken from an input folder.
-MEDIA_EXTENSIONS = (".mp4", ".mkv", ".webm", ".flv", ".avi", ".mov", ".mp3", ".wav", ".m4a", ".flac", ".ogg")
+MEDIA_EXTENSIONS = (
+    ".mp4",
+    ".mkv",
+    ".webm",
+    ".flv",
+    ".avi",
+    ".mov",
+    ".mp3",
+    ".wav",
+    ".m4a",
+    ".flac",
+    ".ogg",
+)
 STAGES = ("decode", "asr", "audio", "vision", "text", "write")
 #: Clips per shard of the stores extraction writes (the small shards of frequent commits
 #: are compacted up to this size).
@@ -108,8 +120,12 @@ class ExtractOptions:
     text_tokens: bool = False  # also store the text encoder's token states
     force: bool = False  # recompute clips already in the store (replaces them)
     waveforms: bool = False  # also cache the decoded audio in STORE/waveforms/ (fine-tuning); not in the provenance
-    commit_clips: int = 32  # commit finished clips when this many are pending; not in the provenance
-    commit_seconds: float = 10.0  # ... or when this many seconds passed since the last commit; not in the provenance
+    commit_clips: int = (
+        32  # commit finished clips when this many are pending; not in the provenance
+    )
+    commit_seconds: float = (
+        10.0  # ... or when this many seconds passed since the last commit; not in the provenance
+    )
 
     def __post_init__(self) -> None:
         self.check()
@@ -121,13 +137,22 @@ class ExtractOptions:
 
         def whole(name: str, flag: str, most: int | None = None) -> None:
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1 or (most is not None and v > most):
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, int)
+                or v < 1
+                or (most is not None and v > most)
+            ):
                 within = ">= 1" if most is None else f"in [1, {most}]"
                 problems.append(f"{name} must be an integer {within}, got {v!r} ({flag})")
 
         def positive(name: str, flag: str) -> None:
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or not (math.isfinite(v) and v > 0)
+            ):
                 problems.append(f"{name} must be a positive number, got {v!r} ({flag})")
 
         positive("max_audio_seconds", "--max-audio-seconds")
@@ -137,7 +162,9 @@ class ExtractOptions:
         whole("commit_clips", "--commit-clips", SHARD_SIZE)
         positive("commit_seconds", "--commit-seconds")
         if self.frame_policy not in ("first", "uniform"):
-            problems.append(f"frame_policy={self.frame_policy!r}: expected 'first' or 'uniform' (--frame-policy)")
+            problems.append(
+                f"frame_policy={self.frame_policy!r}: expected 'first' or 'uniform' (--frame-policy)"
+            )
         if problems:
             raise ValueError("invalid extraction options: " + "; ".join(problems))
 
@@ -157,15 +184,36 @@ class Encoders:
         """What produced each modality, for the store manifest."""
         common = {"profile": self.profile}
         return {
-            "audio": {"backbone": self.audio.name, "settings": {
-                **common, **self.audio.settings, "max_seconds": opts.max_audio_seconds, "sample_rate": SAMPLE_RATE}},
-            "vision": {"backbone": self.image.name, "settings": {
-                **common, **self.image.settings, "max_frames": opts.max_frames, "frame_policy": opts.frame_policy,
-                "face": None if self.face is None else self.face.settings}},
-            "text": {"backbone": self.text.name, "settings": {
-                **common, **self.text.settings, "asr": self.asr.name, "asr_settings": self.asr.settings,
-                "token_states": opts.text_tokens}},
-        }  # fmt: skip
+            "audio": {
+                "backbone": self.audio.name,
+                "settings": {
+                    **common,
+                    **self.audio.settings,
+                    "max_seconds": opts.max_audio_seconds,
+                    "sample_rate": SAMPLE_RATE,
+                },
+            },
+            "vision": {
+                "backbone": self.image.name,
+                "settings": {
+                    **common,
+                    **self.image.settings,
+                    "max_frames": opts.max_frames,
+                    "frame_policy": opts.frame_policy,
+                    "face": None if self.face is None else self.face.settings,
+                },
+            },
+            "text": {
+                "backbone": self.text.name,
+                "settings": {
+                    **common,
+                    **self.text.settings,
+                    "asr": self.asr.name,
+                    "asr_settings": self.asr.settings,
+                    "token_states": opts.text_tokens,
+                },
+            },
+        }
 
 
 @dataclass
@@ -174,8 +222,12 @@ class Source:
 
     clip_id: str
     media: Path  # a video or audio file
-    face_dir: Path | None = None  # pre-cropped face images (ABAW face_images/{id}/); used instead of video frames
-    audio: Path | None = None  # a separate audio file (ABAW audio/{id}.mp3); used instead of the media's track
+    face_dir: Path | None = (
+        None  # pre-cropped face images (ABAW face_images/{id}/); used instead of video frames
+    )
+    audio: Path | None = (
+        None  # a separate audio file (ABAW audio/{id}.mp3); used instead of the media's track
+    )
 
 
 @dataclass
@@ -201,10 +253,14 @@ class ExtractSummary:
     wall_seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=lambda: {s: 0.0 for s in STAGES})
     errors_file: str | None = None
-    started: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))  # marks this run's error lines
+    started: str = field(
+        default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S")
+    )  # marks this run's error lines
     interrupted: bool = False  # the run stopped early (exception or Ctrl-C)
     waveforms: int = 0  # --waveforms: waveform files written in this run (all of them)
-    waveforms_added: int = 0  # ... of which for clips already in the store (only their audio decoded)
+    waveforms_added: int = (
+        0  # ... of which for clips already in the store (only their audio decoded)
+    )
     waveforms_failed: int = 0  # --waveforms: waveforms that could not be cached (in the error file)
 
     @property
@@ -247,7 +303,11 @@ def find_sources(inputs: Iterable[str | os.PathLike]) -> tuple[list[Source], lis
         try:
             stem.encode("utf-8")
         except UnicodeEncodeError:
-            errors.append(_error_record(None, path, "input", "the file name is not valid UTF-8; rename the file"))
+            errors.append(
+                _error_record(
+                    None, path, "input", "the file name is not valid UTF-8; rename the file"
+                )
+            )
             continue
         try:
             clip_id = check_clip_id(stem, source=display_path(path))
@@ -255,8 +315,14 @@ def find_sources(inputs: Iterable[str | os.PathLike]) -> tuple[list[Source], lis
             errors.append(_error_record(None, path, "input", str(e)))
             continue
         if clip_id in sources:
-            errors.append(_error_record(clip_id, path, "input",
-                                        f"clip id {clip_id!r} also comes from {sources[clip_id].media}; ids must be unique"))  # fmt: skip
+            errors.append(
+                _error_record(
+                    clip_id,
+                    path,
+                    "input",
+                    f"clip id {clip_id!r} also comes from {sources[clip_id].media}; ids must be unique",
+                )
+            )
             continue
         problem = _not_a_media_file(path)
         if problem is not None:
@@ -280,7 +346,13 @@ def _not_a_media_file(path: Path) -> str | None:
     if stat.S_ISDIR(st.st_mode):
         return "is a folder, not a media file (its name has a media extension)"
     if not stat.S_ISREG(st.st_mode):
-        kind = "FIFO" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode) else "device"
+        kind = (
+            "FIFO"
+            if stat.S_ISFIFO(st.st_mode)
+            else "socket"
+            if stat.S_ISSOCK(st.st_mode)
+            else "device"
+        )
         return f"is a {kind}, not a regular file (not opened)"
     return None
 
@@ -291,10 +363,17 @@ def _type_name(exc: BaseException) -> str:
     return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
-def _error_record(clip_id: str | None, path: Path | None, stage: str, reason: str,
-                  exception: str | None = None) -> dict:  # fmt: skip
-    return {"clip_id": clip_id, "path": None if path is None else display_path(path), "stage": stage,
-            "exception": exception, "reason": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+def _error_record(
+    clip_id: str | None, path: Path | None, stage: str, reason: str, exception: str | None = None
+) -> dict:
+    return {
+        "clip_id": clip_id,
+        "path": None if path is None else display_path(path),
+        "stage": stage,
+        "exception": exception,
+        "reason": reason,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
 
 
 # --------------------------------------------------------------------------- decoding
@@ -320,7 +399,9 @@ def decode_source(src: Source, opts: ExtractOptions, face: FaceCropper | None) -
 
 def _decode_into(out: Decoded, src: Source, opts: ExtractOptions, face: FaceCropper | None) -> None:
     """Fill ``out`` with the decoded audio and face frames of ``src``; raises on any problem."""
-    audio = decode_audio(src.audio or src.media, sample_rate=SAMPLE_RATE, max_seconds=opts.max_audio_seconds)
+    audio = decode_audio(
+        src.audio or src.media, sample_rate=SAMPLE_RATE, max_seconds=opts.max_audio_seconds
+    )
     if audio is not None and audio.samples.shape[0] > 0:
         out.waveform = audio.samples  # (S,) float32
         out.media_seconds = audio.seconds
@@ -328,15 +409,21 @@ def _decode_into(out: Decoded, src: Source, opts: ExtractOptions, face: FaceCrop
         video = read_face_images(src.face_dir, max_frames=opts.max_frames)
     else:
         transform = None if face is None else face.crop_frame
-        video = decode_video(src.media, max_frames=opts.max_frames, policy=opts.frame_policy, transform=transform)
+        video = decode_video(
+            src.media, max_frames=opts.max_frames, policy=opts.frame_policy, transform=transform
+        )
     out.faces = video.frames if video is not None and video.frames else None
     if video is not None and len(video.timestamps) > 1:
-        out.media_seconds = max(out.media_seconds, float(video.timestamps[-1] - video.timestamps[0]))
+        out.media_seconds = max(
+            out.media_seconds, float(video.timestamps[-1] - video.timestamps[0])
+        )
     if audio is None and video is None:
         files = [src.media] if src.audio is None else [src.media, src.audio]
-        raise MediaError(f"{' and '.join(map(display_path, files))}: no audio or video stream to decode "
-                         "(FFmpeg finds none, e.g. in a file cut short after its container header); "
-                         "nothing to extract")  # fmt: skip
+        raise MediaError(
+            f"{' and '.join(map(display_path, files))}: no audio or video stream to decode "
+            "(FFmpeg finds none, e.g. in a file cut short after its container header); "
+            "nothing to extract"
+        )
 
 
 def decode_waveform(src: Source, opts: ExtractOptions, face: FaceCropper | None = None) -> Decoded:
@@ -344,21 +431,29 @@ def decode_waveform(src: Source, opts: ExtractOptions, face: FaceCropper | None 
     t0 = time.perf_counter()
     out = Decoded(src)
     try:
-        audio = decode_audio(src.audio or src.media, sample_rate=SAMPLE_RATE, max_seconds=opts.max_audio_seconds)
+        audio = decode_audio(
+            src.audio or src.media, sample_rate=SAMPLE_RATE, max_seconds=opts.max_audio_seconds
+        )
         if audio is not None and audio.samples.shape[0] > 0:
             out.waveform = audio.samples  # (S,) float32
             out.media_seconds = audio.seconds
     except MediaError as e:
         out.error, out.exception = str(e), _type_name(e)
     except Exception as e:  # noqa: BLE001 - any library: this waveform fails, the run goes on
-        out.error, out.exception = f"{display_path(src.audio or src.media)}: {_type_name(e)}: {e}", _type_name(e)
+        out.error, out.exception = (
+            f"{display_path(src.audio or src.media)}: {_type_name(e)}: {e}",
+            _type_name(e),
+        )
     out.seconds = time.perf_counter() - t0
     return out
 
 
-def _decoded_in_order(sources: list[Source], opts: ExtractOptions, face: FaceCropper | None,
-                      decode: Callable[[Source, ExtractOptions, FaceCropper | None], Decoded] | None = None,
-                      ) -> Iterator[Decoded]:  # fmt: skip
+def _decoded_in_order(
+    sources: list[Source],
+    opts: ExtractOptions,
+    face: FaceCropper | None,
+    decode: Callable[[Source, ExtractOptions, FaceCropper | None], Decoded] | None = None,
+) -> Iterator[Decoded]:
     """Decode with ``opts.workers`` threads, at most a few batches ahead (bounded memory);
     ``decode`` defaults to :func:`decode_source`."""
     decode = decode or decode_source
@@ -431,10 +526,14 @@ def _stage(timer: _Timer, timed: str, reported: str) -> Iterator[None]:
             raise _StageFailed(reported, e) from e
 
 
-def _encode_batch(batch: list[Decoded], enc: Encoders, opts: ExtractOptions, timer: _Timer) -> list[tuple[ClipFeatures, str]]:
+def _encode_batch(
+    batch: list[Decoded], enc: Encoders, opts: ExtractOptions, timer: _Timer
+) -> list[tuple[ClipFeatures, str]]:
     """Features and transcript of every clip of a decoded batch (all decodable)."""
     with _stage(timer, "asr", "asr"):
-        transcripts = [enc.asr.transcribe(d.waveform).strip() if d.waveform is not None else "" for d in batch]
+        transcripts = [
+            enc.asr.transcribe(d.waveform).strip() if d.waveform is not None else "" for d in batch
+        ]
     with _stage(timer, "audio", "encode"):
         waves = [d.waveform for d in batch if d.waveform is not None]
         audio_feats = iter(enc.audio.encode(waves) if waves else [])
@@ -451,7 +550,9 @@ def _encode_batch(batch: list[Decoded], enc: Encoders, opts: ExtractOptions, tim
                 vision.append(None)
     with _stage(timer, "text", "encode"):
         texts = [t for t in transcripts if t]
-        tvecs, ttoks = enc.text.encode(texts, token_states=opts.text_tokens) if texts else (None, None)
+        tvecs, ttoks = (
+            enc.text.encode(texts, token_states=opts.text_tokens) if texts else (None, None)
+        )
         text, tokens, k = [], [], 0
         for t in transcripts:
             if t:
@@ -502,18 +603,31 @@ def extract(
     summary = ExtractSummary(store=str(root), total=len(sources))
     timer = _Timer(summary)
     dims = {"audio": encoders.audio.dim, "vision": encoders.image.dim, "text": encoders.text.dim}
-    errors: list[dict] = [{**e, "exception": e.get("exception")} for e in input_errors]  # one schema for every line
+    errors: list[dict] = [
+        {**e, "exception": e.get("exception")} for e in input_errors
+    ]  # one schema for every line
     summary.total += len(errors)  # so that total = done + skipped + failed
     summary.failed += len(errors)
     wave_errors: list[dict] = []  # --waveforms: reported, but not counted in failed
     # Opened first: a store the writer refuses (other dims or settings, locked, a file)
     # gets no report or transcripts folder; nothing is written into it.
-    writer = StoreWriter(root, dims=dims, text_tokens=opts.text_tokens, modalities=encoders.provenance(opts),
-                         shard_size=SHARD_SIZE, commit_clips=opts.commit_clips, commit_seconds=opts.commit_seconds,
-                         compact=True)  # fmt: skip
+    writer = StoreWriter(
+        root,
+        dims=dims,
+        text_tokens=opts.text_tokens,
+        modalities=encoders.provenance(opts),
+        shard_size=SHARD_SIZE,
+        commit_clips=opts.commit_clips,
+        commit_seconds=opts.commit_seconds,
+        compact=True,
+    )
     try:
-        with writer:  # commits what is finished, even on Ctrl-C/SIGTERM; compacts after a normal run
-            _run(sources, root, encoders, opts, writer, summary, timer, errors, progress, wave_errors)
+        with (
+            writer
+        ):  # commits what is finished, even on Ctrl-C/SIGTERM; compacts after a normal run
+            _run(
+                sources, root, encoders, opts, writer, summary, timer, errors, progress, wave_errors
+            )
     except BaseException:
         summary.interrupted = True
         raise
@@ -525,32 +639,62 @@ def extract(
     return summary
 
 
-def _run(sources: list[Source], root: Path, encoders: Encoders, opts: ExtractOptions, writer: StoreWriter,
-         summary: ExtractSummary, timer: _Timer, errors: list[dict], progress: bool,
-         wave_errors: list[dict]) -> None:  # fmt: skip
+def _run(
+    sources: list[Source],
+    root: Path,
+    encoders: Encoders,
+    opts: ExtractOptions,
+    writer: StoreWriter,
+    summary: ExtractSummary,
+    timer: _Timer,
+    errors: list[dict],
+    progress: bool,
+    wave_errors: list[dict],
+) -> None:
     (root / TRANSCRIPTS).mkdir(exist_ok=True)
-    cache = WaveformCache(root, create=True, max_seconds=opts.max_audio_seconds,
-                          sample_rate=SAMPLE_RATE) if opts.waveforms else None  # fmt: skip
+    cache = (
+        WaveformCache(
+            root, create=True, max_seconds=opts.max_audio_seconds, sample_rate=SAMPLE_RATE
+        )
+        if opts.waveforms
+        else None
+    )
     todo = [s for s in sources if opts.force or s.clip_id not in writer]
     summary.skipped = len(sources) - len(todo)
     if summary.skipped:
-        log.info("%d of %d clips are already in %s: skipped (use --force to recompute)",
-                 summary.skipped, len(sources), root)  # fmt: skip
+        log.info(
+            "%d of %d clips are already in %s: skipped (use --force to recompute)",
+            summary.skipped,
+            len(sources),
+            root,
+        )
     if cache is not None and summary.skipped:
-        _cache_missing_waveforms(sources, root, writer, cache, opts, summary, timer, wave_errors, progress)
-    bar = tqdm(total=len(todo), desc="extract", unit="clip", disable=not progress, dynamic_ncols=True)
+        _cache_missing_waveforms(
+            sources, root, writer, cache, opts, summary, timer, wave_errors, progress
+        )
+    bar = tqdm(
+        total=len(todo), desc="extract", unit="clip", disable=not progress, dynamic_ncols=True
+    )
     with closing(_decoded_in_order(todo, opts, encoders.face)) as decoded:
         for batch in _batches(decoded, opts.batch_size):
             ok = []
             for d in batch:
                 summary.stage_seconds["decode"] += d.seconds
                 if d.error is not None:
-                    errors.append(_error_record(d.source.clip_id, d.source.media, "decode", d.error, d.exception))
+                    errors.append(
+                        _error_record(
+                            d.source.clip_id, d.source.media, "decode", d.error, d.exception
+                        )
+                    )
                 else:
                     ok.append(d)
-            for clip, transcript, d in _encode_isolating_failures(ok, encoders, opts, timer, errors):
+            for clip, transcript, d in _encode_isolating_failures(
+                ok, encoders, opts, timer, errors
+            ):
                 with timer("write"):
-                    if not _write_clip(writer, root, cache, clip, transcript, d, opts, summary, errors, wave_errors):
+                    if not _write_clip(
+                        writer, root, cache, clip, transcript, d, opts, summary, errors, wave_errors
+                    ):
                         continue
                 summary.done += 1
                 summary.media_seconds += d.media_seconds
@@ -564,9 +708,18 @@ def _run(sources: list[Source], root: Path, encoders: Encoders, opts: ExtractOpt
     bar.close()
 
 
-def _write_clip(writer: StoreWriter, root: Path, cache: WaveformCache | None, clip: ClipFeatures, transcript: str,
-                d: Decoded, opts: ExtractOptions, summary: ExtractSummary, errors: list[dict],
-                wave_errors: list[dict]) -> bool:  # fmt: skip
+def _write_clip(
+    writer: StoreWriter,
+    root: Path,
+    cache: WaveformCache | None,
+    clip: ClipFeatures,
+    transcript: str,
+    d: Decoded,
+    opts: ExtractOptions,
+    summary: ExtractSummary,
+    errors: list[dict],
+    wave_errors: list[dict],
+) -> bool:
     """Validate, then write the transcript and waveform, then add the clip (so a committed
     clip always has them, even if the process dies right after the commit); False if the
     clip's values are invalid (recorded, stage ``write``). A failure to write into the
@@ -582,13 +735,17 @@ def _write_clip(writer: StoreWriter, root: Path, cache: WaveformCache | None, cl
             _cache_waveform(cache, d, summary, wave_errors)
         writer.add(clip, replace=opts.force)
     except OSError as e:
-        raise StoreError(f"{root}: cannot write clip {clip.clip_id!r} ({_type_name(e)}: {e}); stopping, since "
-                         "every clip would fail. The clips committed so far are kept: fix the cause and run "
-                         "again to resume") from e  # fmt: skip
+        raise StoreError(
+            f"{root}: cannot write clip {clip.clip_id!r} ({_type_name(e)}: {e}); stopping, since "
+            "every clip would fail. The clips committed so far are kept: fix the cause and run "
+            "again to resume"
+        ) from e
     return True
 
 
-def _cache_waveform(cache: WaveformCache, d: Decoded, summary: ExtractSummary, wave_errors: list[dict]) -> bool:
+def _cache_waveform(
+    cache: WaveformCache, d: Decoded, summary: ExtractSummary, wave_errors: list[dict]
+) -> bool:
     """Cache ``d.waveform`` (or drop a stale file when the clip has no audio); False on failure."""
     try:
         if d.waveform is None:
@@ -596,16 +753,31 @@ def _cache_waveform(cache: WaveformCache, d: Decoded, summary: ExtractSummary, w
             return True
         cache.put(d.source.clip_id, d.waveform)
     except (OSError, ValueError) as e:
-        wave_errors.append(_error_record(d.source.clip_id, d.source.media, "waveform", f"{type(e).__name__}: {e}",
-                                         _type_name(e)))  # fmt: skip
+        wave_errors.append(
+            _error_record(
+                d.source.clip_id,
+                d.source.media,
+                "waveform",
+                f"{type(e).__name__}: {e}",
+                _type_name(e),
+            )
+        )
         return False
     summary.waveforms += 1
     return True
 
 
-def _cache_missing_waveforms(sources: list[Source], root: Path, writer: StoreWriter, cache: WaveformCache,
-                             opts: ExtractOptions, summary: ExtractSummary, timer: _Timer,
-                             wave_errors: list[dict], progress: bool) -> None:  # fmt: skip
+def _cache_missing_waveforms(
+    sources: list[Source],
+    root: Path,
+    writer: StoreWriter,
+    cache: WaveformCache,
+    opts: ExtractOptions,
+    summary: ExtractSummary,
+    timer: _Timer,
+    wave_errors: list[dict],
+    progress: bool,
+) -> None:
     """Clips already in the store whose audio is present but not cached: decode their audio
     only and cache it; no model runs and the store is not touched."""
     todo = [s for s in sources if s.clip_id in writer and s.clip_id not in cache]
@@ -615,18 +787,31 @@ def _cache_missing_waveforms(sources: list[Source], root: Path, writer: StoreWri
     todo = [s for s in todo if s.clip_id in store and not store.missing[store.index(s.clip_id), 0]]
     if not todo:
         return
-    log.info("%d clips already in %s have no cached waveform: decoding their audio", len(todo), root)
-    bar = tqdm(total=len(todo), desc="waveforms", unit="clip", disable=not progress, dynamic_ncols=True)
+    log.info(
+        "%d clips already in %s have no cached waveform: decoding their audio", len(todo), root
+    )
+    bar = tqdm(
+        total=len(todo), desc="waveforms", unit="clip", disable=not progress, dynamic_ncols=True
+    )
     with closing(_decoded_in_order(todo, opts, None, decode=decode_waveform)) as decoded:
         for d in decoded:
             summary.stage_seconds["decode"] += d.seconds
             with timer("write"):
                 if d.error is not None:
-                    wave_errors.append(_error_record(d.source.clip_id, d.source.media, "waveform", d.error,
-                                                     d.exception))  # fmt: skip
+                    wave_errors.append(
+                        _error_record(
+                            d.source.clip_id, d.source.media, "waveform", d.error, d.exception
+                        )
+                    )
                 elif d.waveform is None:
-                    wave_errors.append(_error_record(d.source.clip_id, d.source.media, "waveform",
-                                                     "no audio decoded, but the store has audio features for this clip"))  # fmt: skip
+                    wave_errors.append(
+                        _error_record(
+                            d.source.clip_id,
+                            d.source.media,
+                            "waveform",
+                            "no audio decoded, but the store has audio features for this clip",
+                        )
+                    )
                 elif _cache_waveform(cache, d, summary, wave_errors):
                     summary.waveforms_added += 1
             bar.update(1)
@@ -637,7 +822,9 @@ def _report(root: Path, summary: ExtractSummary, errors: list[dict]) -> None:
     """Append this run's failures to the error report and write the run summary."""
     if errors:
         with open(root / ERRORS_FILE, "a", encoding="utf-8") as fh:
-            fh.writelines(json.dumps({**e, "run": summary.started}, ensure_ascii=True) + "\n" for e in errors)
+            fh.writelines(
+                json.dumps({**e, "run": summary.started}, ensure_ascii=True) + "\n" for e in errors
+            )
         summary.errors_file = str(root / ERRORS_FILE)
         for e in errors[:20]:
             log.warning("failed: %s (%s): %s", e["path"], e["stage"], e["reason"])
@@ -646,8 +833,9 @@ def _report(root: Path, summary: ExtractSummary, errors: list[dict]) -> None:
     (root / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2), encoding="utf-8")
 
 
-def _encode_isolating_failures(batch: list[Decoded], enc: Encoders, opts: ExtractOptions, timer: _Timer,
-                               errors: list[dict]) -> list[tuple[ClipFeatures, str, Decoded]]:  # fmt: skip
+def _encode_isolating_failures(
+    batch: list[Decoded], enc: Encoders, opts: ExtractOptions, timer: _Timer, errors: list[dict]
+) -> list[tuple[ClipFeatures, str, Decoded]]:
     """Encode a batch; if it fails, encode its clips one by one so only the bad clip fails."""
     if not batch:
         return []
@@ -657,11 +845,23 @@ def _encode_isolating_failures(batch: list[Decoded], enc: Encoders, opts: Extrac
         stage, exc = (e.stage, e.exc) if isinstance(e, _StageFailed) else ("encode", e)
         if len(batch) == 1:
             d = batch[0]
-            errors.append(_error_record(d.source.clip_id, d.source.media, stage, f"{_type_name(exc)}: {exc}",
-                                        _type_name(exc)))  # fmt: skip
+            errors.append(
+                _error_record(
+                    d.source.clip_id,
+                    d.source.media,
+                    stage,
+                    f"{_type_name(exc)}: {exc}",
+                    _type_name(exc),
+                )
+            )
             return []
-        log.warning("a batch of %d clips failed (%s: %s: %s); retrying clip by clip", len(batch), stage,
-                    _type_name(exc), exc)  # fmt: skip
+        log.warning(
+            "a batch of %d clips failed (%s: %s: %s); retrying clip by clip",
+            len(batch),
+            stage,
+            _type_name(exc),
+            exc,
+        )
         out = []
         for d in batch:
             out += _encode_isolating_failures([d], enc, opts, timer, errors)
@@ -677,5 +877,6 @@ def summary_counts(summary: ExtractSummary) -> str:
     ) + (
         f"; waveforms cached: {summary.waveforms} ({summary.waveforms_added} for clips already in the store), "
         f"{summary.waveforms_failed} failed"
-        if summary.waveforms or summary.waveforms_failed else ""
-    )  # fmt: skip
+        if summary.waveforms or summary.waveforms_failed
+        else ""
+    )

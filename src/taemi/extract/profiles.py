@@ -30,13 +30,32 @@ def load_encoders(
 ) -> Encoders:
     """Load every model of ``profile`` once. ``models`` maps a role (asr, audio, vision,
     text) to a hub id or local directory replacing the profile's default."""
-    m = load_models(profile, device=device, batch_size=batch_size, models=models,
-                    trust_remote_code=trust_remote_code, allow_download=allow_download)  # fmt: skip
-    enc = Encoders(asr=m.asr, audio=m.audio, image=m.image, text=m.text,
-                   face=FaceCropper() if face else None, profile=m.profile)  # fmt: skip
+    m = load_models(
+        profile,
+        device=device,
+        batch_size=batch_size,
+        models=models,
+        trust_remote_code=trust_remote_code,
+        allow_download=allow_download,
+    )
+    enc = Encoders(
+        asr=m.asr,
+        audio=m.audio,
+        image=m.image,
+        text=m.text,
+        face=FaceCropper() if face else None,
+        profile=m.profile,
+    )
     log.info(
         "profile %s: asr %s, audio %s (%d), vision %s (%d), text %s (%d), faces %s",
-        profile, enc.asr.name, enc.audio.name, enc.audio.dim, enc.image.name, enc.image.dim,
-        enc.text.name, enc.text.dim, "Haar crops" if face else "whole frames",
-    )  # fmt: skip
+        profile,
+        enc.asr.name,
+        enc.audio.name,
+        enc.audio.dim,
+        enc.image.name,
+        enc.image.dim,
+        enc.text.name,
+        enc.text.dim,
+        "Haar crops" if face else "whole frames",
+    )
     return enc

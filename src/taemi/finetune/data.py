@@ -66,10 +66,15 @@ class FinetuneBatch:
             return None if x is None else x.to(device, non_blocking=non_blocking)
 
         return FinetuneBatch(
-            waves=mv(self.waves), wave_lengths=mv(self.wave_lengths), vision=mv(self.vision),
-            vision_mask=mv(self.vision_mask), texts=self.texts, missing=mv(self.missing),
-            target=mv(self.target), ids=self.ids,
-        )  # fmt: skip
+            waves=mv(self.waves),
+            wave_lengths=mv(self.wave_lengths),
+            vision=mv(self.vision),
+            vision_mask=mv(self.vision_mask),
+            texts=self.texts,
+            missing=mv(self.missing),
+            target=mv(self.target),
+            ids=self.ids,
+        )
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -113,16 +118,30 @@ class FinetuneDataset(Dataset):
         self.targets = None if targets is None else np.asarray(targets, dtype=np.float32)
         self.max_samples = round(max_audio_seconds * SAMPLE_RATE)
         self.max_vision_len = max_vision_len
-        self.hidden = {m for m in ("audio", "vision", "text") if m not in modalities}  # always missing
+        self.hidden = {
+            m for m in ("audio", "vision", "text") if m not in modalities
+        }  # always missing
         self.text_tokens = False  # the text backbone gives one vector (no stored token states)
         self.augment_cfg = augment if augment is not None and augment.enabled else None
         self._augment = None
         self.epoch = 0
         rows = np.array([store.index(i) for i in self.ids], dtype=np.int64)
-        self._missing = np.asarray(store.missing)[rows] if len(rows) else np.zeros((0, 3), bool)  # (N, 3)
-        need = [i for i, m in zip(self.ids, self._missing) if not m[0]] if "audio" not in self.hidden else []
-        self.waveforms = WaveformCache(store.root, max_seconds=None) if need else None  # read: any cut
-        if need and self.waveforms.max_seconds is not None and self.waveforms.max_seconds < max_audio_seconds:
+        self._missing = (
+            np.asarray(store.missing)[rows] if len(rows) else np.zeros((0, 3), bool)
+        )  # (N, 3)
+        need = (
+            [i for i, m in zip(self.ids, self._missing) if not m[0]]
+            if "audio" not in self.hidden
+            else []
+        )
+        self.waveforms = (
+            WaveformCache(store.root, max_seconds=None) if need else None
+        )  # read: any cut
+        if (
+            need
+            and self.waveforms.max_seconds is not None
+            and self.waveforms.max_seconds < max_audio_seconds
+        ):
             raise ValueError(
                 f"finetune.max_audio_seconds={max_audio_seconds} but the waveform cache of {store.root} holds only "
                 f"the first {self.waveforms.max_seconds} s of each clip; lower it or re-extract with a longer cut"
@@ -149,8 +168,12 @@ class FinetuneDataset(Dataset):
             from taemi.data.augment import WaveformAugment, augment_rng
 
             if self._augment is None:
-                self._augment = WaveformAugment(self.augment_cfg, max_seconds=self.max_samples / SAMPLE_RATE)
-            w = self._augment(w, augment_rng(self.augment_cfg.seed, self.epoch, i))[: self.max_samples]
+                self._augment = WaveformAugment(
+                    self.augment_cfg, max_seconds=self.max_samples / SAMPLE_RATE
+                )
+            w = self._augment(w, augment_rng(self.augment_cfg.seed, self.epoch, i))[
+                : self.max_samples
+            ]
         return np.ascontiguousarray(w, dtype=np.float32)
 
     def __getitem__(self, i: int) -> RawItem:
@@ -164,9 +187,12 @@ class FinetuneDataset(Dataset):
         if not miss[2] and "text" not in self.hidden:
             transcript = read_transcript(self.store.root, clip_id) or None
         return RawItem(
-            clip_id=clip_id, waveform=waveform, vision=vision, transcript=transcript,
+            clip_id=clip_id,
+            waveform=waveform,
+            vision=vision,
+            transcript=transcript,
             target=None if self.targets is None else self.targets[i],
-        )  # fmt: skip
+        )
 
     def collator(self) -> FinetuneCollator:
         return FinetuneCollator(self.store.dims["vision"])
@@ -192,13 +218,21 @@ class FinetuneCollator:
             if it.vision is not None:
                 vision[b, : len(it.vision)] = it.vision
                 vmask[b, : len(it.vision)] = True
-        missing = torch.tensor([[it.waveform is None, it.vision is None, it.transcript is None] for it in items])
+        missing = torch.tensor(
+            [[it.waveform is None, it.vision is None, it.transcript is None] for it in items]
+        )
         target = None
         if items[0].target is not None:
-            target = torch.from_numpy(np.stack([it.target for it in items]).astype(np.float32))  # (B, E)
+            target = torch.from_numpy(
+                np.stack([it.target for it in items]).astype(np.float32)
+            )  # (B, E)
         return FinetuneBatch(
-            waves=torch.from_numpy(waves), wave_lengths=torch.tensor(lengths, dtype=torch.long),
-            vision=torch.from_numpy(vision), vision_mask=torch.from_numpy(vmask),
-            texts=tuple(it.transcript or "" for it in items), missing=missing, target=target,
+            waves=torch.from_numpy(waves),
+            wave_lengths=torch.tensor(lengths, dtype=torch.long),
+            vision=torch.from_numpy(vision),
+            vision_mask=torch.from_numpy(vmask),
+            texts=tuple(it.transcript or "" for it in items),
+            missing=missing,
+            target=target,
             ids=tuple(it.clip_id for it in items),
-        )  # fmt: skip
+        )

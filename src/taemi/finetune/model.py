@@ -73,12 +73,16 @@ class FinetuneModel(nn.Module):
         have = ~batch.missing[:, 0]  # (B,)
         if not bool(have.any()):
             dev = batch.waves.device
-            return torch.zeros(B, 1, self.dims["audio"], device=dev), torch.zeros(B, 1, dtype=torch.bool, device=dev)
+            return torch.zeros(B, 1, self.dims["audio"], device=dev), torch.zeros(
+                B, 1, dtype=torch.bool, device=dev
+            )
         if bool(have.all()):
             return self.audio(batch.waves, batch.wave_lengths)  # (B, T_a, D_a), (B, T_a)
         idx = have.nonzero().squeeze(1)  # (B',)
         lengths = batch.wave_lengths[idx]
-        waves = batch.waves[idx, : int(lengths.max())]  # (B', S') trimmed to the longest present clip
+        waves = batch.waves[
+            idx, : int(lengths.max())
+        ]  # (B', S') trimmed to the longest present clip
         feats, mask = self.audio(waves, lengths)  # (B', T, D), (B', T)
         out = feats.new_zeros(B, feats.shape[1], feats.shape[2])  # (B, T, D)
         out_mask = mask.new_zeros(B, mask.shape[1])  # (B, T)
@@ -91,7 +95,9 @@ class FinetuneModel(nn.Module):
         dev = batch.vision.device
         if not have:
             return torch.zeros(B, self.dims["text"], device=dev)
-        tokens = self.text.tokenize([batch.texts[i] for i in have])  # input_ids, attention_mask (B', L)
+        tokens = self.text.tokenize(
+            [batch.texts[i] for i in have]
+        )  # input_ids, attention_mask (B', L)
         vec = self.text(**{k: v.to(dev) for k, v in tokens.items()})  # (B', D_t)
         if len(have) == B:
             return vec
@@ -101,9 +107,15 @@ class FinetuneModel(nn.Module):
     def forward(self, batch: FinetuneBatch) -> Tensor:
         audio, audio_mask = self._audio(batch)
         fused = Batch(
-            audio=audio, audio_mask=audio_mask, vision=batch.vision, vision_mask=batch.vision_mask,
-            text=self._text(batch), missing=batch.missing, target=batch.target, ids=batch.ids,
-        )  # fmt: skip
+            audio=audio,
+            audio_mask=audio_mask,
+            vision=batch.vision,
+            vision_mask=batch.vision_mask,
+            text=self._text(batch),
+            missing=batch.missing,
+            target=batch.target,
+            ids=batch.ids,
+        )
         return self.fusion(fused)  # (B, E)
 
 
@@ -114,13 +126,18 @@ def load_backbones(cfg: RunConfig) -> tuple[nn.Module, nn.Module]:
 
     ft = cfg.finetune
     audio = load_audio_backbone(
-        ft.audio_backbone, window=ft.audio_window, max_seconds=ft.max_audio_seconds,
+        ft.audio_backbone,
+        window=ft.audio_window,
+        max_seconds=ft.max_audio_seconds,
         allow_download=ft.allow_download,
-    )  # fmt: skip
+    )
     text = load_text_backbone(
-        ft.text_backbone, pooling=ft.text_pooling, max_tokens=ft.max_text_tokens,
-        trust_remote_code=ft.trust_remote_code, allow_download=ft.allow_download,
-    )  # fmt: skip
+        ft.text_backbone,
+        pooling=ft.text_pooling,
+        max_tokens=ft.max_text_tokens,
+        trust_remote_code=ft.trust_remote_code,
+        allow_download=ft.allow_download,
+    )
     configure_backbones(cfg, audio, text)
     return audio, text
 

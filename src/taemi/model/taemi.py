@@ -164,7 +164,9 @@ class SelfAttentionLayer(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out_proj = nn.Linear(dim, dim)
         self.ln1 = nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn, dim))
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, ffn), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn, dim)
+        )
         self.ln2 = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
         self.attn_dropout = attn_dropout
@@ -172,9 +174,15 @@ class SelfAttentionLayer(nn.Module):
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         """x (B, T, H), mask (B, T) -> (B, T, H)."""
         B, T, H = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, hd)
+        q, k, v = (
+            self.qkv(x).view(B, T, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4)
+        )  # 3 x (B, h, T, hd)
         attn = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask.view(B, 1, 1, T), dropout_p=self.attn_dropout if self.training else 0.0
+            q,
+            k,
+            v,
+            attn_mask=mask.view(B, 1, 1, T),
+            dropout_p=self.attn_dropout if self.training else 0.0,
         )  # (B, h, T, hd)
         attn = attn.transpose(1, 2).reshape(B, T, H)  # (B, T, H)
         x = self.ln1(x + self.dropout(self.out_proj(attn)))
@@ -250,7 +258,9 @@ class CrossAttention(nn.Module):
         attn = F.dropout(scores.softmax(dim=1), self.attn_dropout, self.training)  # (B, T, h)
         pooled, mass = kv.pool(attn)  # (B, h, D), (B, h)
         w_v = self.v_proj.weight.view(h, hd, D).transpose(1, 2)  # (h, D, hd): head j's W_v rows
-        heads = torch.bmm(pooled.transpose(0, 1), w_v.to(pooled.dtype)).transpose(0, 1)  # (B, h, hd)
+        heads = torch.bmm(pooled.transpose(0, 1), w_v.to(pooled.dtype)).transpose(
+            0, 1
+        )  # (B, h, hd)
         heads = heads + self.v_proj.bias.view(h, hd) * mass.unsqueeze(-1)  # (B, h, hd)
         return self.out_proj(heads.reshape(B, -1))  # (B, H)
 
@@ -276,23 +286,31 @@ class TAEMI(nn.Module):
         dims = {"audio": cfg.audio_dim, "vision": cfg.vision_dim, "text": cfg.text_dim}
         self.dims = dims
         self.anchor = cfg.anchor
-        self.others = tuple(m for m in MODALITIES if m != cfg.anchor)  # keys/values, in modality order
+        self.others = tuple(
+            m for m in MODALITIES if m != cfg.anchor
+        )  # keys/values, in modality order
 
-        self.missing = MissingTokens(dims, learned=cfg.missing_tokens == "learned", std=cfg.token_init_std)
+        self.missing = MissingTokens(
+            dims, learned=cfg.missing_tokens == "learned", std=cfg.token_init_std
+        )
 
         encode = cfg.fusion != "cross_attention" or cfg.align
         with_sa = cfg.fusion in ("cross_attention", "self_attention")
         for m in self.others:
             if encode:
                 sa = (
-                    SelfAttentionLayer(cfg.hidden, cfg.heads, cfg.sa_ffn, cfg.sa_dropout, cfg.attn_dropout)
+                    SelfAttentionLayer(
+                        cfg.hidden, cfg.heads, cfg.sa_ffn, cfg.sa_dropout, cfg.attn_dropout
+                    )
                     if with_sa
                     else None
                 )
                 self.add_module(f"enc_{m}", ModalityEncoder(nn.Linear(dims[m], cfg.hidden), sa))
             if cfg.fusion == "cross_attention":
                 kv_dim = cfg.hidden if encode else dims[m]
-                ca = CrossAttention(dims[cfg.anchor], kv_dim, cfg.hidden, cfg.heads, cfg.attn_dropout)
+                ca = CrossAttention(
+                    dims[cfg.anchor], kv_dim, cfg.hidden, cfg.heads, cfg.attn_dropout
+                )
                 self.add_module(f"ca_{m}", ca)
 
         # every non-anchor modality contributes H: a CA output or a pooled projection
@@ -328,8 +346,14 @@ class TAEMI(nn.Module):
                 raise ValueError("batch.text_tokens is given without batch.text_tokens_mask")
             seqs["text"] = (batch.text_tokens, batch.text_tokens_mask)
         else:
-            seqs["text"] = (batch.text.unsqueeze(1), torch.ones_like(batch.text[:, :1], dtype=torch.bool))
-        return {m: self.missing.fill_sequence(m, *seqs[m], missing[:, i]) for i, m in enumerate(MODALITIES)}
+            seqs["text"] = (
+                batch.text.unsqueeze(1),
+                torch.ones_like(batch.text[:, :1], dtype=torch.bool),
+            )
+        return {
+            m: self.missing.fill_sequence(m, *seqs[m], missing[:, i])
+            for i, m in enumerate(MODALITIES)
+        }
 
     # -- forward -----------------------------------------------------------------
 

@@ -298,12 +298,17 @@ def _merge_summaries(out: Path, shards: list[Path]) -> dict[str, Any] | None:
     errors = out / ERRORS_FILE
     merged["errors_file"] = str(errors) if errors.is_file() else None
     merged["shards"] = [
-        {k: p.get(k) for k in ("store", "total", "done", "skipped", "failed", "wall_seconds", "interrupted")}
+        {
+            k: p.get(k)
+            for k in ("store", "total", "done", "skipped", "failed", "wall_seconds", "interrupted")
+        }
         for p in parts
     ]
     if absent:
         merged["shards_without_summary"] = absent
-        log.warning("%d shard store(s) have no %s: %s", len(absent), SUMMARY_FILE, ", ".join(absent))
+        log.warning(
+            "%d shard store(s) have no %s: %s", len(absent), SUMMARY_FILE, ", ".join(absent)
+        )
     tmp = out / (SUMMARY_FILE + ".tmp")
     tmp.write_text(json.dumps(merged, indent=2), encoding="utf-8")
     os.replace(tmp, out / SUMMARY_FILE)
@@ -345,11 +350,20 @@ def merge_stores(
     _duplicate_ids(stores)
 
     m = stores[0].manifest
-    report = MergeReport(out=str(out), shards=[str(r) for r in roots], per_shard=[len(s) for s in stores])
+    report = MergeReport(
+        out=str(out), shards=[str(r) for r in roots], per_shard=[len(s) for s in stores]
+    )
     origin: dict[Path, Path] = {}  # shared file -> the shard it was first seen in
-    with StoreWriter(out, dims=m["dims"], dtype=m["dtype"], text_tokens=m["text_tokens"],
-                     modalities=m["modalities"]) as writer, \
-            tqdm(total=sum(report.per_shard), desc="merge", unit="clip", disable=not progress) as bar:  # fmt: skip
+    with (
+        StoreWriter(
+            out,
+            dims=m["dims"],
+            dtype=m["dtype"],
+            text_tokens=m["text_tokens"],
+            modalities=m["modalities"],
+        ) as writer,
+        tqdm(total=sum(report.per_shard), desc="merge", unit="clip", disable=not progress) as bar,
+    ):
         for root, store in zip(roots, stores):
             per_clip, shared = _side_files(root, set(store.ids))
             for rel in shared:
@@ -373,12 +387,22 @@ def merge_stores(
     problems = verify_store(out, progress=progress)
     if problems:
         listed = "\n  - ".join(problems[:20])
-        raise StoreError(f"{out}: the merged store fails verification ({len(problems)} problems):\n  - {listed}")
+        raise StoreError(
+            f"{out}: the merged store fails verification ({len(problems)} problems):\n  - {listed}"
+        )
     merged = FeatureStore(out)
     lost = [cid for s in stores for cid in s.ids if cid not in merged]
     if lost:
-        raise StoreError(f"{out}: {len(lost)} clips of the shards are not in the merged store, e.g. {lost[:5]}")
+        raise StoreError(
+            f"{out}: {len(lost)} clips of the shards are not in the merged store, e.g. {lost[:5]}"
+        )
     report.clips = len(merged)
-    log.info("merged %d shard stores into %s: %d clips copied, %d already there, %d side files",
-             len(roots), out, report.copied, report.skipped, report.side_files)  # fmt: skip
+    log.info(
+        "merged %d shard stores into %s: %d clips copied, %d already there, %d side files",
+        len(roots),
+        out,
+        report.copied,
+        report.skipped,
+        report.side_files,
+    )
     return report

@@ -306,8 +306,11 @@ class WaveformCache:
         if clipped:
             logger.warning(
                 "%s: %d of %d samples outside [-1, 1] (peak %.3f) clipped before int16 conversion",
-                where, clipped, x.shape[0], float(np.abs(x).max()),
-            )  # fmt: skip
+                where,
+                clipped,
+                x.shape[0],
+                float(np.abs(x).max()),
+            )
         pcm = np.round(np.clip(x, -1.0, 1.0) * self.scale).astype(_DTYPE)  # (S,) int16
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f"{clip_id}{_SUFFIX}.", suffix=_TMP_SUFFIX)
         try:

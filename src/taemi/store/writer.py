@@ -594,12 +594,21 @@ class StoreWriter:
             try:
                 self._merge_shards(group)
             except _ShardDamaged as exc:
-                logger.warning("%s: shards %s not compacted: %s (run `taemi store verify %s`)",
-                               self.root, ", ".join(group), exc, self.root)  # fmt: skip
+                logger.warning(
+                    "%s: shards %s not compacted: %s (run `taemi store verify %s`)",
+                    self.root,
+                    ", ".join(group),
+                    exc,
+                    self.root,
+                )
                 continue
             except OSError as exc:  # e.g. a full disk: the store is as it was; stop trying
-                logger.warning("%s: compaction stopped, shards %s stay as they are: %s",
-                               self.root, ", ".join(group), exc)  # fmt: skip
+                logger.warning(
+                    "%s: compaction stopped, shards %s stay as they are: %s",
+                    self.root,
+                    ", ".join(group),
+                    exc,
+                )
                 break
             removed += len(group) - 1
         return removed
@@ -627,12 +636,17 @@ class StoreWriter:
                     )
             index = _load_index(sdir / INDEX, tokens)
             maps = {
-                name: np.memmap(sdir / f"{name}.bin", dtype=self.dtype, mode="r",
-                                shape=(rows, _dim_of(name, dims)))
-                for name, rows in ({m: int(index[f"{m}_length"].sum()) for m in seqs}
-                                   | {"text": len(index["ids"])}).items()
+                name: np.memmap(
+                    sdir / f"{name}.bin",
+                    dtype=self.dtype,
+                    mode="r",
+                    shape=(rows, _dim_of(name, dims)),
+                )
+                for name, rows in (
+                    {m: int(index[f"{m}_length"].sum()) for m in seqs} | {"text": len(index["ids"])}
+                ).items()
                 if rows > 0
-            }  # fmt: skip
+            }
             sources.append((index, maps))
             for r, cid in enumerate(index["ids"].tolist()):
                 where.pop(cid, None)
@@ -669,8 +683,13 @@ class StoreWriter:
         for old in group:  # unlisted now; a crash here leaves them to the next writer
             shutil.rmtree(self.root / SHARDS / old, ignore_errors=True)
         _fsync_dir(self.root / SHARDS)
-        logger.info("%s: compacted shards %s into shard %s (%d clips)",
-                    self.root, ", ".join(group), name, len(where))  # fmt: skip
+        logger.info(
+            "%s: compacted shards %s into shard %s (%d clips)",
+            self.root,
+            ", ".join(group),
+            name,
+            len(where),
+        )
 
     def close(self) -> None:
         """Commit pending clips, compact (with ``compact=True``) and release the lock;

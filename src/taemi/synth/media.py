@@ -196,10 +196,17 @@ VOICE_PROTOTYPES: dict[str, dict[str, float]] = {
     "Admiration": {"pitch": 6, "range": 25, "rate": -25, "wordgap": 3, "gain_db": -2},
     "Amusement": {"pitch": 12, "range": 30, "rate": 10, "gain_db": 1, "tremolo": 0.35},
     "Determination": {"pitch": -14, "range": -30, "rate": -10, "wordgap": 2, "gain_db": 4},
-    "Empathic Pain": {"pitch": -16, "range": -15, "rate": -45, "wordgap": 4, "gain_db": -7, "tremolo": 0.25},
+    "Empathic Pain": {
+        "pitch": -16,
+        "range": -15,
+        "rate": -45,
+        "wordgap": 4,
+        "gain_db": -7,
+        "tremolo": 0.25,
+    },
     "Excitement": {"pitch": 22, "range": 25, "rate": 55, "gain_db": 4},
     "Joy": {"pitch": 18, "range": 15, "rate": 15, "gain_db": 2, "tremolo": 0.1},
-}  # fmt: skip
+}
 #: Inclusive bounds each voice knob is clipped to.
 VOICE_LIMITS: dict[str, tuple[float, float]] = {
     "pitch": (5.0, 95.0),
@@ -225,13 +232,37 @@ FACE_BASE: dict[str, float] = {
 }
 #: Change of each face knob per unit of an emotion's face latent (action-unit-like).
 FACE_PROTOTYPES: dict[str, dict[str, float]] = {
-    "Admiration": {"smile": 0.25, "brow_raise": 0.45, "eye_open": 0.15, "gaze_up": 0.8, "blush": 0.5},
+    "Admiration": {
+        "smile": 0.25,
+        "brow_raise": 0.45,
+        "eye_open": 0.15,
+        "gaze_up": 0.8,
+        "blush": 0.5,
+    },
     "Amusement": {"smile": 0.6, "mouth_width": 0.5, "talk": 0.2, "eye_open": -0.45, "blush": 0.2},
-    "Determination": {"smile": -0.2, "mouth_width": -0.5, "brow_raise": -0.4, "brow_tilt": -0.9, "eye_open": -0.2},
-    "Empathic Pain": {"smile": -0.8, "brow_raise": 0.2, "brow_tilt": 0.9, "eye_open": -0.25, "gaze_up": -0.5},
-    "Excitement": {"smile": 0.25, "mouth_width": 0.2, "talk": 0.5, "brow_raise": 0.6, "eye_open": 0.55},
+    "Determination": {
+        "smile": -0.2,
+        "mouth_width": -0.5,
+        "brow_raise": -0.4,
+        "brow_tilt": -0.9,
+        "eye_open": -0.2,
+    },
+    "Empathic Pain": {
+        "smile": -0.8,
+        "brow_raise": 0.2,
+        "brow_tilt": 0.9,
+        "eye_open": -0.25,
+        "gaze_up": -0.5,
+    },
+    "Excitement": {
+        "smile": 0.25,
+        "mouth_width": 0.2,
+        "talk": 0.5,
+        "brow_raise": 0.6,
+        "eye_open": 0.55,
+    },
     "Joy": {"smile": 0.9, "mouth_width": 0.3, "eye_open": -0.1, "blush": 0.3},
-}  # fmt: skip
+}
 #: Inclusive bounds each face knob is clipped to.
 FACE_LIMITS: dict[str, tuple[float, float]] = {
     "smile": (-1.0, 1.0),
@@ -243,7 +274,6 @@ FACE_LIMITS: dict[str, tuple[float, float]] = {
     "gaze_up": (-1.0, 1.0),
     "blush": (0.0, 1.0),
 }
-
 
 
 # ---------------------------------------------------------------------------------------
@@ -856,8 +886,10 @@ def make_media_corpus(
         if before and before.get("espeak_ng") != generator["espeak_ng"]:
             log.warning(
                 "%s: earlier clips were made with espeak-ng %s, new ones with %s",
-                root, before.get("espeak_ng"), generator["espeak_ng"],
-            )  # fmt: skip
+                root,
+                before.get("espeak_ng"),
+                generator["espeak_ng"],
+            )
     header = {
         "format": CORPUS_FORMAT,
         "version": CORPUS_VERSION,
@@ -902,11 +934,15 @@ def make_media_corpus(
         {
             **header,
             "complete": True,
-            "timing": {"made": made, "skipped": skipped, "seconds": round(wall, 3),
-                       "seconds_per_clip": None if not made else round(per_clip, 4)},
+            "timing": {
+                "made": made,
+                "skipped": skipped,
+                "seconds": round(wall, 3),
+                "seconds_per_clip": None if not made else round(per_clip, 4),
+            },
             "clips": [r.to_json(emotions) for r in records],
         },
-    )  # fmt: skip
+    )
     log.info(
         "media synth: %d clips made, %d kept, %.1f s (%.3f s/clip) in %s",
         made,

@@ -30,7 +30,14 @@ from typing import Protocol
 
 import numpy as np
 
-__all__ = ["TTS_BACKENDS", "EspeakNGLoader", "EspeakNGProgram", "SpeechSynthesizer", "Voice", "make_tts"]
+__all__ = [
+    "TTS_BACKENDS",
+    "EspeakNGLoader",
+    "EspeakNGProgram",
+    "SpeechSynthesizer",
+    "Voice",
+    "make_tts",
+]
 
 #: TTS backends :func:`make_tts` knows.
 TTS_BACKENDS = ("espeakng-loader", "espeak-ng")
@@ -147,9 +154,15 @@ class EspeakNGLoader:
         lib.espeak_SetSynthCallback.argtypes = [_SYNTH_CALLBACK]
         lib.espeak_Synth.restype = ctypes.c_int
         lib.espeak_Synth.argtypes = [
-            ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
-            ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p,
-        ]  # fmt: skip
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+            ctypes.c_uint,
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_uint,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
         lib.espeak_Synchronize.restype = ctypes.c_int
         lib.espeak_Terminate.restype = ctypes.c_int
         lib.espeak_Info.restype = ctypes.c_char_p
@@ -194,8 +207,9 @@ class EspeakNGLoader:
                     if lib.espeak_SetParameter(_PARAM[key], int(value), 0) != 0:
                         raise ValueError(f"espeak-ng refused {key}={value}")
                 data = text.encode("utf-8")
-                err = lib.espeak_Synth(data, len(data) + 1, 0, _POS_CHARACTER, 0,
-                                       _CHARS_UTF8 | _ENDPAUSE, None, None)  # fmt: skip
+                err = lib.espeak_Synth(
+                    data, len(data) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8 | _ENDPAUSE, None, None
+                )
                 if err != 0 or lib.espeak_Synchronize() != 0:
                     raise RuntimeError(f"espeak-ng failed ({err}) on {text!r}")
                 lib.espeak_Terminate()
@@ -234,8 +248,23 @@ class EspeakNGProgram:
         self.sample_rate = 22050
 
     def synthesize(self, text: str, voice: Voice) -> np.ndarray:
-        cmd = [self.program, "--stdout", "--stdin", "-b", "1", "-v", voice.name, "-a", "100",
-               "-s", str(voice.rate), "-p", str(voice.pitch), "-g", str(voice.wordgap)]  # fmt: skip
+        cmd = [
+            self.program,
+            "--stdout",
+            "--stdin",
+            "-b",
+            "1",
+            "-v",
+            voice.name,
+            "-a",
+            "100",
+            "-s",
+            str(voice.rate),
+            "-p",
+            str(voice.pitch),
+            "-g",
+            str(voice.wordgap),
+        ]
         # \x01<n>R: espeak's embedded command for the pitch range
         text_in = f"\x01{voice.range}R {text}".encode()
         done = subprocess.run(cmd, check=False, input=text_in, capture_output=True, timeout=60)

@@ -56,7 +56,11 @@ def config_for_store(
     run's config.yaml. Training, the demo and the ablation grid build their configs here."""
     auto = input_dim_overrides(store.dims, overrides, config_file)
     if auto:
-        log.info("model input sizes from the store %s: %s", store.root, ", ".join(f"{k}={v}" for k, v in auto))
+        log.info(
+            "model input sizes from the store %s: %s",
+            store.root,
+            ", ".join(f"{k}={v}" for k, v in auto),
+        )
     return build_config(preset, [*auto, *overrides], config_file)
 
 
@@ -91,11 +95,20 @@ class FrozenMode:
         if mode == "auto":
             mode = "yes" if store.has_text_tokens and cfg.model.anchor != "text" else "no"
         if mode == "yes" and not store.has_text_tokens:
-            raise ConfigError(f"data.text_tokens=yes but the store {store.root} has no text token states")
+            raise ConfigError(
+                f"data.text_tokens=yes but the store {store.root} has no text token states"
+            )
         return replace(cfg, data=replace(cfg.data, text_tokens=mode))
 
-    def dataset(self, cfg: RunConfig, store: FeatureStore, labels: Labels | None, ids=None, *,
-                training: bool = False):  # fmt: skip
+    def dataset(
+        self,
+        cfg: RunConfig,
+        store: FeatureStore,
+        labels: Labels | None,
+        ids=None,
+        *,
+        training: bool = False,
+    ):
         """A :class:`ClipDataset` of the stored features of ``labels``' clips (or ``ids``)."""
         _check_labels(cfg, labels)
         return ClipDataset(
@@ -141,20 +154,33 @@ class FinetuneMode(FrozenMode):
     reads_waveforms = True  # the audio backbone runs on the raw audio
 
     def resolve_text_tokens(self, cfg: RunConfig, store: FeatureStore) -> RunConfig:
-        return replace(cfg, data=replace(cfg.data, text_tokens="no"))  # the text backbone gives one vector per clip
+        return replace(
+            cfg, data=replace(cfg.data, text_tokens="no")
+        )  # the text backbone gives one vector per clip
 
-    def dataset(self, cfg: RunConfig, store: FeatureStore, labels: Labels | None, ids=None, *,
-                training: bool = False):  # fmt: skip
+    def dataset(
+        self,
+        cfg: RunConfig,
+        store: FeatureStore,
+        labels: Labels | None,
+        ids=None,
+        *,
+        training: bool = False,
+    ):
         """A :class:`~taemi.finetune.data.FinetuneDataset` of raw audio, transcripts and
         stored vision (augmented when ``training``)."""
         from taemi.finetune.data import FinetuneDataset
 
         _check_labels(cfg, labels)
         return FinetuneDataset(
-            store, labels.ids if labels is not None else ids, None if labels is None else labels.values,
-            max_audio_seconds=cfg.finetune.max_audio_seconds, max_vision_len=cfg.data.max_vision_len,
-            modalities=cfg.data.modalities, augment=cfg.finetune.augment if training else None,
-        )  # fmt: skip
+            store,
+            labels.ids if labels is not None else ids,
+            None if labels is None else labels.values,
+            max_audio_seconds=cfg.finetune.max_audio_seconds,
+            max_vision_len=cfg.data.max_vision_len,
+            modalities=cfg.data.modalities,
+            augment=cfg.finetune.augment if training else None,
+        )
 
     def build(self, cfg: RunConfig) -> tuple[RunConfig, nn.Module]:
         """Pretrained backbones (freezing, checkpointing applied) + TAEMI; the backbones'
@@ -169,16 +195,21 @@ class FinetuneMode(FrozenMode):
         """Two groups: fusion (``train.lr``) and backbones (``finetune.backbone_lr``);
         frozen parameters are left out."""
         tc, ft = cfg.train, cfg.finetune
-        groups = [{"params": model.fusion_parameters(), "lr": tc.lr, "weight_decay": tc.weight_decay}]
+        groups = [
+            {"params": model.fusion_parameters(), "lr": tc.lr, "weight_decay": tc.weight_decay}
+        ]
         backbone = model.backbone_parameters()
         if backbone:
-            groups.append({"params": backbone, "lr": ft.backbone_lr, "weight_decay": ft.backbone_weight_decay})
+            groups.append(
+                {"params": backbone, "lr": ft.backbone_lr, "weight_decay": ft.backbone_weight_decay}
+            )
         return groups
 
     def features(self, store: FeatureStore, model: nn.Module) -> dict:
         record = features_record(store)
         record["backbones"] = {
-            role: {"backbone": bb.name, "settings": bb.settings} for role, bb in (("audio", model.audio), ("text", model.text))
+            role: {"backbone": bb.name, "settings": bb.settings}
+            for role, bb in (("audio", model.audio), ("text", model.text))
         }
         return record
 
@@ -200,8 +231,11 @@ def backbone_sizes(cfg: RunConfig, audio: nn.Module, text: nn.Module) -> RunConf
     if (m.audio_dim, m.text_dim) != (audio.dim, text.dim):
         log.info(
             "finetune: model.audio_dim %d -> %d and model.text_dim %d -> %d (the backbones' output sizes)",
-            m.audio_dim, audio.dim, m.text_dim, text.dim,
-        )  # fmt: skip
+            m.audio_dim,
+            audio.dim,
+            m.text_dim,
+            text.dim,
+        )
     return replace(cfg, model=replace(m, audio_dim=audio.dim, text_dim=text.dim))
 
 
@@ -218,7 +252,9 @@ def mode_for(cfg: RunConfig) -> FrozenMode:
 # --------------------------------------------------------------------------- shorthands over the mode
 
 
-def check_store_fits(cfg: RunConfig, store: FeatureStore, run: str | os.PathLike | None = None) -> None:
+def check_store_fits(
+    cfg: RunConfig, store: FeatureStore, run: str | os.PathLike | None = None
+) -> None:
     """The model's input sizes must equal the store's feature sizes (no silent reshaping).
     In fine-tuning only vision comes from the store (audio and text from the backbones).
 
@@ -246,8 +282,13 @@ def resolve_text_tokens(cfg: RunConfig, store: FeatureStore) -> RunConfig:
     return mode_for(cfg).resolve_text_tokens(cfg, store)
 
 
-def make_dataset(cfg: RunConfig, store: FeatureStore, labels: Labels | None, ids: Iterable[str] | None = None, *,
-                 training: bool = False):  # fmt: skip
+def make_dataset(
+    cfg: RunConfig,
+    store: FeatureStore,
+    labels: Labels | None,
+    ids: Iterable[str] | None = None,
+    *,
+    training: bool = False,
+):
     """The clips of ``labels`` (or ``ids``) for ``cfg``'s mode (see :meth:`FrozenMode.dataset`)."""
     return mode_for(cfg).dataset(cfg, store, labels, ids, training=training)
-

@@ -42,7 +42,9 @@ def plot_history(history: Sequence[Mapping[str, float]], path: str | Path) -> Pa
     return path
 
 
-def plot_per_emotion(pearson: Mapping[str, float], path: str | Path, title: str = "Pearson per emotion") -> Path:
+def plot_per_emotion(
+    pearson: Mapping[str, float], path: str | Path, title: str = "Pearson per emotion"
+) -> Path:
     """Bar chart of Pearson r per emotion, with the mean as a line."""
     plt = pyplot()
     path = Path(path)

@@ -42,10 +42,25 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Settings that may change between an interrupted run and its resumption.
-RUNTIME_KEYS = {("train", "device"), ("train", "log_every"), ("train", "eval_batch_size"), ("data", "num_workers")}
+RUNTIME_KEYS = {
+    ("train", "device"),
+    ("train", "log_every"),
+    ("train", "eval_batch_size"),
+    ("data", "num_workers"),
+}
 #: What a state.pt must hold (``torch.load(weights_only=True)``: tensors and plain containers).
-_STATE_KEYS = ("model", "optimizer", "scheduler", "scaler", "history", "best_score", "best_epoch",
-               "bad_epochs", "epoch", "best_metrics")  # fmt: skip
+_STATE_KEYS = (
+    "model",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "history",
+    "best_score",
+    "best_epoch",
+    "bad_epochs",
+    "epoch",
+    "best_metrics",
+)
 
 
 @dataclass
@@ -77,7 +92,9 @@ def check_resumable(run: Path, cfg: RunConfig, features: dict, store: FeatureSto
     """``--resume`` needs the run's own config and features, and its state.pt once an
     epoch has finished."""
     if not (run / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"cannot resume: {run} holds no run ({CONFIG_FILE} and {STATE_FILE} are missing)")
+        raise FileNotFoundError(
+            f"cannot resume: {run} holds no run ({CONFIG_FILE} and {STATE_FILE} are missing)"
+        )
     saved = read_config(run)
     if _resume_key(saved) != _resume_key(cfg):
         raise ConfigError(
@@ -85,7 +102,9 @@ def check_resumable(run: Path, cfg: RunConfig, features: dict, store: FeatureSto
             f"({run / CONFIG_FILE}); resume with the same preset and --set options"
         )
     before = load_features_record(run)
-    if before is not None and {k: before.get(k) for k in FEATURE_KEYS} != {k: features[k] for k in FEATURE_KEYS}:
+    if before is not None and {k: before.get(k) for k in FEATURE_KEYS} != {
+        k: features[k] for k in FEATURE_KEYS
+    }:
         raise ConfigError(
             f"cannot resume {run}: it was trained on features of another kind ({run / FEATURES_FILE}: "
             f"{ {k: before.get(k) for k in ('dims', 'dtype', 'text_tokens')} }) than the store {store.root} "
@@ -106,18 +125,37 @@ def load_state(path: Path) -> dict:
     a damaged, truncated or foreign file is a :class:`RunFolderError` naming it."""
     try:
         st = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # torch's weights-only unpickler stopped: say why in one line
-        lines = str(e).splitlines()[1:]  # the first is torch's general advice (to load unsafely: no)
-        why = next((ln.strip() for ln in lines if ln.strip() and not ln.startswith(("Please file", "Check the"))),
-                   "not a weights-only file")  # fmt: skip
+    except (
+        pickle.UnpicklingError
+    ) as e:  # torch's weights-only unpickler stopped: say why in one line
+        lines = str(e).splitlines()[
+            1:
+        ]  # the first is torch's general advice (to load unsafely: no)
+        why = next(
+            (
+                ln.strip()
+                for ln in lines
+                if ln.strip() and not ln.startswith(("Please file", "Check the"))
+            ),
+            "not a weights-only file",
+        )
         if "GLOBAL" in why.upper():  # a pickled object (class, function): refused, never run
             raise RunFolderError(
                 f"{path} holds pickled objects other than tensors and plain containers; refused without running "
                 f"them ({why[:200]})"
             ) from None
-        raise RunFolderError(f"{path} cannot be read (damaged or not a taemi state file: {why[:200]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated zip, empty file, not a torch file
-        raise RunFolderError(f"{path} cannot be read (damaged or truncated: {one_line(e)})") from None
+        raise RunFolderError(
+            f"{path} cannot be read (damaged or not a taemi state file: {why[:200]})"
+        ) from None
+    except (
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+    ) as e:  # truncated zip, empty file, not a torch file
+        raise RunFolderError(
+            f"{path} cannot be read (damaged or truncated: {one_line(e)})"
+        ) from None
     missing = [k for k in _STATE_KEYS if not isinstance(st, dict) or k not in st]
     if missing:
         raise RunFolderError(f"{path} is not a taemi training state (missing {', '.join(missing)})")
@@ -143,14 +181,24 @@ def save_state(path: Path, model, optimizer, scheduler, scaler, device, **extra)
     os.replace(tmp, path)
 
 
-def resume_state(path: Path, model, optimizer, scheduler, scaler, device: torch.device, dist_info: DistInfo,
-                 fixed_epochs: int | None) -> Progress:  # fmt: skip
+def resume_state(
+    path: Path,
+    model,
+    optimizer,
+    scheduler,
+    scaler,
+    device: torch.device,
+    dist_info: DistInfo,
+    fixed_epochs: int | None,
+) -> Progress:
     """Load ``path`` (a state.pt) into the model, optimiser, scheduler, scaler and RNGs;
     the progress to continue from. A run interrupted before its first epoch finished has
     none: it starts from epoch 1."""
     run = path.parent
     if not path.is_file():
-        log.info("%s was interrupted before its first epoch finished: starting it from epoch 1", run)
+        log.info(
+            "%s was interrupted before its first epoch finished: starting it from epoch 1", run
+        )
         return Progress()
     st = load_state(path)
     if st.get("fixed_epochs") != fixed_epochs:
@@ -168,23 +216,42 @@ def resume_state(path: Path, model, optimizer, scheduler, scaler, device: torch.
             restore_rng(ranks[dist_info.rank])
         else:
             if dist_info.world > 1 or (ranks is not None and len(ranks) > 1):
-                log.warning("resuming with %d processes a run saved with %s: random draws (dropout) differ "
-                            "from an uninterrupted run", dist_info.world, len(ranks) if ranks else 1)  # fmt: skip
-            restore_rng(st["rng"] if "rng" in st else {"torch": st["rng_cpu"]})  # rng_cpu: older runs
+                log.warning(
+                    "resuming with %d processes a run saved with %s: random draws (dropout) differ "
+                    "from an uninterrupted run",
+                    dist_info.world,
+                    len(ranks) if ranks else 1,
+                )
+            restore_rng(
+                st["rng"] if "rng" in st else {"torch": st["rng_cpu"]}
+            )  # rng_cpu: older runs
         if device.type == "cuda" and st.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(st["rng_cuda"], device)
         progress = Progress(
-            history=st["history"], best_score=st["best_score"], best_epoch=st["best_epoch"],
-            bad_epochs=st["bad_epochs"], start_epoch=st["epoch"] + 1,
+            history=st["history"],
+            best_score=st["best_score"],
+            best_epoch=st["best_epoch"],
+            bad_epochs=st["bad_epochs"],
+            start_epoch=st["epoch"] + 1,
             best_metrics=Metrics(**st["best_metrics"]) if st["best_metrics"] else None,
-        )  # fmt: skip
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a state.pt of another model or version
+        )
+    except (
+        KeyError,
+        TypeError,
+        ValueError,
+        RuntimeError,
+    ) as e:  # a state.pt of another model or version
         raise RunFolderError(
             f"{path} does not fit this run ({type(e).__name__}: {one_line(e)}); "
             "it is not the training state this run folder wrote"
         ) from None
-    log.info("resuming %s after epoch %d (best %.4f at epoch %d)", run, st["epoch"], progress.best_score,
-             progress.best_epoch)  # fmt: skip
+    log.info(
+        "resuming %s after epoch %d (best %.4f at epoch %d)",
+        run,
+        st["epoch"],
+        progress.best_score,
+        progress.best_epoch,
+    )
     return progress
 
 
@@ -193,8 +260,11 @@ def rng_snapshot() -> dict:
     dropout), numpy (e.g. SpecAugment masks inside Hugging Face wav2vec2 backbones) and
     Python's ``random``; plain types, loadable with ``torch.load(weights_only=True)``."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
-            "python": random.getstate()}  # fmt: skip
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+        "python": random.getstate(),
+    }
 
 
 def restore_rng(snap: dict) -> None:

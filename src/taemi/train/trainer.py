@@ -109,22 +109,33 @@ def make_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimi
     backbones at ``finetune.backbone_lr``; frozen parameters left out)."""
     tc = cfg.train
     fused = {"fused": True} if next(model.parameters()).device.type in ("cpu", "cuda") else {}
-    groups = mode_for(cfg).param_groups(cfg, model)  # fused: one kernel over all parameters (1.05x per CPU step)
-    return torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas, **fused)
+    groups = mode_for(cfg).param_groups(
+        cfg, model
+    )  # fused: one kernel over all parameters (1.05x per CPU step)
+    return torch.optim.AdamW(
+        groups, lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas, **fused
+    )
 
 
-def _check_epochs(cfg: RunConfig, valid_labels: Labels | None, fixed_epochs: int | None) -> RunConfig:
+def _check_epochs(
+    cfg: RunConfig, valid_labels: Labels | None, fixed_epochs: int | None
+) -> RunConfig:
     """Validated runs select on the validation split; training on all runs ``fixed_epochs``."""
     if valid_labels is None:
         if fixed_epochs is None:
-            raise ValueError("training without validation labels needs fixed_epochs (how many epochs to run)")
+            raise ValueError(
+                "training without validation labels needs fixed_epochs (how many epochs to run)"
+            )
         if not 1 <= fixed_epochs <= cfg.train.max_epochs:
             raise ConfigError(
                 f"fixed_epochs={fixed_epochs} must be between 1 and train.max_epochs={cfg.train.max_epochs} "
                 "(the length of the learning-rate schedule); raise train.max_epochs"
             )
         if cfg.train.patience:
-            log.info("no validation split: early stopping is off (train.patience %d -> 0)", cfg.train.patience)
+            log.info(
+                "no validation split: early stopping is off (train.patience %d -> 0)",
+                cfg.train.patience,
+            )
             cfg = replace(cfg, train=replace(cfg.train, patience=0))
     elif fixed_epochs is not None:
         raise ValueError(
@@ -144,7 +155,9 @@ def _setup_devices(device_name: str) -> tuple[DistInfo, torch.device]:
     return dist_info, device
 
 
-def epoch_batches(cfg: RunConfig, dataset, store: FeatureStore, epoch: int, dist_info: DistInfo) -> list[list[int]]:
+def epoch_batches(
+    cfg: RunConfig, dataset, store: FeatureStore, epoch: int, dist_info: DistInfo
+) -> list[list[int]]:
     """This rank's batches (dataset indices) of ``epoch``; they depend on (seed, epoch) only.
 
     ``data.batching=random``: the shuffled order of a ``RandomSampler`` seeded by (seed,
@@ -159,14 +172,30 @@ def epoch_batches(cfg: RunConfig, dataset, store: FeatureStore, epoch: int, dist
         from taemi.data.sampler import LengthBucketBatchSampler, dataset_lengths
 
         lengths = dataset_lengths(
-            store, dataset.ids, cfg.data.max_audio_len, cfg.data.max_vision_len, modalities=cfg.data.modalities,
-            max_text_tokens=cfg.data.max_text_tokens if dataset.text_tokens else None,  # token states are padded too
-        )  # fmt: skip
-        sampler = LengthBucketBatchSampler(lengths, tc.batch_size, seed=tc.seed, epoch=epoch,
-                                           num_replicas=dist_info.world, rank=dist_info.rank)  # fmt: skip
+            store,
+            dataset.ids,
+            cfg.data.max_audio_len,
+            cfg.data.max_vision_len,
+            modalities=cfg.data.modalities,
+            max_text_tokens=cfg.data.max_text_tokens
+            if dataset.text_tokens
+            else None,  # token states are padded too
+        )
+        sampler = LengthBucketBatchSampler(
+            lengths,
+            tc.batch_size,
+            seed=tc.seed,
+            epoch=epoch,
+            num_replicas=dist_info.world,
+            rank=dist_info.rank,
+        )
         return [list(map(int, b)) for b in sampler]
-    gen = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)  # shuffle depends on (seed, epoch) only
-    order = torch.randperm(n, generator=gen).tolist()  # the order RandomSampler(generator=gen) yields
+    gen = torch.Generator().manual_seed(
+        tc.seed * 100_003 + epoch
+    )  # shuffle depends on (seed, epoch) only
+    order = torch.randperm(
+        n, generator=gen
+    ).tolist()  # the order RandomSampler(generator=gen) yields
     out = []
     for start in range(0, n, tc.batch_size):
         glob = order[start : start + tc.batch_size]
@@ -217,8 +246,15 @@ def _open_run_folder(run: Path, dist_info: DistInfo, device: torch.device) -> Tr
     return folder
 
 
-def _start_run_folder(run: Path, cfg: RunConfig, mode: FrozenMode, model: torch.nn.Module, store: FeatureStore,
-                      resume: bool, dist_info: DistInfo) -> None:  # fmt: skip
+def _start_run_folder(
+    run: Path,
+    cfg: RunConfig,
+    mode: FrozenMode,
+    model: torch.nn.Module,
+    store: FeatureStore,
+    resume: bool,
+    dist_info: DistInfo,
+) -> None:
     """Check that the folder may take this run (``--resume``: that it holds this run), then
     rank 0 writes the resolved config, ``features.json`` and what the mode needs to
     rebuild the model."""
@@ -226,7 +262,9 @@ def _start_run_folder(run: Path, cfg: RunConfig, mode: FrozenMode, model: torch.
     if resume:
         check_resumable(run, cfg, features, store)
     elif (run / CONFIG_FILE).exists():
-        raise FileExistsError(f"{run} already holds a run; use --resume to continue it or choose another --out")
+        raise FileExistsError(
+            f"{run} already holds a run; use --resume to continue it or choose another --out"
+        )
     barrier(dist_info)  # every rank has checked the folder before rank 0 writes to it
     if dist_info.main:
         save_config(cfg, run / CONFIG_FILE)
@@ -242,8 +280,14 @@ def _setup_schedule(cfg: RunConfig, optimizer: torch.optim.Optimizer, train_clip
     return make_scheduler(optimizer, warmup, tc.max_epochs * steps_per_epoch)
 
 
-def _wrap_model(model: torch.nn.Module, cfg: RunConfig, mode: FrozenMode, dist_info: DistInfo, device: torch.device,
-                fresh: bool) -> torch.nn.Module:  # fmt: skip
+def _wrap_model(
+    model: torch.nn.Module,
+    cfg: RunConfig,
+    mode: FrozenMode,
+    dist_info: DistInfo,
+    device: torch.device,
+    fresh: bool,
+) -> torch.nn.Module:
     """The module the steps run: DDP over ``model`` (several processes), compiled when
     ``train.compile``; the weights stay in ``model`` (saving, validation)."""
     train_model = model
@@ -251,11 +295,14 @@ def _wrap_model(model: torch.nn.Module, cfg: RunConfig, mode: FrozenMode, dist_i
         from torch.nn.parallel import DistributedDataParallel
 
         if fresh:
-            torch.manual_seed(cfg.train.seed + 1_000_003 * dist_info.rank)  # ranks draw different dropout masks
+            torch.manual_seed(
+                cfg.train.seed + 1_000_003 * dist_info.rank
+            )  # ranks draw different dropout masks
         train_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=mode.find_unused_parameters,
-        )  # fmt: skip
+        )
     if cfg.train.compile:  # the compiled module shares the weights of `model`
         train_model = torch.compile(train_model, dynamic=True)
     return train_model
@@ -268,15 +315,23 @@ def _warn_on_overlap(train_labels: Labels, valid_labels: Labels) -> None:
     with contextlib.suppress(OSError):
         same = same or os.path.samefile(train_labels.source, valid_labels.source)
     if same:
-        log.warning("the validation labels %s are the training labels: the validation score measures fit, not "
-                    "generalisation, and early stopping and best-epoch selection favour memorisation",
-                    valid_labels.source)  # fmt: skip
+        log.warning(
+            "the validation labels %s are the training labels: the validation score measures fit, not "
+            "generalisation, and early stopping and best-epoch selection favour memorisation",
+            valid_labels.source,
+        )
         return
     both = sorted(set(train_labels.ids) & set(valid_labels.ids))
     if both:
-        log.warning("%d of the %d validation clips of %s are also training clips of %s (e.g. %s): the validation "
-                    "score overstates generalisation", len(both), len(valid_labels), valid_labels.source,
-                    train_labels.source, ", ".join(both[:5]))  # fmt: skip
+        log.warning(
+            "%d of the %d validation clips of %s are also training clips of %s (e.g. %s): the validation "
+            "score overstates generalisation",
+            len(both),
+            len(valid_labels),
+            valid_labels.source,
+            train_labels.source,
+            ", ".join(both[:5]),
+        )
 
 
 def _nonfinite_inputs(batch) -> list[str]:
@@ -287,8 +342,13 @@ def _nonfinite_inputs(batch) -> list[str]:
     bad = torch.zeros(len(batch), dtype=torch.bool)
     for f in dataclasses.fields(batch):
         x = getattr(batch, f.name)
-        if f.name != "target" and isinstance(x, torch.Tensor) and x.is_floating_point() and x.ndim >= 1 \
-                and x.shape[0] == len(batch):  # fmt: skip
+        if (
+            f.name != "target"
+            and isinstance(x, torch.Tensor)
+            and x.is_floating_point()
+            and x.ndim >= 1
+            and x.shape[0] == len(batch)
+        ):
             bad |= ~torch.isfinite(x.reshape(len(batch), -1)).all(dim=1).cpu()
     return [batch.ids[i] for i in torch.nonzero(bad).flatten().tolist()] if batch.ids else []
 
@@ -299,15 +359,24 @@ def _nonfinite_inputs(batch) -> list[str]:
 ACCELERATOR_LOSS_CHECK_STEPS = 10
 
 
-def _check_step_losses(pending: list[tuple[int, torch.Tensor, list, float]], dist_info: DistInfo, *, epoch: int,
-                       steps: int, cfg: RunConfig, store: FeatureStore) -> None:  # fmt: skip
+def _check_step_losses(
+    pending: list[tuple[int, torch.Tensor, list, float]],
+    dist_info: DistInfo,
+    *,
+    epoch: int,
+    steps: int,
+    cfg: RunConfig,
+    store: FeatureStore,
+) -> None:
     """Stop at the first optimiser step of ``pending`` ((step, losses of its micro-batches,
     its micro-batches, learning rate) each) whose loss, on any rank, is NaN/Inf, naming the
     step and the likely cause: features holding NaN/Inf, or a diverging optimisation.
 
     One host sync (and under DDP one small all-reduce) per call, so every rank stops at the
     same step."""
-    flags = torch.stack([(~torch.isfinite(losses)).any() for _, losses, _, _ in pending]).float()  # (k,)
+    flags = torch.stack(
+        [(~torch.isfinite(losses)).any() for _, losses, _, _ in pending]
+    ).float()  # (k,)
     if dist_info.world > 1:
         flags = all_reduce_sum(flags, dist_info)
     flags = flags.cpu()  # the sync: the price of stopping within a few steps
@@ -316,7 +385,9 @@ def _check_step_losses(pending: list[tuple[int, torch.Tensor, list, float]], dis
     step, losses, group, lr = pending[int(torch.nonzero(flags).flatten()[0])]
     where = f"training stopped at epoch {epoch}, step {step} of {steps}"
     if bool(torch.isfinite(losses).all()):  # DDP: another rank saw it and reports the cause
-        raise TrainingError(f"{where}: the training loss of another process is NaN/Inf (see its error)")
+        raise TrainingError(
+            f"{where}: the training loss of another process is NaN/Inf (see its error)"
+        )
     where += f": the training loss is {', '.join(f'{v:g}' for v in losses.tolist())}"
     ids = [i for b in group for i in _nonfinite_inputs(b)]
     if ids:
@@ -340,14 +411,25 @@ def _check_weights(model: torch.nn.Module, epoch: int, cfg: RunConfig) -> None:
         )
 
 
-
-
 # --------------------------------------------------------------------------- the loop
 
 
-def _train_epoch(cfg: RunConfig, model: torch.nn.Module, train_model: torch.nn.Module, train_ds, store: FeatureStore,
-                 epoch: int, last_epoch: int, dist_info: DistInfo, device: torch.device, precision: str, optimizer,
-                 scheduler, scaler, show: bool) -> tuple[float, int]:  # fmt: skip
+def _train_epoch(
+    cfg: RunConfig,
+    model: torch.nn.Module,
+    train_model: torch.nn.Module,
+    train_ds,
+    store: FeatureStore,
+    epoch: int,
+    last_epoch: int,
+    dist_info: DistInfo,
+    device: torch.device,
+    precision: str,
+    optimizer,
+    scheduler,
+    scaler,
+    show: bool,
+) -> tuple[float, int]:
     """One epoch of optimiser steps; (sum of the clips' losses, clips seen) over every rank."""
     tc, accum = cfg.train, cfg.train.grad_accum_steps
     if hasattr(train_ds, "set_epoch"):
@@ -355,21 +437,32 @@ def _train_epoch(cfg: RunConfig, model: torch.nn.Module, train_model: torch.nn.M
     batches = epoch_batches(cfg, train_ds, store, epoch, dist_info)
     steps_this_epoch = math.ceil(len(batches) / accum)
     loader = DataLoader(
-        train_ds, batch_sampler=batches, num_workers=cfg.data.num_workers, collate_fn=train_ds.collator(),
+        train_ds,
+        batch_sampler=batches,
+        num_workers=cfg.data.num_workers,
+        collate_fn=train_ds.collator(),
         pin_memory=device.type == "cuda",
-    )  # fmt: skip
+    )
     model.train()
     loss_sum, n_seen = torch.zeros((), device=device), 0
     check_every = 1 if device.type == "cpu" else ACCELERATOR_LOSS_CHECK_STEPS
     pending_checks: list[tuple[int, torch.Tensor, list, float]] = []
-    bar = tqdm(total=steps_this_epoch, desc=f"epoch {epoch}/{last_epoch}", disable=not show, leave=False,
-               unit="step")  # fmt: skip
+    bar = tqdm(
+        total=steps_this_epoch,
+        desc=f"epoch {epoch}/{last_epoch}",
+        disable=not show,
+        leave=False,
+        unit="step",
+    )
     for step, group in enumerate(_micro_batch_groups(loader, accum), 1):
         # one optimiser step over the group's micro-batches (of all ranks); each micro-batch's
         # mean loss is weighted by its share of the step's clips, so the step's loss is their mean
         n_group = sum(len(b) for b in group)
         if dist_info.world > 1:  # DDP averages gradients over ranks: weight by world / global count
-            n_group = int(all_reduce_sum(torch.tensor(n_group, device=device), dist_info)) / dist_info.world
+            n_group = (
+                int(all_reduce_sum(torch.tensor(n_group, device=device), dist_info))
+                / dist_info.world
+            )
         optimizer.zero_grad(set_to_none=True)
         step_losses = []
         for j, batch in enumerate(group):
@@ -386,7 +479,9 @@ def _train_epoch(cfg: RunConfig, model: torch.nn.Module, train_model: torch.nn.M
             n_seen += len(batch)
         pending_checks.append((step, torch.stack(step_losses), group, scheduler.get_last_lr()[0]))
         if len(pending_checks) >= check_every or step == steps_this_epoch:
-            _check_step_losses(pending_checks, dist_info, epoch=epoch, steps=steps_this_epoch, cfg=cfg, store=store)
+            _check_step_losses(
+                pending_checks, dist_info, epoch=epoch, steps=steps_this_epoch, cfg=cfg, store=store
+            )
             pending_checks = []
         bar.update(1)
         scaler.unscale_(optimizer)
@@ -395,12 +490,16 @@ def _train_epoch(cfg: RunConfig, model: torch.nn.Module, train_model: torch.nn.M
         scaler.update()
         scheduler.step()
         if show and (step % 10 == 0 or step == steps_this_epoch):
-            bar.set_postfix(loss=f"{loss_sum.item() / n_seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            bar.set_postfix(
+                loss=f"{loss_sum.item() / n_seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}"
+            )
         if dist_info.main and tc.log_every and step % tc.log_every == 0:
             log.info("epoch %d step %d: train loss %.5f", epoch, step, loss_sum.item() / n_seen)
     bar.close()
     if dist_info.world > 1:  # the epoch's train loss over every rank's clips
-        totals = all_reduce_sum(torch.stack([loss_sum.float(), torch.tensor(float(n_seen), device=device)]), dist_info)
+        totals = all_reduce_sum(
+            torch.stack([loss_sum.float(), torch.tensor(float(n_seen), device=device)]), dist_info
+        )
         loss_sum, n_seen = totals[0], int(totals[1])
     return float(loss_sum), n_seen
 
@@ -440,7 +539,9 @@ def train(
     run = Path(out_dir)
     state_path = run / STATE_FILE
     main = dist_info.main
-    folder = _open_run_folder(run, dist_info, device)  # rank 0: created if needed, locked until we return
+    folder = _open_run_folder(
+        run, dist_info, device
+    )  # rank 0: created if needed, locked until we return
     saved_epoch = False  # whether this process has written a finished epoch to the run folder
     discard = False
     try:
@@ -453,31 +554,57 @@ def train(
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         state = Progress()
         if resume:
-            state = resume_state(state_path, model, optimizer, scheduler, scaler, device, dist_info, fixed_epochs)
+            state = resume_state(
+                state_path, model, optimizer, scheduler, scaler, device, dist_info, fixed_epochs
+            )
         fixed = {"fixed_epochs": fixed_epochs, "train_clips": len(train_ds)}
-        train_model = _wrap_model(model, cfg, mode, dist_info, device, fresh=not resume or not state_path.is_file())
+        train_model = _wrap_model(
+            model, cfg, mode, dist_info, device, fresh=not resume or not state_path.is_file()
+        )
         stopped_early = bool(state.history) and tc.patience > 0 and state.bad_epochs >= tc.patience
         log.info(
             "training %s%s (%d parameters, %d trainable) on %d clips, %s; %s, %s",
-            cfg.preset, mode.description,
-            sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad),
+            cfg.preset,
+            mode.description,
+            sum(p.numel() for p in model.parameters()),
+            sum(p.numel() for p in model.parameters() if p.requires_grad),
             len(train_ds),
-            f"validating on {len(valid_ds)}" if valid_ds is not None else f"no validation: exactly {fixed_epochs} epochs",
-            device, precision,
-        )  # fmt: skip
+            f"validating on {len(valid_ds)}"
+            if valid_ds is not None
+            else f"no validation: exactly {fixed_epochs} epochs",
+            device,
+            precision,
+        )
 
         for epoch in range(state.start_epoch, last_epoch + 1):
             if stopped_early:
                 break
             t0 = time.perf_counter()
-            loss_sum, n_seen = _train_epoch(cfg, model, train_model, train_ds, store, epoch, last_epoch, dist_info,
-                                            device, precision, optimizer, scheduler, scaler,
-                                            show=progress and main)  # fmt: skip
+            loss_sum, n_seen = _train_epoch(
+                cfg,
+                model,
+                train_model,
+                train_ds,
+                store,
+                epoch,
+                last_epoch,
+                dist_info,
+                device,
+                precision,
+                optimizer,
+                scheduler,
+                scaler,
+                show=progress and main,
+            )
             _check_weights(model, epoch, cfg)  # the epoch's last step may have made them non-finite
 
             if valid_ds is None:  # train on all: no validation, the last epoch is the model
-                row = {"epoch": epoch, "train_loss": loss_sum / max(n_seen, 1), "lr": scheduler.get_last_lr()[0],
-                       "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
+                row = {
+                    "epoch": epoch,
+                    "train_loss": loss_sum / max(n_seen, 1),
+                    "lr": scheduler.get_last_lr()[0],
+                    "seconds": round(time.perf_counter() - t0, 3),
+                }
                 state.history.append(row)
                 state.best_epoch = epoch
                 if main:
@@ -485,14 +612,22 @@ def train(
                 log.info("epoch %d/%d: train loss %.4f", epoch, last_epoch, row["train_loss"])
             else:
                 pred, valid_loss = predict_dataset(
-                    model, valid_ds, batch_size=tc.eval_batch_size, device=device, precision=precision,
-                    num_workers=cfg.data.num_workers, progress=progress and main, desc="validate",
-                )  # fmt: skip
+                    model,
+                    valid_ds,
+                    batch_size=tc.eval_batch_size,
+                    device=device,
+                    precision=precision,
+                    num_workers=cfg.data.num_workers,
+                    progress=progress and main,
+                    desc="validate",
+                )
                 check_finite_predictions(
-                    pred, valid_ds.ids, f"validation after epoch {epoch}",
+                    pred,
+                    valid_ds.ids,
+                    f"validation after epoch {epoch}",
                     cause=f"the weights are finite, so the features of these clips in {store.root} hold NaN/Inf "
-                          f"(`taemi store verify {store.root}`)",
-                )  # fmt: skip
+                    f"(`taemi store verify {store.root}`)",
+                )
                 metrics = compute_metrics(pred, valid_ds.targets, cfg.data.emotions)
                 row = {
                     "epoch": epoch,
@@ -506,7 +641,11 @@ def train(
                 state.history.append(row)
                 improved = metrics.mean_pearson > state.best_score
                 if improved:
-                    state.best_score, state.best_epoch, state.bad_epochs = metrics.mean_pearson, epoch, 0
+                    state.best_score, state.best_epoch, state.bad_epochs = (
+                        metrics.mean_pearson,
+                        epoch,
+                        0,
+                    )
                     state.best_metrics = metrics
                     if main:
                         save_weights(model, weights_file(run, "best"))
@@ -515,34 +654,78 @@ def train(
                     state.bad_epochs += 1
                 log.info(
                     "epoch %d: train loss %.4f, valid loss %.4f, valid mean Pearson %.4f%s",
-                    epoch, row["train_loss"], valid_loss, metrics.mean_pearson, " (best)" if improved else "",
-                )  # fmt: skip
+                    epoch,
+                    row["train_loss"],
+                    valid_loss,
+                    metrics.mean_pearson,
+                    " (best)" if improved else "",
+                )
             stopped_early = tc.patience > 0 and state.bad_epochs >= tc.patience
             rng_ranks = gather_rng_states(dist_info)
             if main:
                 save_weights(model, weights_file(run, "last"))
-                save_state(state_path, model, optimizer, scheduler, scaler, device, epoch=epoch, history=state.history,
-                           best_score=state.best_score, best_epoch=state.best_epoch, bad_epochs=state.bad_epochs,
-                           best_metrics=state.best_metrics, fixed_epochs=fixed_epochs, rng_ranks=rng_ranks,
-                           world_size=dist_info.world)  # fmt: skip
+                save_state(
+                    state_path,
+                    model,
+                    optimizer,
+                    scheduler,
+                    scaler,
+                    device,
+                    epoch=epoch,
+                    history=state.history,
+                    best_score=state.best_score,
+                    best_epoch=state.best_epoch,
+                    bad_epochs=state.bad_epochs,
+                    best_metrics=state.best_metrics,
+                    fixed_epochs=fixed_epochs,
+                    rng_ranks=rng_ranks,
+                    world_size=dist_info.world,
+                )
                 write_history(run, state.history)
-                write_metrics(run, state.best_epoch, state.best_metrics, state.history, stopped_early, finished=False,
-                              device=str(device), precision=precision, world_size=dist_info.world, **fixed)  # fmt: skip
+                write_metrics(
+                    run,
+                    state.best_epoch,
+                    state.best_metrics,
+                    state.history,
+                    stopped_early,
+                    finished=False,
+                    device=str(device),
+                    precision=precision,
+                    world_size=dist_info.world,
+                    **fixed,
+                )
                 saved_epoch = True
             barrier(dist_info)  # the epoch is on disk before any rank moves on (or is interrupted)
             for cb in callbacks:
                 cb(epoch, row)
             if stopped_early:
-                log.info("early stopping: no improvement for %d epochs; best epoch %d", tc.patience, state.best_epoch)
+                log.info(
+                    "early stopping: no improvement for %d epochs; best epoch %d",
+                    tc.patience,
+                    state.best_epoch,
+                )
 
         if main:
-            write_metrics(run, state.best_epoch, state.best_metrics, state.history, stopped_early, finished=True,
-                          device=str(device), precision=precision, world_size=dist_info.world, **fixed)  # fmt: skip
+            write_metrics(
+                run,
+                state.best_epoch,
+                state.best_metrics,
+                state.history,
+                stopped_early,
+                finished=True,
+                device=str(device),
+                precision=precision,
+                world_size=dist_info.world,
+                **fixed,
+            )
             if valid_ds is not None:
                 assert state.best_metrics is not None
                 plot_history(state.history, plot_path(run, "learning_curves.png"))
-                plot_per_emotion(state.best_metrics.pearson, plot_path(run, "per_emotion_pearson.png"),
-                                 title=f"valid Pearson per emotion (best epoch {state.best_epoch})")  # fmt: skip
+                plot_per_emotion(
+                    state.best_metrics.pearson,
+                    plot_path(run, "per_emotion_pearson.png"),
+                    title=f"valid Pearson per emotion (best epoch {state.best_epoch})",
+                )
         barrier(dist_info)
     except Exception:
         discard = not saved_epoch  # a failed start leaves no stub that would block a plain rerun
