@@ -117,7 +117,7 @@ def test_error_records_match_the_pipeline(root: Path) -> None:
     assert "zero padding" in reasons[3] and "'00042'" in reasons[3]
     from taemi.extract import abaw
 
-    assert abaw._MEDIA_EXTENSIONS == pipeline.MEDIA_EXTENSIONS
+    assert abaw.MEDIA_EXTENSIONS is pipeline.MEDIA_EXTENSIONS  # one list
 
 
 def test_face_frames_are_read_in_numeric_order(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ The test side has videos (and face images) but no labels. It may sit in the same
 
 Ids are strings exactly as written (``"00042"`` stays ``"00042"``; docs/method.md section 8). Media
 files are found by their stem: ``raw/`` takes any extension of
-:data:`taemi.extract.pipeline.MEDIA_EXTENSIONS` (``.mp4`` preferred when a stem has
+:data:`MEDIA_EXTENSIONS` (``.mp4`` preferred when a stem has
 several; the generated demo corpus writes audio-only clips as ``raw/{id}.m4a``),
 ``audio/`` likewise with ``.mp3`` preferred. Face frames are ordered numerically by
 :func:`taemi.extract.media.read_face_images` (``10.jpg`` after ``9.jpg``).
@@ -45,7 +45,7 @@ from taemi.store.clip import check_clip_id
 if TYPE_CHECKING:
     from taemi.extract.pipeline import Source
 
-__all__ = ["AbawLayout", "is_abaw_root", "open_abaw"]
+__all__ = ["MEDIA_EXTENSIONS", "AbawLayout", "is_abaw_root", "open_abaw"]
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,8 @@ FACE_DIR = "face_images"
 SPLIT_SUFFIX = "_split.csv"
 ID_COLUMN = "Filename"
 
-# Same list as taemi.extract.pipeline.MEDIA_EXTENSIONS (not imported: that module needs
-# PyAV); tests check that the two agree.
-_MEDIA_EXTENSIONS = (
+#: Extensions of the media files taken from a folder (here and by ``taemi extract --input DIR``).
+MEDIA_EXTENSIONS = (
     ".mp4",
     ".mkv",
     ".webm",
@@ -94,7 +93,7 @@ def _index_media(folder: Path, prefer: str) -> tuple[dict[str, Path], list[dict]
     if not folder.is_dir():
         return index, errors
     for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or p.suffix.lower() not in _MEDIA_EXTENSIONS or not p.is_file():
+        if p.name.startswith(".") or p.suffix.lower() not in MEDIA_EXTENSIONS or not p.is_file():
             continue
         try:
             clip_id = check_clip_id(p.stem, source=str(p))

@@ -67,6 +67,7 @@ from taemi.backbones.base import (
     SpeechRecognizer,
     TextEncoder,
 )
+from taemi.extract.abaw import MEDIA_EXTENSIONS
 from taemi.extract.face import FaceCropper
 from taemi.extract.media import (
     MediaError,
@@ -88,20 +89,6 @@ from taemi.store.waveforms import WaveformCache
 
 log = logging.getLogger(__name__)
 
-#: File extensions taken from an input folder.
-MEDIA_EXTENSIONS = (
-    ".mp4",
-    ".mkv",
-    ".webm",
-    ".flv",
-    ".avi",
-    ".mov",
-    ".mp3",
-    ".wav",
-    ".m4a",
-    ".flac",
-    ".ogg",
-)
 STAGES = ("decode", "asr", "audio", "vision", "text", "write")
 #: Clips per shard of the stores extraction writes (the small shards of frequent commits
 #: are compacted up to this size).
