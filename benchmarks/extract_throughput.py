@@ -61,6 +61,17 @@ Everything is measured in ONE run, so the ratios compare like with like on a sha
    4 workers, and decoding alone (no cropper) with the same workers: frames per second,
    and whether the crops are bit-identical for every worker count.
 
+5. Face detection every k-th frame (``--detect-every 1 3 5``; with ``--skip-throughput
+   --skip-long`` it runs alone): the corpus' videos (every frame up to ``--max-frames``,
+   ``--frame-policy``) decoded and face-cropped in this thread, one
+   ``FaceCropper(detect_every=k).for_video()`` track per video, for each k side by side
+   (best of ``--timing-runs`` passes, k interleaved), and decoding alone: frames per
+   second, ms per frame, detector passes and crops. Fidelity against k=1: the frames
+   cropped (the same set?), the IoU of each frame's square crop box (mean, min), and,
+   unless ``--no-vision-features``, the cosine similarity of the offline profile's
+   DINOv2 ViT-S/14 features (fp32 ONNX, packaged) of each crop with those of k=1 (mean,
+   min; detection frames give k=1's crops bit for bit, so only the others are encoded).
+
 Run from the repository root with the project's environment::
 
     python benchmarks/extract_throughput.py   # ~2.5 min on 2 quiet cores, ~5 min under load
@@ -768,6 +779,106 @@ def part_detector(args: argparse.Namespace) -> None:
             )
 
 
+# --------------------------------------------------------------------------- part 5
+
+
+def square_iou(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
+    """IoU of two square boxes ``(x0, y0, side)``."""
+    (ax, ay, sa), (bx, by, sb) = a, b
+    ix = max(0, min(ax + sa, bx + sb) - max(ax, bx))
+    iy = max(0, min(ay + sa, by + sb) - max(ay, by))
+    return ix * iy / (sa * sa + sb * sb - ix * iy)
+
+
+def part_detect_every(args: argparse.Namespace) -> None:
+    """Decode + crop with the detector on every k-th frame: speed and fidelity vs k=1."""
+    from taemi.extract.face import FaceCropper
+    from taemi.extract.media import decode_video, probe
+    from taemi.extract.pipeline import find_sources
+
+    sources, _ = find_sources([args.input])
+    videos = [s.media for s in sources if probe(s.media)["video"]]
+    if not videos:
+        raise SystemExit(f"part 5 needs video files; {args.input} has none")
+    ks = sorted({1, *args.detect_every})
+    decode = {"max_frames": args.max_frames, "policy": args.frame_policy}
+    print(
+        f"\nface detection every k-th frame: {len(videos)} videos, max_frames "
+        f"{args.max_frames}, policy {args.frame_policy}, one thread, best of "
+        f"{args.timing_runs} passes; load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+    best: dict[object, float] = {}
+    results: dict[int, list] = {}  # k -> per video (Video of crops, square boxes, detections)
+    frames = 0
+    for _ in range(args.timing_runs):
+        t0 = time.perf_counter()
+        frames = sum(len(decode_video(v, **decode)) for v in videos)
+        best["decode"] = min(best.get("decode", float("inf")), time.perf_counter() - t0)
+        for k in ks:
+            cropper = FaceCropper(detect_every=k)
+            out = []
+            t0 = time.perf_counter()
+            for v in videos:
+                track = cropper.for_video()
+                crops = track.finish(decode_video(v, transform=track, **decode))
+                out.append((crops, track.boxes, track.detections))
+            best[k] = min(best.get(k, float("inf")), time.perf_counter() - t0)
+            results[k] = out
+    print(
+        f"  {'k':>6} {'wall s':>7} {'frames/s':>9} {'ms/frame':>9} {'detections':>10} {'crops':>6}"
+    )
+    print(
+        f"  {'decode':>6} {best['decode']:>7.2f} {frames / best['decode']:>9.1f} "
+        f"{1000 * best['decode'] / frames:>9.2f} {'-':>10} {'-':>6}"
+    )
+    for k in ks:
+        det = sum(r[2] for r in results[k])
+        crops = sum(len(r[0]) for r in results[k])
+        print(
+            f"  {k:>6} {best[k]:>7.2f} {frames / best[k]:>9.1f} {1000 * best[k] / frames:>9.2f} "
+            f"{det:>10} {crops:>6}",
+            flush=True,
+        )
+
+    encoder = None
+    if not args.no_vision_features:
+        from taemi.backbones.dinov2 import DinoV2ImageEncoder
+
+        encoder = DinoV2ImageEncoder()  # the offline profile's fp32 ONNX image encoder
+        exact_features = [encoder.encode(r[0].frames) for r in results[1]]  # (n_v, 384) each
+    print(
+        f"  fidelity vs k=1: {'k':>3} {'same frames':>11} {'IoU mean':>9} {'IoU min':>8}"
+        + ("" if encoder is None else f" {'cos mean':>9} {'cos min':>8} {'encoded':>8}")
+    )
+    for k in ks[1:]:
+        same = all(
+            np.array_equal(a[0].timestamps, b[0].timestamps) for a, b in zip(results[1], results[k])
+        )
+        ious, cosines, encoded = [], [], 0
+        for v, (exact, fast) in enumerate(zip(results[1], results[k])):
+            at = {t: i for i, t in enumerate(exact[0].timestamps.tolist())}
+            pairs = [(at[t], j) for j, t in enumerate(fast[0].timestamps.tolist()) if t in at]
+            ious += [square_iou(exact[1][i], fast[1][j]) for i, j in pairs]
+            if encoder is None:
+                continue
+            redo = [(i, j) for i, j in pairs if exact[1][i] != fast[1][j]]  # other crop box
+            cosines += [1.0] * (len(pairs) - len(redo))  # the same box: k=1's crop, bit for bit
+            if redo:
+                a = exact_features[v][[i for i, _ in redo]]  # (m, 384)
+                b = encoder.encode([fast[0].frames[j] for _, j in redo])  # (m, 384)
+                cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+                cosines += cos.tolist()
+                encoded += len(redo)
+        line = (
+            f"  {'':>15} {k:>3} {'yes' if same else 'NO':>11} {np.mean(ious):>9.4f} "
+            f"{np.min(ious):>8.4f}"
+        )
+        if encoder is not None:
+            line += f" {np.mean(cosines):>9.4f} {np.min(cosines):>8.4f} {encoded:>8}"
+        print(line, flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -817,6 +928,22 @@ def main() -> None:
         action="store_true",
         help="part 4: per-thread face detectors: cascade load cost, decode+crop with 1/2/4 workers",
     )
+    ap.add_argument(
+        "--detect-every",
+        type=int,
+        nargs="+",
+        metavar="K",
+        help="part 5: decode+crop with the face detector on every K-th frame (k=1 added), "
+        "speed and fidelity vs k=1",
+    )
+    ap.add_argument(
+        "--timing-runs", type=int, default=3, help="part 5: passes timed per k (best kept)"
+    )
+    ap.add_argument(
+        "--no-vision-features",
+        action="store_true",
+        help="part 5: skip the DINOv2 feature cosine similarity (IoU only)",
+    )
     ap.add_argument("--child-long", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.repeat < 1:
@@ -825,7 +952,10 @@ def main() -> None:
         child_long(args)
         return
     needs_input = (
-        not args.skip_throughput or (not args.skip_long and args.long_face) or args.detector
+        not args.skip_throughput
+        or (not args.skip_long and args.long_face)
+        or args.detector
+        or args.detect_every
     )
     if needs_input and not args.input.is_dir():
         raise SystemExit(
@@ -854,6 +984,8 @@ def main() -> None:
         print_long(part_long(args), args)
     if args.detector:
         part_detector(args)
+    if args.detect_every:
+        part_detect_every(args)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s; load average now {os.getloadavg()[0]:.1f}")
 
 

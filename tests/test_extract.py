@@ -888,3 +888,111 @@ def test_separate_audio_file_replaces_the_media_track(tmp_path):
     # without it the same video has no audio track
     summary = extract([Source("00008", video)], store, enc, ExtractOptions(), progress=False)
     assert summary.missing["audio"] == 1
+
+
+# ---------------------------------------------------------------- vision sampling rate
+
+
+class CountingImageEncoder(FakeImageEncoder):
+    """The fake image encoder, counting the images it encodes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images = 0
+
+    def encode(self, images: list[np.ndarray]) -> np.ndarray:
+        self.images += len(images)
+        return super().encode(images)
+
+
+def test_vision_fps_repeats_each_feature_over_its_frames(tmp_path):
+    """25 fps for 1 s at vision_fps=10: 10 frames encoded, 25 rows stored, each the exact
+    path's row of the frame that stands for it; recorded in the provenance only when set."""
+    from taemi.extract.media import rate_representatives
+
+    media = tmp_path / "media"
+    media.mkdir()
+    write_clip(media / "av.mp4", hz=440, frames=colour_frames(25))
+    stores, images = {}, {}
+    for fps in (None, 10):
+        enc = fake_encoders()
+        enc.image = CountingImageEncoder()
+        stores[fps] = tmp_path / f"store_{fps}"
+        assert run(media, stores[fps], enc, vision_fps=fps).done == 1
+        images[fps] = enc.image.images
+    exact = FeatureStore(stores[None]).get("av").vision  # (25, 5)
+    fast = FeatureStore(stores[10]).get("av").vision  # (25, 5)
+    times = decode_video(media / "av.mp4").timestamps  # (25,)
+    rep = rate_representatives(times, 10)  # (25,) the frame standing for each frame
+    assert (images[None], images[10]) == (25, 10) and len(np.unique(rep)) == 10
+    assert exact.shape == fast.shape == (25, 5)
+    np.testing.assert_array_equal(fast, exact[rep])
+    vision = {
+        fps: json.loads((stores[fps] / "manifest.json").read_text())["modalities"]["vision"][
+            "settings"
+        ]
+        for fps in stores
+    }
+    assert "vision_fps" not in vision[None]  # the exact path's provenance is as it was
+    assert vision[10] == {**vision[None], "vision_fps": 10.0}
+
+
+def test_vision_fps_stores_refuse_mixing_and_runs_extract_the_same_way(tmp_path):
+    """A store of one rate refuses features of another (or of every frame); the run's
+    features.json (taemi.run.features_record) carries the rate, and predict's extraction
+    plan takes it from there, making features the store takes."""
+    from taemi.predict_media import extraction_plan
+    from taemi.run import features_record
+
+    media = good_corpus(tmp_path / "media", hz=(440,))
+    store = tmp_path / "store"
+    assert run(media, store, vision_fps=5).done == 2
+    before = (store / "manifest.json").read_text()
+    for other in (None, 10):
+        with pytest.raises(StoreError, match="must not be mixed"):
+            run(media, store, vision_fps=other, force=True)
+    assert (store / "manifest.json").read_text() == before
+    record = json.loads(json.dumps(features_record(FeatureStore(store))))  # as features.json
+    assert record["modalities"]["vision"]["settings"]["vision_fps"] == 5.0
+    profile, opts, face = extraction_plan(record, None)
+    assert (profile, opts.vision_fps, face) == ("fake", 5.0, False)
+    sources, _ = find_sources([media])
+    s = extract(sources, store, fake_encoders(), opts, progress=False)
+    assert s.done == 0 and s.skipped == 2  # the same settings: the store takes them
+    exact = tmp_path / "exact"
+    assert run(media, exact).done == 2
+    record = features_record(FeatureStore(exact))
+    assert extraction_plan(record, None)[1].vision_fps is None  # absent: every frame
+
+
+def test_vision_fps_refuses_face_images(tmp_path):
+    from PIL import Image
+
+    media = good_corpus(tmp_path / "media", hz=(440,))
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    for k in range(3):
+        Image.fromarray(colour_frames(1)[0]).save(faces / f"{k}.jpg")
+    src = Source("av", media / "av.mp4", face_dir=faces)
+    s = extract(
+        [src], tmp_path / "store", fake_encoders(), ExtractOptions(vision_fps=5), progress=False
+    )
+    assert (s.done, s.failed) == (0, 1)
+    (line,) = error_lines(tmp_path / "store")
+    assert line["stage"] == "decode" and "numbered by frame index" in line["reason"]
+
+
+def test_cli_vision_fps(tmp_path, cli_fakes, capsys):
+    media = good_corpus(tmp_path / "media", hz=(440,))
+    store = tmp_path / "store"
+    for bad in ("0", "-1", "nan"):
+        assert (
+            main(["extract", "--input", str(media), "--out", str(store), "--vision-fps", bad]) == 2
+        )
+        err = capsys.readouterr().err
+        assert "vision_fps must be a positive number" in err and "(--vision-fps)" in err
+    assert not cli_fakes and not store.exists()  # refused before any model loads
+    argv = ["extract", "--input", str(media), "--out", str(store), "--no-progress"]
+    assert main([*argv, "--vision-fps", "7.5"]) == 0
+    vision = json.loads((store / "manifest.json").read_text())["modalities"]["vision"]
+    assert vision["settings"]["vision_fps"] == 7.5

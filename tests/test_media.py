@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import sys
 import time
@@ -29,6 +30,7 @@ from taemi.extract.media import (
     decode_video,
     display_path,
     probe,
+    rate_representatives,
     read_face_images,
     uniform_indices,
 )
@@ -161,6 +163,7 @@ def gen(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out["wav_5s"] = write_media(root / "5s.wav", acodec="pcm_s16le", rate=8000, seconds=5.0)
     out["video_only"] = write_media(root / "video_only.mp4", vcodec="libx264")
     out["video_50"] = write_media(root / "video_50.mkv", vcodec="mpeg4", seconds=2.0)
+    out["video_30fps"] = write_media(root / "video_30.mp4", vcodec="libx264", fps=30, seconds=3.0)
     # Irregular timestamps (ms) under a declared rate of 1000 fps: only pts tell the truth.
     out["vfr"] = write_media(
         root / "vfr.mkv", vcodec="mpeg4", fps=1000, video_pts=[0, 40, 100, 110, 300, 1000]
@@ -736,3 +739,88 @@ def _write_video_for_transform(path, n: int) -> None:
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
+
+
+# ---------------------------------------------------------------- vision sampling rate
+
+
+@pytest.mark.parametrize("policy", ["first", "uniform"])
+@pytest.mark.parametrize("fps", [10, 7, 5, 2.5, 1])
+def test_vision_fps_keeps_the_first_frame_of_each_slot(
+    gen: dict[str, Path], policy: str, fps: float
+) -> None:
+    """30 fps for 3 s: at most ``fps`` kept frames per second of real time, each the first
+    frame of its 1/fps slot, standing for the frames up to the next kept one."""
+    exact = decode_video(gen["video_30fps"], policy=policy)
+    fast = decode_video(gen["video_30fps"], policy=policy, vision_fps=fps)
+    assert exact is not None and fast is not None and len(exact) == 90
+    slots = np.floor(fast.timestamps * fps + 1e-6)  # (n,)
+    np.testing.assert_array_equal(slots, np.arange(len(fast)))  # one per slot, none empty
+    for second in range(3):  # every second of video holds at most fps kept frames
+        inside = ((fast.timestamps >= second) & (fast.timestamps < second + 1)).sum()
+        assert inside <= math.ceil(fps)
+    kept = [frame_index(f) for f in fast.frames]  # indices into the exact path's frames
+    np.testing.assert_allclose(fast.timestamps, exact.timestamps[kept])
+    np.testing.assert_array_equal(fast.repeats, np.diff([*kept, len(exact)]))
+    assert fast.repeats.sum() == len(exact) and fast.total_frames_seen == exact.total_frames_seen
+    rep = rate_representatives(exact.timestamps, fps)  # the same rule, on the timestamps
+    np.testing.assert_array_equal(np.unique(rep), kept)
+    np.testing.assert_array_equal(np.bincount(rep)[kept], fast.repeats)
+
+
+def test_vision_fps_uses_timestamps_not_the_containers_fps(gen: dict[str, Path]) -> None:
+    # declared 1000 fps, real pts 0, 0.04, 0.1, 0.11, 0.3, 1.0 s -> slots of 0.1 s: 0 0 1 1 3 10
+    video = decode_video(gen["vfr"], vision_fps=10)
+    assert video is not None
+    np.testing.assert_allclose(video.timestamps, [0, 0.1, 0.3, 1.0])
+    assert [frame_index(f) for f in video.frames] == [0, 2, 4, 5]
+    assert video.repeats.tolist() == [2, 2, 1, 1]
+
+
+def test_vision_fps_with_max_frames_and_policies(gen: dict[str, Path]) -> None:
+    # first: the first 10 frames at 25 fps (0 .. 0.36 s), then slots of 0.1 s
+    first = decode_video(gen["video_50"], max_frames=10, vision_fps=10)
+    assert first is not None and first.total_frames_seen == 10
+    assert [frame_index(f) for f in first.frames] == [0, 3, 5, 8]
+    assert first.repeats.tolist() == [3, 2, 3, 2]
+    # uniform: the 5 frames it plans (0, 0.48, 0.96, 1.48, 1.96 s), then slots of 1 s
+    spread = decode_video(gen["video_50"], max_frames=5, policy="uniform", vision_fps=1)
+    assert spread is not None and spread.total_frames_seen == 50
+    np.testing.assert_allclose(spread.timestamps, [0, 1.48])
+    assert [frame_index(f) for f in spread.frames] == [0, 37]
+    assert spread.repeats.tolist() == [3, 2]
+
+
+def test_vision_fps_skipped_frames_are_never_transformed(gen: dict[str, Path]) -> None:
+    seen: list[int] = []
+
+    def drop_every_other_kept(img: np.ndarray) -> np.ndarray | None:
+        seen.append(frame_index(img))
+        return None if len(seen) % 2 == 0 else img
+
+    video = decode_video(gen["video_30fps"], vision_fps=5, transform=drop_every_other_kept)
+    assert seen == list(range(0, 90, 6))  # only the kept frames reach the transform
+    assert [frame_index(f) for f in video.frames] == list(range(0, 90, 12))
+    assert video.repeats.tolist() == [6] * 8  # a dropped frame's slot goes with it
+
+
+def test_vision_fps_none_is_the_exact_path(gen: dict[str, Path]) -> None:
+    for kw in ({}, {"policy": "uniform", "max_frames": 7}):
+        today = decode_video(gen["video_50"], **kw)
+        none = decode_video(gen["video_50"], vision_fps=None, **kw)
+        assert today is not None and none is not None
+        np.testing.assert_array_equal(none.timestamps, today.timestamps)
+        assert all(np.array_equal(a, b) for a, b in zip(none.frames, today.frames))
+        assert none.repeats.tolist() == [1] * len(today) == today.repeats.tolist()
+    with pytest.raises(ValueError, match="vision_fps must be a positive number, got 0"):
+        decode_video(gen["video_50"], vision_fps=0)
+    with pytest.raises(ValueError, match="vision_fps"):
+        rate_representatives(np.zeros(3), float("nan"))
+    with pytest.raises(ValueError, match="repeats"):
+        Video(
+            frames=[np.zeros((2, 2, 3), np.uint8)],
+            timestamps=np.zeros(1),
+            total_frames_seen=1,
+            policy="first",
+            repeats=np.array([0]),
+        )

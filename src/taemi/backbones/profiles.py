@@ -144,15 +144,25 @@ def load_models(
     models: Mapping[str, str] | None = None,
     trust_remote_code: bool = False,
     allow_download: bool = False,
+    image_precision: str = "fp32",
 ) -> ProfileModels:
     """Load every model of ``profile`` once. ``models`` maps a role (asr, audio, vision,
-    text) to a hub id or local directory replacing the profile's default."""
+    text) to a hub id or local directory replacing the profile's default.
+    ``image_precision``: ``"fp32"`` or ``"int8"`` (the offline profile's DINOv2 only,
+    :mod:`~taemi.backbones.dinov2`)."""
     models = dict(models or {})
     unknown = set(models) - set(ROLES)
     if unknown:
         raise ValueError(f"unknown model role(s) {sorted(unknown)}; roles are {', '.join(ROLES)}")
+    if image_precision not in ("fp32", "int8"):
+        raise ValueError(f"image precision must be 'fp32' or 'int8', got {image_precision!r}")
     if profile == "offline":
-        return _offline(device, batch_size, models)
+        return _offline(device, batch_size, models, image_precision)
+    if image_precision != "fp32" and profile in PROFILES:
+        raise ValueError(
+            f"image precision {image_precision!r} applies to the offline profile's DINOv2 "
+            f"only; the {profile} profile's image model runs in fp32"
+        )
     if profile == "paper":
         return _paper(device, batch_size, models, trust_remote_code, allow_download)
     raise ValueError(f"unknown extraction profile {profile!r}; expected one of {PROFILES}")
@@ -166,7 +176,9 @@ def _env_threads() -> int:
     return int(value) if value.isdigit() else 0
 
 
-def _offline(device: str, batch_size: int, models: dict[str, str]) -> ProfileModels:
+def _offline(
+    device: str, batch_size: int, models: dict[str, str], image_precision: str
+) -> ProfileModels:
     from taemi.backbones import dinov2, text, whisper
 
     if "audio" in models and models.get("asr", models["audio"]) != models["audio"]:
@@ -181,7 +193,10 @@ def _offline(device: str, batch_size: int, models: dict[str, str]) -> ProfileMod
         asr=whisper.WhisperRecognizer(loaded),
         audio=whisper.WhisperEncoder(loaded, batch_size=batch_size),
         image=dinov2.DinoV2ImageEncoder(
-            models.get("vision"), device=device, threads=_env_threads()
+            models.get("vision"),
+            device=device,
+            threads=_env_threads(),
+            precision=image_precision,
         ),
         text=text.MiniLMTextEncoder(models.get("text"), device=device),
         profile="offline",

@@ -315,6 +315,15 @@ def hub_cache() -> Path:
     return Path(huggingface_hub.constants.HF_HUB_CACHE)
 
 
+def user_cache() -> Path:
+    """taemi's own cache of files derived from pinned models (e.g. the int8 DINOv2):
+    ``$TAEMI_CACHE``, else ``$XDG_CACHE_HOME/taemi``, else ``~/.cache/taemi``."""
+    if os.environ.get("TAEMI_CACHE"):
+        return Path(os.environ["TAEMI_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "taemi"
+
+
 # ---------------------------------------------------------------------------------------
 # Locating a model: hub id or local directory; turning failures into ModelLoadError
 # ---------------------------------------------------------------------------------------

@@ -36,7 +36,30 @@ def register(
     sp.add_argument("--max-audio-seconds", type=float, default=12.0)
     sp.add_argument("--max-frames", type=int, default=400)
     sp.add_argument("--frame-policy", default="first", choices=("first", "uniform"))
+    sp.add_argument(
+        "--vision-fps",
+        type=float,
+        default=None,
+        metavar="N",
+        help="at most N vision features per second of video, each repeated over the frames it "
+        "stands for (default: every frame)",
+    )
     sp.add_argument("--no-face", action="store_true", help="use whole frames (no face detection)")
+    sp.add_argument(
+        "--image-precision",
+        default="fp32",
+        choices=("fp32", "int8"),
+        help="offline profile: run DINOv2 in fp32 (exact, default) or int8 (dynamic "
+        "quantisation, faster on CPU; recorded in the store's vision settings)",
+    )
+    sp.add_argument(
+        "--detect-every",
+        type=int,
+        default=1,
+        metavar="K",
+        help="run the face detector on every K-th frame, boxes interpolated between "
+        "(default 1: every frame)",
+    )
     sp.add_argument(
         "--split", default="all", help="ABAW root: train | valid | test | all (default)"
     )
@@ -99,6 +122,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         max_audio_seconds=args.max_audio_seconds,
         max_frames=args.max_frames,
         frame_policy=args.frame_policy,
+        vision_fps=args.vision_fps,
         batch_size=args.batch_size,
         workers=args.workers,
         text_tokens=args.text_tokens,
@@ -136,6 +160,14 @@ def cmd_extract(args: argparse.Namespace) -> int:
             raise ValueError(
                 "--model and --encoders exclude each other (the factory builds every model)"
             )
+        if args.image_precision != "fp32":
+            raise ValueError(
+                "--image-precision and --encoders exclude each other (the factory builds every model)"
+            )
+        if args.detect_every != 1:
+            raise ValueError(
+                "--detect-every and --encoders exclude each other (the factory builds the face cropper)"
+            )
         enc = encoders_from_factory(args.encoders)
     else:
         enc = load_encoders(
@@ -144,6 +176,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             models=models,
             face=not args.no_face,
+            face_detect_every=args.detect_every,
+            image_precision=args.image_precision,
             trust_remote_code=args.trust_remote_code,
             allow_download=args.allow_download,
         )

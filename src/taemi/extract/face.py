@@ -9,7 +9,8 @@ Boosted Cascade of Simple Features", CVPR 2001; R. Lienhart, J. Maydt, "An Exten
 Haar-like Features for Rapid Object Detection", ICIP 2002), the frontal-face model shipped
 inside ``opencv-python-headless`` (``cv2.data.haarcascades``): nothing is downloaded.
 
-Policy, per frame, with no state carried between frames (no tracking, no smoothing):
+Policy, per frame (with ``detect_every=1``, the default, no state is carried between
+frames: no tracking, no smoothing):
 
 1. Grayscale copy, downscaled (never upscaled) to ``detect_width`` pixels wide, then
    histogram-equalised when ``equalize`` is set.
@@ -26,17 +27,43 @@ Policy, per frame, with no state carried between frames (no tracking, no smoothi
 A frame without a face is dropped (its timestamp too). A video where no frame has a face
 gives ``None``: the vision modality is missing, which is not an error.
 
+Detecting every k-th frame (``detect_every=k``, ``taemi extract --detect-every K``). The
+detector pass (steps 1-3) is most of the cost of a crop (about 6 ms of a 480x360 frame's
+7 ms on one core). With ``k > 1`` it runs on frames ``0, k, 2k, ...`` of the frames a
+:class:`FaceTrack` is given (the frames the decoder selected), and on any frame whose size
+differs from the previous frame's; in between, the face box is carried from the two
+detections around the frame, keyframe-interpolation style:
+
+* both found a face: the box centre and side (``max(w, h)``) are interpolated linearly
+  in the frame index, then step 4 makes the square crop as for a detection;
+* the next detection finds no face: the frames after the last face are dropped (no face),
+  and so are the frames after a detection without a face, up to the next detection;
+* no next detection (the end of the video, or a frame size change): the nearest, i.e.
+  the last detection's box is used.
+
+Detection frames get exactly the crops of ``k=1``; ``k=1`` is the per-frame policy above,
+bit for bit. A crop of a frame between detections is known only at the next detection,
+so :class:`FaceTrack` returns an empty crop buffer for it right away (what the decoder's
+``transform`` hook keeps, see :func:`taemi.extract.media.decode_video`), keeps that frame
+(at most ``k - 1`` raw frames are held), fills the buffer in place once the next
+detection is in, and :meth:`FaceTrack.finish` drops the frames that turned out to have
+no face. ``benchmarks/extract_throughput.py --detect-every`` measures the speed and the
+fidelity (box IoU and DINOv2 feature cosine similarity against ``k=1``).
+
 Threads. OpenCV's ``CascadeClassifier`` keeps per-image scratch data inside the object, so
 one classifier used by two threads at once corrupts it (``cv::Mat`` assertion errors,
 crashes, or silently different detections when the frame sizes differ). A
 :class:`FaceCropper` therefore gives every thread that calls it its own classifier, loaded
 on that thread's first frame (about 10 ms; see ``benchmarks/extract_throughput.py``). One
 cropper can be shared by any number of decoding threads, and a frame's crop does not
-depend on which thread, or how many, computed it.
+depend on which thread, or how many, computed it. The state of ``detect_every > 1`` lives
+in a :class:`FaceTrack`, one per decoded video (:meth:`FaceCropper.for_video`), used by the
+thread that decodes that video: no mutable state is shared between videos.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from dataclasses import asdict, dataclass
@@ -68,6 +95,7 @@ class FaceCropConfig:
     min_neighbors: int = 5  # overlapping detections needed to accept a face (minNeighbors)
     equalize: bool = True  # histogram-equalise the grayscale copy before detection
     cascade: str = "haarcascade_frontalface_default.xml"  # file in cv2.data.haarcascades
+    detect_every: int = 1  # detect on every k-th frame, boxes interpolated between (docstring)
 
     def __post_init__(self) -> None:
         problems = []
@@ -85,6 +113,10 @@ class FaceCropConfig:
             problems.append(f"scale_factor must be > 1, got {self.scale_factor}")
         if self.min_neighbors < 0:
             problems.append(f"min_neighbors must be >= 0, got {self.min_neighbors}")
+        if isinstance(self.detect_every, bool) or not isinstance(self.detect_every, int):
+            problems.append(f"detect_every must be an int, got {self.detect_every!r}")
+        elif self.detect_every < 1:
+            problems.append(f"detect_every must be >= 1, got {self.detect_every}")
         if problems:
             raise ValueError("FaceCropConfig: " + "; ".join(problems))
 
@@ -103,6 +135,19 @@ def square_box(
     return int(x0), int(y0), int(side)
 
 
+def interpolate_box(
+    a: tuple[float, float, float, float], b: tuple[float, float, float, float], w: float
+) -> tuple[float, float, float, float]:
+    """The square face box ``(x, y, s, s)`` at fraction ``w`` (0: ``a``, 1: ``b``) between
+    face boxes ``a`` and ``b`` = ``(x, y, w, h)``: centre and side ``max(w, h)`` linear in
+    ``w``. :func:`square_box` of it equals that of ``a`` at ``w=0`` (and ``b`` at 1)."""
+    (ax, ay, aw, ah), (bx, by, bw, bh) = a, b
+    cx = (1 - w) * (ax + aw / 2) + w * (bx + bw / 2)
+    cy = (1 - w) * (ay + ah / 2) + w * (by + bh / 2)
+    side = (1 - w) * max(aw, ah) + w * max(bw, bh)
+    return cx - side / 2, cy - side / 2, side, side
+
+
 class FaceCropper:
     """Crops the largest frontal face of every frame to ``size`` x ``size`` RGB (see the
     module docstring for the exact policy)."""
@@ -117,6 +162,7 @@ class FaceCropper:
         min_neighbors: int = 5,
         equalize: bool = True,
         cascade: str = "haarcascade_frontalface_default.xml",
+        detect_every: int = 1,
     ) -> None:
         self.config = FaceCropConfig(
             size=size,
@@ -127,6 +173,7 @@ class FaceCropper:
             min_neighbors=min_neighbors,
             equalize=equalize,
             cascade=cascade,
+            detect_every=detect_every,
         )
         path = Path(cv2.data.haarcascades) / cascade
         if not path.is_file():
@@ -155,8 +202,17 @@ class FaceCropper:
 
     @property
     def settings(self) -> dict[str, object]:
-        """Everything that determines the crops, for the feature store's provenance."""
-        return {"detector": self.name, "opencv": cv2.__version__, **asdict(self.config)}
+        """Everything that determines the crops, for the feature store's provenance.
+        ``detect_every`` is recorded only when it is not 1: the settings of the per-frame
+        policy are those of stores written before the option existed, which still match."""
+        config = asdict(self.config)
+        if config["detect_every"] == 1:
+            del config["detect_every"]
+        return {"detector": self.name, "opencv": cv2.__version__, **config}
+
+    def for_video(self) -> FaceTrack:
+        """A fresh :class:`FaceTrack` for one video's frames (the decoder's ``transform``)."""
+        return FaceTrack(self)
 
     def detect(self, frame: np.ndarray) -> tuple[int, int, int, int] | None:
         """The largest face ``(x, y, w, h)`` in frame pixels, or ``None``.
@@ -198,6 +254,10 @@ class FaceCropper:
         box = self.detect(frame)
         if box is None:
             return None
+        return self.crop_box(frame, box)
+
+    def crop_box(self, frame: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:
+        """The (size, size, 3) uint8 crop of face ``box = (x, y, w, h)`` (steps 4-5)."""
         height, width = frame.shape[:2]
         x0, y0, side = square_box(box, width, height, self.config.margin)
         crop = frame[y0 : y0 + side, x0 : x0 + side]  # (side, side, 3)
@@ -209,19 +269,150 @@ class FaceCropper:
     def __call__(self, video: Video) -> Video | None:
         """Face crops of ``video``'s frames that have a face (their timestamps kept), or
         ``None`` if no frame has one."""
+        track = self.for_video()
         crops: list[np.ndarray] = []
         kept: list[float] = []
         for frame, t in zip(video.frames, video.timestamps):
-            crop = self.crop_frame(frame)
+            crop = track(frame)
             if crop is not None:
                 crops.append(crop)
                 kept.append(float(t))
-        log.debug("faces found in %d of %d frames", len(crops), len(video.frames))
-        if not crops:
-            return None
-        return Video(
-            frames=crops,
-            timestamps=np.asarray(kept, dtype=np.float64),  # (n_faces,)
-            total_frames_seen=video.total_frames_seen,
-            policy=video.policy,
+        faces = track.finish(
+            Video(
+                frames=crops,
+                timestamps=np.asarray(kept, dtype=np.float64),  # (n_faces,)
+                total_frames_seen=video.total_frames_seen,
+                policy=video.policy,
+            )
         )
+        assert faces is not None  # finish keeps a video a video
+        log.debug("faces found in %d of %d frames", len(faces), len(video.frames))
+        return faces if len(faces) else None
+
+
+@dataclass
+class _Pending:
+    """A frame between two detections whose crop waits for the next detection."""
+
+    index: int  # the frame's index among the frames the track was given
+    frame: np.ndarray  # (H, W, 3) uint8 RGB, a copy held until the next detection
+    slot: int  # its position among the crops the track returned
+
+
+class FaceTrack:
+    """Face crops of ONE video's frames, given in decoding order, with the detector run on
+    every ``detect_every``-th frame (module docstring). Use it as the decoder's
+    ``transform`` and pass the decoded video to :meth:`finish`::
+
+        track = cropper.for_video()
+        video = track.finish(decode_video(path, transform=track))
+
+    A track belongs to one decode in one thread; the cropper it comes from is shared.
+    """
+
+    def __init__(self, cropper: FaceCropper) -> None:
+        self.cropper = cropper
+        self.every = cropper.config.detect_every
+        self.detections = 0  # detector passes run
+        self.boxes: list[tuple[int, int, int]] = []  # (x0, y0, side) of each returned crop
+        self._seen = 0  # frames given so far
+        self._kind: tuple[tuple[int, ...], np.dtype] | None = None  # previous frame's shape, dtype
+        self._anchor: tuple[int, tuple[int, int, int, int]] | None = None  # last face detected
+        self._pending: list[_Pending] = []  # frames since that detection (at most every - 1)
+        self._returned: list[np.ndarray] = []  # every crop (or crop buffer) returned, in order
+        self._kept: list[bool] = []  # ... False: dropped at the next detection (no face there)
+        self._finished = False
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray | None:
+        """The (size, size, 3) uint8 crop of ``frame``, ``None`` if it has no face; between
+        detections a buffer filled at the next detection (or dropped by :meth:`finish`)."""
+        if self._finished:
+            raise RuntimeError("FaceTrack.finish was called: use a new track for another video")
+        index = self._seen
+        self._seen += 1
+        kind = (frame.shape, frame.dtype)
+        if kind != self._kind:  # the first frame, or the frame size changed
+            self._settle(None)  # the frames before keep the last box (the nearest detection)
+            self._kind = kind
+        elif index % self.every != 0:
+            if self._anchor is None:
+                return None  # the last detection found no face: none until the next one does
+            size = self.cropper.config.size
+            buffer = np.zeros((size, size, 3), np.uint8)  # (size, size, 3), filled later
+            self._pending.append(_Pending(index, frame.copy(), len(self._returned)))
+            return self._give(buffer, (0, 0, 0))
+        box = self.cropper.detect(frame)
+        self.detections += 1
+        self._settle(None if box is None else (index, box), found=box is not None)
+        if box is None:
+            self._anchor = None
+            return None
+        self._anchor = (index, box)
+        height, width = frame.shape[:2]
+        square = square_box(box, width, height, self.cropper.config.margin)
+        return self._give(self.cropper.crop_box(frame, box), square)
+
+    def finish(self, video: Video | None) -> Video | None:
+        """``video`` (the decoder's result of this track's crops) without the frames found
+        to have no face; the frames after the last detection get its box. ``None`` stays
+        ``None`` (no video stream)."""
+        self._settle(None)
+        self._finished = True
+        if video is None:
+            return None
+        if len(video.frames) != len(self._returned) or any(
+            a is not b for a, b in zip(video.frames, self._returned)
+        ):
+            raise RuntimeError(
+                f"FaceTrack.finish: the video's {len(video.frames)} frames are not the "
+                f"{len(self._returned)} crops this track returned, in order (one track per decode)"
+            )
+        log.debug(
+            "face track: %d detections for %d frames, %d of %d crops kept",
+            self.detections,
+            self._seen,
+            sum(self._kept),
+            len(self._kept),
+        )
+        self.boxes = [b for b, k in zip(self.boxes, self._kept) if k]
+        if all(self._kept):
+            return video
+        keep = np.asarray(self._kept, dtype=bool)  # (n,)
+        per_frame = {
+            "frames": [f for f, k in zip(video.frames, self._kept) if k],
+            "timestamps": video.timestamps[keep],  # (n_kept,)
+        }
+        if getattr(video, "repeats", None) is not None:  # decode_video's vision_fps counts
+            per_frame["repeats"] = video.repeats[keep]  # (n_kept,)
+        return dataclasses.replace(video, **per_frame)
+
+    def _give(self, crop: np.ndarray, square: tuple[int, int, int]) -> np.ndarray:
+        self._returned.append(crop)
+        self._kept.append(True)
+        self.boxes.append(square)
+        return crop
+
+    def _settle(
+        self, nxt: tuple[int, tuple[int, int, int, int]] | None, *, found: bool = True
+    ) -> None:
+        """Crop (or drop) the pending frames, now that the next detection ``nxt`` (index,
+        box) is in: ``found=False`` means it found no face (drop them), ``nxt=None`` with
+        ``found=True`` that there is none (the nearest: the last box)."""
+        if not self._pending:
+            return
+        assert self._anchor is not None  # frames are pending only after a face
+        start, a = self._anchor
+        margin = self.cropper.config.margin
+        for p in self._pending:
+            if not found:
+                self._kept[p.slot] = False
+                continue
+            if nxt is None:
+                box: tuple[float, float, float, float] = a
+            else:
+                end, b = nxt
+                box = interpolate_box(a, b, (p.index - start) / (end - start))
+            height, width = p.frame.shape[:2]
+            self._returned[p.slot][...] = self.cropper.crop_box(p.frame, box)
+            self.boxes[p.slot] = square_box(box, width, height, margin)
+        self._pending = []

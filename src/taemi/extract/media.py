@@ -23,6 +23,10 @@ Rules this module implements (each one is tested in ``tests/test_media.py``):
   nor filled).
 - Video frames are RGB ``uint8`` ``(H, W, 3)`` in presentation order. Their timestamps are
   ``frame.pts * time_base`` in seconds, never derived from the container's frame rate.
+- A vision sampling rate (``vision_fps``, :func:`rate_representatives`) thins the frames a
+  policy selects to at most that many per second of real timestamps, before any frame is
+  converted or transformed (face-cropped); each kept frame records how many of the
+  selected frames it stands for (:attr:`Video.repeats`).
 - Damaged input: a packet the decoder rejects is skipped and counted, a demuxer error ends
   the stream there; what decoded is kept and one warning per file says what was lost. A
   stream that yields nothing at all is a :class:`MediaError`. A file that ends well before
@@ -39,6 +43,7 @@ File names may be ``str``, ``bytes`` or path-like, including names that are not 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import stat
@@ -140,11 +145,22 @@ class Video:
     timestamps: np.ndarray  # (n,) float64: seconds from pts (face_images: the frame index k)
     total_frames_seen: int  # frames the policy chose from (see decode_video)
     policy: str  # "first" or "uniform"
+    # (n,) int64: how many of the policy's frames each frame stands for, itself included
+    # (decode_video's vision_fps); None -> all ones (every selected frame is its own)
+    repeats: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if len(self.frames) != self.timestamps.shape[0]:
             raise ValueError(
                 f"Video has {len(self.frames)} frames but {self.timestamps.shape[0]} timestamps"
+            )
+        if self.repeats is None:
+            self.repeats = np.ones(len(self.frames), dtype=np.int64)  # (n,)
+        self.repeats = np.asarray(self.repeats, dtype=np.int64)
+        if self.repeats.shape != (len(self.frames),) or (self.repeats < 1).any():
+            raise ValueError(
+                f"Video has {len(self.frames)} frames but repeats {self.repeats.tolist()!r} "
+                "(one count >= 1 per frame)"
             )
 
     def __len__(self) -> int:
@@ -363,6 +379,75 @@ def uniform_indices(times: np.ndarray, count: int) -> np.ndarray:
     return np.unique(np.where(take_right, right, left).astype(np.int64))
 
 
+#: Tolerance of the sampling-rate slots, in slots: a timestamp a rounding error short of a
+#: slot boundary (0.1 s as 0.09999999) still opens the next slot.
+_SLOT_TOLERANCE = 1e-6
+
+
+def _slot(t: float, t0: float, fps: float) -> int:
+    return math.floor((t - t0) * fps + _SLOT_TOLERANCE)
+
+
+def rate_representatives(times: np.ndarray, fps: float) -> np.ndarray:
+    """For every frame (of timestamps ``times``, in decoding order), the index of the frame
+    whose feature stands for it when vision runs at ``fps`` frames per second.
+
+    The rule (:func:`decode_video` applies it while decoding): time from the first frame is
+    cut into slots of ``1 / fps`` seconds, ``[t0 + k / fps, t0 + (k + 1) / fps)``; a frame
+    whose slot differs from the previous frame's starts a new representative, the others
+    are represented by it. With increasing timestamps that is the first frame of every
+    slot: one frame per slot, so at most ``fps`` frames (``ceil(fps)`` for a fraction) in
+    every second counted from the first frame, whatever the container's frame rate; frames
+    already further apart than ``1 / fps`` are all kept.
+
+    times: (n,) float seconds; returns (n,) int64, non-decreasing, ``rep[i] <= i``.
+    """
+    if isinstance(fps, bool) or not (
+        isinstance(fps, (int, float, np.integer, np.floating)) and math.isfinite(fps) and fps > 0
+    ):
+        raise ValueError(f"vision_fps must be a positive number, got {fps!r}")
+    n = times.shape[0]
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    slots = np.array([_slot(float(t), float(times[0]), fps) for t in times])  # (n,)
+    new = np.ones(n, dtype=bool)
+    new[1:] = slots[1:] != slots[:-1]
+    return np.maximum.accumulate(np.where(new, np.arange(n), 0)).astype(np.int64)  # (n,)
+
+
+class _Kept:
+    """The frames a policy selects, thinned to ``fps`` (:func:`rate_representatives`) and
+    transformed: only a representative is converted to RGB and transformed; the frames it
+    stands for add to its repeat count, or are dropped with it when the transform drops it
+    (no face)."""
+
+    def __init__(self, transform: FrameTransform | None, fps: float | None) -> None:
+        self.transform, self.fps = transform, fps
+        self.frames: list[np.ndarray] = []
+        self.times: list[float] = []
+        self.repeats: list[int] = []
+        self._t0: float | None = None
+        self._slot: int | None = None
+        self._holding = False  # the current representative was kept
+
+    def add(self, frame: av.VideoFrame, t: float) -> None:
+        if self.fps is not None:
+            if self._t0 is None:
+                self._t0 = t
+            slot = _slot(t, self._t0, self.fps)
+            if slot == self._slot:  # stands in the current representative's slot
+                if self._holding:
+                    self.repeats[-1] += 1
+                return
+            self._slot = slot
+        image = _apply(self.transform, frame.to_ndarray(format="rgb24"))  # (H, W, 3) uint8
+        self._holding = image is not None
+        if image is not None:
+            self.frames.append(image)
+            self.times.append(t)
+            self.repeats.append(1)
+
+
 def _frame_seconds(path: PathArg, frame: av.VideoFrame, time_base: Fraction, index: int) -> float:
     if frame.pts is None:
         raise _error(path, f"video frame {index} has no timestamp (pts)")
@@ -375,10 +460,8 @@ def _decode_first(
     stream: av.video.stream.VideoStream,
     max_frames: int,
     max_seconds: float | None,
-    transform: FrameTransform | None,
-) -> tuple[list[np.ndarray], list[float], int, _Problems]:
-    frames: list[np.ndarray] = []
-    times: list[float] = []
+    kept: _Kept,
+) -> tuple[int, _Problems]:
     problems = _Problems()
     end: float | None = None
     seen = 0
@@ -390,13 +473,10 @@ def _decode_first(
             if t >= end:
                 break
         seen += 1
-        image = _apply(transform, frame.to_ndarray(format="rgb24"))  # (H, W, 3) uint8
-        if image is not None:
-            frames.append(image)
-            times.append(t)
+        kept.add(frame, t)
         if seen >= max_frames:
             break
-    return frames, times, seen, problems
+    return seen, problems
 
 
 def _packet_pts(
@@ -433,32 +513,27 @@ def _decode_uniform(
     stream: av.video.stream.VideoStream,
     max_frames: int,
     max_seconds: float | None,
-    transform: FrameTransform | None,
-) -> tuple[list[np.ndarray], list[float], int, _Problems]:
+    kept: _Kept,
+) -> tuple[int, _Problems]:
     ticks, problems = _packet_pts(path, stream, max_seconds)  # (n,)
     if ticks.shape[0] == 0:
-        return [], [], 0, problems
+        return 0, problems
     wanted = {int(p) for p in ticks[uniform_indices(ticks, max_frames)]}
     last = max(wanted)
-    frames: list[np.ndarray] = []
-    times: list[float] = []
-    kept: set[int] = set()
+    found: set[int] = set()
     for decoded, frame in enumerate(_decoded_frames(container, stream, problems)):
         t = _frame_seconds(path, frame, stream.time_base, decoded)
-        if frame.pts in wanted and frame.pts not in kept:
-            kept.add(frame.pts)
-            image = _apply(transform, frame.to_ndarray(format="rgb24"))  # (H, W, 3) uint8
-            if image is not None:
-                frames.append(image)
-                times.append(t)
+        if frame.pts in wanted and frame.pts not in found:
+            found.add(frame.pts)
+            kept.add(frame, t)
         if frame.pts >= last:
             break
-    if len(kept) < len(wanted):
+    if len(found) < len(wanted):
         problems.notes.append(
-            f"{len(wanted) - len(kept)} of {len(wanted)} planned frames did not decode "
+            f"{len(wanted) - len(found)} of {len(wanted)} planned frames did not decode "
             "with the timestamp of their packet"
         )
-    return frames, times, int(ticks.shape[0]) if kept else 0, problems  # 0: nothing decoded
+    return int(ticks.shape[0]) if found else 0, problems  # 0: nothing decoded
 
 
 def _apply(transform: FrameTransform | None, image: np.ndarray) -> np.ndarray | None:
@@ -472,6 +547,7 @@ def decode_video(
     policy: str = "first",
     max_seconds: float | None = None,
     transform: FrameTransform | None = None,
+    vision_fps: float | None = None,
 ) -> Video | None:
     """Up to ``max_frames`` RGB frames of the first video stream of ``path``; ``None`` if
     the file has no video stream (an attached cover picture does not count).
@@ -496,6 +572,18 @@ def decode_video(
     only; a frame it maps to ``None`` (no face) is dropped. The frames are selected
     before the transform: ``max_frames`` counts decoded frames, not kept ones. If every
     frame is dropped, the result has no frames (not an error).
+
+    ``vision_fps`` (None: every selected frame, the exact path): the frames the policy
+    selects are thinned to at most that many per second of their real timestamps, by the
+    rule of :func:`rate_representatives` (slots of ``1 / vision_fps`` s from the first
+    selected frame; the first frame of each slot is kept). Only kept frames are converted
+    and transformed, so the skipped ones cost no face detection (they are still decoded:
+    a video codec cannot skip frames). ``repeats[i]`` counts the selected frames frame
+    ``i`` stands for (itself and the skipped frames of its slot); when the transform drops
+    a kept frame, the frames it stands for go with it. ``max_frames``, the policy and
+    ``total_frames_seen`` are the same as without ``vision_fps``, and ``repeats.sum()``
+    is the number of frames the exact path keeps whenever the transform keeps or drops
+    whole slots alike.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown video policy {policy!r}; expected one of {POLICIES}")
@@ -503,23 +591,30 @@ def decode_video(
         raise ValueError(f"max_frames must be >= 1, got {max_frames}")
     if max_seconds is not None and not max_seconds > 0:
         raise ValueError(f"max_seconds must be positive or None, got {max_seconds}")
+    if vision_fps is not None:
+        rate_representatives(np.zeros(0), vision_fps)  # validates it
+    kept = _Kept(transform, vision_fps)
     with _open(path) as container:
         stream = _video_stream(container)
         if stream is None:
             return None
         decode = _decode_first if policy == "first" else _decode_uniform
-        frames, times, seen, problems = decode(
-            path, container, stream, max_frames, max_seconds, transform
-        )
+        seen, problems = decode(path, container, stream, max_frames, max_seconds, kept)
     damage = "; ".join(filter(None, [problems.describe(), *problems.notes]))
     if not seen:
         raise _error(path, "video stream decodes to no frames" + (f" ({damage})" if damage else ""))
     if damage:
-        log.warning("%s: video: %s; kept %d frames", display_path(path), damage, len(frames))
-    timestamps = np.asarray(times, dtype=np.float64)  # (n,)
+        log.warning("%s: video: %s; kept %d frames", display_path(path), damage, len(kept.frames))
+    timestamps = np.asarray(kept.times, dtype=np.float64)  # (n,)
     if timestamps.shape[0] > 1 and not (np.diff(timestamps) > 0).all():
         log.warning("%s: video timestamps are not strictly increasing", display_path(path))
-    return Video(frames=frames, timestamps=timestamps, total_frames_seen=seen, policy=policy)
+    return Video(
+        frames=kept.frames,
+        timestamps=timestamps,
+        total_frames_seen=seen,
+        policy=policy,
+        repeats=np.asarray(kept.repeats, dtype=np.int64),  # (n,)
+    )
 
 
 def _load_rgb(path: Path) -> np.ndarray:

@@ -4,7 +4,8 @@ docs/method.md section 3 (features per clip) and section 8 (traps). For every in
 
 1. decode (worker threads, ahead of the models): the first ``max_audio_seconds`` of
    16 kHz mono audio, and up to ``max_frames`` video frames (policy ``first`` or
-   ``uniform``), face-cropped as they are decoded when a face cropper is configured;
+   ``uniform``), thinned to at most ``vision_fps`` per second when set, face-cropped as
+   they are decoded when a face cropper is configured;
 2. recognise speech (the transcript is saved as ``STORE/transcripts/{id}.txt``);
 3. encode, batched across clips: audio frames, one vector per face crop, the transcript;
 4. write the clip to the store (atomic, resumable; see :mod:`taemi.store`).
@@ -102,6 +103,9 @@ class ExtractOptions:
     max_audio_seconds: float = 12.0  # audio kept per clip (docs/method.md section 3: first 12 s)
     max_frames: int = 400  # video frames considered per clip
     frame_policy: str = "first"  # first (the release) | uniform (spread over the clip)
+    # at most this many vision features per second of video, each repeated over the frames
+    # it stands for (see _decode_into); None: every frame (the exact path); in the provenance when set
+    vision_fps: float | None = None
     batch_size: int = 8  # clips per model batch
     workers: int = 2  # decoding threads running ahead of the models
     text_tokens: bool = False  # also store the text encoder's token states
@@ -148,6 +152,8 @@ class ExtractOptions:
         whole("workers", "--workers")
         whole("commit_clips", "--commit-clips", SHARD_SIZE)
         positive("commit_seconds", "--commit-seconds")
+        if self.vision_fps is not None:
+            positive("vision_fps", "--vision-fps")
         if self.frame_policy not in ("first", "uniform"):
             problems.append(
                 f"frame_policy={self.frame_policy!r}: expected 'first' or 'uniform' (--frame-policy)"
@@ -188,6 +194,8 @@ class Encoders:
                     "max_frames": opts.max_frames,
                     "frame_policy": opts.frame_policy,
                     "face": None if self.face is None else self.face.settings,
+                    # only when set: stores and runs of the exact path keep their provenance
+                    **({} if opts.vision_fps is None else {"vision_fps": float(opts.vision_fps)}),
                 },
             },
             "text": {
@@ -222,6 +230,7 @@ class Decoded:
     source: Source
     waveform: np.ndarray | None = None  # (S,) float32 16 kHz
     faces: list[np.ndarray] | None = None  # RGB crops; None: no video / no face
+    repeats: np.ndarray | None = None  # (len(faces),) int64 frames per crop (vision_fps)
     error: str | None = None
     exception: str | None = None  # the error's exception type
     media_seconds: float = 0.0
@@ -379,7 +388,7 @@ def decode_source(src: Source, opts: ExtractOptions, face: FaceCropper | None) -
     except Exception as e:  # noqa: BLE001 - any library: this file fails, the run goes on
         out.error, out.exception = f"{display_path(src.media)}: {_type_name(e)}: {e}", _type_name(e)
     if out.error is not None:
-        out.waveform = out.faces = None
+        out.waveform = out.faces = out.repeats = None
     out.seconds = time.perf_counter() - t0
     return out
 
@@ -393,13 +402,38 @@ def _decode_into(out: Decoded, src: Source, opts: ExtractOptions, face: FaceCrop
         out.waveform = audio.samples  # (S,) float32
         out.media_seconds = audio.seconds
     if src.face_dir is not None:  # aligned face crops already (ABAW face_images): used as they are
+        if opts.vision_fps is not None:
+            raise ValueError(
+                f"vision_fps={opts.vision_fps} (--vision-fps) needs frame timestamps in seconds, "
+                f"but {display_path(src.face_dir)} holds face images numbered by frame index: "
+                "decode the video (--no-face-images) or extract every frame"
+            )
         video = read_face_images(src.face_dir, max_frames=opts.max_frames)
     else:
-        transform = None if face is None else face.crop_frame
+        # a FaceCropper crops through a per-video FaceTrack (its detect_every state); a plain
+        # per-frame cropper (anything with crop_frame, e.g. a test stand-in) frame by frame
+        track = face.for_video() if hasattr(face, "for_video") else None
+        per_frame = None if face is None else face.crop_frame
+        transform = per_frame if track is None else track
+        # vision_fps: thinned before the face crop, so a skipped frame costs no detection and no
+        # encoding. Each crop's feature is repeated over the frames it stands for (its
+        # video.repeats), so the stored sequence keeps the exact path's length and row <-> frame
+        # alignment: the fusion model has no positions, its mean and attention pooling weigh
+        # rows, and repetition gives each feature the weight of the time it covers, as the
+        # exact path's rows do (one row per sampled frame would weigh a partial last slot, an
+        # irregular frame rate or a slot lost to detection like a full one).
         video = decode_video(
-            src.media, max_frames=opts.max_frames, policy=opts.frame_policy, transform=transform
+            src.media,
+            max_frames=opts.max_frames,
+            policy=opts.frame_policy,
+            transform=transform,
+            vision_fps=opts.vision_fps,
         )
+        if track is not None:
+            video = track.finish(video)  # drops the frames found to have no face
     out.faces = video.frames if video is not None and video.frames else None
+    if out.faces is not None and opts.vision_fps is not None:
+        out.repeats = video.repeats  # (len(faces),) int64
     if video is not None and len(video.timestamps) > 1:
         out.media_seconds = max(
             out.media_seconds, float(video.timestamps[-1] - video.timestamps[0])
@@ -531,7 +565,9 @@ def _encode_batch(
         vision, k = [], 0
         for d in batch:
             if d.faces:
-                vision.append(vecs[k : k + len(d.faces)])
+                v = vecs[k : k + len(d.faces)]  # (n_crops, D_v)
+                # vision_fps: each crop's feature over the frames it stands for (_decode_into)
+                vision.append(v if d.repeats is None else np.repeat(v, d.repeats, axis=0))
                 k += len(d.faces)
             else:
                 vision.append(None)

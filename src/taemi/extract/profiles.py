@@ -25,11 +25,22 @@ def load_encoders(
     batch_size: int = 8,
     models: Mapping[str, str] | None = None,
     face: bool = True,
+    face_detect_every: int = 1,
     trust_remote_code: bool = False,
     allow_download: bool = False,
+    image_precision: str = "fp32",
 ) -> Encoders:
     """Load every model of ``profile`` once. ``models`` maps a role (asr, audio, vision,
-    text) to a hub id or local directory replacing the profile's default."""
+    text) to a hub id or local directory replacing the profile's default.
+    ``face_detect_every``: the face detector runs on every k-th frame (FaceCropper's
+    ``detect_every``; 1: every frame); a bad value fails before any model loads.
+    ``image_precision``: ``"fp32"`` (exact) or ``"int8"`` (offline profile's DINOv2)."""
+    if not face and face_detect_every != 1:
+        raise ValueError(
+            f"face_detect_every={face_detect_every} (--detect-every) needs face crops; "
+            "it has no meaning with face=False (--no-face)"
+        )
+    cropper = FaceCropper(detect_every=face_detect_every) if face else None
     m = load_models(
         profile,
         device=device,
@@ -37,13 +48,14 @@ def load_encoders(
         models=models,
         trust_remote_code=trust_remote_code,
         allow_download=allow_download,
+        image_precision=image_precision,
     )
     enc = Encoders(
         asr=m.asr,
         audio=m.audio,
         image=m.image,
         text=m.text,
-        face=FaceCropper() if face else None,
+        face=cropper,
         profile=m.profile,
     )
     log.info(
