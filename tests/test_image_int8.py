@@ -196,6 +196,33 @@ def test_predict_loads_and_checks_the_runs_precision(monkeypatch):
         predict_media.check_provenance(_features(), _encoders(precision="int8"), opts)
 
 
+def test_predict_keeps_the_callers_model_precision_for_an_int8_run(monkeypatch, tmp_path):
+    """The run's image-encoder precision (int8) selects the encoder; the fusion model's
+    autocast precision stays the caller's (the two were once the same variable)."""
+    from taemi import predict_media, runtime
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def resolve(precision, device):
+        seen.append(precision)
+        raise Stop
+
+    run = SimpleNamespace(cfg=SimpleNamespace(mode="frozen"))
+    monkeypatch.setattr(predict_media, "load_run_once", lambda *a, **kw: run)
+    monkeypatch.setattr(
+        predict_media, "load_features_record", lambda r: _features(precision="int8")
+    )
+    monkeypatch.setattr(runtime, "resolve_precision", resolve)
+    video = tmp_path / "a.mp4"
+    video.write_bytes(b"")
+    with pytest.raises(Stop):
+        predict_media.predict_media("RUN", [video], device="cpu", precision="bf16")
+    assert seen == ["bf16"]
+
+
 @pytest.mark.slow
 @pytest.mark.realmedia
 def test_extract_int8_records_the_precision_and_refuses_mixing(

@@ -396,14 +396,10 @@ def predict_media(
     cfg = predictor.cfg
     features = load_features_record(run)
     profile, opts, face = extraction_plan(features, profile, run=run_name)
-    detect_every = (
-        1 if features is None else face_detect_every(features["modalities"]["vision"]["settings"])
-    )
-    precision = (
-        "fp32"
-        if features is None
-        else image_precision(features["modalities"]["vision"]["settings"])
-    )
+    vision_settings = None if features is None else features["modalities"]["vision"]["settings"]
+    detect_every = 1 if vision_settings is None else face_detect_every(vision_settings)
+    # the image encoder's precision; `precision` stays the fusion model's autocast precision
+    encoder_precision = "fp32" if vision_settings is None else image_precision(vision_settings)
     # replace() checks the options: a bad batch size or worker count fails before any model loads.
     # waveforms: a fine-tuned run's backbones read the raw audio (cached as extracted)
     opts = replace(
@@ -417,12 +413,13 @@ def predict_media(
     if not sources and not input_errors:
         raise FileNotFoundError(f"no media files found in {', '.join(map(str, inputs))}")
     torch_device = resolve_device(device)
+    model_precision = resolve_precision(precision, torch_device)  # checked before any model loads
     if encoders is None:
         encoders = load_encoders_once(
             profile,
             face=face,
             face_detect_every=detect_every,
-            image_precision=precision,
+            image_precision=encoder_precision,
             device=torch_device.type,
             batch_size=batch_size,
             models=models,
@@ -479,7 +476,7 @@ def predict_media(
             result.timings["total"] = time.perf_counter() - t_start
             return result
         ids = [s.clip_id for s in done]
-        predictor.on(torch_device, resolve_precision(precision, torch_device))
+        predictor.on(torch_device, model_precision)
         pred = predictor.predict(predictor.dataset(store, ids=ids))
         result.timings["fusion"] = time.perf_counter() - t_extracted
         values = np.clip(pred, 0.0, 1.0) if clip else pred  # (N, E)
