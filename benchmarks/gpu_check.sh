@@ -1,30 +1,40 @@
 #!/usr/bin/env bash
-# One prepared GPU check (issue 7, item 9). Run from the repository root on a CUDA machine
-# with the project installed (`pip install -e '.[extract]'` or the test extra):
+# One prepared GPU check (issues 7 and 14). Run from the repository root on a CUDA machine
+# with the project importable (PYTHONPATH=src is set here; `pip install -e .` not needed):
 #
-#   bash benchmarks/gpu_check.sh              # an estimated 5-8 min on one H100 (never run on a GPU yet; steps below)
-#   OUT=/some/dir bash benchmarks/gpu_check.sh
+#   bash benchmarks/gpu_check.sh              # ~6-8 min on one H200 (steps and limits below)
+#   OUT=/some/dir SKIP="finetune demo" bash benchmarks/gpu_check.sh
 #
-#   1. training throughput at paper dimensions with the corpus's length mix, one run:
-#      plain padded reference, the project before issue 7, fp32, fp16 autocast +
-#      GradScaler (the CUDA default), bf16 (FULL=1: + torch.compile), paper and official;
-#   2. an end-to-end `taemi train` on a synthetic paper-dimension store with the default
-#      precision (fp16 + grad scaling on CUDA): epochs, time per epoch, metrics;
-#   3. the fine-tuning step (backbones + fusion) against the frozen-feature step
-#      (needs transformers, faster-whisper and the packaged offline models);
-#   4. extraction (offline profile) and the main job end to end (`taemi demo`).
+#   1. throughput: training steps at paper dimensions with the corpus's length mix, batch 32,
+#      paper and official: fp32 eager, bf16 and fp16 autocast (attention restricted as the
+#      trainer does), bf16 with torch's attention choice (cuDNN, the project before issue
+#      14), the captured step (CUDA graphs) in bf16 and fp32; the card's name and its fp32 /
+#      bf16 / fp16 matmul rates are printed first;
+#   2. throughput256: the same at batch 256 (paper: fp32, bf16, captured bf16);
+#   3. e2e: `taemi train` end to end (benchmarks/train_e2e.py) on an E2E_TRAIN + E2E_VALID
+#      clip paper-dimension store with the real length mix: the default (bf16, captured
+#      steps, batches resident on the device) against fp32 eager DataLoader batches;
+#      start-up, seconds per epoch with validation, projected 50-epoch time;
+#   4. synth + train: a small `taemi train` with the CLI on a synthetic store (PRECISION);
+#   5. the fine-tuning step against the frozen-feature step (needs transformers,
+#      faster-whisper and the packaged offline models);
+#   6. extraction (offline profile) and the main job end to end (`taemi demo`).
 #
 # Each step has its own time limit and the script goes on when one fails; step status is
-# in $OUT/steps.txt. Knobs (environment): DEVICE (cuda), PRECISION (fp16 for steps 2-3),
-# STEPS (30 timed steps per throughput runner), WARMUP (3 untimed), PRESETS (paper official), CLIPS (1500), EPOCHS (4), FT_BATCH (32),
-# FT_STEPS (10), FT_ARGS (more finetune_throughput.py options), DEMO_CLIPS (160), DEMO_EPOCHS
-# (30), FULL (unset). A CPU smoke run of the whole script (~4 min on 2 cores):
-#   DEVICE=cpu PRECISION=bf16 STEPS=1 WARMUP=1 PRESETS=official CLIPS=120 EPOCHS=1 FT_BATCH=2 FT_STEPS=1 FT_ARGS=--skip-paper \
+# in $OUT/steps.txt. Knobs (environment): DEVICE (cuda), PRECISION (auto), STEPS (30 timed
+# steps per throughput runner), WARMUP (3 untimed), PRESETS (paper official), RUNNERS (the
+# batch-32 runners), BIG_BATCH (256), E2E_TRAIN (8072), E2E_VALID (1000), E2E_EPOCHS (4),
+# E2E_PRESET (paper), CLIPS (1500), EPOCHS (4), FT_BATCH (32), FT_STEPS (10), FT_ARGS (more
+# finetune_throughput.py options), DEMO_CLIPS (160), DEMO_EPOCHS (30), SKIP (step names to
+# leave out), FULL (unset: + torch.compile runners). A CPU smoke run of the whole script
+# (~5 min on 2 cores):
+#   DEVICE=cpu PRECISION=bf16 STEPS=1 WARMUP=1 PRESETS=official BIG_BATCH=4 E2E_TRAIN=48 E2E_VALID=16 \
+#     E2E_EPOCHS=2 E2E_PRESET=official CLIPS=120 EPOCHS=1 FT_BATCH=2 FT_STEPS=1 FT_ARGS=--skip-paper \
 #     DEMO_CLIPS=24 DEMO_EPOCHS=2 OUT=/tmp/gpu_smoke bash benchmarks/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/taemi_gpu}
 DEVICE=${DEVICE:-cuda}
-PRECISION=${PRECISION:-fp16}
+PRECISION=${PRECISION:-auto}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -33,6 +43,7 @@ PY=${PYTHON:-python3}
 step() {  # step NAME LIMIT_S LOG COMMAND...: run with a time limit, log, record the status
   local name=$1 limit=$2 log=$3
   shift 3
+  case " ${SKIP:-} " in *" $name "*) echo "$name skipped" | tee -a "$OUT/steps.txt"; return;; esac
   local t0=$SECONDS
   timeout "$limit" "$@" > >(tee "$OUT/$log") 2>&1
   local rc=$?
@@ -45,13 +56,23 @@ step() {  # step NAME LIMIT_S LOG COMMAND...: run with a time limit, log, record
 torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device')"
 } 2>&1 | tee "$OUT/device.txt"
 
-runners="plain before sdpa_ca eager bf16"
-[ "$DEVICE" != cpu ] && runners="$runners fp16"
+runners=${RUNNERS:-"eager bf16 graphed_bf16 graphed_fp32 plain"}
+[ "$DEVICE" != cpu ] && [ -z "${RUNNERS:-}" ] && runners="$runners fp16 bf16_cudnn"
 [ -n "${FULL:-}" ] && runners="$runners compiled compiled_fp16 compiled_bf16"
 step throughput 240 throughput.txt $PY benchmarks/train_throughput.py --device "$DEVICE" --steps "${STEPS:-30}" \
   --warmup "${WARMUP:-3}" --presets ${PRESETS:-paper official} --runners $runners ${FULL:+--compile}
 
+step throughput256 150 throughput256.txt $PY benchmarks/train_throughput.py --device "$DEVICE" \
+  --steps "${STEPS:-30}" --warmup "${WARMUP:-3}" --batch-size "${BIG_BATCH:-256}" --no-flop-check \
+  --presets $(echo ${PRESETS:-paper official} | cut -d' ' -f1) --runners eager bf16 graphed_bf16
+
 work=$(mktemp -d)
+step e2e 330 e2e_bench.txt $PY benchmarks/train_e2e.py --device "$DEVICE" --train-clips "${E2E_TRAIN:-8072}" \
+  --valid-clips "${E2E_VALID:-1000}" --epochs "${E2E_EPOCHS:-4}" --preset "${E2E_PRESET:-paper}" \
+  --workdir "$work/e2e" --no-warmup --json "$OUT/e2e_bench.json" \
+  --variants default: fp32_eager:train.precision=fp32,train.cuda_graphs=off,data.resident=no,data.length_quantum=1
+rm -rf "$work/e2e"
+
 step synth 120 synth.txt $PY -m taemi synth --out "$work/data" --clips "${CLIPS:-1500}" --no-progress
 step train 240 e2e.txt $PY -m taemi train --store "$work/data/store" --train "$work/data/train.csv" \
   --valid "$work/data/valid.csv" --out "$work/run" --set train.max_epochs="${EPOCHS:-4}" \

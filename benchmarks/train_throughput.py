@@ -26,6 +26,14 @@ speed changes from second to second: every step is compared with the rate just b
   projected over the whole sequence, fused attention): the A/B of the model's pooled-value
   cross-attention (``taemi.model.taemi.CrossAttention``);
 - ``fp16`` (CUDA): bucketed, fp16 autocast with the trainer's ``GradScaler``;
+- ``bf16_cudnn`` (CUDA): bf16 autocast with torch's default attention choice, cuDNN
+  attention included (the project before issue 14: a new cuDNN plan per batch shape); every
+  other autocast runner restricts attention as the trainer does (``runtime.attention_backends``);
+- ``graphed_bf16``, ``graphed_fp32`` (CUDA): the trainer's captured step
+  (``taemi.train.step.GraphedStep``: zero_grad, forward, backward, clipping and capturable
+  fused AdamW in one CUDA graph per batch shape), bucketed batches padded to a multiple of
+  32 steps (``data.length_quantum`` on CUDA); warm-up runs every timed batch twice (the eager
+  first step, then the capture);
 - ``unfused_adamw``: bucketed, fp32, AdamW's per-parameter loop (the trainer's optimiser
   is ``AdamW(fused=True)``, as in every other package runner);
 - ``threads1``: bucketed, fp32, ``torch.set_num_threads(1)``.
@@ -64,13 +72,14 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -78,12 +87,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from taemi.config import ModelConfig, RunConfig, build_config
-from taemi.data.batch import Batch
+from taemi.data.batch import Batch, padded_length
 from taemi.data.sampler import LengthBucketBatchSampler, abaw_like_lengths, padding_fraction
 from taemi.model.taemi import CrossAttention, PaddedSequence
-from taemi.runtime import autocast, cpu_has_bf16
+from taemi.runtime import attention_backends, autocast, cpu_has_bf16
 from taemi.train.modes import build_model
 from taemi.train.schedule import make_scheduler
+from taemi.train.step import (
+    CudaCapture,
+    EagerCapture,
+    GraphedStep,
+    StaticInputs,
+    learning_rates_on_device,
+)
+from taemi.train.trainer import CUDA_LENGTH_QUANTUM, make_optimizer
 
 EPOCH_CLIPS = 8072  # ABAW EMI training split (docs/method.md section 2)
 CPU = torch.device("cpu")
@@ -371,12 +388,16 @@ def sdpa_backends(cfg: ModelConfig, batch: int, t: int, device: torch.device = C
 # --------------------------------------------------------------------------- batches
 
 
-def make_batch(lengths: np.ndarray, cfg: RunConfig, seed: int, device: torch.device = CPU) -> Batch:
-    """Random paper-dimension features for clips of ``lengths`` (B, 2), padded to the batch max, on ``device``."""
+def make_batch(
+    lengths: np.ndarray, cfg: RunConfig, seed: int, device: torch.device = CPU, quantum: int = 1
+) -> Batch:
+    """Random paper-dimension features for clips of ``lengths`` (B, 2), padded to the batch max
+    (rounded up to a multiple of ``quantum``), on ``device``."""
     g = torch.Generator().manual_seed(seed)
     m = cfg.model
     la, lv = torch.from_numpy(lengths[:, 0]), torch.from_numpy(lengths[:, 1])
-    B, Ta, Tv = len(lengths), max(1, int(la.max())), max(1, int(lv.max()))
+    B = len(lengths)
+    Ta, Tv = padded_length(int(la.max()), quantum), padded_length(int(lv.max()), quantum)
     return Batch(
         audio=torch.randn(B, Ta, m.audio_dim, generator=g),  # (B, T_a, 1027)
         audio_mask=torch.arange(Ta) < la[:, None],
@@ -447,8 +468,10 @@ def make_step(
     fused_adamw: bool = False,
     threads: int | None = None,
     device: torch.device = CPU,
+    cudnn_attention: bool = False,
 ) -> Callable[[Batch], None]:
-    """The trainer's step; fp16 (CUDA) with its ``GradScaler``, as the trainer does."""
+    """The trainer's eager step; fp16 (CUDA) with its ``GradScaler``, as the trainer does;
+    attention restricted as the trainer does unless ``cudnn_attention``."""
     tc = cfg.train
     model.to(device)
     optimizer = torch.optim.AdamW(
@@ -466,7 +489,10 @@ def make_step(
         if threads:
             torch.set_num_threads(threads)
         try:
-            with autocast(device, precision):
+            with (
+                contextlib.nullcontext() if cudnn_attention else attention_backends(device),
+                autocast(device, precision),
+            ):
                 pred = fwd(batch)  # (B, E)
             loss = F.mse_loss(pred.float(), batch.target)
             optimizer.zero_grad(set_to_none=True)
@@ -483,6 +509,41 @@ def make_step(
     return step
 
 
+def graphed_step(
+    model: nn.Module, cfg: RunConfig, precision: str, device: torch.device
+) -> Callable[[Batch], None]:
+    """The trainer's captured step (:class:`taemi.train.step.GraphedStep`); off CUDA its
+    eager stand-in. The schedule is stepped after each step, as the trainer does."""
+    model.to(device)
+    cfg = replace(cfg, data=replace(cfg.data, length_quantum=CUDA_LENGTH_QUANTUM))
+    optimizer = make_optimizer(cfg, model, capturable=True)
+    scheduler = make_scheduler(optimizer, 10, 1000)
+    learning_rates_on_device(optimizer, device)
+    dims = {
+        "audio": cfg.model.audio_dim,
+        "vision": cfg.model.vision_dim,
+        "text": cfg.model.text_dim,
+    }
+    engine = GraphedStep(
+        model,
+        optimizer,
+        cfg,
+        device,
+        precision,
+        StaticInputs.for_config(cfg, dims, device),
+        CudaCapture(device) if device.type == "cuda" else EagerCapture(),
+        max_shapes=256,
+    )
+
+    def step(batch: Batch) -> None:
+        loss = engine.compute([batch], len(batch))
+        scheduler.step()
+        loss.item()  # waits for the device
+
+    step.engine = engine  # type: ignore[attr-defined]
+    return step
+
+
 RELEASE_FORM_RUNNERS = ("plain", "before", "sdpa_ca")  # execute the issue's count (plain: more)
 RUNNERS = (
     "plain",
@@ -490,6 +551,9 @@ RUNNERS = (
     "eager",
     "bf16",
     "fp16",
+    "bf16_cudnn",
+    "graphed_bf16",
+    "graphed_fp32",
     "compiled",
     "compiled_bf16",
     "compiled_fp16",
@@ -559,6 +623,22 @@ def build_runner(
             "bf16 autocast" if name == "bf16" else "fp16 autocast + GradScaler (the CUDA default)"
         )
         return Runner(name, f"bucketed, {what}", step(model, name), *bucket_set)
+    if name == "bf16_cudnn":
+        return Runner(
+            name,
+            "bucketed, bf16 autocast, torch's attention choice (cuDNN included)",
+            step(model, "bf16", cudnn_attention=True),
+            *bucket_set,
+        )
+    if name.startswith("graphed"):
+        prec = name.split("_")[1]
+        return Runner(
+            name,
+            f"bucketed, lengths padded to a multiple of {CUDA_LENGTH_QUANTUM}, {prec}, "
+            "whole step captured per shape (GraphedStep)",
+            graphed_step(model, cfg, prec, device),
+            *sets["quantised"],
+        )
     if name == "unfused_adamw":
         return Runner(
             name,
@@ -633,14 +713,24 @@ def run_preset(
     bucketed = [b for b in sampler.global_batches() if len(b) == B]
     k = args.rounds
     sets, exec_flops = {}, {}
-    for label, pool in (("random", random_batches), ("bucketed", bucketed)):
+    for label, pool in (
+        ("random", random_batches),
+        ("bucketed", bucketed),
+        ("quantised", bucketed),
+    ):
+        if label == "quantised" and not any(r.startswith("graphed") for r in args.runners):
+            continue
+        q = CUDA_LENGTH_QUANTUM if label == "quantised" else 1
         picked = quantile_pick(pool, lambda b: per_clip[b].sum(), k)
-        all_pad = padding_fraction(pool, lengths)
-        batches = [make_batch(lengths[b], cfg, seed=j, device=device) for j, b in enumerate(picked)]
+        all_pad = padding_fraction(pool, lengths, q)
+        batches = [
+            make_batch(lengths[b], cfg, seed=j, device=device, quantum=q)
+            for j, b in enumerate(picked)
+        ]
         sets[label] = (
             batches,
             [int(per_clip[b].sum()) for b in picked],
-            padding_fraction(picked, lengths),
+            padding_fraction(picked, lengths, q),
         )
         exec_flops[label] = [int(per_clip_exec[b].sum()) for b in picked]
         print(
@@ -652,19 +742,24 @@ def run_preset(
     for r in args.runners:
         if r.startswith("compiled") and not args.compile:
             continue
-        if r.endswith("fp16") and device.type != "cuda":
-            print(f"  {r}: skipped (fp16 autocast is the CUDA recipe)")
+        if (r.endswith("fp16") or r == "bf16_cudnn") and device.type != "cuda":
+            print(f"  {r}: skipped (CUDA only)")
             continue
         runner = build_runner(r, cfg, sets, device)
         if r not in RELEASE_FORM_RUNNERS:
             runner.exec_flops = exec_flops["bucketed"]
         t0 = time.perf_counter()
-        for i in range(
-            max(args.warmup, 2 if r.startswith("compiled") else 1)
-        ):  # compiled: 2 shapes, dynamic
-            runner.step(runner.batches[i % len(runner.batches)])
+        warm = max(args.warmup, 2 if r.startswith("compiled") else 1)  # compiled: 2 shapes, dynamic
+        if r.startswith("graphed"):  # every timed shape: its eager first step, then its capture
+            warm = max(warm, 2 * len(runner.batches))
+        for i in range(warm):
+            runner.step(
+                runner.batches[(i // 2 if r.startswith("graphed") else i) % len(runner.batches)]
+            )
         runner.warmup_s = time.perf_counter() - t0
-        print(f"  {r}: warm-up {runner.warmup_s:.1f} s ({runner.what})", flush=True)
+        engine = getattr(runner.step, "engine", None)
+        extra = f"; {engine.stats()}" if engine is not None else ""
+        print(f"  {r}: warm-up {runner.warmup_s:.1f} s ({runner.what}){extra}", flush=True)
         runners.append(runner)
 
     for rnd in range(k):
@@ -718,6 +813,10 @@ def report(name: str, runners: list[Runner], best: float) -> None:
             )
     for a, b in (
         ("bf16", "eager"),
+        ("bf16_cudnn", "eager"),
+        ("graphed_bf16", "eager"),
+        ("graphed_bf16", "bf16"),
+        ("graphed_fp32", "eager"),
         ("compiled", "eager"),
         ("compiled_bf16", "bf16"),
         ("eager", "sdpa_ca"),

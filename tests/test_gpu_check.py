@@ -5,6 +5,7 @@ options as on a GPU except the device and the precision."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -21,6 +22,11 @@ SMOKE = {
     "STEPS": "1",
     "WARMUP": "1",
     "PRESETS": "official",
+    "BIG_BATCH": "4",
+    "E2E_TRAIN": "48",
+    "E2E_VALID": "16",
+    "E2E_EPOCHS": "2",
+    "E2E_PRESET": "official",
     "CLIPS": "120",
     "EPOCHS": "1",
     "FT_BATCH": "2",
@@ -57,17 +63,26 @@ def test_gpu_check_script_runs_every_step(tmp_path: Path) -> None:
     steps = dict(
         re.findall(r"^(\w+) rc=(\d+)", (out / "steps.txt").read_text(), flags=re.MULTILINE)
     )
-    assert steps == {"throughput": "0", "synth": "0", "train": "0", "finetune": "0", "demo": "0"}, (
-        out / "steps.txt"
-    ).read_text() + proc.stdout[-3000:]
+    assert steps == {
+        "throughput": "0",
+        "throughput256": "0",
+        "e2e": "0",
+        "synth": "0",
+        "train": "0",
+        "finetune": "0",
+        "demo": "0",
+    }, (out / "steps.txt").read_text() + proc.stdout[-3000:]
 
     throughput = (out / "throughput.txt").read_text()
     assert "exec util" in throughput and "[official] summary" in throughput
     # the analytic FLOP counts (both forms of the cross-attention) agree with FlopCounterMode
     ratios = [float(x) for x in re.findall(r"analytic(?: useful)? ([0-9.]+)x", throughput)]
     assert len(ratios) == 4 and all(0.99 <= r <= 1.01 for r in ratios), ratios
-    for runner in ("plain", "before", "sdpa_ca", "eager", "bf16"):
+    for runner in ("plain", "eager", "bf16", "graphed_bf16", "graphed_fp32"):
         assert re.search(rf"^{runner}\s+\d", throughput, flags=re.MULTILINE), runner
+    assert re.search(r"^graphed_bf16\s+\d", (out / "throughput256.txt").read_text(), re.MULTILINE)
+    e2e = json.loads((out / "e2e_bench.json").read_text())
+    assert "default" in json.dumps(e2e) and "fp32_eager" in json.dumps(e2e)
     assert '"mean_pearson"' in (out / "metrics.json").read_text()
     assert (out / "demo_summary.json").is_file() and (out / "demo_extract_summary.json").is_file()
     assert "finetune_offline" in (out / "finetune.txt").read_text()

@@ -15,8 +15,31 @@ def test_auto_precision_is_bf16_only_on_cpus_that_compute_it(monkeypatch) -> Non
     assert runtime.resolve_precision("auto", cpu) == "bf16"
     monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
     assert runtime.resolve_precision("auto", cpu) == "fp32"
-    assert runtime.resolve_precision("auto", cuda) == "fp16"
     assert runtime.resolve_precision("fp32", cpu) == "fp32"  # an explicit choice is kept
+
+
+def test_auto_precision_on_cuda_is_bf16_from_ampere_on_else_fp16(monkeypatch) -> None:
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert runtime.resolve_precision("auto", cuda) == "bf16"  # H100/H200: no loss scaling
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert runtime.resolve_precision("auto", cuda) == "fp16"  # T4: fp16 + GradScaler
+    assert runtime.resolve_precision("fp16", cuda) == "fp16"
+
+
+def test_attention_backends_leave_out_cudnn_on_cuda_only() -> None:
+    from torch.nn.attention import SDPBackend
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    assert before  # torch's default, which issue 14 measured re-planning per shape
+    with runtime.attention_backends(torch.device("cpu")):  # a no-op on the CPU
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+    with runtime.attention_backends(torch.device("cuda")):  # flags only: needs no GPU
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled()
+        assert SDPBackend.EFFICIENT_ATTENTION  # the kernel that takes any shape and the mask
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from taemi.eval.metrics import compute_metrics
 from taemi.run import LOCK_FILE, STATE_FILE, RunFolderError, RunFolderLock
 from taemi.synth.features import make_synth
 from taemi.train import modes, trainer
+from taemi.train import step as step_engine
 from taemi.train.trainer import TrainingError, TrainResult, train
 
 HISTORY_COLUMNS = [
@@ -90,9 +91,12 @@ def test_run_folder_outputs(short_run, labels) -> None:
     assert is_png(run / "plots" / "per_emotion_pearson.png")
     assert not list(run.rglob("*.tmp"))  # atomic writes leave nothing behind
 
-    # the fully resolved config: text_tokens "auto" became "no" (the store has none)
+    # the fully resolved config: text_tokens "auto" became "no" (the store has none), the
+    # length quantum "0" (auto) 1 on the CPU
     saved = load_config(run / "config.yaml")
-    assert saved == dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, text_tokens="no"))
+    assert saved == dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, text_tokens="no", length_quantum=1)
+    )
 
     rows = read_history(run)
     assert list(rows[0]) == HISTORY_COLUMNS
@@ -328,13 +332,13 @@ def _module_with_grads() -> torch.nn.Module:
 
 def test_clip_gradients_by_value_and_norm(tiny_config) -> None:
     m = _module_with_grads()
-    trainer._clip_gradients(m, tiny_config("train.grad_clip=0.5", "train.grad_clip_mode=value"))
+    step_engine.clip_gradients(m, tiny_config("train.grad_clip=0.5", "train.grad_clip_mode=value"))
     assert torch.equal(m.weight.grad, torch.tensor([[0.5, -0.2, 0.1], [-0.5, 0.4, 0.5]]))
     assert torch.equal(m.bias.grad, torch.tensor([0.3, -0.5]))
 
     m = _module_with_grads()
     before = torch.cat([m.weight.grad.flatten(), m.bias.grad])
-    trainer._clip_gradients(m, tiny_config("train.grad_clip=2.0", "train.grad_clip_mode=norm"))
+    step_engine.clip_gradients(m, tiny_config("train.grad_clip=2.0", "train.grad_clip_mode=norm"))
     after = torch.cat([m.weight.grad.flatten(), m.bias.grad])
     assert after.norm().item() == pytest.approx(2.0, rel=1e-5)
     torch.testing.assert_close(after, before * (2.0 / before.norm()), rtol=1e-5, atol=0)
@@ -343,7 +347,7 @@ def test_clip_gradients_by_value_and_norm(tiny_config) -> None:
         for mode in ("value", "norm"):
             m = _module_with_grads()
             before = torch.cat([m.weight.grad.flatten(), m.bias.grad])
-            trainer._clip_gradients(m, tiny_config(setting, f"train.grad_clip_mode={mode}"))
+            step_engine.clip_gradients(m, tiny_config(setting, f"train.grad_clip_mode={mode}"))
             assert torch.equal(torch.cat([m.weight.grad.flatten(), m.bias.grad]), before)
 
 
@@ -352,14 +356,14 @@ def test_clip_gradients_by_value_and_norm(tiny_config) -> None:
 
 def test_bf16_autocast_on_cpu(tmp_path, store, labels, tiny_config, monkeypatch) -> None:
     dtypes = set()
-    real = trainer.autocast
+    real = step_engine.autocast
 
-    def spy(device, precision):
-        ctx = real(device, precision)
+    def spy(device, precision, **kw):
+        ctx = real(device, precision, **kw)
         dtypes.add(getattr(ctx, "fast_dtype", None))
         return ctx
 
-    monkeypatch.setattr(trainer, "autocast", spy)
+    monkeypatch.setattr(step_engine, "autocast", spy)
     cfg = tiny_config("train.precision=bf16", "train.max_epochs=1")
     res = train(cfg, store, *labels, tmp_path / "run", progress=False)
     assert dtypes == {torch.bfloat16}  # every training forward ran under bf16 autocast
@@ -451,7 +455,7 @@ def test_resume_of_a_run_interrupted_in_its_first_epoch_starts_it_afresh(
         raise Killed
 
     with monkeypatch.context() as m:
-        m.setattr(trainer, "_clip_gradients", killed)
+        m.setattr(step_engine, "clip_gradients", killed)
         with pytest.raises(Killed):
             train(cfg, store, *labels, run, progress=False)
     assert (run / "config.yaml").is_file() and not (run / STATE_FILE).exists()
@@ -479,7 +483,7 @@ def test_failed_first_epoch_leaves_no_stub(
     existing.mkdir()
     (existing / "notes.txt").write_text("mine", encoding="utf-8")
     with monkeypatch.context() as m:
-        m.setattr(trainer, "_clip_gradients", _fail)
+        m.setattr(step_engine, "clip_gradients", _fail)
         for out in (nested, existing):
             with pytest.raises(Fails):
                 train(cfg, store, *labels, out, progress=False)

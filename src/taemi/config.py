@@ -129,11 +129,20 @@ class DataConfig:
     )  # what the model may see; others are always missing
     num_workers: int = 0  # DataLoader worker processes
     batching: str = "random"  # random (the recipe: shuffled batches) | bucket (clips of similar lengths share a batch: little padding, faster)
+    length_quantum: int = 0  # pad sequence lengths up to a multiple of this (a finite set of shapes); 0 = auto: 32 on CUDA, 1 elsewhere
+    resident: str = "auto"  # hold the splits' features in device memory, batches built there: auto (CUDA, when they fit) | yes | no
+    resident_share: float = 0.5  # the share of free device memory the resident features may take
 
     def validate(self) -> None:
         for name in ("max_audio_len", "max_vision_len", "max_text_tokens"):
             _at_least(f"data.{name}", getattr(self, name), 1)
         _at_least("data.num_workers", self.num_workers, 0)
+        _at_least("data.length_quantum", self.length_quantum, 0)
+        if self.resident not in ("auto", "yes", "no"):
+            raise ConfigError(f"data.resident={self.resident!r}: expected auto|yes|no")
+        _finite("data.resident_share", self.resident_share, "> 0")
+        if self.resident_share > 1:
+            raise ConfigError(f"data.resident_share={self.resident_share}: must be in (0, 1]")
         if not self.emotions or len(set(self.emotions)) != len(self.emotions):
             raise ConfigError(f"data.emotions={list(self.emotions)}: need distinct names")
         if not self.modalities or not set(self.modalities) <= set(ANCHORS):
@@ -161,9 +170,9 @@ class TrainConfig:
     patience: int = 5  # early stopping: epochs without a better valid mean Pearson
     seed: int = 3407  # release seed
     deterministic: bool = False  # torch.use_deterministic_algorithms + fixed cuDNN
-    precision: str = (
-        "auto"  # auto (fp16 on CUDA; bf16 on CPUs with native bf16, else fp32) | fp32 | fp16 | bf16
-    )
+    precision: str = "auto"  # auto (CUDA: bf16 where the GPU has it, Ampere on, else fp16 + grad scaling; CPU: bf16 with native bf16, else fp32) | fp32 | fp16 | bf16
+    cuda_graphs: str = "auto"  # capture the whole training step in CUDA graphs, one per batch shape: auto (CUDA, frozen features, one process, no fp16) | on | off
+    graph_shapes: int = 96  # at most this many batch shapes get a graph; the others run eagerly
     compile: bool = (
         False  # torch.compile the model (dynamic shapes); pays for the official preset on CPU
     )
@@ -179,6 +188,8 @@ class TrainConfig:
             )
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise ConfigError(f"train.precision={self.precision!r}: expected auto|fp32|fp16|bf16")
+        if self.cuda_graphs not in ("auto", "on", "off"):
+            raise ConfigError(f"train.cuda_graphs={self.cuda_graphs!r}: expected auto|on|off")
         _finite("train.lr", self.lr, "> 0")
         _finite("train.weight_decay", self.weight_decay, ">= 0")
         _finite("train.warmup_epochs", self.warmup_epochs, ">= 0")
@@ -190,7 +201,7 @@ class TrainConfig:
                 )
         for name in ("batch_size", "max_epochs", "eval_batch_size", "grad_accum_steps"):
             _at_least(f"train.{name}", getattr(self, name), 1)
-        for name in ("patience", "log_every"):
+        for name in ("patience", "log_every", "graph_shapes"):
             _at_least(f"train.{name}", getattr(self, name), 0)
 
 

@@ -243,9 +243,12 @@ def write_metrics(
     fixed_epochs: int | None,
     train_clips: int,
     world_size: int = 1,
+    execution: dict | None = None,
 ) -> None:
     """``RUN/metrics.json``: the selected epoch, its validation metrics (None when trained
-    without validation) and how the run went; written atomically after every epoch."""
+    without validation) and how the run went; written atomically after every epoch.
+    ``execution``: how the steps ran (engine, captured shapes, batch source, padding,
+    start-up seconds; :class:`taemi.train.trainer.Execution`)."""
     data = {
         "best_epoch": best_epoch,
         "valid": None if best is None else best.to_dict(),
@@ -260,6 +263,8 @@ def write_metrics(
         "precision": precision,
         "processes": world_size,
     }
+    if execution is not None:
+        data["execution"] = execution
     _atomic_write_text(Path(run_dir) / METRICS_FILE, json.dumps(data, indent=2))
 
 

@@ -13,6 +13,18 @@ import torch
 from torch import Tensor
 
 
+def padded_length(t: int, quantum: int = 1) -> int:
+    """The length a batch whose longest sequence has ``t`` steps is padded to: at least one
+    step (a missing modality is one step of its token), rounded up to a multiple of
+    ``quantum``. With a quantum the batches take a finite set of shapes (on a GPU: few
+    kernel plans and one CUDA graph per shape) at the cost of some padding; the model's
+    outputs do not depend on padding (``tests/test_model.py``)."""
+    if quantum < 1:
+        raise ValueError(f"quantum must be >= 1, got {quantum!r}")
+    t = max(1, int(t))
+    return -(-t // quantum) * quantum
+
+
 @dataclass
 class Batch:
     """A padded batch of clips. Masks are ``True`` at valid steps.

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from taemi.data.batch import Batch
+from taemi.data.batch import Batch, padded_length
 from taemi.store import FeatureStore
 
 
@@ -61,6 +61,7 @@ class ClipDataset(Dataset):
         max_text_tokens: int = 128,
         text_tokens: bool = False,
         modalities: Sequence[str] = ("audio", "vision", "text"),
+        length_quantum: int = 1,
     ):
         check_clips(store, ids, targets)
         if text_tokens and not store.has_text_tokens:
@@ -74,6 +75,7 @@ class ClipDataset(Dataset):
         self.max_vision_len = max_vision_len
         self.max_text_tokens = max_text_tokens
         self.text_tokens = text_tokens
+        self.length_quantum = int(length_quantum)  # batches are padded to a multiple of it
         self.hidden = {
             m for m in ("audio", "vision", "text") if m not in modalities
         }  # always missing
@@ -102,13 +104,16 @@ class ClipDataset(Dataset):
 
     def collator(self) -> Collator:
         """The ``collate_fn`` that batches this dataset's items."""
-        return Collator(self.store.dims, self.text_tokens)
+        return Collator(self.store.dims, self.text_tokens, self.length_quantum)
 
 
-def _pad(seqs: list[np.ndarray | None], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack variable-length (T_i, D) arrays (None = missing: one zero step) -> (B, T, D), mask (B, T)."""
+def _pad(
+    seqs: list[np.ndarray | None], dim: int, quantum: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack variable-length (T_i, D) arrays (None = missing: one zero step) -> (B, T, D), mask (B, T),
+    T the longest rounded up to a multiple of ``quantum`` (:func:`taemi.data.batch.padded_length`)."""
     lengths = [0 if s is None else len(s) for s in seqs]
-    T = max(1, max(lengths))
+    T = padded_length(max(lengths), quantum)
     out = np.zeros((len(seqs), T, dim), dtype=np.float32)
     mask = np.zeros((len(seqs), T), dtype=bool)
     for b, s in enumerate(seqs):
@@ -118,10 +123,15 @@ def _pad(seqs: list[np.ndarray | None], dim: int) -> tuple[torch.Tensor, torch.T
     return torch.from_numpy(out), torch.from_numpy(mask)
 
 
-def collate(items: list[Item], dims: dict[str, int], text_tokens: bool = False) -> Batch:
-    """Pad a list of items into a :class:`Batch` (float32, masks True at valid steps)."""
-    audio, audio_mask = _pad([it.audio for it in items], dims["audio"])  # (B, T_a, D_a)
-    vision, vision_mask = _pad([it.vision for it in items], dims["vision"])  # (B, T_v, D_v)
+def collate(
+    items: list[Item], dims: dict[str, int], text_tokens: bool = False, quantum: int = 1
+) -> Batch:
+    """Pad a list of items into a :class:`Batch` (float32, masks True at valid steps); the
+    sequences are padded to a multiple of ``quantum`` steps."""
+    audio, audio_mask = _pad([it.audio for it in items], dims["audio"], quantum)  # (B, T_a, D_a)
+    vision, vision_mask = _pad(
+        [it.vision for it in items], dims["vision"], quantum
+    )  # (B, T_v, D_v)
     text = np.zeros((len(items), dims["text"]), dtype=np.float32)
     for b, it in enumerate(items):
         if it.text is not None:
@@ -129,7 +139,9 @@ def collate(items: list[Item], dims: dict[str, int], text_tokens: bool = False) 
     missing = torch.tensor([[it.audio is None, it.vision is None, it.text is None] for it in items])
     tok, tok_mask = (None, None)
     if text_tokens:
-        tok, tok_mask = _pad([it.text_tokens for it in items], dims["text"])  # (B, T_t, D_t)
+        tok, tok_mask = _pad(
+            [it.text_tokens for it in items], dims["text"], quantum
+        )  # (B, T_t, D_t)
     target = None
     if items[0].target is not None:
         target = torch.from_numpy(
@@ -152,9 +164,10 @@ def collate(items: list[Item], dims: dict[str, int], text_tokens: bool = False) 
 class Collator:
     """Picklable ``collate_fn`` for DataLoader workers."""
 
-    def __init__(self, dims: dict[str, int], text_tokens: bool = False):
+    def __init__(self, dims: dict[str, int], text_tokens: bool = False, quantum: int = 1):
         self.dims = dict(dims)
         self.text_tokens = text_tokens
+        self.quantum = quantum
 
     def __call__(self, items: list[Item]) -> Batch:
-        return collate(items, self.dims, self.text_tokens)
+        return collate(items, self.dims, self.text_tokens, self.quantum)

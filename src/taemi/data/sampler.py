@@ -171,12 +171,14 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
 
 
 def padding_fraction(
-    batches: Sequence[Sequence[int]], lengths: Sequence[Sequence[int]] | np.ndarray
+    batches: Sequence[Sequence[int]],
+    lengths: Sequence[Sequence[int]] | np.ndarray,
+    quantum: int = 1,
 ) -> float:
     """Padded positions / all positions the model computes, over ``batches`` and every column.
 
-    A batch computes ``len(batch) * max(lengths)`` positions per column (as
-    :func:`taemi.data.dataset.collate` pads it). A missing modality (length 0) is its
+    A batch computes ``len(batch) * padded_length(max(lengths), quantum)`` positions per
+    column (as :func:`taemi.data.dataset.collate` pads it). A missing modality (length 0) is its
     token over the batch's whole length, of which one step counts as useful; a batch where
     every clip lacks the modality computes one step per clip. Pass ``lengths[:, [k]]`` for
     one modality's fraction.
@@ -187,7 +189,8 @@ def padding_fraction(
         rows = L[np.asarray(b, dtype=np.int64)]  # (b, K)
         if len(rows) == 0:
             continue
-        computed += int(rows.max(axis=0).sum()) * len(rows)
+        longest = -(-rows.max(axis=0) // quantum) * quantum  # (K,) padded_length per column
+        computed += int(longest.sum()) * len(rows)
         useful += int(rows.sum())
     return (computed - useful) / computed if computed else 0.0
 

@@ -87,6 +87,9 @@ class FrozenMode:
     find_unused_parameters = False
     #: Whether the model reads the raw audio (the store's waveform cache).
     reads_waveforms = False
+    #: Whether the datasets are stored features only (:class:`ClipDataset`): what batches
+    #: resident on the device and captured steps (:mod:`taemi.train.step`) need.
+    stored_features = True
 
     def resolve_text_tokens(self, cfg: RunConfig, store: FeatureStore) -> RunConfig:
         """Turn ``data.text_tokens=auto`` into yes/no: token states are used when the store
@@ -120,6 +123,7 @@ class FrozenMode:
             max_text_tokens=cfg.data.max_text_tokens,
             text_tokens=cfg.data.text_tokens == "yes",
             modalities=cfg.data.modalities,
+            length_quantum=cfg.data.length_quantum or 1,  # 0 (auto) is resolved by the trainer
         )
 
     def build(self, cfg: RunConfig) -> tuple[RunConfig, nn.Module]:
@@ -146,6 +150,8 @@ class FinetuneMode(FrozenMode):
     """Train the audio and text backbones end to end with the fusion model
     (:class:`~taemi.finetune.model.FinetuneModel`): raw audio and transcripts, vision
     from the store."""
+
+    stored_features = False  # raw waveforms and transcripts: no resident batches, no graphs
 
     name = "finetune"
     store_modalities = ("vision",)  # audio and text come from the backbones

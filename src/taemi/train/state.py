@@ -47,6 +47,11 @@ RUNTIME_KEYS = {
     ("train", "log_every"),
     ("train", "eval_batch_size"),
     ("data", "num_workers"),
+    ("data", "length_quantum"),  # padding: the model's outputs do not depend on it
+    ("data", "resident"),
+    ("data", "resident_share"),
+    ("train", "cuda_graphs"),
+    ("train", "graph_shapes"),
 }
 #: What a state.pt must hold (``torch.load(weights_only=True)``: tensors and plain containers).
 _STATE_KEYS = (
@@ -162,14 +167,31 @@ def load_state(path: Path) -> dict:
     return st
 
 
+def _plain_rates(state: dict) -> dict:
+    """Learning rates as Python floats: a captured step keeps them as device tensors
+    (:mod:`taemi.train.step`), and a state.pt must load on any device and any engine."""
+
+    def plain(v):
+        return float(v) if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+
+    for g in state.get("param_groups", ()):
+        for key in ("lr", "initial_lr"):
+            if key in g:
+                g[key] = plain(g[key])
+    for key in ("_last_lr", "base_lrs"):
+        if isinstance(state.get(key), list):
+            state[key] = [plain(v) for v in state[key]]
+    return state
+
+
 def save_state(path: Path, model, optimizer, scheduler, scaler, device, **extra) -> None:
     """Write ``state.pt`` atomically: model, optimiser, scheduler, scaler, this process's
     RNG states and ``extra`` (progress, ``rng_ranks``, ...)."""
     best = extra.pop("best_metrics")
     state = {
         "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        "optimizer": _plain_rates(optimizer.state_dict()),
+        "scheduler": _plain_rates(scheduler.state_dict()),
         "scaler": scaler.state_dict(),
         "rng": rng_snapshot(),
         "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,

@@ -43,17 +43,19 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from taemi.config import ConfigError, RunConfig, save_config
+from taemi.data.batch import Batch
 from taemi.data.labels import Labels
+from taemi.data.resident import ResidentFeatures, memory_available, resident_bytes
+from taemi.data.sampler import dataset_lengths, padding_fraction
 from taemi.eval.metrics import Metrics, compute_metrics
 from taemi.eval.predict import check_finite_predictions, predict_dataset
 from taemi.run import (
@@ -69,7 +71,7 @@ from taemi.run import (
     write_metrics,
     write_valid_predictions,
 )
-from taemi.runtime import autocast, resolve_device, resolve_precision, seed_everything
+from taemi.runtime import resolve_device, resolve_precision, seed_everything
 from taemi.store import FeatureStore
 from taemi.train.distributed import (
     DistInfo,
@@ -82,6 +84,15 @@ from taemi.train.modes import FrozenMode, check_store_fits, mode_for
 from taemi.train.plots import plot_history, plot_per_emotion
 from taemi.train.schedule import make_scheduler
 from taemi.train.state import Progress, check_resumable, resume_state, save_state
+from taemi.train.step import (
+    CudaCapture,
+    EagerCapture,
+    EagerStep,
+    GraphedStep,
+    StaticInputs,
+    current_lr,
+    learning_rates_on_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +115,19 @@ class TrainResult:
 # --------------------------------------------------------------------------- set-up
 
 
-def make_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(
+    cfg: RunConfig, model: torch.nn.Module, *, capturable: bool = False
+) -> torch.optim.Optimizer:
     """AdamW over the mode's parameter groups (fine-tuning: fusion at ``train.lr``,
-    backbones at ``finetune.backbone_lr``; frozen parameters left out)."""
+    backbones at ``finetune.backbone_lr``; frozen parameters left out).
+
+    ``capturable``: the form a step captured in a CUDA graph needs (:mod:`taemi.train.step`):
+    fused, step counts on the device; the learning rates become device tensors once the
+    schedule exists (:func:`taemi.train.step.learning_rates_on_device`)."""
     tc = cfg.train
     fused = {"fused": True} if next(model.parameters()).device.type in ("cpu", "cuda") else {}
+    if capturable:
+        fused["capturable"] = True
     groups = mode_for(cfg).param_groups(
         cfg, model
     )  # fused: one kernel over all parameters (1.05x per CPU step)
@@ -219,15 +238,6 @@ def _micro_batch_groups(loader: Iterable, size: int) -> Iterable[list]:
         yield group
 
 
-def _clip_gradients(model: torch.nn.Module, cfg: RunConfig) -> None:
-    if cfg.train.grad_clip <= 0:
-        return
-    if cfg.train.grad_clip_mode == "value":
-        torch.nn.utils.clip_grad_value_(model.parameters(), cfg.train.grad_clip)
-    else:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-
-
 def _open_run_folder(run: Path, dist_info: DistInfo, device: torch.device) -> TrainingFolder | None:
     """Rank 0 creates and locks the run folder; every rank learns whether that worked, so
     that a refused lock stops all of them instead of leaving the others waiting."""
@@ -306,6 +316,136 @@ def _wrap_model(
     if cfg.train.compile:  # the compiled module shares the weights of `model`
         train_model = torch.compile(train_model, dynamic=True)
     return train_model
+
+
+#: ``data.length_quantum=0`` (auto) on CUDA: ~60 batch shapes over the corpus's length mix
+#: with bucketed batches, ~11% padding (5.5% unquantised); see :mod:`taemi.train.step`.
+CUDA_LENGTH_QUANTUM = 32
+
+
+def _resolve_length_quantum(cfg: RunConfig, device: torch.device) -> RunConfig:
+    """``data.length_quantum=0`` -> 32 on CUDA (a finite set of batch shapes: kernel plans and
+    captured graphs are reused), 1 elsewhere (on a CPU padding only costs time). The run's
+    config.yaml records the resolved value."""
+    if cfg.data.length_quantum:
+        return cfg
+    q = CUDA_LENGTH_QUANTUM if device.type == "cuda" else 1
+    return replace(cfg, data=replace(cfg.data, length_quantum=q))
+
+
+def _use_graphs(
+    cfg: RunConfig, mode: FrozenMode, device: torch.device, precision: str, dist_info: DistInfo
+) -> bool:
+    """Whether the steps are captured (:class:`GraphedStep`), by ``train.cuda_graphs``.
+
+    ``auto``: on CUDA when the run can be captured; ``on``: a run that cannot be captured is
+    refused (on a CPU the captured-step path runs with its eager stand-in, as the tests do);
+    ``off``: never."""
+    tc = cfg.train
+    if tc.cuda_graphs == "off":
+        return False
+    why_not = []
+    if not mode.stored_features:
+        why_not.append("fine-tuning (the backbones' input shapes are not bounded)")
+    if precision == "fp16":
+        why_not.append("fp16 (its grad scaler decides on the host; use bf16 or fp32)")
+    if dist_info.world > 1:
+        why_not.append("several processes (DDP)")
+    if tc.grad_accum_steps > 1:
+        why_not.append("gradient accumulation")
+    if tc.compile:
+        why_not.append("train.compile")
+    if tc.cuda_graphs == "auto":
+        return device.type == "cuda" and not why_not
+    if why_not:
+        raise ConfigError(f"train.cuda_graphs=on cannot capture this run: {'; '.join(why_not)}")
+    if device.type != "cuda":
+        log.info(
+            "train.cuda_graphs=on on %s: there are no CUDA graphs here, the captured-step path "
+            "runs with its eager stand-in",
+            device,
+        )
+    return True
+
+
+def _use_resident(cfg: RunConfig, mode: FrozenMode, device: torch.device, datasets: list) -> bool:
+    """Whether the splits' features are held on the device (``data.resident``): ``auto`` on
+    CUDA when they take at most ``data.resident_share`` of its free memory, ``yes`` always
+    (refused when they do not fit), ``no`` never."""
+    d = cfg.data
+    if d.resident == "no" or (d.resident == "auto" and device.type != "cuda"):
+        return False
+    if not mode.stored_features:
+        if d.resident == "yes":
+            raise ConfigError(
+                "data.resident=yes: fine-tuning reads raw waveforms, not stored features"
+            )
+        return False
+    need = sum(resident_bytes(ds) for ds in datasets if ds is not None)
+    free = memory_available(device)
+    if need <= d.resident_share * free:
+        return True
+    what = (
+        f"the splits' features take {need / 2**30:.2f} GiB, more than data.resident_share="
+        f"{d.resident_share:g} of the {free / 2**30:.2f} GiB free on {device}"
+    )
+    if d.resident == "yes":
+        raise ConfigError(f"data.resident=yes: {what}")
+    log.info("%s: batches come from pinned host memory instead", what)
+    return False
+
+
+def _execution(
+    cfg: RunConfig,
+    mode: FrozenMode,
+    model: torch.nn.Module,
+    train_model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    store: FeatureStore,
+    device: torch.device,
+    precision: str,
+    graphs: bool,
+    dist_info: DistInfo,
+    train_ds,
+    valid_ds,
+    resident: bool,
+    show: bool,
+) -> Execution:
+    """The step engine and the batch source of the run (set up after any resume, so that a
+    captured step reads the restored learning rates)."""
+    if graphs:
+        learning_rates_on_device(optimizer, device)
+        engine: EagerStep | GraphedStep = GraphedStep(
+            model,
+            optimizer,
+            cfg,
+            device,
+            precision,
+            StaticInputs.for_config(cfg, store.dims, device),
+            CudaCapture(device) if device.type == "cuda" else EagerCapture(),
+            cfg.train.graph_shapes,
+        )
+    else:
+        engine = EagerStep(
+            model, train_model, optimizer, scaler, cfg, device, precision, dist_info.world
+        )
+    lengths = None
+    if mode.stored_features:
+        lengths = dataset_lengths(
+            store,
+            train_ds.ids,
+            cfg.data.max_audio_len,
+            cfg.data.max_vision_len,
+            modalities=cfg.data.modalities,
+            max_text_tokens=cfg.data.max_text_tokens if train_ds.text_tokens else None,
+        )
+    ex = Execution(engine, device, precision, cfg.data.length_quantum, lengths=lengths)
+    if resident:
+        ex.resident_train = ResidentFeatures(train_ds, device, progress=show)
+        if valid_ds is not None:
+            ex.resident_valid = ResidentFeatures(valid_ds, device, progress=show)
+    return ex
 
 
 def _warn_on_overlap(train_labels: Labels, valid_labels: Labels) -> None:
@@ -414,35 +554,98 @@ def _check_weights(model: torch.nn.Module, epoch: int, cfg: RunConfig) -> None:
 # --------------------------------------------------------------------------- the loop
 
 
+@dataclass
+class Execution:
+    """How this process runs the recipe: the step engine, where batches are built, and what
+    was measured about it (``metrics.json``'s ``execution`` record)."""
+
+    engine: EagerStep | GraphedStep
+    device: torch.device
+    precision: str
+    length_quantum: int
+    resident_train: ResidentFeatures | None = None
+    resident_valid: ResidentFeatures | None = None
+    lengths: np.ndarray | None = None  # (N, K) trimmed lengths of the training clips
+    padding: list[float] = field(default_factory=list)  # per epoch, share of padded positions
+    startup_seconds: float | None = None
+
+    def record(self) -> dict:
+        res = self.resident_train
+        return {
+            "precision": self.precision,
+            "attention": "flash|efficient|math (no cuDNN)"
+            if self.device.type == "cuda"
+            else "default",
+            "step": self.engine.stats(),
+            "length_quantum": self.length_quantum,
+            "padding_share": None if not self.padding else round(self.padding[-1], 4),
+            "batches": "resident on the device" if res is not None else "DataLoader",
+            "resident_bytes": None
+            if res is None
+            else res.nbytes + (self.resident_valid.nbytes if self.resident_valid else 0),
+            "resident_load_seconds": None
+            if res is None
+            else round(
+                res.load_seconds + (self.resident_valid.load_seconds if self.resident_valid else 0),
+                3,
+            ),
+            "startup_seconds": None
+            if self.startup_seconds is None
+            else round(self.startup_seconds, 3),
+        }
+
+
+def _device_batches(loader: Iterable[Batch], device: torch.device) -> Iterable[Batch]:
+    """The loader's batches on ``device``, one batch ahead: the next batch's (pinned,
+    non-blocking) copy is queued before the current one is used, so on a GPU it overlaps
+    the step."""
+    ahead = None
+    for batch in loader:
+        batch = batch.to(device, non_blocking=True)
+        if ahead is not None:
+            yield ahead
+        ahead = batch
+    if ahead is not None:
+        yield ahead
+
+
+def _in_order(res: ResidentFeatures, batch_size: int) -> Iterable[Batch]:
+    """The resident split's clips in dataset order, ``batch_size`` at a time (validation)."""
+    for start in range(0, len(res), batch_size):
+        yield res.batch(np.arange(start, min(start + batch_size, len(res))))
+
+
 def _train_epoch(
     cfg: RunConfig,
     model: torch.nn.Module,
-    train_model: torch.nn.Module,
     train_ds,
     store: FeatureStore,
     epoch: int,
     last_epoch: int,
     dist_info: DistInfo,
-    device: torch.device,
-    precision: str,
-    optimizer,
+    ex: Execution,
     scheduler,
-    scaler,
     show: bool,
 ) -> tuple[float, int]:
     """One epoch of optimiser steps; (sum of the clips' losses, clips seen) over every rank."""
-    tc, accum = cfg.train, cfg.train.grad_accum_steps
+    tc, accum, device = cfg.train, cfg.train.grad_accum_steps, ex.device
     if hasattr(train_ds, "set_epoch"):
         train_ds.set_epoch(epoch)  # augmentation draws depend on (seed, epoch, clip)
     batches = epoch_batches(cfg, train_ds, store, epoch, dist_info)
+    if ex.lengths is not None:
+        ex.padding.append(padding_fraction(batches, ex.lengths, ex.length_quantum))
     steps_this_epoch = math.ceil(len(batches) / accum)
-    loader = DataLoader(
-        train_ds,
-        batch_sampler=batches,
-        num_workers=cfg.data.num_workers,
-        collate_fn=train_ds.collator(),
-        pin_memory=device.type == "cuda",
-    )
+    if ex.resident_train is not None:
+        source: Iterable[Batch] = (ex.resident_train.batch(b) for b in batches)
+    else:
+        loader = DataLoader(
+            train_ds,
+            batch_sampler=batches,
+            num_workers=cfg.data.num_workers,
+            collate_fn=train_ds.collator(),
+            pin_memory=device.type == "cuda",
+        )
+        source = _device_batches(loader, device)
     model.train()
     loss_sum, n_seen = torch.zeros((), device=device), 0
     check_every = 1 if device.type == "cpu" else ACCELERATOR_LOSS_CHECK_STEPS
@@ -454,7 +657,7 @@ def _train_epoch(
         leave=False,
         unit="step",
     )
-    for step, group in enumerate(_micro_batch_groups(loader, accum), 1):
+    for step, group in enumerate(_micro_batch_groups(source, accum), 1):
         # one optimiser step over the group's micro-batches (of all ranks); each micro-batch's
         # mean loss is weighted by its share of the step's clips, so the step's loss is their mean
         n_group = sum(len(b) for b in group)
@@ -463,35 +666,22 @@ def _train_epoch(
                 int(all_reduce_sum(torch.tensor(n_group, device=device), dist_info))
                 / dist_info.world
             )
-        optimizer.zero_grad(set_to_none=True)
-        step_losses = []
-        for j, batch in enumerate(group):
-            batch = batch.to(device, non_blocking=True)
-            sync = dist_info.world == 1 or j == len(group) - 1  # all-reduce once per optimiser step
-            with contextlib.nullcontext() if sync else train_model.no_sync():
-                with autocast(device, precision):
-                    pred = train_model(batch)  # (B, E)
-                loss = F.mse_loss(pred.float(), batch.target)
-                weight = len(batch) / n_group
-                scaler.scale(loss * weight if weight != 1.0 else loss).backward()
-            step_losses.append(loss.detach())
-            loss_sum += loss.detach() * len(batch)  # stays on the device
+        losses = ex.engine.compute(group, n_group)  # (len(group),) on the device
+        for loss, batch in zip(losses, group):
+            loss_sum += loss * len(batch)  # stays on the device
             n_seen += len(batch)
-        pending_checks.append((step, torch.stack(step_losses), group, scheduler.get_last_lr()[0]))
+        pending_checks.append((step, losses, group, scheduler.get_last_lr()[0]))
         if len(pending_checks) >= check_every or step == steps_this_epoch:
             _check_step_losses(
                 pending_checks, dist_info, epoch=epoch, steps=steps_this_epoch, cfg=cfg, store=store
             )
             pending_checks = []
         bar.update(1)
-        scaler.unscale_(optimizer)
-        _clip_gradients(model, cfg)
-        scaler.step(optimizer)
-        scaler.update()
+        ex.engine.update()  # clip + AdamW, unless the captured step did them
         scheduler.step()
-        if show and (step % 10 == 0 or step == steps_this_epoch):
+        if show and (step % check_every == 0 or step == steps_this_epoch):
             bar.set_postfix(
-                loss=f"{loss_sum.item() / n_seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}"
+                loss=f"{loss_sum.item() / n_seen:.4f}", lr=f"{current_lr(scheduler):.2e}"
             )
         if dist_info.main and tc.log_every and step % tc.log_every == 0:
             log.info("epoch %d step %d: train loss %.5f", epoch, step, loss_sum.item() / n_seen)
@@ -527,14 +717,18 @@ def train(
     mode = mode_for(cfg.validate())
     cfg = mode.resolve_text_tokens(cfg, store)
     check_store_fits(cfg, store)
+    t_start = time.perf_counter()
+    dist_info, device = _setup_devices(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
+    cfg = _resolve_length_quantum(cfg, device)
     tc = cfg.train
-    dist_info, device = _setup_devices(tc.device)
-    precision = resolve_precision(tc.precision, device)
+    graphs = _use_graphs(cfg, mode, device, precision, dist_info)
     if valid_labels is not None:
         valid_labels.check_scorable("validation")
         _warn_on_overlap(train_labels, valid_labels)
     train_ds = mode.dataset(cfg, store, train_labels, training=True)
     valid_ds = None if valid_labels is None else mode.dataset(cfg, store, valid_labels)
+    resident = _use_resident(cfg, mode, device, [train_ds, valid_ds])
     last_epoch = tc.max_epochs if fixed_epochs is None else fixed_epochs
     run = Path(out_dir)
     state_path = run / STATE_FILE
@@ -549,7 +743,7 @@ def train(
         cfg, model = mode.build(cfg)  # fine-tuning: loads the backbones, sets their sizes
         _start_run_folder(run, cfg, mode, model, store, resume, dist_info)
         model = model.to(device)
-        optimizer = make_optimizer(cfg, model)
+        optimizer = make_optimizer(cfg, model, capturable=graphs)
         scheduler = _setup_schedule(cfg, optimizer, len(train_ds))
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         state = Progress()
@@ -557,10 +751,27 @@ def train(
             state = resume_state(
                 state_path, model, optimizer, scheduler, scaler, device, dist_info, fixed_epochs
             )
-        fixed = {"fixed_epochs": fixed_epochs, "train_clips": len(train_ds)}
         train_model = _wrap_model(
             model, cfg, mode, dist_info, device, fresh=not resume or not state_path.is_file()
         )
+        ex = _execution(
+            cfg,
+            mode,
+            model,
+            train_model,
+            optimizer,
+            scaler,
+            store,
+            device,
+            precision,
+            graphs,
+            dist_info,
+            train_ds,
+            valid_ds if resident else None,
+            resident,
+            progress and main,
+        )
+        fixed = {"fixed_epochs": fixed_epochs, "train_clips": len(train_ds)}
         stopped_early = bool(state.history) and tc.patience > 0 and state.bad_epochs >= tc.patience
         log.info(
             "training %s%s (%d parameters, %d trainable) on %d clips, %s; %s, %s",
@@ -575,6 +786,15 @@ def train(
             device,
             precision,
         )
+        log.info(
+            "steps: %s; batches: %s; sequences padded to a multiple of %d",
+            "captured in CUDA graphs per batch shape"
+            if isinstance(ex.engine, GraphedStep)
+            else "eager",
+            "resident on the device" if resident else "DataLoader",
+            ex.length_quantum,
+        )
+        ex.startup_seconds = time.perf_counter() - t_start
 
         for epoch in range(state.start_epoch, last_epoch + 1):
             if stopped_early:
@@ -583,17 +803,13 @@ def train(
             loss_sum, n_seen = _train_epoch(
                 cfg,
                 model,
-                train_model,
                 train_ds,
                 store,
                 epoch,
                 last_epoch,
                 dist_info,
-                device,
-                precision,
-                optimizer,
+                ex,
                 scheduler,
-                scaler,
                 show=progress and main,
             )
             _check_weights(model, epoch, cfg)  # the epoch's last step may have made them non-finite
@@ -602,7 +818,7 @@ def train(
                 row = {
                     "epoch": epoch,
                     "train_loss": loss_sum / max(n_seen, 1),
-                    "lr": scheduler.get_last_lr()[0],
+                    "lr": current_lr(scheduler),
                     "seconds": round(time.perf_counter() - t0, 3),
                 }
                 state.history.append(row)
@@ -620,6 +836,9 @@ def train(
                     num_workers=cfg.data.num_workers,
                     progress=progress and main,
                     desc="validate",
+                    batches=None
+                    if ex.resident_valid is None
+                    else _in_order(ex.resident_valid, tc.eval_batch_size),
                 )
                 check_finite_predictions(
                     pred,
@@ -632,7 +851,7 @@ def train(
                 row = {
                     "epoch": epoch,
                     "train_loss": loss_sum / max(n_seen, 1),
-                    "lr": scheduler.get_last_lr()[0],
+                    "lr": current_lr(scheduler),
                     "valid_loss": valid_loss,
                     "valid_mean_pearson": metrics.mean_pearson,
                     **{f"pearson_{e}": metrics.pearson[e] for e in cfg.data.emotions},
@@ -692,6 +911,7 @@ def train(
                     device=str(device),
                     precision=precision,
                     world_size=dist_info.world,
+                    execution=ex.record(),
                     **fixed,
                 )
                 saved_epoch = True
@@ -716,6 +936,7 @@ def train(
                 device=str(device),
                 precision=precision,
                 world_size=dist_info.world,
+                execution=ex.record(),
                 **fixed,
             )
             if valid_ds is not None:
