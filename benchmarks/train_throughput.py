@@ -484,7 +484,7 @@ def make_step(
     scheduler = make_scheduler(optimizer, 10, 1000)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
-    def step(batch: Batch) -> None:
+    def step(batch: Batch, wait: bool = True) -> None:
         before = torch.get_num_threads()
         if threads:
             torch.set_num_threads(threads)
@@ -502,7 +502,8 @@ def make_step(
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            loss.item()  # waits for the device
+            if wait:
+                loss.item()  # waits for the device
         finally:
             torch.set_num_threads(before)
 
@@ -510,12 +511,16 @@ def make_step(
 
 
 def graphed_step(
-    model: nn.Module, cfg: RunConfig, precision: str, device: torch.device
+    model: nn.Module, cfg: RunConfig, precision: str, device: torch.device, batch_size: int
 ) -> Callable[[Batch], None]:
     """The trainer's captured step (:class:`taemi.train.step.GraphedStep`); off CUDA its
     eager stand-in. The schedule is stepped after each step, as the trainer does."""
     model.to(device)
-    cfg = replace(cfg, data=replace(cfg.data, length_quantum=CUDA_LENGTH_QUANTUM))
+    cfg = replace(
+        cfg,
+        data=replace(cfg.data, length_quantum=CUDA_LENGTH_QUANTUM),
+        train=replace(cfg.train, batch_size=batch_size),  # sizes the static buffers
+    )
     optimizer = make_optimizer(cfg, model, capturable=True)
     scheduler = make_scheduler(optimizer, 10, 1000)
     learning_rates_on_device(optimizer, device)
@@ -535,10 +540,11 @@ def graphed_step(
         max_shapes=256,
     )
 
-    def step(batch: Batch) -> None:
+    def step(batch: Batch, wait: bool = True) -> None:
         loss = engine.compute([batch], len(batch))
         scheduler.step()
-        loss.item()  # waits for the device
+        if wait:
+            loss.item()  # waits for the device
 
     step.engine = engine  # type: ignore[attr-defined]
     return step
@@ -636,7 +642,7 @@ def build_runner(
             name,
             f"bucketed, lengths padded to a multiple of {CUDA_LENGTH_QUANTUM}, {prec}, "
             "whole step captured per shape (GraphedStep)",
-            graphed_step(model, cfg, prec, device),
+            graphed_step(model, cfg, prec, device, len(random_set[0][0])),
             *sets["quantised"],
         )
     if name == "unfused_adamw":
@@ -778,6 +784,15 @@ def run_preset(
             + ", ".join(f"{r.name} {r.step_s[-1]:.2f}s@{r.matmul[-1] / 1e9:.0f}" for r in runners),
             flush=True,
         )
+    # back to back: every timed batch once, one wait for the device at the end, as the trainer
+    # runs (it waits for the device every 10 steps, for the loss check)
+    for r in runners:
+        sync(device)
+        t0 = time.perf_counter()
+        for b in r.batches:
+            r.step(b, wait=False)
+        sync(device)
+        r.back_to_back = sum(len(b) for b in r.batches) / (time.perf_counter() - t0)  # type: ignore[attr-defined]
     for r in runners:
         r.epoch_s = epoch_flops / r.rate  # type: ignore[attr-defined]
         r.epoch_flops = epoch_flops  # type: ignore[attr-defined]
@@ -802,6 +817,10 @@ def report(name: str, runners: list[Runner], best: float) -> None:
             f"{r.epoch_s / 60:>9.1f} {r.epoch_flops / (r.util_adjacent * best) / 60:>7.1f} "
             f"{sum(r.cpu_s) / sum(r.step_s) / torch.get_num_threads():>9.2f}"
         )
+    print(
+        "  back to back (each timed batch once, one wait for the device at the end; samples/s): "
+        + ", ".join(f"{r.name} {r.back_to_back:.0f}" for r in runners)
+    )
     by = {r.name: r for r in runners}
     for ref in ("plain", "before"):
         if ref in by:
