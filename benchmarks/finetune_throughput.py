@@ -77,10 +77,11 @@ from taemi.config import ConfigError, RunConfig, build_config
 from taemi.data.batch import Batch
 from taemi.finetune.data import FinetuneBatch
 from taemi.finetune.model import FinetuneModel, configure_backbones
-from taemi.runtime import autocast, resolve_device, resolve_precision
+from taemi.runtime import attention_backends, autocast, resolve_device, resolve_precision
 from taemi.train.modes import backbone_sizes, build_model
 from taemi.train.schedule import make_scheduler
-from taemi.train.trainer import _clip_gradients, make_optimizer
+from taemi.train.step import clip_gradients
+from taemi.train.trainer import make_optimizer
 
 EPOCH_CLIPS = 8072  # ABAW EMI training split (docs/method.md section 2)
 SAMPLE_RATE = 16_000
@@ -329,13 +330,13 @@ class Runner:
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def step(self, after_backward: Callable[[], None] | None = None) -> float:
-        """The trainer's optimiser step (train/trainer.py), one micro-batch; appends the
+        """The trainer's optimiser step (train/step.py, EagerStep), one micro-batch; appends the
         seconds of its phases to ``self.last_phases`` (forward incl. the batch transfer and
         the loss, backward, clipping + optimiser + scheduler)."""
         t0 = time.perf_counter()
         batch = self.batch.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device, self.precision):
+        with attention_backends(self.device), autocast(self.device, self.precision):
             pred = self.model(batch)  # (B, E)
         loss = F.mse_loss(pred.float(), batch.target)
         t1 = self._now()
@@ -345,7 +346,7 @@ class Runner:
             after_backward()
         t2b = time.perf_counter()
         self.scaler.unscale_(self.optimizer)
-        _clip_gradients(self.model, self.cfg)
+        clip_gradients(self.model, self.cfg)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()

@@ -215,13 +215,31 @@ def test_track_interpolates_between_detections_and_keeps_the_last_box_at_the_end
         assert np.array_equal(crops[i], cropper.crop_box(frames[i], (x0, y0, side, side)))
 
 
-def test_track_drops_frames_next_to_a_detection_without_a_face() -> None:
-    frames = scripted_frames(12)
-    boxes = {0: (10, 10, 20, 20), 3: None, 6: (30, 30, 20, 20), 9: (30, 30, 20, 20)}
-    kept, crops, squares = run_track(scripted_cropper(boxes, k=3), frames)
-    # 1, 2: the next detection (3) has no face; 3, 4, 5: no face until the next face (6)
-    assert kept == [0, 6, 7, 8, 9, 10, 11]
-    assert len(crops) == len(squares) == 7
+def test_track_finds_where_the_face_left_and_came_back_frame_by_frame() -> None:
+    """A detection without a face: the frames since the last face are detected one by one
+    (kept or dropped by their own detection), and so is every frame after it until a face is
+    found again; the every-k schedule resumes from there."""
+    frames = scripted_frames(16)
+    face, other = (10, 10, 20, 20), (30, 30, 20, 20)
+    boxes = {i: (face if i < 2 else None if i < 7 else other) for i in range(16)}
+    cropper = scripted_cropper(boxes, k=3)
+    kept, crops, squares = run_track(cropper, frames)
+    assert kept == [0, 1, *range(7, 16)]  # what detecting every frame keeps
+    # 0; 3 (miss) -> 1, 2 on their own; search 4, 5, 6, 7 (face); then the schedule 9, 12, 15
+    assert cropper.asked == [0, 3, 1, 2, 4, 5, 6, 7, 9, 12, 15]
+    assert squares[1] == (10, 10, 20)  # frame 1: its own detection
+    assert squares[2:] == [(30, 30, 20)] * 9
+    assert len(crops) == len(kept)
+    per_frame = run_track(scripted_cropper(boxes, k=1), frames)
+    assert per_frame[0] == kept and per_frame[2] == squares
+
+
+def test_track_on_a_video_without_faces_detects_every_frame() -> None:
+    frames = scripted_frames(7)
+    cropper = scripted_cropper(dict.fromkeys(range(7)), k=3)
+    kept, crops, _ = run_track(cropper, frames)
+    assert kept == [] and crops == []
+    assert cropper.asked == list(range(7))  # no face to carry: the per-frame cost
 
 
 def test_track_detects_again_when_the_frame_size_changes() -> None:
@@ -406,7 +424,7 @@ def test_predict_media_loads_a_cropper_with_the_runs_detect_every(monkeypatch, t
 def test_finish_drops_the_repeat_counts_of_dropped_frames() -> None:
     """With decode_video's vision_fps, a dropped frame takes its repeat count along."""
     frames = scripted_frames(4)
-    cropper = scripted_cropper({0: (10, 10, 20, 20), 3: None}, k=3)
+    cropper = scripted_cropper({0: (10, 10, 20, 20), 1: None, 2: None, 3: None}, k=3)
     track = cropper.for_video()
     crops = [track(f) for f in frames]
     assert crops[3] is None and all(c is not None for c in crops[:3])

