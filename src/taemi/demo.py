@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,21 +38,39 @@ from taemi.train.trainer import train
 log = logging.getLogger(__name__)
 
 
-def _media_data(out: Path, clips: int, seed: int, max_frames: int, progress: bool) -> dict:
-    """Generate the media corpus and extract its features; paths and the oracle ceiling."""
+def _media_data(
+    out: Path,
+    clips: int,
+    seed: int,
+    max_frames: int,
+    progress: bool,
+    *,
+    share_whisper: bool = False,
+    image_precision: str = "fp32",
+    seconds: dict | None = None,
+) -> dict:
+    """Generate the media corpus and extract its features; paths and the oracle ceiling.
+    ``seconds`` gets the wall seconds of the generation (``media``) and the extraction."""
     from taemi.extract.pipeline import ExtractOptions, extract, find_sources, summary_counts
     from taemi.extract.profiles import load_encoders
     from taemi.synth.media import MediaSynthConfig, label_fn, make_media_corpus
 
+    seconds = {} if seconds is None else seconds
+    t0 = time.perf_counter()
     mcfg = MediaSynthConfig(clips=clips, seed=seed)
     corpus = make_media_corpus(out / "media", mcfg, progress=progress)
+    seconds["media"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
     sources, input_errors = find_sources([corpus.raw])
-    encoders = load_encoders("offline", face=False)
-    opts = ExtractOptions(max_frames=max_frames, frame_policy="uniform")
+    encoders = load_encoders("offline", face=False, image_precision=image_precision)
+    opts = ExtractOptions(
+        max_frames=max_frames, frame_policy="uniform", share_whisper=share_whisper
+    )
     summary = extract(
         sources, out / "features", encoders, opts, input_errors=input_errors, progress=progress
     )
     log.info("extraction: %s", summary_counts(summary))
+    seconds["extract"] = round(time.perf_counter() - t0, 1)  # models loaded included
     if not summary.ok:
         raise RuntimeError(f"extraction of the demo media failed; see {summary.errors_file}")
 
@@ -98,13 +117,31 @@ def run_demo(
     synthetic_features: bool = False,
     resume: bool = False,
     progress: bool = True,
+    share_whisper: bool = False,
+    image_precision: str = "fp32",
 ) -> dict:
-    """Run the whole chain into ``out``; return (and write ``out/summary.json``) the scores."""
+    """Run the whole chain into ``out``; return (and write ``out/summary.json``) the scores.
+
+    ``share_whisper`` and ``image_precision`` are the extraction's speed settings
+    (``taemi extract --share-whisper``, ``--image-precision int8``); the summary records
+    them, the seconds of each phase and which phase took the longest."""
     out = Path(out)
+    t_start = time.perf_counter()
+    seconds: dict[str, float] = {}
     if synthetic_features:
         data = _feature_data(out, clips, seed, progress)
     else:
-        data = _media_data(out, clips, seed, max_frames, progress)
+        data = _media_data(
+            out,
+            clips,
+            seed,
+            max_frames,
+            progress,
+            share_whisper=share_whisper,
+            image_precision=image_precision,
+            seconds=seconds,
+        )
+    t_train = time.perf_counter()
     store = FeatureStore(data["store"])
     cfg = config_for_store(
         preset, [("train.max_epochs", epochs)], store
@@ -124,6 +161,7 @@ def run_demo(
             progress=progress,
         )
 
+    seconds["train"] = round(time.perf_counter() - t_train, 1)
     predictor = Predictor.from_run(run_dir, "best")
     cfg = predictor.cfg
     pred = predictor.predict(predictor.dataset(store, valid_labels), progress=progress)
@@ -142,6 +180,14 @@ def run_demo(
         "oracle_mean_pearson": data["oracle"],
         "share_of_oracle": metrics.mean_pearson / data["oracle"],
         "extract": data.get("extract"),
+        "settings": {
+            "max_frames": max_frames,
+            "share_whisper": share_whisper,
+            "image_precision": image_precision,
+            "epochs": epochs,
+        },
+        "seconds": {**seconds, "total": round(time.perf_counter() - t_start, 1)},
+        "longest_phase": max(seconds, key=seconds.get) if seconds else None,
         "run": str(run_dir),
         "predictions": str(out / "valid_predictions.csv"),
     }

@@ -29,6 +29,17 @@ def register(
         action="store_true",
         help="skip media: train on a synthetic feature store at paper sizes",
     )
+    sp.add_argument(
+        "--share-whisper",
+        action="store_true",
+        help="extraction: transcripts from the audio features' Whisper pass (taemi extract --share-whisper)",
+    )
+    sp.add_argument(
+        "--image-precision",
+        default="fp32",
+        choices=("fp32", "int8"),
+        help="extraction: DINOv2 in fp32 (exact) or int8 (taemi extract --image-precision)",
+    )
     sp.add_argument("--resume", action="store_true", help="reuse finished steps in --out")
     common(sp)
     sp.set_defaults(func=cmd_demo)
@@ -47,10 +58,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         synthetic_features=args.synthetic_features,
         resume=args.resume,
         progress=not args.no_progress,
+        share_whisper=args.share_whisper,
+        image_precision=args.image_precision,
     )
     print_line(metrics_table(s["valid"], f"{args.preset} preset, {s['data']}, valid split:"))
     print_line(
         f"valid mean Pearson {s['valid']['mean_pearson']:.4f} vs oracle ceiling {s['oracle_mean_pearson']:.4f} "
         f"({100 * s['share_of_oracle']:.0f}% of the ceiling); details in {Path(args.out) / 'summary.json'}"
     )
+    if s.get("longest_phase"):
+        print_line(
+            "seconds: "
+            + ", ".join(f"{k} {v:g}" for k, v in s["seconds"].items())
+            + f"; the longest phase: {s['longest_phase']}"
+        )
     return 0
