@@ -66,6 +66,7 @@ def make_run(
     vision_fps: float | None = None,
     image_precision: str = "fp32",
     detect_every: int = 1,
+    share_whisper: bool = False,
 ) -> Path:
     """Generated training clips -> offline features (at ``vision_fps``, with the image
     encoder at ``image_precision`` and face detection every ``detect_every`` frames) -> a
@@ -81,6 +82,9 @@ def make_run(
     if detect_every != 1:
         tag += f"_det{detect_every}"
         extra += ["--detect-every", str(detect_every)]
+    if share_whisper:
+        tag += "_sharew"
+        extra += ["--share-whisper"]
     run, store = work / f"run{tag}", work / f"store{tag}"
     if (run / "best.safetensors").is_file():
         return run
@@ -257,6 +261,12 @@ def main() -> None:
         help="face detection on every K-th frame for the run's features (taemi extract --detect-every)",
     )
     ap.add_argument(
+        "--share-whisper",
+        action="store_true",
+        help="transcripts from the audio features' Whisper pass for the run's features "
+        "(taemi extract --share-whisper)",
+    )
+    ap.add_argument(
         "--fidelity-media",
         type=Path,
         help="real face videos for the fidelity check (default: the CREMA-D sample's media)",
@@ -265,7 +275,9 @@ def main() -> None:
     quiet()
     with work_folder(args.workdir, "taemi-predict-latency-") as work:
         t0 = time.perf_counter()
-        run = make_run(work, args.vision_fps, args.image_precision, args.detect_every)
+        run = make_run(
+            work, args.vision_fps, args.image_precision, args.detect_every, args.share_whisper
+        )
         videos = make_videos(work, args.videos, args.seconds)
         print(
             f"setup (media, features, tiny run) {time.perf_counter() - t0:.0f} s; {len(videos)} videos of "
@@ -353,6 +365,7 @@ def main() -> None:
     print(
         f"vision_fps {args.vision_fps if args.vision_fps is not None else 'None (every frame)'}, "
         f"image encoder {args.image_precision}, face detection every {args.detect_every} frame(s), "
+        f"share_whisper {args.share_whisper}, "
         f"warm calls (models loaded): {warm}; load average now {os.getloadavg()[0]:.2f}"
     )
     print(

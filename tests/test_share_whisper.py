@@ -102,3 +102,17 @@ def test_share_whisper_with_the_paper_profile_is_refused_before_any_model_loads(
     assert code == 2 and "--share-whisper needs one Whisper model" in capsys.readouterr().err
     with pytest.raises(ValueError, match="share_whisper must be true or false"):
         ExtractOptions(share_whisper="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.realmedia
+@pytest.mark.slow
+def test_shared_pass_of_digital_silence_is_not_decoded(encoders) -> None:
+    """Decoding the shared pass of digital silence hallucinates "you"; the exact path finds
+    no speech there, and so does the shared path now (no decoding at all)."""
+    silence = np.zeros(48000, np.float32)
+    (window,) = encoders.audio.encode_windows([silence])
+    assert encoders.asr.transcribe(silence) == ""
+    assert encoders.asr.transcribe(silence, encoder_states=window) == ""
+    noise = (1e-3 * np.random.default_rng(0).standard_normal(48000)).astype(np.float32)
+    (window,) = encoders.audio.encode_windows([noise])  # faint noise is decoded: no speech
+    assert encoders.asr.transcribe(noise, encoder_states=window) == ""

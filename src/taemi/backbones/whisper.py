@@ -276,6 +276,11 @@ def load_whisper(
     return LoadedWhisper(model=model, name=name, settings=settings)
 
 
+#: Peak amplitude below which a clip is digital silence (-80 dBFS): with ``share_whisper``
+#: such a clip gets an empty transcript without decoding (see WhisperRecognizer.transcribe).
+SILENCE_PEAK = 1e-4
+
+
 class WhisperRecognizer:
     """SpeechRecognizer: greedy (beam 1), temperature 0, no VAD, no previous-text prompt.
 
@@ -313,10 +318,14 @@ class WhisperRecognizer:
         ``encoder_states``: this waveform's encoder states over the whole 30 s window,
         (1500, D) from :meth:`WhisperEncoder.encode_windows` of the same model; the first
         window is then decoded from them instead of a pass of its own (``share_whisper``,
-        see the module docstring)."""
+        see the module docstring). Digital silence (every sample below
+        :data:`SILENCE_PEAK`) is then not decoded: its transcript is empty, as the exact
+        path's is, where decoding the shared pass of silence hallucinates "you"."""
         w = as_waveform(waveform, 0)
         model = self.whisper.model
         tap = None
+        if encoder_states is not None and float(np.abs(w).max()) < SILENCE_PEAK:
+            return ""
         if encoder_states is not None:
             import ctranslate2
 
