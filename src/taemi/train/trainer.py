@@ -578,7 +578,7 @@ class Execution:
             else "default",
             "step": self.engine.stats(),
             "length_quantum": self.length_quantum,
-            "padding_share": None if not self.padding else round(self.padding[-1], 4),
+            "padding_share": None if not self.padding else round(self.padding[-1], 4),  # last epoch
             "batches": "resident on the device" if res is not None else "DataLoader",
             "resident_bytes": None
             if res is None
