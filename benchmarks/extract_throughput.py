@@ -443,6 +443,15 @@ def print_throughput(r: dict) -> None:
     row("WALL: extract() vs floor (overhead ratio)", pipe["wall"], floor_total)
     row("WALL: extract() vs floor + decode pass (serial)", pipe["wall"], serial)
     row("CPU s: extract() vs floor + decode pass", pipe["cpu"], fl["cpu"] + dp["cpu"])
+    total = sum(st.values()) or 1.0
+    slowest = max(st, key=st.get)
+    print(
+        "stage shares of the pipeline's stage seconds: "
+        + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in st.items())
+        + f"; slowest stage {slowest} {st[slowest]:.2f} s; wall / slowest stage "
+        f"{pipe['wall'] / max(st[slowest], 1e-9):.2f} (1.00: the slowest stage sets the pace; "
+        "the models run one after the other, decoding runs beside them)"
+    )
     print(
         f"real-time factor (media s per wall s): pipeline {r['media_s'] / pipe['wall']:.3f}, "
         f"floor {r['media_s'] / floor_total:.3f}, floor + decode pass {r['media_s'] / serial:.3f}"
