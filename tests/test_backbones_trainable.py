@@ -28,7 +28,7 @@ from taemi.backbones.profiles import load_audio_backbone, rebuild_audio_backbone
 from taemi.backbones.text import TextBackbone, load_text_backbone, rebuild_text_backbone
 from taemi.backbones.trainable import ARCHITECTURE_FILE
 from taemi.backbones.wav2vec2 import Wav2Vec2Backbone, Wav2Vec2EmotionEncoder
-from taemi.backbones.whisper import (
+from taemi.backbones.whisper_trainable import (
     LogMel,
     WhisperBackbone,
     read_ctranslate2_encoder,

