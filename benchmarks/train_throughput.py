@@ -93,13 +93,7 @@ from taemi.model.taemi import CrossAttention, PaddedSequence
 from taemi.runtime import attention_backends, autocast, cpu_has_bf16
 from taemi.train.modes import build_model
 from taemi.train.schedule import make_scheduler
-from taemi.train.step import (
-    CudaCapture,
-    EagerCapture,
-    GraphedStep,
-    StaticInputs,
-    learning_rates_on_device,
-)
+from taemi.train.step import GraphedStep
 from taemi.train.trainer import CUDA_LENGTH_QUANTUM, make_optimizer
 
 EPOCH_CLIPS = 8072  # ABAW EMI training split (docs/method.md section 2)
@@ -523,22 +517,12 @@ def graphed_step(
     )
     optimizer = make_optimizer(cfg, model, capturable=True)
     scheduler = make_scheduler(optimizer, 10, 1000)
-    learning_rates_on_device(optimizer, device)
     dims = {
         "audio": cfg.model.audio_dim,
         "vision": cfg.model.vision_dim,
         "text": cfg.model.text_dim,
     }
-    engine = GraphedStep(
-        model,
-        optimizer,
-        cfg,
-        device,
-        precision,
-        StaticInputs.for_config(cfg, dims, device),
-        CudaCapture(device) if device.type == "cuda" else EagerCapture(),
-        max_shapes=256,
-    )
+    engine = GraphedStep.build(model, optimizer, cfg, device, precision, dims, max_shapes=256)
 
     def step(batch: Batch, wait: bool = True) -> None:
         loss = engine.compute([batch], len(batch))

@@ -36,6 +36,10 @@ def test_demo_runs_the_real_pipeline_end_to_end(tmp_path, capsys) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["data"].startswith("generated media")
     assert summary["extract"]["done"] == 16 and summary["extract"]["failed"] == 0
+    assert set(summary["seconds"]) == {"media", "extract", "train", "total"}
+    assert summary["longest_phase"] in ("media", "extract", "train")
+    assert summary["settings"]["share_whisper"] is False
+    assert "the longest phase" in printed
     assert summary["store_dims"] == {"audio": 384, "vision": 384, "text": 384}
     assert 0.5 < summary["oracle_mean_pearson"] <= 1.0
     assert summary["clips"]["train"] + summary["clips"]["valid"] == 16

@@ -8,7 +8,7 @@ from torch.utils.data import BatchSampler, RandomSampler
 from taemi.data.sampler import dataset_lengths, padding_fraction
 from taemi.train.distributed import DistInfo
 from taemi.train.modes import make_dataset
-from taemi.train.trainer import epoch_batches, train
+from taemi.train.trainer import epoch_batches, train, train_lengths
 
 
 def test_random_batches_are_those_of_a_seeded_random_sampler(store, labels, tiny_config) -> None:
@@ -49,6 +49,8 @@ def test_bucketed_batches_cover_the_epoch_with_less_padding(
     lengths = dataset_lengths(store, ds.ids, cfg.data.max_audio_len, cfg.data.max_vision_len)
     rand = epoch_batches(tiny_config("train.batch_size=8"), ds, store, 1, DistInfo())
     assert padding_fraction(batches, lengths) < padding_fraction(rand, lengths)
+    # the trainer reads the lengths once per run and passes them in: the same batches
+    assert epoch_batches(cfg, ds, store, 1, DistInfo(), train_lengths(cfg, ds, store)) == batches
     res = train(cfg, store, *labels, tmp_path / "run", progress=False)  # the trainer runs on them
     assert len(res.history) == 2
 
@@ -71,3 +73,11 @@ def test_bucketing_also_groups_text_token_lengths_when_tokens_are_used(
     bucketed = epoch_batches(cfg, ds, store, 1, DistInfo())
     rand = epoch_batches(tiny_config("train.batch_size=8"), ds, store, 1, DistInfo())
     assert padding_fraction(bucketed, tokens) < 0.5 * padding_fraction(rand, tokens)
+
+
+def test_padding_fraction_counts_the_quantum_s_padding() -> None:
+    lengths = [[5, 0], [3, 9]]  # (audio, vision); vision 0: missing, one useful step
+    # quantum 1: audio 2 x 5 computed, 8 useful; vision 2 x 9, 10 useful -> 10 of 28 padded
+    assert padding_fraction([[0, 1]], lengths) == 10 / 28
+    # quantum 4: audio 2 x 8, vision 2 x 12 computed -> 22 of 40 padded
+    assert padding_fraction([[0, 1]], lengths, quantum=4) == 22 / 40

@@ -46,17 +46,8 @@ def _engine(cfg, store, max_shapes=8):
     model = build_model(cfg).train()
     optimizer = make_optimizer(cfg, model, capturable=True)
     scheduler = make_scheduler(optimizer, 2, 20)
-    step_engine.learning_rates_on_device(optimizer, torch.device("cpu"))
-    static = step_engine.StaticInputs.for_config(cfg, store.dims, torch.device("cpu"))
-    engine = step_engine.GraphedStep(
-        model,
-        optimizer,
-        cfg,
-        torch.device("cpu"),
-        "fp32",
-        static,
-        step_engine.EagerCapture(),
-        max_shapes,
+    engine = step_engine.GraphedStep.build(
+        model, optimizer, cfg, torch.device("cpu"), "fp32", store.dims, max_shapes
     )
     return engine, model, optimizer, scheduler
 
@@ -150,6 +141,19 @@ def test_static_buffers_refuse_a_batch_beyond_the_length_caps(store, tiny_config
     assert batch.audio.shape[1] > 4  # the store's clips are longer than the cap
     with pytest.raises(ValueError, match="larger than the static buffer"):
         static.load(batch)
+
+
+def test_static_buffers_keep_their_dtype(store, tiny_config) -> None:
+    """A buffer the graphs read is never replaced: another dtype is refused."""
+    cfg = tiny_config()
+    static = step_engine.StaticInputs.for_config(cfg, store.dims, torch.device("cpu"))
+    (batch,) = _batches(store, cfg, [[0, 1]])
+    static.load(batch)
+    buffer = static.buffers["audio"]
+    batch.audio = batch.audio.double()
+    with pytest.raises(ValueError, match="its static buffer torch.float32"):
+        static.load(batch)
+    assert static.buffers["audio"] is buffer
 
 
 def test_a_failed_capture_is_said_and_the_run_goes_on_eagerly(store, tiny_config, caplog) -> None:

@@ -75,8 +75,6 @@ def clip_gradients(model: torch.nn.Module, cfg: RunConfig) -> None:
 class EagerStep:
     """The recipe's step, op by op (any device, precision, mode, process count)."""
 
-    captures_update = False
-
     def __init__(
         self,
         model: torch.nn.Module,
@@ -159,12 +157,7 @@ class EagerCapture:
 
     def capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
         out = torch.zeros(())
-        holder = {"out": out}
-
-        def replay() -> None:
-            holder["out"].copy_(fn())
-
-        return replay, out
+        return (lambda: out.copy_(fn())), out
 
 
 _SEQUENCES = (
@@ -213,9 +206,13 @@ class StaticInputs:
                 f"({self.capacity[name]} values): longer than the config's length caps"
             )
         buf = self.buffers.get(name)
-        if buf is None or buf.dtype != like.dtype:
+        if buf is None:
             buf = torch.zeros(self.capacity[name], dtype=like.dtype, device=self.device)
             self.buffers[name] = buf
+        elif (
+            buf.dtype != like.dtype
+        ):  # a new buffer would leave the captured graphs reading freed memory
+            raise ValueError(f"a batch's {name} is {like.dtype}, its static buffer {buf.dtype}")
         return buf[:n].view(like.shape)
 
     def load(self, batch: Batch) -> Batch:
@@ -252,9 +249,8 @@ class GraphedStep:
 
     One process, one micro-batch per step, bf16 or fp32, frozen-feature mode; the optimiser
     must be fused AdamW with ``capturable=True`` and tensor learning rates on the device
-    (:func:`taemi.train.trainer.make_optimizer` with ``capturable=True``)."""
-
-    captures_update = True
+    (:func:`taemi.train.trainer.make_optimizer` with ``capturable=True``); :meth:`build`
+    makes the rest of what it needs."""
 
     def __init__(
         self,
@@ -283,6 +279,32 @@ class GraphedStep:
                 "a captured step needs the learning rates as device tensors "
                 "(learning_rates_on_device)"
             )
+
+    @classmethod
+    def build(
+        cls,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        cfg: RunConfig,
+        device: torch.device,
+        precision: str,
+        dims: dict[str, int],
+        max_shapes: int,
+    ) -> GraphedStep:
+        """The captured step for ``model`` trained by ``optimizer`` (capturable, its schedule
+        already made): learning rates moved to the device, static buffers for the config's
+        largest batch of features of ``dims``, CUDA graphs on CUDA, else the eager stand-in."""
+        learning_rates_on_device(optimizer, device)
+        return cls(
+            model,
+            optimizer,
+            cfg,
+            device,
+            precision,
+            StaticInputs.for_config(cfg, dims, device),
+            CudaCapture(device) if device.type == "cuda" else EagerCapture(),
+            max_shapes,
+        )
 
     def _keep_rates(self) -> None:
         """The captured update reads the rate tensors it was captured with: a schedule that

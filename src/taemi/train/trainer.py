@@ -84,15 +84,7 @@ from taemi.train.modes import FrozenMode, check_store_fits, mode_for
 from taemi.train.plots import plot_history, plot_per_emotion
 from taemi.train.schedule import make_scheduler
 from taemi.train.state import Progress, check_resumable, resume_state, save_state
-from taemi.train.step import (
-    CudaCapture,
-    EagerCapture,
-    EagerStep,
-    GraphedStep,
-    StaticInputs,
-    current_lr,
-    learning_rates_on_device,
-)
+from taemi.train.step import EagerStep, GraphedStep, current_lr
 
 log = logging.getLogger(__name__)
 
@@ -174,32 +166,43 @@ def _setup_devices(device_name: str) -> tuple[DistInfo, torch.device]:
     return dist_info, device
 
 
+def train_lengths(cfg: RunConfig, dataset, store: FeatureStore) -> np.ndarray:
+    """(N, K) trimmed lengths of ``dataset``'s clips (a ClipDataset), from the store's index:
+    audio, vision, and the text token states when the dataset uses them (they are padded too)."""
+    return dataset_lengths(
+        store,
+        dataset.ids,
+        cfg.data.max_audio_len,
+        cfg.data.max_vision_len,
+        modalities=cfg.data.modalities,
+        max_text_tokens=cfg.data.max_text_tokens if dataset.text_tokens else None,
+    )
+
+
 def epoch_batches(
-    cfg: RunConfig, dataset, store: FeatureStore, epoch: int, dist_info: DistInfo
+    cfg: RunConfig,
+    dataset,
+    store: FeatureStore,
+    epoch: int,
+    dist_info: DistInfo,
+    lengths: np.ndarray | None = None,
 ) -> list[list[int]]:
     """This rank's batches (dataset indices) of ``epoch``; they depend on (seed, epoch) only.
 
     ``data.batching=random``: the shuffled order of a ``RandomSampler`` seeded by (seed,
     epoch), cut into global batches of ``train.batch_size``. ``bucket``: length-bucketed
-    global batches (:class:`taemi.data.sampler.LengthBucketBatchSampler`). With N ranks,
+    global batches (:class:`taemi.data.sampler.LengthBucketBatchSampler`) by ``lengths``
+    (:func:`train_lengths`, read from the store when not given). With N ranks,
     rank r takes its share of every global batch (a last global batch smaller than N is
     completed with its own first clips, as DistributedSampler pads).
     """
     tc = cfg.train
     n = len(dataset)
     if cfg.data.batching == "bucket":
-        from taemi.data.sampler import LengthBucketBatchSampler, dataset_lengths
+        from taemi.data.sampler import LengthBucketBatchSampler
 
-        lengths = dataset_lengths(
-            store,
-            dataset.ids,
-            cfg.data.max_audio_len,
-            cfg.data.max_vision_len,
-            modalities=cfg.data.modalities,
-            max_text_tokens=cfg.data.max_text_tokens
-            if dataset.text_tokens
-            else None,  # token states are padded too
-        )
+        if lengths is None:
+            lengths = train_lengths(cfg, dataset, store)
         sampler = LengthBucketBatchSampler(
             lengths,
             tc.batch_size,
@@ -415,31 +418,14 @@ def _execution(
     """The step engine and the batch source of the run (set up after any resume, so that a
     captured step reads the restored learning rates)."""
     if graphs:
-        learning_rates_on_device(optimizer, device)
-        engine: EagerStep | GraphedStep = GraphedStep(
-            model,
-            optimizer,
-            cfg,
-            device,
-            precision,
-            StaticInputs.for_config(cfg, store.dims, device),
-            CudaCapture(device) if device.type == "cuda" else EagerCapture(),
-            cfg.train.graph_shapes,
+        engine: EagerStep | GraphedStep = GraphedStep.build(
+            model, optimizer, cfg, device, precision, store.dims, cfg.train.graph_shapes
         )
     else:
         engine = EagerStep(
             model, train_model, optimizer, scaler, cfg, device, precision, dist_info.world
         )
-    lengths = None
-    if mode.stored_features:
-        lengths = dataset_lengths(
-            store,
-            train_ds.ids,
-            cfg.data.max_audio_len,
-            cfg.data.max_vision_len,
-            modalities=cfg.data.modalities,
-            max_text_tokens=cfg.data.max_text_tokens if train_ds.text_tokens else None,
-        )
+    lengths = train_lengths(cfg, train_ds, store) if mode.stored_features else None
     ex = Execution(engine, device, precision, cfg.data.length_quantum, lengths=lengths)
     if resident:
         ex.resident_train = ResidentFeatures(train_ds, device, progress=show)
@@ -570,7 +556,7 @@ class Execution:
     startup_seconds: float | None = None
 
     def record(self) -> dict:
-        res = self.resident_train
+        resident = [r for r in (self.resident_train, self.resident_valid) if r is not None]
         return {
             "precision": self.precision,
             "attention": "flash|efficient|math (no cuDNN)"
@@ -579,16 +565,11 @@ class Execution:
             "step": self.engine.stats(),
             "length_quantum": self.length_quantum,
             "padding_share": None if not self.padding else round(self.padding[-1], 4),  # last epoch
-            "batches": "resident on the device" if res is not None else "DataLoader",
-            "resident_bytes": None
-            if res is None
-            else res.nbytes + (self.resident_valid.nbytes if self.resident_valid else 0),
-            "resident_load_seconds": None
-            if res is None
-            else round(
-                res.load_seconds + (self.resident_valid.load_seconds if self.resident_valid else 0),
-                3,
-            ),
+            "batches": "resident on the device" if resident else "DataLoader",
+            "resident_bytes": sum(r.nbytes for r in resident) if resident else None,
+            "resident_load_seconds": round(sum(r.load_seconds for r in resident), 3)
+            if resident
+            else None,
             "startup_seconds": None
             if self.startup_seconds is None
             else round(self.startup_seconds, 3),
@@ -631,7 +612,7 @@ def _train_epoch(
     tc, accum, device = cfg.train, cfg.train.grad_accum_steps, ex.device
     if hasattr(train_ds, "set_epoch"):
         train_ds.set_epoch(epoch)  # augmentation draws depend on (seed, epoch, clip)
-    batches = epoch_batches(cfg, train_ds, store, epoch, dist_info)
+    batches = epoch_batches(cfg, train_ds, store, epoch, dist_info, ex.lengths)
     if ex.lengths is not None:
         ex.padding.append(padding_fraction(batches, ex.lengths, ex.length_quantum))
     steps_this_epoch = math.ceil(len(batches) / accum)
@@ -679,7 +660,7 @@ def _train_epoch(
         bar.update(1)
         ex.engine.update()  # clip + AdamW, unless the captured step did them
         scheduler.step()
-        if show and (step % check_every == 0 or step == steps_this_epoch):
+        if show and (step % 10 == 0 or step == steps_this_epoch):
             bar.set_postfix(
                 loss=f"{loss_sum.item() / n_seen:.4f}", lr=f"{current_lr(scheduler):.2e}"
             )
@@ -771,7 +752,13 @@ def train(
             resident,
             progress and main,
         )
-        fixed = {"fixed_epochs": fixed_epochs, "train_clips": len(train_ds)}
+        how = {  # what metrics.json says of the run besides its scores
+            "fixed_epochs": fixed_epochs,
+            "train_clips": len(train_ds),
+            "device": str(device),
+            "precision": precision,
+            "world_size": dist_info.world,
+        }
         stopped_early = bool(state.history) and tc.patience > 0 and state.bad_epochs >= tc.patience
         log.info(
             "training %s%s (%d parameters, %d trainable) on %d clips, %s; %s, %s",
@@ -908,11 +895,8 @@ def train(
                     state.history,
                     stopped_early,
                     finished=False,
-                    device=str(device),
-                    precision=precision,
-                    world_size=dist_info.world,
                     execution=ex.record(),
-                    **fixed,
+                    **how,
                 )
                 saved_epoch = True
             barrier(dist_info)  # the epoch is on disk before any rank moves on (or is interrupted)
@@ -933,11 +917,8 @@ def train(
                 state.history,
                 stopped_early,
                 finished=True,
-                device=str(device),
-                precision=precision,
-                world_size=dist_info.world,
                 execution=ex.record(),
-                **fixed,
+                **how,
             )
             if valid_ds is not None:
                 assert state.best_metrics is not None
