@@ -8,7 +8,7 @@ from torch.utils.data import BatchSampler, RandomSampler
 from taemi.data.sampler import dataset_lengths, padding_fraction
 from taemi.train.distributed import DistInfo
 from taemi.train.modes import make_dataset
-from taemi.train.trainer import epoch_batches, train, train_lengths
+from taemi.train.trainer import epoch_batches, train
 
 
 def test_random_batches_are_those_of_a_seeded_random_sampler(store, labels, tiny_config) -> None:
@@ -50,7 +50,7 @@ def test_bucketed_batches_cover_the_epoch_with_less_padding(
     rand = epoch_batches(tiny_config("train.batch_size=8"), ds, store, 1, DistInfo())
     assert padding_fraction(batches, lengths) < padding_fraction(rand, lengths)
     # the trainer reads the lengths once per run and passes them in: the same batches
-    assert epoch_batches(cfg, ds, store, 1, DistInfo(), train_lengths(cfg, ds, store)) == batches
+    assert epoch_batches(cfg, ds, store, 1, DistInfo(), ds.lengths()) == batches
     res = train(cfg, store, *labels, tmp_path / "run", progress=False)  # the trainer runs on them
     assert len(res.history) == 2
 

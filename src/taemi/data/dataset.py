@@ -102,6 +102,21 @@ class ClipDataset(Dataset):
             target=None if self.targets is None else self.targets[i],
         )
 
+    def lengths(self) -> np.ndarray:
+        """(N, K) int64 trimmed sequence lengths per clip, from the store's index (no feature
+        is read): audio, vision, and the text token states when this dataset yields them; 0
+        for a missing or hidden modality (:func:`taemi.data.sampler.dataset_lengths`)."""
+        from taemi.data.sampler import dataset_lengths
+
+        return dataset_lengths(
+            self.store,
+            self.ids,
+            self.max_audio_len,
+            self.max_vision_len,
+            modalities=[m for m in ("audio", "vision", "text") if m not in self.hidden],
+            max_text_tokens=self.max_text_tokens if self.text_tokens else None,
+        )
+
     def collator(self) -> Collator:
         """The ``collate_fn`` that batches this dataset's items."""
         return Collator(self.store.dims, self.text_tokens, self.length_quantum)

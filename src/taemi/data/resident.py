@@ -59,11 +59,6 @@ def _index(dataset: ClipDataset) -> tuple[dict[str, np.ndarray], np.ndarray]:
     ``(N, 3)`` bool missing flags (audio, vision, text) as ``collate`` sets them."""
     store = dataset.store
     pos = np.fromiter((store.index(i) for i in dataset.ids), np.int64, len(dataset))  # (N,)
-    caps = {
-        "audio": dataset.max_audio_len,
-        "vision": dataset.max_vision_len,
-        "text_tokens": dataset.max_text_tokens,
-    }
     missing = np.stack(
         [
             store.lengths["audio"][pos] == 0,
@@ -75,14 +70,8 @@ def _index(dataset: ClipDataset) -> tuple[dict[str, np.ndarray], np.ndarray]:
     for k, m in enumerate(("audio", "vision", "text")):
         if m in dataset.hidden:
             missing[:, k] = True
-    lengths = {}
-    for name in _sequences(dataset):
-        n = store.lengths[name][pos].astype(np.int64)  # (N,)
-        if caps[name] is not None:
-            n = np.minimum(n, caps[name])
-        if ("text" if name == "text_tokens" else name) in dataset.hidden:
-            n = np.zeros_like(n)
-        lengths[name] = n
+    trimmed = dataset.lengths()  # (N, K): audio, vision[, text_tokens]; hidden -> 0
+    lengths = {name: trimmed[:, k] for k, name in enumerate(_sequences(dataset))}
     return lengths, missing
 
 

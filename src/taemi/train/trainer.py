@@ -55,7 +55,7 @@ from taemi.config import ConfigError, RunConfig, save_config
 from taemi.data.batch import Batch
 from taemi.data.labels import Labels
 from taemi.data.resident import ResidentFeatures, memory_available, resident_bytes
-from taemi.data.sampler import dataset_lengths, padding_fraction
+from taemi.data.sampler import padding_fraction
 from taemi.eval.metrics import Metrics, compute_metrics
 from taemi.eval.predict import check_finite_predictions, predict_dataset
 from taemi.run import (
@@ -166,19 +166,6 @@ def _setup_devices(device_name: str) -> tuple[DistInfo, torch.device]:
     return dist_info, device
 
 
-def train_lengths(cfg: RunConfig, dataset, store: FeatureStore) -> np.ndarray:
-    """(N, K) trimmed lengths of ``dataset``'s clips (a ClipDataset), from the store's index:
-    audio, vision, and the text token states when the dataset uses them (they are padded too)."""
-    return dataset_lengths(
-        store,
-        dataset.ids,
-        cfg.data.max_audio_len,
-        cfg.data.max_vision_len,
-        modalities=cfg.data.modalities,
-        max_text_tokens=cfg.data.max_text_tokens if dataset.text_tokens else None,
-    )
-
-
 def epoch_batches(
     cfg: RunConfig,
     dataset,
@@ -192,7 +179,7 @@ def epoch_batches(
     ``data.batching=random``: the shuffled order of a ``RandomSampler`` seeded by (seed,
     epoch), cut into global batches of ``train.batch_size``. ``bucket``: length-bucketed
     global batches (:class:`taemi.data.sampler.LengthBucketBatchSampler`) by ``lengths``
-    (:func:`train_lengths`, read from the store when not given). With N ranks,
+    (``dataset.lengths()``, read from the store index when not given). With N ranks,
     rank r takes its share of every global batch (a last global batch smaller than N is
     completed with its own first clips, as DistributedSampler pads).
     """
@@ -202,7 +189,7 @@ def epoch_batches(
         from taemi.data.sampler import LengthBucketBatchSampler
 
         if lengths is None:
-            lengths = train_lengths(cfg, dataset, store)
+            lengths = dataset.lengths()
         sampler = LengthBucketBatchSampler(
             lengths,
             tc.batch_size,
@@ -425,7 +412,7 @@ def _execution(
         engine = EagerStep(
             model, train_model, optimizer, scaler, cfg, device, precision, dist_info.world
         )
-    lengths = train_lengths(cfg, train_ds, store) if mode.stored_features else None
+    lengths = train_ds.lengths() if mode.stored_features else None
     ex = Execution(engine, device, precision, cfg.data.length_quantum, lengths=lengths)
     if resident:
         ex.resident_train = ResidentFeatures(train_ds, device, progress=show)
