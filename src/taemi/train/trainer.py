@@ -179,17 +179,26 @@ def epoch_batches(
     ``data.batching=random``: the shuffled order of a ``RandomSampler`` seeded by (seed,
     epoch), cut into global batches of ``train.batch_size``. ``bucket``: length-bucketed
     global batches (:class:`taemi.data.sampler.LengthBucketBatchSampler`) by ``lengths``
-    (``dataset.lengths()``, read from the store index when not given). With N ranks,
+    (``dataset.lengths()``, read from the store index when not given; fine-tuning's
+    datasets: the stored features' lengths). With N ranks,
     rank r takes its share of every global batch (a last global batch smaller than N is
     completed with its own first clips, as DistributedSampler pads).
     """
     tc = cfg.train
     n = len(dataset)
     if cfg.data.batching == "bucket":
-        from taemi.data.sampler import LengthBucketBatchSampler
+        from taemi.data.sampler import LengthBucketBatchSampler, dataset_lengths
 
-        if lengths is None:
+        if lengths is None and hasattr(dataset, "lengths"):  # a ClipDataset of stored features
             lengths = dataset.lengths()
+        elif lengths is None:  # fine-tuning: the stored features' lengths stand for the clips'
+            lengths = dataset_lengths(
+                store,
+                dataset.ids,
+                cfg.data.max_audio_len,
+                cfg.data.max_vision_len,
+                modalities=cfg.data.modalities,
+            )
         sampler = LengthBucketBatchSampler(
             lengths,
             tc.batch_size,
