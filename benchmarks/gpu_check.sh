@@ -18,19 +18,22 @@
 #   4. synth + train: a small `taemi train` with the CLI on a synthetic store (PRECISION);
 #   5. the fine-tuning step against the frozen-feature step (needs transformers,
 #      faster-whisper and the packaged offline models);
-#   6. extraction (offline profile) and the main job end to end (`taemi demo`).
+#   6. encoders: the extraction encoders on the device vs the CPU, fp32 and fp16
+#      (benchmarks/encoders_device.py);
+#   7. extraction (offline profile) and the main job end to end (`taemi demo`).
 #
 # Each step has its own time limit and the script goes on when one fails; step status is
 # in $OUT/steps.txt. Knobs (environment): DEVICE (cuda), PRECISION (auto), STEPS (30 timed
 # steps per throughput runner), WARMUP (3 untimed), PRESETS (paper official), RUNNERS (the
 # batch-32 runners), BIG_BATCH (256), E2E_TRAIN (8072), E2E_VALID (1000), E2E_EPOCHS (4),
 # E2E_PRESET (paper), CLIPS (1500), EPOCHS (4), FT_BATCH (32), FT_STEPS (10), FT_ARGS (more
-# finetune_throughput.py options), DEMO_CLIPS (160), DEMO_EPOCHS (30), SKIP (step names to
+# finetune_throughput.py options), ENC_SIZE (real), ENC_ITEMS (64), ENC_CPU_ITEMS (8), DEMO_CLIPS (160), DEMO_EPOCHS (30), SKIP (step names to
 # leave out), FULL (unset: + torch.compile runners). A CPU smoke run of the whole script
 # (~5 min on 2 cores):
 #   DEVICE=cpu PRECISION=bf16 STEPS=1 WARMUP=1 PRESETS=official BIG_BATCH=4 E2E_TRAIN=48 E2E_VALID=16 \
 #     E2E_EPOCHS=2 E2E_PRESET=official CLIPS=120 EPOCHS=1 FT_BATCH=2 FT_STEPS=1 FT_ARGS=--skip-paper \
-#     DEMO_CLIPS=24 DEMO_EPOCHS=2 OUT=/tmp/gpu_smoke bash benchmarks/gpu_check.sh
+#     ENC_SIZE=tiny ENC_ITEMS=4 ENC_CPU_ITEMS=2 DEMO_CLIPS=24 DEMO_EPOCHS=2 OUT=/tmp/gpu_smoke \
+#     bash benchmarks/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/taemi_gpu}
 DEVICE=${DEVICE:-cuda}
@@ -83,6 +86,14 @@ cp "$work/run/metrics.json" "$work/run/history.csv" "$work/run/config.yaml" "$OU
 # (random weights), gradient checkpointing on, batch FT_BATCH clips of 6.9 s.
 step finetune 240 finetune.txt $PY benchmarks/finetune_throughput.py --device "$DEVICE" --precision "$PRECISION" \
   --batch-size "${FT_BATCH:-32}" --steps "${FT_STEPS:-10}" --gradient-checkpointing ${FT_ARGS:-}
+
+# the extraction encoders on the device against the CPU (issue 15 item 6): the paper
+# profile's architectures at real size with random weights in fp32 and fp16 (what
+# `taemi extract --encoder-precision fp16` loads), and the packaged offline models where
+# installed; ms per item, speed-ups and cosine with the CPU fp32 vectors.
+step encoders 240 encoders.txt $PY benchmarks/encoders_device.py --device "$DEVICE" \
+  --size "${ENC_SIZE:-real}" --items "${ENC_ITEMS:-64}" --cpu-items "${ENC_CPU_ITEMS:-8}" \
+  --json "$OUT/encoders.json"
 
 # extraction throughput on that machine and the main job: `taemi demo` generates talking-face
 # clips, extracts them with the offline profile (its encoders run on the CPU: onnxruntime's CPU

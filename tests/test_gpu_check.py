@@ -32,6 +32,9 @@ SMOKE = {
     "FT_BATCH": "2",
     "FT_STEPS": "1",
     "FT_ARGS": "--skip-paper",
+    "ENC_SIZE": "tiny",
+    "ENC_ITEMS": "4",
+    "ENC_CPU_ITEMS": "2",
     "DEMO_CLIPS": "24",
     "DEMO_EPOCHS": "2",
 }
@@ -70,6 +73,7 @@ def test_gpu_check_script_runs_every_step(tmp_path: Path) -> None:
         "synth": "0",
         "train": "0",
         "finetune": "0",
+        "encoders": "0",
         "demo": "0",
     }, (out / "steps.txt").read_text() + proc.stdout[-3000:]
 
@@ -86,3 +90,7 @@ def test_gpu_check_script_runs_every_step(tmp_path: Path) -> None:
     assert '"mean_pearson"' in (out / "metrics.json").read_text()
     assert (out / "demo_summary.json").is_file() and (out / "demo_extract_summary.json").is_file()
     assert "finetune_offline" in (out / "finetune.txt").read_text()
+    encoders = json.loads((out / "encoders.json").read_text())
+    names = [r["encoder"] for r in encoders]
+    assert any("wav2vec2" in n for n in names) and any("ViT-B/16" in n for n in names)
+    assert all(r.get("cpu_fp32_ms", 0) > 0 for r in encoders if "skipped" not in r)

@@ -16,6 +16,13 @@
   hub id or a local directory (``--model role=PATH``); nothing is downloaded unless
   ``allow_download`` is set.
 
+On a GPU (``device="cuda"``; ``"auto"`` picks it when every library of the profile can
+use it, :func:`resolve_device`): the offline profile runs DINOv2 on onnxruntime's CUDA
+provider (fp32), Whisper tiny.en on CTranslate2's CUDA backend and MiniLM with torch;
+``encoder_precision="fp16"`` (CUDA only) runs the paper profile's wav2vec2, ViT and GTE in
+float16 and both profiles' Whisper in CTranslate2 float16 (the offline profile's CPU
+reference is int8). The device and dtypes land in each model's provenance settings.
+
 :func:`load_models` loads one profile's four models; the extraction pipeline adds its
 face cropper (:func:`taemi.extract.profiles.load_encoders`). For fine-tuning,
 :func:`load_audio_backbone` picks the trainable audio backbone of a profile (Whisper for
@@ -145,27 +152,109 @@ def load_models(
     trust_remote_code: bool = False,
     allow_download: bool = False,
     image_precision: str = "fp32",
+    encoder_precision: str = "fp32",
+    whisper_window: float = 30.0,
 ) -> ProfileModels:
     """Load every model of ``profile`` once. ``models`` maps a role (asr, audio, vision,
     text) to a hub id or local directory replacing the profile's default.
+    ``device``: ``"cpu"``, ``"cuda"`` or ``"auto"`` (:func:`resolve_device`).
     ``image_precision``: ``"fp32"`` or ``"int8"`` (the offline profile's DINOv2 only,
-    :mod:`~taemi.backbones.dinov2`)."""
+    :mod:`~taemi.backbones.dinov2`). ``encoder_precision``: ``"fp32"`` or ``"fp16"``
+    (CUDA only; see the module docstring). ``whisper_window``: the offline profile's
+    Whisper encoder window for the audio features in seconds (30: Whisper's own, exact;
+    smaller pads each clip to the next multiple of it, :class:`~taemi.backbones.whisper.
+    WhisperEncoder`)."""
     models = dict(models or {})
     unknown = set(models) - set(ROLES)
     if unknown:
         raise ValueError(f"unknown model role(s) {sorted(unknown)}; roles are {', '.join(ROLES)}")
     if image_precision not in ("fp32", "int8"):
         raise ValueError(f"image precision must be 'fp32' or 'int8', got {image_precision!r}")
+    if encoder_precision not in ENCODER_PRECISIONS:
+        raise ValueError(
+            f"encoder precision must be one of {ENCODER_PRECISIONS}, got {encoder_precision!r}"
+        )
+    if profile not in PROFILES:
+        raise ValueError(f"unknown extraction profile {profile!r}; expected one of {PROFILES}")
+    device = resolve_device(device, profile)
+    if encoder_precision == "fp16" and device != "cuda":
+        raise ValueError(
+            f"encoder precision fp16 runs on a GPU only (device is {device!r}); use fp32 on "
+            "the CPU (the offline profile's int8 DINOv2 is --image-precision int8)"
+        )
     if profile == "offline":
-        return _offline(device, batch_size, models, image_precision)
-    if image_precision != "fp32" and profile in PROFILES:
+        return _offline(
+            device, batch_size, models, image_precision, encoder_precision, whisper_window
+        )
+    if whisper_window != 30.0:
+        raise ValueError(
+            f"whisper window {whisper_window!r} applies to the offline profile's Whisper audio "
+            f"features only; the {profile} profile's audio model is wav2vec2"
+        )
+    if image_precision != "fp32":
         raise ValueError(
             f"image precision {image_precision!r} applies to the offline profile's DINOv2 "
             f"only; the {profile} profile's image model runs in fp32"
         )
-    if profile == "paper":
-        return _paper(device, batch_size, models, trust_remote_code, allow_download)
-    raise ValueError(f"unknown extraction profile {profile!r}; expected one of {PROFILES}")
+    return _paper(device, batch_size, models, trust_remote_code, allow_download, encoder_precision)
+
+
+#: ``encoder_precision`` values of :func:`load_models`.
+ENCODER_PRECISIONS = ("fp32", "fp16")
+
+
+def gpu_blockers(profile: str) -> list[str]:
+    """Why the models of ``profile`` cannot all run on a CUDA device here ([] = they can):
+    torch must see a device, CTranslate2 (Whisper) must be a CUDA build, and for the
+    offline profile onnxruntime (DINOv2) must have its CUDA provider."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return ["torch sees no CUDA device"]
+    out = []
+    try:
+        import ctranslate2
+
+        if ctranslate2.get_cuda_device_count() < 1:
+            out.append("CTranslate2 (Whisper) sees no CUDA device: a CPU-only build")
+    except ImportError:
+        out.append("CTranslate2 (Whisper) is not installed")
+    if profile == "offline":
+        try:
+            import onnxruntime as ort
+
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                out.append(
+                    "onnxruntime (DINOv2) has no CUDAExecutionProvider: install "
+                    "onnxruntime-gpu instead of onnxruntime"
+                )
+        except ImportError:
+            out.append("onnxruntime (DINOv2) is not installed")
+    return out
+
+
+def resolve_device(device: str, profile: str) -> str:
+    """``"cpu"`` and ``"cuda"`` as given; ``"auto"``: ``"cuda"`` when every library of
+    ``profile`` can use the GPU (:func:`gpu_blockers`), else ``"cpu"`` with the reason
+    logged (a warning when a GPU is there but a library cannot use it). A profile's
+    models all run on one device: mixing would make the recorded device ambiguous."""
+    if device in ("cpu", "cuda"):
+        return device
+    if device != "auto":
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    blockers = gpu_blockers(profile)
+    if not blockers:
+        log.info("device auto: cuda (every %s profile model can use the GPU)", profile)
+        return "cuda"
+    if blockers == ["torch sees no CUDA device"]:
+        log.info("device auto: cpu (torch sees no CUDA device)")
+    else:
+        log.warning(
+            "device auto: cpu, although a GPU is present: %s (or pass --device cuda to see "
+            "the error)",
+            "; ".join(blockers),
+        )
+    return "cpu"
 
 
 def _env_threads() -> int:
@@ -177,7 +266,12 @@ def _env_threads() -> int:
 
 
 def _offline(
-    device: str, batch_size: int, models: dict[str, str], image_precision: str
+    device: str,
+    batch_size: int,
+    models: dict[str, str],
+    image_precision: str,
+    encoder_precision: str = "fp32",
+    whisper_window: float = 30.0,
 ) -> ProfileModels:
     from taemi.backbones import dinov2, text, whisper
 
@@ -187,11 +281,14 @@ def _offline(
         )
     whisper_dir = models.get("asr") or models.get("audio")
     loaded = whisper.load_whisper(
-        whisper_dir, device=device, checksums="pinned" if whisper_dir is None else None
+        whisper_dir,
+        device=device,
+        compute_type="float16" if encoder_precision == "fp16" else "int8",
+        checksums="pinned" if whisper_dir is None else None,
     )
     return ProfileModels(
         asr=whisper.WhisperRecognizer(loaded),
-        audio=whisper.WhisperEncoder(loaded, batch_size=batch_size),
+        audio=whisper.WhisperEncoder(loaded, batch_size=batch_size, window_s=whisper_window),
         image=dinov2.DinoV2ImageEncoder(
             models.get("vision"),
             device=device,
@@ -209,18 +306,26 @@ def _paper(
     models: dict[str, str],
     trust_remote_code: bool,
     allow_download: bool,
+    encoder_precision: str = "fp32",
 ) -> ProfileModels:
     from taemi.backbones import text, vit, wav2vec2, whisper
 
+    fp16 = encoder_precision == "fp16"
     kw = {"device": device, "allow_download": allow_download}
+    dtype = "float16" if fp16 else "float32"
     audio = wav2vec2.Wav2Vec2EmotionEncoder(
-        models.get("audio", WAV2VEC2_EMOTION), batch_size=batch_size, **kw
+        models.get("audio", WAV2VEC2_EMOTION), batch_size=batch_size, dtype=dtype, **kw
     )
-    image = vit.ViTImageEncoder(models.get("vision", VIT_B16_IN21K), **kw)
+    image = vit.ViTImageEncoder(models.get("vision", VIT_B16_IN21K), dtype=dtype, **kw)
     txt = text.GTETextEncoder(
-        models.get("text", GTE_EN_MLM_BASE), trust_remote_code=trust_remote_code, **kw
+        models.get("text", GTE_EN_MLM_BASE),
+        trust_remote_code=trust_remote_code,
+        dtype=dtype,
+        **kw,
     )
-    asr = whisper.FasterWhisperRecognizer(models.get("asr", WHISPER_LARGE_V3), **kw)
+    asr = whisper.FasterWhisperRecognizer(
+        models.get("asr", WHISPER_LARGE_V3), compute_type="float16" if fp16 else "default", **kw
+    )
     return ProfileModels(asr=asr, audio=audio, image=image, text=txt, profile="paper")
 
 

@@ -30,7 +30,21 @@ def register(
         metavar="ROLE=ID_OR_DIR",
         help="replace a profile model: asr, audio, vision or text (repeatable)",
     )
-    sp.add_argument("--device", default="cpu")
+    sp.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="where the encoders run; auto (default): the GPU when every model of the profile "
+        "can use it (torch, CTranslate2, and for the offline profile onnxruntime's CUDA "
+        "provider), else the CPU with the reason logged",
+    )
+    sp.add_argument(
+        "--encoder-precision",
+        default="fp32",
+        choices=("fp32", "fp16"),
+        help="GPU only: fp16 runs the paper profile's wav2vec2, ViT and GTE in float16 and "
+        "Whisper (both profiles) in CTranslate2 float16 (recorded in the store's settings)",
+    )
     sp.add_argument("--batch-size", type=int, default=8, help="clips per model batch")
     sp.add_argument("--workers", type=int, default=2, help="decoding threads")
     sp.add_argument("--max-audio-seconds", type=float, default=12.0)
@@ -50,6 +64,15 @@ def register(
         help="offline profile: decode the transcript from the audio features' Whisper encoder "
         "pass (one pass per clip instead of two; audio features unchanged, some transcripts "
         "differ by punctuation or a word)",
+    )
+    sp.add_argument(
+        "--whisper-window",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="offline profile: pad each clip to the next multiple of S seconds for the Whisper "
+        "encoder's audio features instead of Whisper's 30 s window (faster for short clips; "
+        "the features differ a little; default 30: exact)",
     )
     sp.add_argument("--no-face", action="store_true", help="use whole frames (no face detection)")
     sp.add_argument(
@@ -178,6 +201,14 @@ def cmd_extract(args: argparse.Namespace) -> int:
             raise ValueError(
                 "--image-precision and --encoders exclude each other (the factory builds every model)"
             )
+        if args.whisper_window != 30.0:
+            raise ValueError(
+                "--whisper-window and --encoders exclude each other (the factory builds every model)"
+            )
+        if args.encoder_precision != "fp32":
+            raise ValueError(
+                "--encoder-precision and --encoders exclude each other (the factory builds every model)"
+            )
         if args.detect_every != 1:
             raise ValueError(
                 "--detect-every and --encoders exclude each other (the factory builds the face cropper)"
@@ -192,6 +223,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
             face=not args.no_face,
             face_detect_every=args.detect_every,
             image_precision=args.image_precision,
+            encoder_precision=args.encoder_precision,
+            whisper_window=args.whisper_window,
             trust_remote_code=args.trust_remote_code,
             allow_download=args.allow_download,
         )

@@ -29,12 +29,18 @@ def load_encoders(
     trust_remote_code: bool = False,
     allow_download: bool = False,
     image_precision: str = "fp32",
+    encoder_precision: str = "fp32",
+    whisper_window: float = 30.0,
 ) -> Encoders:
     """Load every model of ``profile`` once. ``models`` maps a role (asr, audio, vision,
     text) to a hub id or local directory replacing the profile's default.
     ``face_detect_every``: the face detector runs on every k-th frame (FaceCropper's
     ``detect_every``; 1: every frame); a bad value fails before any model loads.
-    ``image_precision``: ``"fp32"`` (exact) or ``"int8"`` (offline profile's DINOv2)."""
+    ``image_precision``: ``"fp32"`` (exact) or ``"int8"`` (offline profile's DINOv2).
+    ``device``: ``"cpu"``, ``"cuda"`` or ``"auto"`` (the GPU when every model of the profile
+    can use it); ``encoder_precision``: ``"fp32"`` or ``"fp16"`` (GPU only);
+    ``whisper_window``: the offline profile's Whisper audio window in seconds (30: exact);
+    see :func:`taemi.backbones.profiles.load_models`."""
     if not face and face_detect_every != 1:
         raise ValueError(
             f"face_detect_every={face_detect_every} (--detect-every) needs face crops; "
@@ -49,6 +55,8 @@ def load_encoders(
         trust_remote_code=trust_remote_code,
         allow_download=allow_download,
         image_precision=image_precision,
+        encoder_precision=encoder_precision,
+        whisper_window=whisper_window,
     )
     enc = Encoders(
         asr=m.asr,
