@@ -16,10 +16,18 @@ word errors against the sentence the sample says, summed over the clips, for bot
 and the transcripts of 3 s of digital silence and of 3 s of faint white noise (no speech:
 the exact path gives none; the shared pass has been seen to hallucinate "you").
 
+``--windows S ...`` adds, per S, the Whisper encoder on a shorter window (``taemi extract
+--whisper-window S``: each clip zero-padded to the next multiple of S seconds instead of
+30 s) in two forms: ``window S`` (short-window audio features, the transcript from its own
+30 s pass as in the exact path) and ``window S + shared`` (the transcript decoded from the
+short-window pass too). For these it prints, besides the above, the per-frame cosine
+similarity of the audio features with the exact path's (mean over the clips' frames, and
+the lowest clip mean).
+
 Usage::
 
     python benchmarks/whisper_share.py            # ~1 min on 2 cores
-    python benchmarks/whisper_share.py --repeats 3
+    python benchmarks/whisper_share.py --repeats 3 --windows 5 10
 """
 
 from __future__ import annotations
@@ -63,8 +71,12 @@ def word_errors(reference: str, hypothesis: str) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=2, help="timed passes over the clips")
+    ap.add_argument(
+        "--windows", type=float, nargs="*", default=[], help="shorter encoder windows, seconds"
+    )
     args = ap.parse_args()
 
+    from taemi.backbones.whisper import WhisperEncoder
     from taemi.extract.media import decode_audio
     from taemi.extract.profiles import load_encoders
 
@@ -84,12 +96,26 @@ def main() -> None:
         text = enc.asr.transcribe(w, encoder_states=window)
         return text, window[: enc.audio.num_frames(w.size)]
 
-    exact(waves[0]), shared(waves[0])  # warm-up
-    times: dict[str, list[float]] = {"exact": [], "shared": []}
-    results: dict[str, list[tuple[str, np.ndarray]]] = {"exact": [], "shared": []}
+    paths = {"exact": exact, "shared": shared}
+    for seconds in args.windows:
+        short = WhisperEncoder(enc.audio.whisper, window_s=seconds)
+
+        def windowed(w: np.ndarray, short=short) -> tuple[str, np.ndarray]:
+            return enc.asr.transcribe(w), short.encode([w])[0]
+
+        def windowed_shared(w: np.ndarray, short=short) -> tuple[str, np.ndarray]:
+            (window,) = short.encode_windows([w])
+            return enc.asr.transcribe(w, encoder_states=window), window[: short.num_frames(w.size)]
+
+        paths[f"window {seconds:g}"] = windowed
+        paths[f"window {seconds:g} + shared"] = windowed_shared
+    for fn in paths.values():
+        fn(waves[0])  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    results: dict[str, list[tuple[str, np.ndarray]]] = {name: [] for name in paths}
     for rep in range(args.repeats):
         for i, w in enumerate(waves):
-            order = (("exact", exact), ("shared", shared))
+            order = tuple(paths.items())
             for name, fn in order if (i + rep) % 2 == 0 else order[::-1]:
                 t0 = time.perf_counter()
                 out = fn(w)
@@ -126,6 +152,20 @@ def main() -> None:
     for f, a, b in zip(files, texts_e, texts_s):
         if a != b:
             print(f"  {f.name}: exact {a!r} / shared {b!r}")
+    for name in list(paths)[2:]:
+        t = statistics.median(times[name])
+        frame_cos = []
+        for (_, a), (_, b) in zip(results["exact"], results[name]):
+            num = (a * b).sum(1)
+            frame_cos.append(num / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1))
+        texts = [t for t, _ in results[name]]
+        print(
+            f"{name}: {t:.3f} s per clip ({te / t:.2f}x the exact path); audio cosine with the "
+            f"exact features per frame: mean {np.mean(np.concatenate(frame_cos)):.4f}, lowest "
+            f"clip mean {min(float(c.mean()) for c in frame_cos):.4f}; transcripts identical "
+            f"to the exact path's: {sum(a == b for a, b in zip(texts_e, texts))} of {n}; word "
+            f"errors {sum(word_errors(SENTENCE, x) for x in texts)}"
+        )
     rng = np.random.default_rng(0)
     for label, w in (
         ("3 s of silence", np.zeros(48000, np.float32)),

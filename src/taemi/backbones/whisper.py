@@ -303,8 +303,8 @@ class WhisperRecognizer:
     def transcribe(self, waveform: np.ndarray, encoder_states: np.ndarray | None = None) -> str:
         """waveform (S,) float at 16 kHz -> stripped transcript ('' when nothing recognised).
 
-        ``encoder_states``: this waveform's encoder states over the whole 30 s window,
-        (1500, D) from :meth:`WhisperEncoder.encode_windows` of the same model; the first
+        ``encoder_states``: this waveform's encoder states over its whole window, (1500, D)
+        for 30 s, from :meth:`WhisperEncoder.encode_windows` of the same model; the first
         window is then decoded from them instead of a pass of its own (``share_whisper``,
         see the module docstring). Digital silence (every sample below
         :data:`SILENCE_PEAK`) is then not decoded: its transcript is empty, as the exact
@@ -320,7 +320,7 @@ class WhisperRecognizer:
             tap = _first_window(model)
             given = ctranslate2.StorageView.from_array(
                 np.ascontiguousarray(encoder_states[None], dtype=np.float32)
-            )  # (1, 1500, D)
+            )  # (1, frames, D): 1500 for the 30 s window
             if model.model.device != "cpu":
                 given = given.to_device(ctranslate2.Device.cuda, model.model.device_index[0])
             tap.local.given = given
@@ -342,13 +342,21 @@ class WhisperRecognizer:
 class WhisperEncoder:
     """AudioEncoder: Whisper encoder hidden states, 50 frames/s, (T_i, D_a) per clip.
 
-    Each clip is zero-padded to the 30 s window and turned into its own log-mel spectrogram
-    (so the dynamic-range clamp of the spectrogram sees only that clip); a batch of
-    spectrograms (B, n_mels, 3000) goes through the encoder, and clip i keeps its first
-    ``ceil(S_i / 320)`` of the 1500 output frames.
+    Each clip is zero-padded to its encoder window and turned into its own log-mel
+    spectrogram (so the dynamic-range clamp of the spectrogram sees only that clip); a batch
+    of spectrograms (B, n_mels, frames) goes through the encoder, and clip i keeps its first
+    ``ceil(S_i / 320)`` output frames.
+
+    The window is Whisper's own 30 s (3000 mel frames, 1500 output frames: the exact path)
+    unless ``window_s`` is smaller: then a clip is padded to the next multiple of
+    ``window_s`` seconds (at most 30 s), so a 3.5 s clip with ``window_s=5`` costs a sixth
+    of the encoder's work. Whisper was trained on 30 s windows only, so the states of a
+    shorter window differ (the attention sees less padding): a speed setting whose
+    fidelity is measured by ``benchmarks/whisper_share.py`` (``--window``) and recorded
+    in the settings (``window_s``).
     """
 
-    def __init__(self, whisper: LoadedWhisper, *, batch_size: int = 8):
+    def __init__(self, whisper: LoadedWhisper, *, batch_size: int = 8, window_s: float = 30.0):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.whisper, self.batch_size = whisper, batch_size
@@ -357,6 +365,15 @@ class WhisperEncoder:
             raise ValueError(f"feature extractor runs at {fe.sampling_rate} Hz, not {SAMPLE_RATE}")
         self.window = fe.chunk_length * fe.sampling_rate  # samples in the encoder window
         self.n_frames = self.window // fe.hop_length  # mel frames in the window (3000)
+        step = fe.hop_length * whisper.model.input_stride  # samples per output frame (320)
+        if not (isinstance(window_s, (int, float)) and 0 < window_s <= fe.chunk_length):
+            raise ValueError(
+                f"window_s (--whisper-window) must be in (0, {fe.chunk_length}] seconds, got "
+                f"{window_s!r}"
+            )
+        # the padding unit in samples: a whole number of output frames
+        self.unit = max(step, round(window_s * SAMPLE_RATE / step) * step)
+        self.window_s = self.unit / SAMPLE_RATE if self.unit < self.window else fe.chunk_length
         self.samples_per_frame = fe.hop_length * whisper.model.input_stride  # 320
         self.frame_rate = SAMPLE_RATE / self.samples_per_frame  # 50.0
         # D_a from the model itself: a two-frame spectrogram through the encoder.
@@ -368,9 +385,18 @@ class WhisperEncoder:
             "output": "encoder last hidden state",
             "dim": self.dim,
             "frame_rate": self.frame_rate,
-            "window_s": fe.chunk_length,
-            "padding": "waveform zero-padded to the window before log-mel",
+            "window_s": self.window_s,
+            "padding": "waveform zero-padded to the window before log-mel"
+            if self.window_s == fe.chunk_length
+            else f"waveform zero-padded to the next multiple of {self.window_s:g} s (at most "
+            f"{fe.chunk_length} s) before log-mel",
         }
+
+    def padded_samples(self, num_samples: int) -> int:
+        """The encoder window of a clip of ``num_samples`` samples (the class docstring)."""
+        if self.unit >= self.window:
+            return self.window
+        return min(self.window, max(1, math.ceil(num_samples / self.unit)) * self.unit)
 
     def _run(self, mel: np.ndarray) -> np.ndarray:
         """(B, n_mels, F) log-mel -> (B, F // 2, D) float32 encoder states (on the host)."""
@@ -398,8 +424,9 @@ class WhisperEncoder:
         ]
 
     def encode_windows(self, waveforms: list[np.ndarray]) -> list[np.ndarray]:
-        """Like :meth:`encode`, but each clip's states over the whole 30 s window,
-        (1500, D_a): what ``WhisperRecognizer.transcribe(encoder_states=...)`` decodes from."""
+        """Like :meth:`encode`, but each clip's states over its whole window, (1500, D_a)
+        for the 30 s window: what ``WhisperRecognizer.transcribe(encoder_states=...)``
+        decodes from. Clips are batched with clips of the same window, in order."""
         clips = [as_waveform(w, i) for i, w in enumerate(waveforms)]
         for i, w in enumerate(clips):
             if w.size > self.window:
@@ -409,16 +436,22 @@ class WhisperEncoder:
                     f"({self.window / SAMPLE_RATE:.0f} s): trim clips first"
                 )
         fe = self.whisper.model.feature_extractor
-        out: list[np.ndarray] = []
-        for start in range(0, len(clips), self.batch_size):
-            chunk = clips[start : start + self.batch_size]
-            mel = np.stack(
-                [fe(np.pad(w, (0, self.window - w.size)), padding=0) for w in chunk]
-            )  # (B, n_mels, 3000)
-            if mel.shape[-1] != self.n_frames:
-                raise RuntimeError(f"log-mel has {mel.shape[-1]} frames, not {self.n_frames}")
-            out.extend(self._run(mel))  # B x (1500, D)
-        return out
+        out: list[np.ndarray | None] = [None] * len(clips)
+        groups: dict[int, list[int]] = {}  # window samples -> clip indices
+        for i, w in enumerate(clips):
+            groups.setdefault(self.padded_samples(w.size), []).append(i)
+        for window, members in groups.items():
+            frames = window // fe.hop_length  # mel frames (3000 for 30 s)
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start : start + self.batch_size]
+                mel = np.stack(
+                    [fe(np.pad(clips[i], (0, window - clips[i].size)), padding=0) for i in chunk]
+                )  # (B, n_mels, frames)
+                if mel.shape[-1] != frames:
+                    raise RuntimeError(f"log-mel has {mel.shape[-1]} frames, not {frames}")
+                for i, states in zip(chunk, self._run(mel)):  # B x (frames // 2, D)
+                    out[i] = states
+        return out  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------
