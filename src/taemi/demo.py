@@ -23,7 +23,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -47,6 +49,7 @@ def _media_data(
     *,
     share_whisper: bool = False,
     image_precision: str = "fp32",
+    whisper_window: float = 30.0,
     seconds: dict | None = None,
 ) -> dict:
     """Generate the media corpus and extract its features; paths and the oracle ceiling.
@@ -62,7 +65,13 @@ def _media_data(
     seconds["media"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     sources, input_errors = find_sources([corpus.raw])
-    encoders = load_encoders("offline", face=False, image_precision=image_precision)
+    encoders = load_encoders(
+        "offline",
+        face=False,
+        image_precision=image_precision,
+        whisper_window=whisper_window,
+        device="auto",
+    )
     opts = ExtractOptions(
         max_frames=max_frames, frame_policy="uniform", share_whisper=share_whisper
     )
@@ -119,14 +128,22 @@ def run_demo(
     progress: bool = True,
     share_whisper: bool = False,
     image_precision: str = "fp32",
+    whisper_window: float = 30.0,
+    overrides: Sequence[tuple[str, Any]] = (),
 ) -> dict:
     """Run the whole chain into ``out``; return (and write ``out/summary.json``) the scores.
 
-    ``share_whisper`` and ``image_precision`` are the extraction's speed settings
-    (``taemi extract --share-whisper``, ``--image-precision int8``); the summary records
-    them, the seconds of each phase and which phase took the longest."""
+    ``share_whisper``, ``image_precision`` and ``whisper_window`` are the extraction's
+    speed settings (``taemi extract --share-whisper``, ``--image-precision int8``,
+    ``--whisper-window S``); ``overrides`` are training config settings over the preset
+    (``--set``). The summary records them, the seconds of each phase and which phase took
+    the longest. The encoders run on the GPU when every one of them can (``device="auto"``)."""
+    from taemi.config import build_config
+
     out = Path(out)
     t_start = time.perf_counter()
+    # a bad preset or setting fails here, before the media are made
+    build_config(preset, [("train.max_epochs", epochs), *overrides])
     seconds: dict[str, float] = {}
     if synthetic_features:
         data = _feature_data(out, clips, seed, progress)
@@ -139,12 +156,13 @@ def run_demo(
             progress,
             share_whisper=share_whisper,
             image_precision=image_precision,
+            whisper_window=whisper_window,
             seconds=seconds,
         )
     t_train = time.perf_counter()
     store = FeatureStore(data["store"])
     cfg = config_for_store(
-        preset, [("train.max_epochs", epochs)], store
+        preset, [("train.max_epochs", epochs), *overrides], store
     )  # input sizes: the store's
     kw = dict(emotions=cfg.data.emotions, store_ids=store)
     train_labels = read_labels(data["train_csv"], **kw)
@@ -184,7 +202,9 @@ def run_demo(
             "max_frames": max_frames,
             "share_whisper": share_whisper,
             "image_precision": image_precision,
+            "whisper_window": whisper_window,
             "epochs": epochs,
+            "overrides": {k: v for k, v in overrides},
         },
         "seconds": {**seconds, "total": round(time.perf_counter() - t_start, 1)},
         "longest_phase": max(seconds, key=seconds.get) if seconds else None,

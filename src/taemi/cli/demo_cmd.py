@@ -40,14 +40,30 @@ def register(
         choices=("fp32", "int8"),
         help="extraction: DINOv2 in fp32 (exact) or int8 (taemi extract --image-precision)",
     )
+    sp.add_argument(
+        "--whisper-window",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="extraction: Whisper audio window in seconds (taemi extract --whisper-window)",
+    )
+    sp.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a training config setting over the preset (as taemi train --set; repeatable)",
+    )
     sp.add_argument("--resume", action="store_true", help="reuse finished steps in --out")
     common(sp)
     sp.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from taemi.config import parse_overrides
     from taemi.demo import run_demo
 
+    overrides = parse_overrides(args.set)  # a bad --set fails before any work
     s = run_demo(
         args.out,
         clips=args.clips,
@@ -60,6 +76,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         share_whisper=args.share_whisper,
         image_precision=args.image_precision,
+        whisper_window=args.whisper_window,
+        overrides=overrides,
     )
     print_line(metrics_table(s["valid"], f"{args.preset} preset, {s['data']}, valid split:"))
     print_line(
