@@ -19,8 +19,8 @@ Measured, in this order:
    and real-time factor = media seconds / total seconds (> 1: faster than real time);
 2. face cropping alone: the video decoded once, ``FaceCropper.crop_frame`` on every frame
    (single thread), to split the ``decode`` stage;
-3. the CLI end to end, one fresh process: ``python -m taemi predict --run RUN VIDEO``
-   (imports, model loading, extraction, prediction), wall time;
+3. the CLI end to end, one fresh process per video: ``python -m taemi predict --run RUN
+   VIDEO`` (imports, model loading, extraction, prediction), wall time;
 4. with ``--vision-fps N`` (the run's features, and so every prediction, are extracted with
    at most N vision features per second, ``taemi extract --vision-fps N``), fidelity on
    real face crops (``--fidelity-media``, default the CREMA-D sample: ``$TAEMI_CREMA_D/media``
@@ -316,8 +316,8 @@ def main() -> None:
         face_s, frames, crops, dec_s = face_alone(
             videos[-1], res.options["max_frames"], args.vision_fps
         )
-        cli = None
-        if not args.no_cli:
+        cli = {}  # video name -> wall seconds of a fresh `taemi predict` process
+        for video in [] if args.no_cli else videos:
             t0 = time.perf_counter()
             proc = subprocess.run(
                 [
@@ -327,14 +327,14 @@ def main() -> None:
                     "predict",
                     "--run",
                     str(run),
-                    str(videos[0]),
+                    str(video),
                     "--no-progress",
                 ],
                 capture_output=True,
                 text=True,
                 check=False,
             )
-            cli = time.perf_counter() - t0
+            cli[video.name] = time.perf_counter() - t0
             if proc.returncode != 0:
                 raise SystemExit(f"taemi predict failed ({proc.returncode}):\n{proc.stderr}")
 
@@ -372,10 +372,10 @@ def main() -> None:
         f"face cropping alone (last video, 1 thread): {face_s:.2f} s for {frames} frames "
         f"({face_s / max(frames, 1) * 1e3:.1f} ms/frame), {crops} crops; video decode alone {dec_s:.2f} s"
     )
-    if cli is not None:
+    for name, wall in cli.items():
         print(
-            f"CLI, fresh process (`python -m taemi predict --run RUN {videos[0].name}`): {cli:.2f} s wall, "
-            f"real-time factor {args.seconds / cli:.2f}"
+            f"CLI, fresh process (`python -m taemi predict --run RUN {name}`): {wall:.2f} s wall, "
+            f"real-time factor {args.seconds / wall:.2f}"
         )
     if args.vision_fps is not None:
         fidelity(args.vision_fps, args.fidelity_media)
