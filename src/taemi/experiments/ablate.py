@@ -7,7 +7,10 @@ a run whose ``metrics.json`` says it finished is reused when the grid is run aga
 
 Baselines with fewer modalities keep the TAEMI architecture and hide the other
 modalities from it (``data.modalities``): they are always "missing", so the model sees
-only their constant missing token and learns from the kept modalities alone.
+only their constant missing token and learns from the kept modalities alone. The
+``baselines`` grid also fits the simple models of :mod:`taemi.experiments.baselines`
+(ridge and an MLP on pooled features of each modality and of all three) and writes them
+as rows next to those variants: ridge once (deterministic), the MLP once per seed.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from taemi.config import build_config
+from taemi.experiments.baselines import FEATURE_SETS, MODELS
 from taemi.run import has_run, read_metrics
 
 log = logging.getLogger(__name__)
@@ -57,6 +61,31 @@ BASELINES = (
 GRIDS = {"table3": TABLE3, "table4": TABLE4, "baselines": BASELINES}
 
 
+@dataclass(frozen=True)
+class SimpleBaseline:
+    """A row of a simple model on pooled features (:mod:`taemi.experiments.baselines`)."""
+
+    name: str  # row label: "<model>_<features>"
+    model: str  # ridge | mlp
+    features: str  # audio | vision | text | all
+    paper: float | None = None  # the paper reports none
+
+    @property
+    def deterministic(self) -> bool:
+        return self.model == "ridge"  # closed form: one value, whatever the seed
+
+
+SIMPLE_BASELINES = tuple(SimpleBaseline(f"{m}_{f}", m, f) for m in MODELS for f in FEATURE_SETS)
+#: Subfolder of a grid's folder holding the simple models' own outputs (taemi baselines').
+SIMPLE_DIR = "baselines"
+
+
+def simple_baselines(grid: str) -> tuple[SimpleBaseline, ...]:
+    """The simple-model rows of ``grid``: those of the ``baselines`` grid only (``all``
+    leaves them out; run ``--grid baselines`` or ``taemi baselines`` for them)."""
+    return SIMPLE_BASELINES if grid == "baselines" else ()
+
+
 def grid_variants(grid: str) -> tuple[Variant, ...]:
     if grid == "all":
         seen: dict[str, Variant] = {}
@@ -81,7 +110,7 @@ def _run_one(job: dict) -> dict:
     cfg = config_for_store(
         job["preset"], overrides, store
     )  # input sizes: the store's, unless overridden
-    kw = dict(emotions=cfg.data.emotions, store_ids=store)
+    kw = {"emotions": cfg.data.emotions, "store_ids": store}
     run = Path(job["run"])
     res = train(
         cfg,
@@ -165,12 +194,60 @@ def ablate(
     rows += [{**trained[j["run"]], "variant": j["variant"], "paper": j["paper"]} for j in todo]
     order = {v.name: i for i, v in enumerate(variants)}
     rows.sort(key=lambda r: (order[r["variant"]], r["seed"]))
-    _write_outputs(out, rows, variants)
+    simple = simple_baselines(grid)
+    if simple:
+        rows += _simple_rows(
+            store, train_csv, valid_csv, out, [first_seed + k for k in range(seeds)], overrides
+        )
+    _write_outputs(out, rows, (*variants, *simple))
     return rows
 
 
-def summarise(rows: list[dict], variants: tuple[Variant, ...]) -> list[dict]:
-    """Mean and std over seeds per variant, the delta to the first variant, the paper's value."""
+def _simple_rows(
+    store: str | Path,
+    train_csv: str | Path,
+    valid_csv: str | Path,
+    out: Path,
+    seeds: list[int],
+    overrides: tuple[tuple[str, str], ...],
+) -> list[dict]:
+    """Fit the simple baselines (ridge once, the MLP per seed), write their outputs into
+    ``out/baselines/`` and return their result rows (``run``: their baselines.json)."""
+    from taemi.data.labels import read_labels
+    from taemi.experiments.baselines import (
+        RESULTS_JSON,
+        BaselineSettings,
+        run_baselines,
+        write_baselines,
+    )
+    from taemi.store import FeatureStore
+
+    fs = FeatureStore(store)
+    kw = {"emotions": build_config("paper", list(overrides)).data.emotions, "store_ids": fs}
+    settings = BaselineSettings()
+    results = run_baselines(
+        fs, read_labels(train_csv, **kw), read_labels(valid_csv, **kw), settings, seeds=seeds
+    )
+    folder = out / SIMPLE_DIR
+    inputs = {"store": str(store), "train": str(train_csv), "valid": str(valid_csv)}
+    write_baselines(folder, results, settings, {**inputs, "seeds": seeds})
+    return [
+        {
+            "variant": r.name,
+            "seed": "" if r.seed is None else r.seed,
+            "run": str(folder / RESULTS_JSON),
+            "best_epoch": r.hyper.get("epochs", ""),
+            "mean_pearson": r.valid["mean_pearson"],
+            **{f"pearson_{e}": x for e, x in r.valid["pearson"].items()},
+            "paper": None,
+        }
+        for r in results
+    ]
+
+
+def summarise(rows: list[dict], variants: tuple[Variant | SimpleBaseline, ...]) -> list[dict]:
+    """Mean and std over seeds per variant, the delta to the first variant, the paper's
+    value; ``deterministic`` for a simple model with one value whatever the seed (ridge)."""
     out = []
     for v in variants:
         vals = [r["mean_pearson"] for r in rows if r["variant"] == v.name]
@@ -189,6 +266,7 @@ def summarise(rows: list[dict], variants: tuple[Variant, ...]) -> list[dict]:
                 "std": statistics.stdev(vals) if len(vals) > 1 else math.nan,
                 "per_emotion": per,
                 "paper": v.paper,
+                "deterministic": getattr(v, "deterministic", False),
             }
         )
     if out:
@@ -198,7 +276,9 @@ def summarise(rows: list[dict], variants: tuple[Variant, ...]) -> list[dict]:
     return out
 
 
-def _write_outputs(out: Path, rows: list[dict], variants: tuple[Variant, ...]) -> None:
+def _write_outputs(
+    out: Path, rows: list[dict], variants: tuple[Variant | SimpleBaseline, ...]
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.csv", "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -212,9 +292,20 @@ def _write_outputs(out: Path, rows: list[dict], variants: tuple[Variant, ...]) -
     ]
     for s in summary:
         paper = "-" if s["paper"] is None else f"{s['paper']:.2f}"
+        spread = "(deterministic)" if s["deterministic"] else f"+- {s['std']:.4f}"
         lines.append(
-            f"| {s['variant']} | {s['n']} | {s['mean']:.4f} +- {s['std']:.4f} | {s['delta']:+.4f} | {paper} |"
+            f"| {s['variant']} | {s['n']} | {s['mean']:.4f} {spread} | {s['delta']:+.4f} | {paper} |"
         )
+    if any(isinstance(v, SimpleBaseline) for v in variants):
+        lines += [
+            "",
+            (
+                "ridge_* and mlp_*: simple models on pooled features (mean over valid steps, "
+                "text sentence vector, missing indicators), hyperparameters chosen on the "
+                "validation split; ridge is deterministic (one value), the MLP ran once per "
+                f"seed. Details: {SIMPLE_DIR}/baselines.json."
+            ),
+        ]
     emotions = list(summary[0]["per_emotion"]) if summary else []
     lines += [
         "",

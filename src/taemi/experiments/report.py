@@ -8,7 +8,10 @@ Each DIR becomes one section:
   epoch, whether training stopped early), the plots in ``plots/`` and the history table;
 - an *experiment folder* (anything else): every ``*.png`` embedded, every ``*.csv`` as a
   table (first :data:`MAX_CSV_ROWS` rows), every ``summary.md`` as preformatted text and
-  the run folders below it listed with their headline metrics. Files inside those nested
+  the run folders below it listed with their headline metrics. A ``baselines.json``
+  (``taemi baselines``, or ``taemi ablate --grid baselines``'s ``baselines/``) becomes a
+  table of the simple models, with what the best run of the folder gains over the best
+  of them (its ``baselines.csv`` is not repeated as a plain table). Files inside those nested
   run folders are not repeated; give a nested run as its own DIR to see it in full.
 
 HTML: one file, inline CSS, figures as ``data:image/png;base64`` URIs, no external
@@ -85,6 +88,8 @@ class ExperimentSection:
     summaries: list[tuple[str, str]] = field(default_factory=list)  # (relative path, text)
     # (relative path, metrics.json) of each nested run folder
     runs: list[tuple[str, dict | None]] = field(default_factory=list)
+    # (relative path, baselines.json) of each simple-baselines file
+    baselines: list[tuple[str, dict]] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- reading
@@ -177,14 +182,20 @@ def _nested_runs(path: Path) -> list[Path]:
 
 
 def read_experiment(path: Path) -> ExperimentSection:
+    from taemi.experiments.baselines import RESULTS_CSV, RESULTS_JSON, read_baselines
+
     sec = ExperimentSection(path)
     runs = _nested_runs(path)
     for f in sorted(path.rglob("*")):
         if not f.is_file() or any(r in f.parents for r in runs):
             continue
         rel = f.relative_to(path).as_posix()
-        if f.suffix.lower() == ".png":
+        if f.name == RESULTS_JSON:
+            sec.baselines.append((rel, read_baselines(f)))
+        elif f.suffix.lower() == ".png":
             sec.figures.append(Figure(f, rel))
+        elif f.name == RESULTS_CSV and (f.parent / RESULTS_JSON).is_file():
+            continue  # shown as the baselines table
         elif f.suffix.lower() == ".csv":
             sec.tables.append((rel, read_table(f, MAX_CSV_ROWS)))
         elif f.name == "summary.md":
@@ -201,7 +212,7 @@ def read_section(path: str | os.PathLike) -> RunSection | ExperimentSection:
     if (p / CONFIG_FILE).is_file():
         return read_run(p)
     sec = read_experiment(p)
-    if not (sec.figures or sec.tables or sec.summaries or sec.runs):
+    if not (sec.figures or sec.tables or sec.summaries or sec.runs or sec.baselines):
         raise ValueError(
             f"report: {p} has nothing to report (no {CONFIG_FILE}, *.png, *.csv, summary.md "
             "or nested run folder)"
@@ -280,6 +291,49 @@ def headline_row(name: str, metrics: dict | None) -> list[str]:
         _fmt(m.get("epochs_run")),
         _fmt(m.get("stopped_early")),
     ]
+
+
+BASELINE_HEADER = [
+    "baseline",
+    "seeds",
+    "valid mean Pearson",
+    "std over seeds",
+    "mean CCC",
+    "chosen on valid",
+]
+
+
+def baselines_table(data: dict) -> Table:
+    """The simple models of a ``baselines.json``: one row per model and feature set."""
+    rows = [
+        [
+            str(s.get("name")),
+            _fmt(s.get("n")),
+            _fmt(s.get("mean")),
+            "deterministic" if s.get("deterministic") else _fmt(s.get("std")),
+            _fmt(s.get("mean_ccc")),
+            "; ".join(dict.fromkeys(str(h) for h in s.get("hyper") or [])),
+        ]
+        for s in data["summary"]
+    ]
+    return Table(BASELINE_HEADER, rows, len(rows))
+
+
+def fusion_gain(sec: ExperimentSection, data: dict) -> str:
+    """What the best run of the folder gains over the best simple model (valid mean Pearson)."""
+    best = max(data["summary"], key=lambda s: s.get("mean", float("-inf")), default=None)
+    if best is None:
+        return "no simple model in this file"
+    scored = [
+        (n, m["valid"]["mean_pearson"])
+        for n, m in sec.runs
+        if m and isinstance(m.get("valid"), dict) and m["valid"].get("mean_pearson") is not None
+    ]
+    base = f"best simple model: {best['name']} {best['mean']:.4f}"
+    if not scored:
+        return base + " (no trained run with validation metrics in this folder to compare)"
+    name, score = max(scored, key=lambda x: x[1])
+    return f"{base}; best run {name} {score:.4f}: gain over the simple model {score - best['mean']:+.4f}"
 
 
 # --------------------------------------------------------------------------- HTML
@@ -376,6 +430,11 @@ def _html_experiment(sec: ExperimentSection, title: str) -> str:
     if sec.runs:
         rows = [headline_row(n, m) for n, m in sec.runs]
         parts += ["<h3>Runs</h3>", _html_table(Table(HEADLINE, rows, len(rows)))]
+    for name, data in sec.baselines:
+        parts += [
+            f"<h3>Simple baselines ({_e(name)})</h3>",
+            _html_table(baselines_table(data), note=fusion_gain(sec, data)),
+        ]
     for name, text in sec.summaries:
         parts += [f"<h3>{_e(name)}</h3>", f"<pre>{_e(text)}</pre>"]
     if sec.figures:
@@ -473,6 +532,9 @@ def _md_experiment(sec: ExperimentSection, title: str, figs: _MdFigures) -> list
     if sec.runs:
         rows = [headline_row(n, m) for n, m in sec.runs]
         out += ["### Runs", ""] + _md_table(Table(HEADLINE, rows, len(rows)))
+    for name, data in sec.baselines:
+        out += [f"### Simple baselines ({_m(name)})", ""] + _md_table(baselines_table(data))
+        out += [_m(fusion_gain(sec, data)), ""]
     for name, text in sec.summaries:
         out += [f"### {_m(name)}", ""] + _md_pre(text)
     if sec.figures:
