@@ -38,6 +38,7 @@ RANKS: dict[str, int] = {
     "release": 11,  # the authors' checkpoint -> a run folder
     "experiments": 12,  # ablations, robustness, reports, comparisons
     "demo": 13,  # the end-to-end demo
+    "serve": 13,  # taemi serve: the HTTP API over a run (media -> predictions per request)
     "cli": 14,  # one module per command
     "__main__": 14,  # ``python -m taemi``: the command line
 }

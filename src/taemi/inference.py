@@ -15,17 +15,20 @@ strictly and checked finite (:func:`taemi.run.load_weights`).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from taemi import MODALITIES
 from taemi.config import RunConfig
+from taemi.data.batch import Batch
 from taemi.data.labels import Labels
 from taemi.eval.predict import check_finite_predictions, predict_dataset
 from taemi.run import load_weights, read_config, weights_file
+from taemi.runtime import attention_backends, autocast
 from taemi.store import FeatureStore
 from taemi.train.modes import check_store_fits, mode_for
 
@@ -111,6 +114,56 @@ class Predictor:
         if check is not None:
             check_finite_predictions(pred, dataset.ids, check, cause=features_cause(dataset.store))
         return pred
+
+    @property
+    def has_attention(self) -> bool:
+        """Whether the model is text-anchored cross-attention, whose weights over the audio
+        and vision steps :meth:`predict_items` can return (not a fine-tuning run's model,
+        nor the concat / self-attention fusions or another anchor)."""
+        from taemi.model.taemi import TAEMI
+
+        return (
+            isinstance(self.model, TAEMI)
+            and self.model.cfg.fusion == "cross_attention"
+            and self.model.anchor == "text"
+        )
+
+    @torch.no_grad()
+    def predict_items(
+        self, items: Sequence, collate: Callable[[list], Batch], *, attention: bool = False
+    ) -> tuple[np.ndarray, dict[str, list[np.ndarray | None]]]:
+        """Raw predictions (N, E) float32 of dataset items (``dataset[i]``, from any datasets
+        of this run) as ONE batch ``collate(items)`` (a dataset's ``collator()``): what a
+        server that batches clips of several requests needs. The same values as
+        :meth:`predict` (the model's outputs do not depend on padding).
+
+        ``attention`` (only when :attr:`has_attention`, else ValueError): also, per
+        non-anchor modality (audio, vision), per item the head-mean cross-attention weights
+        over its VALID steps, (T_i,) float32 summing to 1, or None when that modality is
+        missing for the item (its learned token was attended to, not the clip)."""
+        if attention and not self.has_attention:
+            raise ValueError(
+                f"{self.run}: its model has no text-anchored cross-attention (fusion "
+                f"{getattr(self.cfg.model, 'fusion', None)!r}, anchor "
+                f"{getattr(self.cfg.model, 'anchor', None)!r}, mode {self.cfg.mode!r})"
+            )
+        batch = collate(list(items)).to(self.device)
+        with attention_backends(self.device), autocast(self.device, self.precision):
+            if attention:
+                out, weights = self.model(batch, return_attention=True)
+            else:
+                out, weights = self.model(batch), {}
+        pred = out.float().cpu().numpy()  # (N, E)
+        per_item: dict[str, list[np.ndarray | None]] = {}
+        for m, w in weights.items():
+            i = MODALITIES.index(m)
+            w = w.float().cpu()  # (N, T)
+            mask = getattr(batch, f"{m}_mask").cpu()  # (N, T)
+            missing = batch.missing[:, i].cpu()  # (N,)
+            per_item[m] = [
+                None if bool(missing[b]) else w[b][mask[b]].numpy() for b in range(len(w))
+            ]
+        return pred, per_item
 
 
 def features_cause(store: FeatureStore) -> str:

@@ -69,11 +69,13 @@ from taemi.signals import sigterm_raises
 
 __all__ = [
     "ClipPrediction",
+    "MediaPlan",
     "MediaPredictions",
     "extraction_plan",
     "format_table",
     "load_encoders_once",
     "load_run_once",
+    "media_plan",
     "predict_media",
 ]
 
@@ -234,6 +236,101 @@ def extraction_plan(
     return run_profile, opts, face
 
 
+@dataclass
+class MediaPlan:
+    """A run, and how to extract features from media that fit it (:func:`media_plan`): what
+    :func:`predict_media` and ``taemi serve`` share."""
+
+    run: str  # as the caller named it (messages quote it)
+    which: str  # best | last
+    predictor: Predictor  # the run's model (:func:`load_run_once`)
+    features: dict | None  # the run's features.json (None: it has none)
+    profile: str  # the extraction profile
+    opts: ExtractOptions  # the run's extraction options, with the caller's batch size and workers
+    face: bool  # face crops on
+    detect_every: int  # the face detector's detect_every
+    encoder_precision: str  # the image encoder's precision (not the fusion model's)
+
+    def load_encoders(
+        self,
+        device: str,
+        *,
+        models: Mapping[str, str] | None = None,
+        trust_remote_code: bool = False,
+        allow_download: bool = False,
+    ) -> Encoders:
+        """The profile's models with the run's settings, loaded once per process
+        (:func:`load_encoders_once`); check them with :func:`check_provenance`."""
+        return load_encoders_once(
+            self.profile,
+            face=self.face,
+            face_detect_every=self.detect_every,
+            image_precision=self.encoder_precision,
+            device=device,
+            batch_size=self.opts.batch_size,
+            models=models,
+            trust_remote_code=trust_remote_code,
+            allow_download=allow_download,
+        )
+
+    def options(self) -> dict[str, Any]:
+        """The extraction options that shape features, as results report them."""
+        opts = self.opts
+        return {
+            "max_audio_seconds": opts.max_audio_seconds,
+            "max_frames": opts.max_frames,
+            "frame_policy": opts.frame_policy,
+            **({} if opts.vision_fps is None else {"vision_fps": opts.vision_fps}),
+            **({"share_whisper": True} if opts.share_whisper else {}),
+            "face": self.face,
+            "text_tokens": opts.text_tokens,
+        }
+
+
+def media_plan(
+    run: str | os.PathLike[str],
+    which: str = "best",
+    *,
+    profile: str | None = None,
+    batch_size: int = 8,
+    workers: int = 2,
+) -> MediaPlan:
+    """Load ``run`` (:func:`load_run_once`) and plan the extraction that reproduces its
+    features (:func:`extraction_plan`; module docstring, steps 1-2). No encoder is loaded.
+
+    Raises ValueError as :func:`extraction_plan` does, and for a bad ``batch_size`` or
+    ``workers`` (:class:`ExtractOptions` checks them)."""
+    from taemi.train.modes import mode_for
+
+    run_name = str(run)
+    predictor = load_run_once(run, which)  # first: a wrong run folder fails before any model loads
+    features = load_features_record(run)
+    profile, opts, face = extraction_plan(features, profile, run=run_name)
+    vision_settings = None if features is None else features["modalities"]["vision"]["settings"]
+    detect_every = 1 if vision_settings is None else face_detect_every(vision_settings)
+    # the image encoder's precision; the fusion model's autocast precision is the caller's
+    encoder_precision = "fp32" if vision_settings is None else image_precision(vision_settings)
+    # replace() checks the options: a bad batch size or worker count fails before any model loads.
+    # waveforms: a fine-tuned run's backbones read the raw audio (cached as extracted)
+    opts = replace(
+        opts,
+        batch_size=batch_size,
+        workers=workers,
+        waveforms=mode_for(predictor.cfg).reads_waveforms,
+    )
+    return MediaPlan(
+        run=run_name,
+        which=which,
+        predictor=predictor,
+        features=features,
+        profile=profile,
+        opts=opts,
+        face=face,
+        detect_every=detect_every,
+        encoder_precision=encoder_precision,
+    )
+
+
 _ENCODERS: dict[tuple, Encoders] = {}
 
 
@@ -390,22 +487,17 @@ def predict_media(
     """
     from taemi.runtime import resolve_device, resolve_precision
     from taemi.store import FeatureStore, check_writable
-    from taemi.train.modes import mode_for
 
     t_start = time.perf_counter()
     run_name = str(run)
-    predictor = load_run_once(run, which)  # first: a wrong run folder fails before any model loads
-    cfg = predictor.cfg
-    features = load_features_record(run)
-    profile, opts, face = extraction_plan(features, profile, run=run_name)
-    vision_settings = None if features is None else features["modalities"]["vision"]["settings"]
-    detect_every = 1 if vision_settings is None else face_detect_every(vision_settings)
-    # the image encoder's precision; `precision` stays the fusion model's autocast precision
-    encoder_precision = "fp32" if vision_settings is None else image_precision(vision_settings)
-    # replace() checks the options: a bad batch size or worker count fails before any model loads.
-    # waveforms: a fine-tuned run's backbones read the raw audio (cached as extracted)
-    opts = replace(
-        opts, batch_size=batch_size, workers=workers, waveforms=mode_for(cfg).reads_waveforms
+    # first: a wrong run folder fails before any model loads
+    plan = media_plan(run, which, profile=profile, batch_size=batch_size, workers=workers)
+    predictor, cfg, features, profile, opts = (
+        plan.predictor,
+        plan.predictor.cfg,
+        plan.features,
+        plan.profile,
+        plan.opts,
     )
     if features_dir is not None:
         check_writable(
@@ -417,28 +509,15 @@ def predict_media(
     torch_device = resolve_device(device)
     model_precision = resolve_precision(precision, torch_device)  # checked before any model loads
     if encoders is None:
-        encoders = load_encoders_once(
-            profile,
-            face=face,
-            face_detect_every=detect_every,
-            image_precision=encoder_precision,
-            device=torch_device.type,
-            batch_size=batch_size,
+        encoders = plan.load_encoders(
+            torch_device.type,
             models=models,
             trust_remote_code=trust_remote_code,
             allow_download=allow_download,
         )
     t_loaded = time.perf_counter()
     diffs = check_provenance(features, encoders, opts, run=run_name)
-    options = {
-        "max_audio_seconds": opts.max_audio_seconds,
-        "max_frames": opts.max_frames,
-        "frame_policy": opts.frame_policy,
-        **({} if opts.vision_fps is None else {"vision_fps": opts.vision_fps}),
-        **({"share_whisper": True} if opts.share_whisper else {}),
-        "face": face,
-        "text_tokens": opts.text_tokens,
-    }
+    options = plan.options()
     result = MediaPredictions(
         run=run_name,
         weights=which,

@@ -16,9 +16,11 @@ import sys
 
 from taemi.cli import (
     ablate_cmd,
+    baselines_cmd,
     check_submission_cmd,
     compare_cmd,
     demo_cmd,
+    ensemble_cmd,
     evaluate_cmd,
     extract_cmd,
     import_cmd,
@@ -27,6 +29,7 @@ from taemi.cli import (
     presets_cmd,
     report_cmd,
     robustness_cmd,
+    serve_cmd,
     store_cmd,
     synth_cmd,
     train_cmd,
@@ -46,10 +49,13 @@ COMMANDS = (
     demo_cmd,
     import_cmd,
     ablate_cmd,
+    baselines_cmd,
+    ensemble_cmd,
     robustness_cmd,
     compare_cmd,
     report_cmd,
     presets_cmd,
+    serve_cmd,
 )
 
 

@@ -257,6 +257,9 @@ class Decoded:
     waveform: np.ndarray | None = None  # (S,) float32 16 kHz
     faces: list[np.ndarray] | None = None  # RGB crops; None: no video / no face
     repeats: np.ndarray | None = None  # (len(faces),) int64 frames per crop (vision_fps)
+    # (T_v,) float64: per stored vision row, the timestamp (s) of the frame its feature came
+    # from (video pts; ABAW face images: the frame index k); None without vision
+    vision_times: np.ndarray | None = None
     error: str | None = None
     exception: str | None = None  # the error's exception type
     media_seconds: float = 0.0
@@ -290,6 +293,15 @@ class ExtractSummary:
         """False only when clips (or waveforms) were to be processed and none could be."""
         nothing_extracted = self.done == 0 and self.skipped == 0 and self.failed > 0
         return not (nothing_extracted or (self.waveforms == 0 and self.waveforms_failed > 0))
+
+
+@dataclass
+class ClipMedia:
+    """What the decoding of one extracted clip knew that the store does not keep
+    (:func:`extract`'s ``clip_media``; ``taemi serve`` places attention weights in time)."""
+
+    media_seconds: float  # the media its features cover
+    vision_times: np.ndarray | None  # (T_v,) seconds per stored vision row (Decoded.vision_times)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -414,7 +426,7 @@ def decode_source(src: Source, opts: ExtractOptions, face: FaceCropper | None) -
     except Exception as e:  # noqa: BLE001 - any library: this file fails, the run goes on
         out.error, out.exception = f"{display_path(src.media)}: {_type_name(e)}: {e}", _type_name(e)
     if out.error is not None:
-        out.waveform = out.faces = out.repeats = None
+        out.waveform = out.faces = out.repeats = out.vision_times = None
     out.seconds = time.perf_counter() - t0
     return out
 
@@ -460,6 +472,9 @@ def _decode_into(out: Decoded, src: Source, opts: ExtractOptions, face: FaceCrop
     out.faces = video.frames if video is not None and video.frames else None
     if out.faces is not None and opts.vision_fps is not None:
         out.repeats = video.repeats  # (len(faces),) int64
+    if out.faces is not None:  # one time per stored row, as _encode_batch repeats the features
+        times = np.asarray(video.timestamps, dtype=np.float64)  # (len(faces),)
+        out.vision_times = times if out.repeats is None else np.repeat(times, out.repeats)
     if video is not None and len(video.timestamps) > 1:
         out.media_seconds = max(
             out.media_seconds, float(video.timestamps[-1] - video.timestamps[0])
@@ -654,8 +669,12 @@ def extract(
     *,
     input_errors: Iterable[dict] = (),
     progress: bool = True,
+    clip_media: dict[str, ClipMedia] | None = None,
 ) -> ExtractSummary:
     """Extract ``sources`` into the feature store at ``store``; see the module docstring.
+
+    ``clip_media``: when given, filled with clip id -> :class:`ClipMedia` for every clip
+    this call writes (not for skipped or failed ones); nothing of it goes into the store.
 
     Raises StoreError, before writing anything, when the store cannot be opened for
     writing (other dims or settings, locked by another writer, not a store).
@@ -691,7 +710,17 @@ def extract(
             writer
         ):  # commits what is finished, even on Ctrl-C/SIGTERM; compacts after a normal run
             _run(
-                sources, root, encoders, opts, writer, summary, timer, errors, progress, wave_errors
+                sources,
+                root,
+                encoders,
+                opts,
+                writer,
+                summary,
+                timer,
+                errors,
+                progress,
+                wave_errors,
+                clip_media=clip_media,
             )
     except BaseException:
         summary.interrupted = True
@@ -715,6 +744,7 @@ def _run(
     errors: list[dict],
     progress: bool,
     wave_errors: list[dict],
+    clip_media: dict[str, ClipMedia] | None = None,
 ) -> None:
     (root / TRANSCRIPTS).mkdir(exist_ok=True)
     cache = (
@@ -763,6 +793,8 @@ def _run(
                         continue
                 summary.done += 1
                 summary.media_seconds += d.media_seconds
+                if clip_media is not None:
+                    clip_media[clip.clip_id] = ClipMedia(d.media_seconds, d.vision_times)
                 for m, miss in zip(("audio", "vision", "text"), clip.missing):
                     summary.missing[m] += int(miss)
             with timer("write"):

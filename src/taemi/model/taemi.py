@@ -243,8 +243,14 @@ class CrossAttention(nn.Module):
         self.ln_kv = nn.LayerNorm(hidden)
         self.attn_dropout = attn_dropout
 
-    def forward(self, query: Tensor, kv: PaddedSequence) -> Tensor:
-        """query (B, D_q), kv: x (B, T, D_kv), mask (B, T) -> (B, H)."""
+    def forward(
+        self, query: Tensor, kv: PaddedSequence, return_weights: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """query (B, D_q), kv: x (B, T, D_kv), mask (B, T) -> (B, H).
+
+        ``return_weights``: also the attention weights averaged over the heads, (B, T),
+        taken before attention dropout: 0 at padded steps, each row sums to 1 (uniform over
+        all steps for a missing sample's token sequence)."""
         B, _, D = kv.x.shape
         h = self.heads
         hd = self.v_proj.out_features // h
@@ -255,14 +261,18 @@ class CrossAttention(nn.Module):
         if kv.token is not None:
             scores = scores.masked_fill(kv.missing.view(B, 1, 1), 0.0)  # token keys: equal scores
         scores = scores.masked_fill(~kv.mask.unsqueeze(-1), float("-inf"))
-        attn = F.dropout(scores.softmax(dim=1), self.attn_dropout, self.training)  # (B, T, h)
+        weights = scores.softmax(dim=1)  # (B, T, h)
+        attn = F.dropout(weights, self.attn_dropout, self.training)  # (B, T, h)
         pooled, mass = kv.pool(attn)  # (B, h, D), (B, h)
         w_v = self.v_proj.weight.view(h, hd, D).transpose(1, 2)  # (h, D, hd): head j's W_v rows
         heads = torch.bmm(pooled.transpose(0, 1), w_v.to(pooled.dtype)).transpose(
             0, 1
         )  # (B, h, hd)
         heads = heads + self.v_proj.bias.view(h, hd) * mass.unsqueeze(-1)  # (B, h, hd)
-        return self.out_proj(heads.reshape(B, -1))  # (B, H)
+        out = self.out_proj(heads.reshape(B, -1))  # (B, H)
+        if return_weights:
+            return out, weights.mean(dim=-1)  # (B, H), (B, T)
+        return out
 
 
 class TAEMI(nn.Module):
@@ -357,7 +367,15 @@ class TAEMI(nn.Module):
 
     # -- forward -----------------------------------------------------------------
 
-    def forward(self, batch: Batch) -> Tensor:
+    def forward(
+        self, batch: Batch, return_attention: bool = False
+    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        """-> (B, num_outputs) raw intensities.
+
+        ``return_attention`` (inference: ``taemi serve``): also, per non-anchor modality of a
+        ``fusion="cross_attention"`` model, its cross-attention weights averaged over the
+        heads, (B, T_m) (see :meth:`CrossAttention.forward`); an empty dict for the other
+        fusions. The outputs are the same either way."""
         missing = self.modality_dropout(batch.missing)  # (B, 3)
         seqs = self._sequences(batch, missing)
         text = self.missing.fill_vector("text", batch.text, missing[:, 2])  # (B, D_t)
@@ -368,17 +386,22 @@ class TAEMI(nn.Module):
             query = seqs[self.anchor].mean()  # (B, D_anchor), raw features pooled
 
         parts = [query]
+        attention: dict[str, Tensor] = {}
         for m in self.others:
             seq = seqs[m]  # raw: x (B, T, D_m)
             enc = getattr(self, f"enc_{m}", None)
             if enc is not None:
                 seq = enc(seq)  # x (B, T, H)
-            if self.cfg.fusion == "cross_attention":
-                parts.append(getattr(self, f"ca_{m}")(query, seq))  # (B, H)
-            else:
+            if self.cfg.fusion != "cross_attention":
                 parts.append(seq.mean())  # (B, H)
+            elif return_attention:
+                h, attention[m] = getattr(self, f"ca_{m}")(query, seq, return_weights=True)
+                parts.append(h)  # (B, H); weights (B, T_m)
+            else:
+                parts.append(getattr(self, f"ca_{m}")(query, seq))  # (B, H)
         f = torch.cat(parts, dim=-1)  # (B, fused_dim), 1792 for the paper preset
-        return self.pred_head(f)  # (B, num_outputs)
+        out = self.pred_head(f)  # (B, num_outputs)
+        return (out, attention) if return_attention else out
 
 
 def count_parameters(model: nn.Module) -> int:
