@@ -89,3 +89,77 @@ def test_extract_cli_refuses_a_window_the_profile_has_not(tmp_path, capsys) -> N
     code, _ = run_main([*argv, "--profile", "paper", "--whisper-window", "5"])
     assert code == 2 and "offline profile's Whisper" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_predict_follows_and_checks_the_runs_window() -> None:
+    """A run's features.json says which window its audio features came from: predict loads
+    that window, and refuses encoders with another."""
+    from types import SimpleNamespace
+
+    from taemi.extract.pipeline import Encoders, ExtractOptions
+    from taemi.predict_media import check_provenance, whisper_window
+
+    def record(window: float | None) -> dict:
+        audio = {"profile": "offline", "output": "encoder last hidden state"}
+        if window is not None:
+            audio["window_s"] = window
+        return {
+            "modalities": {
+                "audio": {"backbone": "whisper", "settings": audio},
+                "vision": {"backbone": "dino", "settings": {"profile": "offline"}},
+                "text": {"backbone": "minilm", "settings": {"profile": "offline", "asr": "w"}},
+            }
+        }
+
+    assert whisper_window(record(10.0)) == 10.0
+    assert whisper_window(record(None)) == 30.0  # stores made before the setting existed
+    assert whisper_window(None) == 30.0
+    wav2vec2 = record(None)
+    wav2vec2["modalities"]["audio"]["settings"] = {"profile": "paper", "window_s": 12}
+    assert whisper_window(wav2vec2) == 30.0  # not a Whisper encoder's record
+
+    def encoders(window: float) -> Encoders:
+        run = record(window)["modalities"]
+
+        def enc(m):
+            return SimpleNamespace(name=run[m]["backbone"], settings=run[m]["settings"], dim=4)
+
+        asr = SimpleNamespace(name="w", settings={})
+        return Encoders(
+            asr=asr,
+            audio=enc("audio"),
+            image=enc("vision"),
+            text=enc("text"),
+            face=None,
+            profile="offline",
+        )
+
+    opts = ExtractOptions()
+    diffs = check_provenance(record(10.0), encoders(10.0), opts)  # the same window: no error
+    assert not [d for d in diffs if "window_s" in d]
+    with pytest.raises(ValueError, match="10 s Whisper window.*uses 30 s"):
+        check_provenance(record(10.0), encoders(30.0), opts)
+
+
+@pytest.mark.slow
+def test_share_whisper_refuses_a_short_window(whisper) -> None:
+    from types import SimpleNamespace
+
+    from taemi.backbones.whisper import WhisperEncoder, WhisperRecognizer
+    from taemi.extract.pipeline import Encoders, ExtractOptions
+
+    def encoders(window: float) -> Encoders:
+        return Encoders(
+            asr=WhisperRecognizer(whisper),
+            audio=WhisperEncoder(whisper, window_s=window),
+            image=SimpleNamespace(),
+            text=SimpleNamespace(),
+            face=None,
+            profile="offline",
+        )
+
+    shared = ExtractOptions(share_whisper=True)
+    encoders(10).check_sharing(shared)
+    with pytest.raises(ValueError, match="window of at least 10 s"):
+        encoders(5).check_sharing(shared)
+    encoders(5).check_sharing(ExtractOptions())  # without sharing any window goes

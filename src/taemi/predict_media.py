@@ -15,7 +15,8 @@ extraction profile and options) -> the run's model -> six intensities per clip.
    must be the run's: a backbone (or speech recogniser) other than the recorded one is
    an error naming the model to pass (``--model role=ID_OR_DIR``), and so is a face
    cropper detecting on other frames (``face.detect_every``, absent: every frame; the
-   loaded cropper is made with the run's); other setting differences (device, library
+   loaded cropper is made with the run's); the Whisper audio window (audio ``window_s``,
+   absent: 30 s) is loaded as recorded; other setting differences (device, library
    versions) are logged and reported. The image encoder's precision (vision ``precision``,
    absent: fp32) is loaded as recorded, and an encoder of another precision is an error.
 3. :func:`taemi.extract.pipeline.extract` writes the clips into a feature store, a
@@ -250,6 +251,7 @@ class MediaPlan:
     face: bool  # face crops on
     detect_every: int  # the face detector's detect_every
     encoder_precision: str  # the image encoder's precision (not the fusion model's)
+    whisper_window: float = 30.0  # the offline profile's Whisper audio window, seconds
 
     def load_encoders(
         self,
@@ -266,6 +268,7 @@ class MediaPlan:
             face=self.face,
             face_detect_every=self.detect_every,
             image_precision=self.encoder_precision,
+            whisper_window=self.whisper_window,
             device=device,
             batch_size=self.opts.batch_size,
             models=models,
@@ -328,6 +331,7 @@ def media_plan(
         face=face,
         detect_every=detect_every,
         encoder_precision=encoder_precision,
+        whisper_window=whisper_window(features),
     )
 
 
@@ -340,6 +344,7 @@ def load_encoders_once(
     face: bool,
     face_detect_every: int = 1,
     image_precision: str = "fp32",
+    whisper_window: float = 30.0,
     device: str = "cpu",
     batch_size: int = 8,
     models: Mapping[str, str] | None = None,
@@ -353,6 +358,7 @@ def load_encoders_once(
         face,
         face_detect_every,
         image_precision,
+        whisper_window,
         device,
         batch_size,
         tuple(sorted((models or {}).items())),
@@ -368,6 +374,7 @@ def load_encoders_once(
             face=face,
             face_detect_every=face_detect_every,
             image_precision=image_precision,
+            whisper_window=whisper_window,
             trust_remote_code=trust_remote_code,
             allow_download=allow_download,
         )
@@ -424,6 +431,13 @@ def check_provenance(
             f"(vision settings 'precision'), the encoder given runs in {now_p}: its features "
             "would not be the run's"
         )
+    was_w, now_w = whisper_window(features), whisper_window({"modalities": now})
+    if was_w != now_w:
+        raise ValueError(
+            f"{run}'s audio features were made with a {was_w:g} s Whisper window (audio "
+            f"settings 'window_s', taemi extract --whisper-window), the encoder given uses "
+            f"{now_w:g} s: its features would not be the run's"
+        )
     diffs: list[str] = []
     for m in MODALITIES:
         _diff(mods[m]["settings"], json.loads(json.dumps(now[m]["settings"])), f"{m}.", diffs)
@@ -437,6 +451,19 @@ def face_detect_every(vision_settings: Mapping[str, Any]) -> int:
     face settings do not record it: the per-frame policy, or no face crops)."""
     face = vision_settings.get("face")
     return 1 if not isinstance(face, Mapping) else int(face.get("detect_every", 1))
+
+
+def whisper_window(features: Mapping[str, Any] | None) -> float:
+    """The offline profile's Whisper audio window (``taemi extract --whisper-window``) that a
+    run's features were made with: the audio settings' ``window_s``; 30 s (Whisper's own
+    window, the exact path) when not recorded or when the audio model is not Whisper's
+    encoder (the paper profile's wav2vec2 has no window)."""
+    if features is None:
+        return 30.0
+    settings = features["modalities"]["audio"].get("settings") or {}
+    if settings.get("output") != "encoder last hidden state":  # not WhisperEncoder's record
+        return 30.0
+    return float(settings.get("window_s", 30.0))
 
 
 def image_precision(vision_settings: Mapping[str, Any]) -> str:

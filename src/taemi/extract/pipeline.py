@@ -96,6 +96,12 @@ STAGES = ("decode", "asr", "audio", "vision", "text", "write")
 SHARD_SIZE = 256
 
 
+#: The shortest Whisper window (``--whisper-window``) that ``share_whisper`` decodes from: on
+#: the CREMA-D sample, 10 s kept the word errors of the 30 s window (19 vs 22) while 5 s
+#: made the decoder repeat itself (587; ``benchmarks/whisper_share.py --windows 5 10``).
+SHARED_WINDOW_MIN_S = 10.0
+
+
 @dataclass
 class ExtractOptions:
     """How media become features (recorded in the store's provenance)."""
@@ -195,6 +201,13 @@ class Encoders:
                 f"and encodes the audio (the offline profile); here the transcripts come from "
                 f"{asr.name} ({type(asr).__name__}) and the audio features from {audio.name} "
                 f"({type(audio).__name__})"
+            )
+        if audio.window_s < SHARED_WINDOW_MIN_S:
+            raise ValueError(
+                f"share_whisper (--share-whisper) decodes the transcript from the audio "
+                f"features' pass, and with a Whisper window of {audio.window_s:g} s "
+                f"(--whisper-window) the decoder has been seen repeating itself; use a window "
+                f"of at least {SHARED_WINDOW_MIN_S:g} s with it"
             )
 
     def provenance(self, opts: ExtractOptions) -> dict[str, dict]:
