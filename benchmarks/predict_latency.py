@@ -67,6 +67,7 @@ def make_run(
     image_precision: str = "fp32",
     detect_every: int = 1,
     share_whisper: bool = False,
+    whisper_window: float = 30.0,
 ) -> Path:
     """Generated training clips -> offline features (at ``vision_fps``, with the image
     encoder at ``image_precision`` and face detection every ``detect_every`` frames) -> a
@@ -85,6 +86,9 @@ def make_run(
     if share_whisper:
         tag += "_sharew"
         extra += ["--share-whisper"]
+    if whisper_window != 30.0:
+        tag += f"_win{whisper_window:g}"
+        extra += ["--whisper-window", str(whisper_window)]
     run, store = work / f"run{tag}", work / f"store{tag}"
     if (run / "best.safetensors").is_file():
         return run
@@ -267,6 +271,13 @@ def main() -> None:
         "(taemi extract --share-whisper)",
     )
     ap.add_argument(
+        "--whisper-window",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="the Whisper audio window for the run's features (taemi extract --whisper-window)",
+    )
+    ap.add_argument(
         "--fidelity-media",
         type=Path,
         help="real face videos for the fidelity check (default: the CREMA-D sample's media)",
@@ -276,7 +287,12 @@ def main() -> None:
     with work_folder(args.workdir, "taemi-predict-latency-") as work:
         t0 = time.perf_counter()
         run = make_run(
-            work, args.vision_fps, args.image_precision, args.detect_every, args.share_whisper
+            work,
+            args.vision_fps,
+            args.image_precision,
+            args.detect_every,
+            args.share_whisper,
+            args.whisper_window,
         )
         videos = make_videos(work, args.videos, args.seconds)
         print(
@@ -365,7 +381,7 @@ def main() -> None:
     print(
         f"vision_fps {args.vision_fps if args.vision_fps is not None else 'None (every frame)'}, "
         f"image encoder {args.image_precision}, face detection every {args.detect_every} frame(s), "
-        f"share_whisper {args.share_whisper}, "
+        f"share_whisper {args.share_whisper}, whisper window {args.whisper_window:g} s, "
         f"warm calls (models loaded): {warm}; load average now {os.getloadavg()[0]:.2f}"
     )
     print(
