@@ -110,10 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:  # per-clip chatter of third-party libraries
         for name in ("faster_whisper", "httpx", "transformers"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    loads_models = args.command in ("extract", "import", "predict", "demo")
-    if loads_models and getattr(
-        args, "no_progress", False
-    ):  # model-loading bars of transformers / HF hub
+    loads_models = args.command in ("extract", "import", "predict", "demo", "serve", "ensemble")
+    # model-loading bars of transformers / HF hub: off with --no-progress, and in a server's log
+    if loads_models and (getattr(args, "no_progress", False) or args.command == "serve"):
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         if "transformers" in sys.modules or importlib.util.find_spec("transformers") is not None:
             from transformers.utils import logging as hf_logging
