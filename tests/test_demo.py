@@ -38,11 +38,16 @@ def test_demo_runs_the_real_pipeline_end_to_end(tmp_path, capsys) -> None:
     assert summary["extract"]["done"] == 16 and summary["extract"]["failed"] == 0
     assert set(summary["seconds"]) == {"media", "extract", "train", "total"}
     assert summary["longest_phase"] in ("media", "extract", "train")
-    assert summary["settings"]["share_whisper"] is False
+    settings = summary["settings"]  # the demo's extraction speed settings by default
+    assert settings["share_whisper"] is True and settings["image_precision"] == "int8"
+    assert settings["whisper_window"] == 10.0 and settings["overrides"] == {"train.lr": "3e-4"}
     assert "the longest phase" in printed
     assert summary["store_dims"] == {"audio": 384, "vision": 384, "text": 384}
     assert 0.5 < summary["oracle_mean_pearson"] <= 1.0
     assert summary["clips"]["train"] + summary["clips"]["valid"] == 16
+    assert set(summary["ridge_baselines"]) == {"audio", "vision", "text", "all"}
+    assert summary["limits"][0].startswith("time: ") and "ridge regression" in summary["limits"][1]
+    assert "limits, score: fusion model" in printed
     for name in (
         "media/raw",
         "features/manifest.json",
@@ -50,6 +55,7 @@ def test_demo_runs_the_real_pipeline_end_to_end(tmp_path, capsys) -> None:
         "run/metrics.json",
         "run/plots/learning_curves.png",
         "valid_predictions.csv",
+        "baselines/baselines.json",
     ):
         assert (out / name).exists(), name
     preds = read_labels(out / "valid_predictions.csv")
@@ -98,3 +104,55 @@ def test_demo_on_synthetic_features(tmp_path) -> None:
     )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["data"] == "synthetic features" and summary["store_dims"]["audio"] == 1027
+
+
+def test_limits_say_what_bounds_the_demo() -> None:
+    from taemi.demo import limits
+
+    summary = {
+        "seconds": {"media": 20.0, "extract": 150.0, "train": 60.0, "total": 231.0},
+        "longest_phase": "extract",
+        "valid": {"mean_pearson": 0.69},
+        "oracle_mean_pearson": 0.97,
+        "ridge_baselines": {"audio": 0.65, "vision": 0.27, "text": 0.66, "all": 0.70},
+    }
+    time_line, score_line = limits(summary)
+    assert time_line == "time: extract is the longest phase (150 s of 231 s, 65%)"
+    assert "ridge regression on the pooled features 0.700" in score_line
+    assert "vision 0.270" in score_line and "the features bound the score" in score_line
+    summary["valid"]["mean_pearson"] = 0.55  # well below the linear model
+    assert "trails a linear model" in limits(summary)[1]
+    assert limits({**summary, "ridge_baselines": {}, "longest_phase": None}) == []
+
+
+def test_demo_extraction_settings_from_the_command_line(monkeypatch) -> None:
+    """--exact is the exact path; each speed flag given overrides the base it starts from."""
+    import taemi.demo
+
+    seen = {}
+
+    def fake_run_demo(out, **kw):
+        seen.update(kw)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(taemi.demo, "run_demo", fake_run_demo)
+
+    def settings(*argv):
+        seen.clear()
+        with pytest.raises(SystemExit):
+            main(["demo", "--out", "unused", *argv])
+        return {k: seen[k] for k in ("share_whisper", "image_precision", "whisper_window")}
+
+    fast = {"share_whisper": True, "image_precision": "int8", "whisper_window": 10.0}
+    exact = {"share_whisper": False, "image_precision": "fp32", "whisper_window": 30.0}
+    assert settings() == fast and seen["clips"] == 480
+    assert settings("--exact") == exact
+    assert settings("--exact", "--image-precision", "int8") == {**exact, "image_precision": "int8"}
+    assert settings("--no-share-whisper", "--whisper-window", "30") == {
+        **fast,
+        "share_whisper": False,
+        "whisper_window": 30.0,
+    }
+    assert settings("--set", "train.lr=1e-4") == fast and seen["overrides"] == [
+        ("train.lr", "1e-4")
+    ]

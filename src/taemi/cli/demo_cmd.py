@@ -17,7 +17,9 @@ def register(
         "demo", help="the main job: generated media -> extract -> train -> evaluate -> predict"
     )
     sp.add_argument("--out", default="demo", help="output folder (default: ./demo)")
-    sp.add_argument("--clips", type=int, default=160)
+    sp.add_argument(
+        "--clips", type=int, default=480, help="generated clips, 3/4 train, 1/4 valid (480)"
+    )
     sp.add_argument("--epochs", type=int, default=30)
     sp.add_argument("--preset", default="paper")
     sp.add_argument("--seed", type=int, default=0)
@@ -30,22 +32,32 @@ def register(
         help="skip media: train on a synthetic feature store at paper sizes",
     )
     sp.add_argument(
-        "--share-whisper",
+        "--exact",
         action="store_true",
-        help="extraction: transcripts from the audio features' Whisper pass (taemi extract --share-whisper)",
+        help="extract on the exact path (fp32 DINOv2, Whisper's 30 s window, two Whisper "
+        "passes) instead of the demo's speed settings",
+    )
+    sp.add_argument(
+        "--share-whisper",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="extraction: transcripts from the audio features' Whisper pass (taemi extract "
+        "--share-whisper; the demo's default, off with --exact)",
     )
     sp.add_argument(
         "--image-precision",
-        default="fp32",
+        default=None,
         choices=("fp32", "int8"),
-        help="extraction: DINOv2 in fp32 (exact) or int8 (taemi extract --image-precision)",
+        help="extraction: DINOv2 in fp32 (exact) or int8 (taemi extract --image-precision; "
+        "the demo's default: int8, fp32 with --exact)",
     )
     sp.add_argument(
         "--whisper-window",
         type=float,
-        default=30.0,
+        default=None,
         metavar="S",
-        help="extraction: Whisper audio window in seconds (taemi extract --whisper-window)",
+        help="extraction: Whisper audio window in seconds (taemi extract --whisper-window; "
+        "the demo's default: 10, 30 with --exact)",
     )
     sp.add_argument(
         "--set",
@@ -61,9 +73,16 @@ def register(
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from taemi.config import parse_overrides
-    from taemi.demo import run_demo
+    from taemi.demo import EXACT_EXTRACTION, FAST_EXTRACTION, run_demo
 
     overrides = parse_overrides(args.set)  # a bad --set fails before any work
+    base = EXACT_EXTRACTION if args.exact else FAST_EXTRACTION
+    given = {
+        "share_whisper": args.share_whisper,
+        "image_precision": args.image_precision,
+        "whisper_window": args.whisper_window,
+    }
+    extraction = {k: base[k] if v is None else v for k, v in given.items()}
     s = run_demo(
         args.out,
         clips=args.clips,
@@ -74,10 +93,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         synthetic_features=args.synthetic_features,
         resume=args.resume,
         progress=not args.no_progress,
-        share_whisper=args.share_whisper,
-        image_precision=args.image_precision,
-        whisper_window=args.whisper_window,
         overrides=overrides,
+        **extraction,
     )
     print_line(metrics_table(s["valid"], f"{args.preset} preset, {s['data']}, valid split:"))
     print_line(
@@ -90,4 +107,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
             + ", ".join(f"{k} {v:g}" for k, v in s["seconds"].items())
             + f"; the longest phase: {s['longest_phase']}"
         )
+    for line in s.get("limits", []):
+        print_line(f"limits, {line}")
     return 0
