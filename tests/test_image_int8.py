@@ -76,9 +76,25 @@ def test_int8_model_is_cached_and_rebuilt_when_damaged(int8, cache, caplog):
     (digest,) = cache.glob("dinov2-vits14-*-int8-ort*.sha256")
     assert digest.read_text().strip().startswith(int8.settings["int8_sha256"])
     stamp = model.stat().st_mtime_ns
-    again = dinov2.DinoV2ImageEncoder(precision="int8", cache_dir=cache)
+    # as a fresh process: the fp32 graph is not parsed again (its cut is inside the cached
+    # model); the input and output shapes come from the session, the features are the same
+    dinov2._TOKENS_MODEL_CACHE.clear()
+    cut = dinov2._tokens_model
+    dinov2._tokens_model = lambda *a: pytest.fail("the fp32 graph was parsed again")
+    try:
+        again = dinov2.DinoV2ImageEncoder(precision="int8", cache_dir=cache)
+    finally:
+        dinov2._tokens_model = cut
     assert model.stat().st_mtime_ns == stamp  # read from the cache, not quantised again
     assert again.settings == int8.settings
+    assert (again.input_name, again.input_size, again.dim, again.batch_size) == (
+        int8.input_name,
+        int8.input_size,
+        int8.dim,
+        int8.batch_size,
+    )
+    images = [np.random.default_rng(0).integers(0, 256, (80, 60, 3), dtype=np.uint8)] * 2
+    np.testing.assert_array_equal(again.encode(images), int8.encode(images))
 
     data = model.read_bytes()
     model.write_bytes(data[: len(data) // 2])  # a truncated file

