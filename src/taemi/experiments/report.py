@@ -6,6 +6,9 @@ Each DIR becomes one section:
   (keys that differ from its preset, then the full YAML, collapsible), the validation
   metrics of the best epoch (mean Pearson, Pearson and CCC per emotion, MSE, n, best
   epoch, whether training stopped early), the plots in ``plots/`` and the history table;
+- a *cross-validation folder* (``taemi cv``; it holds ``cv.json``): its fold runs listed
+  with their headline metrics, the per-fold table with mean, std and pooled rows, the
+  config and its figure (:func:`read_cv`);
 - an *experiment folder* (anything else): every ``*.png`` embedded, every ``*.csv`` as a
   table (first :data:`MAX_CSV_ROWS` rows), every ``summary.md`` as preformatted text and
   the run folders below it listed with their headline metrics. A ``baselines.json``
@@ -176,8 +179,15 @@ def read_run(path: Path) -> RunSection:
 
 
 def _nested_runs(path: Path) -> list[Path]:
-    """Run folders strictly below ``path``, outermost only, sorted."""
-    found = sorted(p.parent for p in path.rglob(CONFIG_FILE) if p.parent != path)
+    """Run folders strictly below ``path``, outermost only, sorted (a cross-validation
+    folder holds a config.yaml too, but its runs are its folds)."""
+    from taemi.experiments.cv import CV_JSON
+
+    found = sorted(
+        p.parent
+        for p in path.rglob(CONFIG_FILE)
+        if p.parent != path and not (p.parent / CV_JSON).is_file()
+    )
     return [r for r in found if not any(o != r and o in r.parents for o in found)]
 
 
@@ -204,11 +214,42 @@ def read_experiment(path: Path) -> ExperimentSection:
     return sec
 
 
+def read_cv(path: Path) -> ExperimentSection:
+    """A cross-validation folder (``taemi cv``): its fold runs' headline metrics, the
+    summary of ``cv.json``, the config, ``cv.png`` and ``cv.csv`` (one row per fold, then
+    mean, std and pooled); its other CSVs (one row per clip) are not shown."""
+    from taemi.experiments.cv import CV_CSV, CV_JSON, CV_PLOT, format_cv
+
+    record = _read_json(path / CV_JSON)
+    try:
+        summary = format_cv(record)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(
+            f"report: {path / CV_JSON} is not a cross-validation record ({e!r})"
+        ) from None
+    sec = ExperimentSection(path, summaries=[(CV_JSON, summary)])
+    if (path / CONFIG_FILE).is_file():
+        sec.summaries.append((CONFIG_FILE, _read_text(path / CONFIG_FILE)))
+    if (path / CV_PLOT).is_file():
+        sec.figures.append(Figure(path / CV_PLOT, CV_PLOT))
+    if (path / CV_CSV).is_file():
+        sec.tables.append((CV_CSV, read_table(path / CV_CSV)))
+    sec.runs = [
+        (r.relative_to(path).as_posix(), _read_json(r / METRICS_FILE)) for r in _nested_runs(path)
+    ]
+    return sec
+
+
 def read_section(path: str | os.PathLike) -> RunSection | ExperimentSection:
-    """Read DIR as a run folder (it holds ``config.yaml``) or an experiment folder."""
+    """Read DIR as a cross-validation folder (it holds ``cv.json``), a run folder (it holds
+    ``config.yaml``) or an experiment folder."""
+    from taemi.experiments.cv import CV_JSON
+
     p = Path(path)
     if not p.is_dir():
         raise ValueError(f"report: {p} does not exist or is not a folder")
+    if (p / CV_JSON).is_file():
+        return read_cv(p)
     if (p / CONFIG_FILE).is_file():
         return read_run(p)
     sec = read_experiment(p)
