@@ -906,6 +906,16 @@ def train(
                 )
 
         if main:
+            # plots first: a run stopped while plotting is not marked finished, so a rerun
+            # (or a CV / ablation grid reusing finished runs) completes it
+            if valid_ds is not None:
+                assert state.best_metrics is not None
+                plot_history(state.history, plot_path(run, "learning_curves.png"))
+                plot_per_emotion(
+                    state.best_metrics.pearson,
+                    plot_path(run, "per_emotion_pearson.png"),
+                    title=f"valid Pearson per emotion (best epoch {state.best_epoch})",
+                )
             write_metrics(
                 run,
                 state.best_epoch,
@@ -916,14 +926,6 @@ def train(
                 execution=ex.record(),
                 **how,
             )
-            if valid_ds is not None:
-                assert state.best_metrics is not None
-                plot_history(state.history, plot_path(run, "learning_curves.png"))
-                plot_per_emotion(
-                    state.best_metrics.pearson,
-                    plot_path(run, "per_emotion_pearson.png"),
-                    title=f"valid Pearson per emotion (best epoch {state.best_epoch})",
-                )
         barrier(dist_info)
     except Exception:
         discard = not saved_epoch  # a failed start leaves no stub that would block a plain rerun
