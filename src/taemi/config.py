@@ -180,6 +180,9 @@ class TrainConfig:
     eval_batch_size: int = 64  # clips per evaluation forward pass
     log_every: int = 0  # log the running train loss every N steps (0: per epoch only)
     grad_accum_steps: int = 1  # micro-batches per optimiser step (batch_size is the micro-batch)
+    tensorboard: str = "auto"  # TensorBoard event files in RUN/tensorboard/: auto (when the package is installed) | on | off
+    mlflow_uri: str = ""  # MLflow tracking URI (empty: off; needs `pip install mlflow`)
+    mlflow_experiment: str = "taemi"  # the MLflow experiment the runs are logged under
 
     def validate(self) -> None:
         if self.grad_clip_mode not in ("value", "norm"):
@@ -190,6 +193,12 @@ class TrainConfig:
             raise ConfigError(f"train.precision={self.precision!r}: expected auto|fp32|fp16|bf16")
         if self.cuda_graphs not in ("auto", "on", "off"):
             raise ConfigError(f"train.cuda_graphs={self.cuda_graphs!r}: expected auto|on|off")
+        if self.tensorboard not in ("auto", "on", "off"):
+            raise ConfigError(f"train.tensorboard={self.tensorboard!r}: expected auto|on|off")
+        if self.mlflow_uri.strip() and not self.mlflow_experiment.strip():
+            raise ConfigError(
+                f"train.mlflow_experiment is empty: name the MLflow experiment for train.mlflow_uri={self.mlflow_uri!r}"
+            )
         _finite("train.lr", self.lr, "> 0")
         _finite("train.weight_decay", self.weight_decay, ">= 0")
         _finite("train.warmup_epochs", self.warmup_epochs, ">= 0")

@@ -10,8 +10,9 @@ Training also writes ``features.json`` (the store's dims and per-modality proven
 so ``taemi predict`` on media extracts features the same way), ``state.pt`` (optimiser,
 scheduler, scaler, RNG states: what ``--resume`` needs, :mod:`taemi.train.state`),
 ``history.csv``, ``metrics.json``, ``valid_predictions.csv`` (the best epoch's raw
-validation predictions) and ``plots/``. A fine-tuning run (``mode: finetune``) also holds
-``backbones/audio`` and ``backbones/text`` (the backbones' configs and tokenizer, no
+validation predictions), ``plots/`` and, when TensorBoard is installed, ``tensorboard/``
+(event files, :mod:`taemi.train.tracking`). A fine-tuning run (``mode: finetune``) also
+holds ``backbones/audio`` and ``backbones/text`` (the backbones' configs and tokenizer, no
 weights); its safetensors hold backbone and fusion weights (``audio.*``, ``text.*``,
 ``fusion.*``). An imported release holds ``import.json`` (:mod:`taemi.release`). While a
 process trains the folder it holds ``RUN/.lock`` (:class:`RunFolderLock`).
@@ -59,6 +60,8 @@ METRICS_FILE = "metrics.json"
 #: The best epoch's raw validation predictions (``taemi compare`` reads them).
 VALID_PREDICTIONS_FILE = "valid_predictions.csv"
 PLOTS_DIR = "plots"
+#: TensorBoard event files (:mod:`taemi.train.tracking`, ``train.tensorboard``).
+TENSORBOARD_DIR = "tensorboard"
 #: Where an imported release came from (:mod:`taemi.release`).
 IMPORT_FILE = "import.json"
 #: Held (fcntl.flock) by the process training the folder; see :class:`RunFolderLock`.

@@ -52,6 +52,9 @@ RUNTIME_KEYS = {
     ("data", "resident_share"),
     ("train", "cuda_graphs"),
     ("train", "graph_shapes"),
+    ("train", "tensorboard"),  # experiment tracking: what is logged, not what is trained
+    ("train", "mlflow_uri"),
+    ("train", "mlflow_experiment"),
 }
 #: What a state.pt must hold (``torch.load(weights_only=True)``: tensors and plain containers).
 _STATE_KEYS = (

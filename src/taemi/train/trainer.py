@@ -9,7 +9,8 @@ The recipe is built from components: the training mode (:mod:`taemi.train.modes`
 frozen features or end-to-end fine-tuning supplies the dataset, the model and its
 parameter groups), the run folder (:mod:`taemi.run`: every file it writes), the
 training state (:mod:`taemi.train.state`: ``state.pt`` and exact resume), the process
-group (:mod:`taemi.train.distributed`) and the schedule (:mod:`taemi.train.schedule`).
+group (:mod:`taemi.train.distributed`), the schedule (:mod:`taemi.train.schedule`) and the
+experiment trackers (:mod:`taemi.train.tracking`: TensorBoard, MLflow).
 
 Training on everything (``valid_labels=None``, ``fixed_epochs=N``): the final model of
 a challenge entry is trained on train + valid for the number of epochs a validated run
@@ -64,6 +65,7 @@ from taemi.run import (
     RunFolderError,
     TrainingFolder,
     plot_path,
+    read_metrics,
     save_weights,
     weights_file,
     write_features_record,
@@ -85,6 +87,7 @@ from taemi.train.plots import plot_history, plot_per_emotion
 from taemi.train.schedule import make_scheduler
 from taemi.train.state import Progress, check_resumable, resume_state, save_state
 from taemi.train.step import EagerStep, GraphedStep, current_lr
+from taemi.train.tracking import make_trackers
 
 log = logging.getLogger(__name__)
 
@@ -700,6 +703,7 @@ def train(
     cfg = _resolve_length_quantum(cfg, device)
     tc = cfg.train
     graphs = _use_graphs(cfg, mode, device, precision, dist_info)
+    trackers = make_trackers(cfg, main=dist_info.main)  # a missing package is refused here
     if valid_labels is not None:
         valid_labels.check_scorable("validation")
         _warn_on_overlap(train_labels, valid_labels)
@@ -728,6 +732,7 @@ def train(
             state = resume_state(
                 state_path, model, optimizer, scheduler, scaler, device, dist_info, fixed_epochs
             )
+        trackers.start(run, cfg, first_epoch=state.start_epoch)  # rank 0 only
         train_model = _wrap_model(
             model, cfg, mode, dist_info, device, fresh=not resume or not state_path.is_file()
         )
@@ -896,6 +901,7 @@ def train(
                 )
                 saved_epoch = True
             barrier(dist_info)  # the epoch is on disk before any rank moves on (or is interrupted)
+            trackers.epoch(epoch, row)  # after state.pt: a resumed run logs no epoch twice
             for cb in callbacks:
                 cb(epoch, row)
             if stopped_early:
@@ -926,11 +932,13 @@ def train(
                 execution=ex.record(),
                 **how,
             )
+            trackers.end(read_metrics(run) or {})
         barrier(dist_info)
     except Exception:
         discard = not saved_epoch  # a failed start leaves no stub that would block a plain rerun
         raise
     finally:
+        trackers.close()  # before a failed start's stub is removed
         if folder is not None:
             folder.close(discard=discard)
     return TrainResult(run, state.best_epoch, state.best_metrics, state.history, stopped_early)
