@@ -29,8 +29,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import signal
@@ -46,52 +44,8 @@ from collections import Counter
 from pathlib import Path
 
 from _paper_store import work_folder
-
-
-def crema_d_media() -> Path:
-    root = os.environ.get("TAEMI_CREMA_D")
-    base = (
-        Path(root) if root else Path(__file__).resolve().parents[2] / "shared/data/crema-d-sample"
-    )
-    return base / "media"
-
-
-def make_run(work: Path) -> Path:
-    """6 generated clips -> offline features (extract defaults) -> a 1-epoch tiny run."""
-    from taemi.cli.main import main as taemi_main
-    from taemi.synth.media import MediaSynthConfig, make_media_corpus
-
-    run, store = work / "run", work / "store"
-    if (run / "best.safetensors").is_file():
-        return run
-    cfg = MediaSynthConfig(
-        clips=6,
-        seconds=(1.5, 2.5),
-        size=160,
-        fps=30,
-        missing_video_rate=0.0,
-        missing_audio_rate=0.0,
-        silent_rate=0.0,
-        valid_fraction=0.34,
-        seed=1,
-    )
-    corpus = make_media_corpus(work / "train_media", cfg, progress=False)
-    out = io.StringIO()
-    sets = ["model.hidden=64", "model.sa_ffn=128", "model.head_hidden=64", "train.device=cpu"]
-    with contextlib.redirect_stdout(out):
-        code = taemi_main(
-            ["extract", "--input", str(corpus.raw), "--out", str(store), "--no-progress"]
-        )
-        if code != 0:
-            raise SystemExit(f"taemi extract failed ({code}):\n{out.getvalue()}")
-        code = taemi_main(
-            ["train", "--store", str(store), "--train", str(corpus.train_csv)]
-            + ["--valid", str(corpus.valid_csv), "--out", str(run), "--train-on-all"]
-            + ["--epochs", "1", "--no-progress", *[a for s in sets for a in ("--set", s)]]
-        )
-        if code != 0:
-            raise SystemExit(f"taemi train failed ({code}):\n{out.getvalue()}")
-    return run
+from image_encoder import crema_d_media  # the CREMA-D sample's media folder
+from predict_latency import make_run  # 6 generated clips -> offline features -> a tiny run
 
 
 def free_port() -> int:

@@ -124,3 +124,35 @@ def run_main(argv: list[str]) -> tuple[int, str]:
     with contextlib.redirect_stdout(out):
         code = main(argv)
     return code, out.getvalue()
+
+
+def generated_media_corpus(root: Path, *, size: int = 96):
+    """4 generated talking-face clips (00000 audio-only) under ``root/media``, for tests that
+    extract them with the offline profile; skips when that profile cannot run here (no
+    espeakng-loader, PyAV or packaged models). 2-3 s each: long enough that Whisper tiny.en
+    hears every sentence (at 1-2 s it dropped the audio-only clip's as no speech, 0.62
+    against its 0.6 threshold, on some CPUs)."""
+    pytest.importorskip(
+        "espeakng_loader", reason="the generated corpus speaks through espeakng-loader ([extract])"
+    )
+    pytest.importorskip("av", reason="PyAV is not installed ([extract])")
+    whisper = pytest.importorskip(
+        "taemi.backbones.whisper", reason="offline profile dependencies ([extract])"
+    )
+    try:
+        whisper.load_whisper()
+    except whisper.ModelLoadError as e:
+        pytest.skip(f"packaged offline models unavailable: {e}")
+    from taemi.synth.media import MediaSynthConfig, make_media_corpus
+
+    cfg = MediaSynthConfig(
+        clips=4,
+        seconds=(2.0, 3.0),
+        size=size,
+        fps=10,
+        missing_video_rate=0.3,
+        missing_audio_rate=0.0,
+        silent_rate=0.0,
+        seed=0,
+    )
+    return make_media_corpus(root / "media", cfg, progress=False)

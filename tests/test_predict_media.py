@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import run_main
+from conftest import generated_media_corpus, run_main
 
 from taemi import EMI_EMOTIONS
 from taemi.cli.main import main
@@ -151,33 +151,8 @@ def test_other_models_than_the_runs_are_refused() -> None:
 @pytest.fixture(scope="module")
 def media_run(tmp_path_factory) -> SimpleNamespace:
     """4 generated clips (00000 audio-only), their offline features, a 1-epoch tiny run."""
-    pytest.importorskip(
-        "espeakng_loader", reason="the generated corpus speaks through espeakng-loader ([extract])"
-    )
-    pytest.importorskip("av", reason="PyAV is not installed ([extract])")
-    whisper = pytest.importorskip(
-        "taemi.backbones.whisper", reason="offline profile dependencies ([extract])"
-    )
-    try:
-        whisper.load_whisper()
-    except whisper.ModelLoadError as e:
-        pytest.skip(f"packaged offline models unavailable: {e}")
-    from taemi.synth.media import MediaSynthConfig, make_media_corpus
-
     root = tmp_path_factory.mktemp("predict_media")
-    # 2-3 s: long enough that Whisper tiny.en hears every sentence (at 1-2 s it dropped the
-    # audio-only clip's as no speech, 0.62 against its 0.6 threshold, on some CPUs)
-    cfg = MediaSynthConfig(
-        clips=4,
-        seconds=(2.0, 3.0),
-        size=96,
-        fps=10,
-        missing_video_rate=0.3,
-        missing_audio_rate=0.0,
-        silent_rate=0.0,
-        seed=0,
-    )
-    corpus = make_media_corpus(root / "media", cfg, progress=False)
+    corpus = generated_media_corpus(root)
     assert sorted(p.name for p in corpus.raw.iterdir()) == [
         "00000.m4a",
         "00001.mp4",

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import generated_media_corpus
 
 from taemi import EMI_EMOTIONS
 from taemi.cli.main import main
@@ -159,31 +160,8 @@ def test_vision_rows_carry_their_frame_times(tmp_path) -> None:
 @pytest.fixture(scope="module")
 def serve_run(tmp_path_factory) -> SimpleNamespace:
     """4 generated clips (00000 audio-only), their offline features, a 1-epoch tiny run."""
-    pytest.importorskip(
-        "espeakng_loader", reason="the generated corpus speaks through espeakng-loader ([extract])"
-    )
-    pytest.importorskip("av", reason="PyAV is not installed ([extract])")
-    whisper = pytest.importorskip(
-        "taemi.backbones.whisper", reason="offline profile dependencies ([extract])"
-    )
-    try:
-        whisper.load_whisper()
-    except whisper.ModelLoadError as e:
-        pytest.skip(f"packaged offline models unavailable: {e}")
-    from taemi.synth.media import MediaSynthConfig, make_media_corpus
-
     root = tmp_path_factory.mktemp("serve_api")
-    cfg = MediaSynthConfig(
-        clips=4,
-        seconds=(2.0, 3.0),
-        size=96,
-        fps=10,
-        missing_video_rate=0.3,
-        missing_audio_rate=0.0,
-        silent_rate=0.0,
-        seed=0,
-    )
-    corpus = make_media_corpus(root / "media", cfg, progress=False)
+    corpus = generated_media_corpus(root)
     assert (corpus.raw / "00000.m4a").is_file() and (corpus.raw / "00001.mp4").is_file()
     store = root / "store"
     extract = ["extract", "--input", str(corpus.raw), "--out", str(store), "--max-frames", "4"]

@@ -31,6 +31,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import generated_media_corpus
 
 pytestmark = [pytest.mark.slow, pytest.mark.realmedia]
 
@@ -95,32 +96,10 @@ def tools() -> SimpleNamespace:
 @pytest.fixture(scope="module")
 def served_run(tools, tmp_path_factory) -> SimpleNamespace:
     """4 generated clips, their offline features, a tiny run trained on all 4 (as media_run)."""
-    pytest.importorskip(
-        "espeakng_loader", reason="the generated corpus speaks through espeakng-loader ([extract])"
-    )
-    pytest.importorskip("av", reason="PyAV is not installed ([extract])")
-    whisper = pytest.importorskip(
-        "taemi.backbones.whisper", reason="offline profile dependencies ([extract])"
-    )
-    try:
-        whisper.load_whisper()
-    except whisper.ModelLoadError as e:
-        pytest.skip(f"packaged offline models unavailable: {e}")
     from taemi.cli.main import main
-    from taemi.synth.media import MediaSynthConfig, make_media_corpus
 
     root = tmp_path_factory.mktemp("serve_browser")
-    cfg = MediaSynthConfig(
-        clips=4,
-        seconds=(2.0, 3.0),
-        size=160,
-        fps=10,
-        missing_video_rate=0.3,
-        missing_audio_rate=0.0,
-        silent_rate=0.0,
-        seed=0,
-    )
-    corpus = make_media_corpus(root / "media", cfg, progress=False)
+    corpus = generated_media_corpus(root, size=160)
     store, run = root / "store", root / "run"
     extract = ["extract", "--input", str(corpus.raw), "--out", str(store)]
     extract += ["--max-frames", "4", "--frame-policy", "uniform", "--no-face", "--no-progress"]
