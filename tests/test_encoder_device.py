@@ -28,7 +28,7 @@ def test_auto_is_the_cpu_without_a_gpu(monkeypatch, caplog) -> None:
         monkeypatch, torch_cuda=False, ct2_devices=0, ort_providers=["CPUExecutionProvider"]
     )
     with caplog.at_level(logging.INFO, logger="taemi.backbones.profiles"):
-        assert profiles.resolve_device("auto", "offline") == "cpu"
+        assert profiles.encoder_device("auto", "offline") == "cpu"
     assert "torch sees no CUDA device" in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
@@ -40,8 +40,8 @@ def test_auto_takes_the_gpu_when_every_library_can(monkeypatch) -> None:
         ct2_devices=1,
         ort_providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
     )
-    assert profiles.resolve_device("auto", "offline") == "cuda"
-    assert profiles.resolve_device("auto", "paper") == "cuda"
+    assert profiles.encoder_device("auto", "offline") == "cuda"
+    assert profiles.encoder_device("auto", "paper") == "cuda"
 
 
 def test_auto_names_the_library_that_cannot_use_the_gpu(monkeypatch, caplog) -> None:
@@ -49,11 +49,11 @@ def test_auto_names_the_library_that_cannot_use_the_gpu(monkeypatch, caplog) -> 
         monkeypatch, torch_cuda=True, ct2_devices=1, ort_providers=["CPUExecutionProvider"]
     )
     with caplog.at_level(logging.INFO, logger="taemi.backbones.profiles"):
-        assert profiles.resolve_device("auto", "offline") == "cpu"
+        assert profiles.encoder_device("auto", "offline") == "cpu"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "onnxruntime-gpu" in warnings[0]
     # the paper profile has no ONNX model: onnxruntime's providers do not matter to it
-    assert profiles.resolve_device("auto", "paper") == "cuda"
+    assert profiles.encoder_device("auto", "paper") == "cuda"
     fake_libraries(
         monkeypatch,
         torch_cuda=True,
@@ -66,12 +66,12 @@ def test_auto_names_the_library_that_cannot_use_the_gpu(monkeypatch, caplog) -> 
 
 
 def test_explicit_devices_pass_and_others_fail() -> None:
-    assert profiles.resolve_device("cpu", "offline") == "cpu"
+    assert profiles.encoder_device("cpu", "offline") == "cpu"
     assert (
-        profiles.resolve_device("cuda", "offline") == "cuda"
+        profiles.encoder_device("cuda", "offline") == "cuda"
     )  # its libraries raise if they cannot
     with pytest.raises(ValueError, match="'auto', 'cpu' or 'cuda'"):
-        profiles.resolve_device("tpu", "offline")
+        profiles.encoder_device("tpu", "offline")
 
 
 def test_fp16_encoders_need_a_gpu_and_fail_before_any_model_loads(monkeypatch) -> None:

@@ -17,7 +17,7 @@
   ``allow_download`` is set.
 
 On a GPU (``device="cuda"``; ``"auto"`` picks it when every library of the profile can
-use it, :func:`resolve_device`): the offline profile runs DINOv2 on onnxruntime's CUDA
+use it, :func:`encoder_device`): the offline profile runs DINOv2 on onnxruntime's CUDA
 provider (fp32), Whisper tiny.en on CTranslate2's CUDA backend and MiniLM with torch;
 ``encoder_precision="fp16"`` (CUDA only) runs the paper profile's wav2vec2, ViT and GTE in
 float16 and both profiles' Whisper in CTranslate2 float16 (the offline profile's CPU
@@ -157,7 +157,8 @@ def load_models(
 ) -> ProfileModels:
     """Load every model of ``profile`` once. ``models`` maps a role (asr, audio, vision,
     text) to a hub id or local directory replacing the profile's default.
-    ``device``: ``"cpu"``, ``"cuda"`` or ``"auto"`` (:func:`resolve_device`).
+    ``device``: ``"cpu"``, ``"cuda"`` or ``"auto"`` (:func:`encoder_device`; not
+    :func:`taemi.runtime.resolve_device`, which asks torch alone).
     ``image_precision``: ``"fp32"`` or ``"int8"`` (the offline profile's DINOv2 only,
     :mod:`~taemi.backbones.dinov2`). ``encoder_precision``: ``"fp32"`` or ``"fp16"``
     (CUDA only; see the module docstring). ``whisper_window``: the offline profile's
@@ -176,7 +177,7 @@ def load_models(
         )
     if profile not in PROFILES:
         raise ValueError(f"unknown extraction profile {profile!r}; expected one of {PROFILES}")
-    device = resolve_device(device, profile)
+    device = encoder_device(device, profile)
     if encoder_precision == "fp16" and device != "cuda":
         raise ValueError(
             f"encoder precision fp16 runs on a GPU only (device is {device!r}); use fp32 on "
@@ -233,7 +234,7 @@ def gpu_blockers(profile: str) -> list[str]:
     return out
 
 
-def resolve_device(device: str, profile: str) -> str:
+def encoder_device(device: str, profile: str) -> str:
     """``"cpu"`` and ``"cuda"`` as given; ``"auto"``: ``"cuda"`` when every library of
     ``profile`` can use the GPU (:func:`gpu_blockers`), else ``"cpu"`` with the reason
     logged (a warning when a GPU is there but a library cannot use it). A profile's
