@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from taemi.backbones import dinov2, weights
-from taemi.backbones import text as text_family
+from taemi.backbones import dinov2, minilm, weights
 from taemi.backbones import whisper as whisper_family
 from taemi.backbones.base import (
     SAMPLE_RATE,
@@ -100,8 +99,8 @@ def audio_encoder(whisper) -> whisper_family.WhisperEncoder:
 
 
 @pytest.fixture(scope="module")
-def text_encoder() -> text_family.MiniLMTextEncoder:
-    return text_family.MiniLMTextEncoder()
+def text_encoder() -> minilm.MiniLMTextEncoder:
+    return minilm.MiniLMTextEncoder()
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +193,7 @@ def test_missing_model_dirs_name_where_they_looked(tmp_path):
     nowhere = tmp_path / "no" / "such" / "dir"
     for load in (
         whisper_family.load_whisper,
-        text_family.MiniLMTextEncoder,
+        minilm.MiniLMTextEncoder,
         dinov2.DinoV2ImageEncoder,
     ):
         with pytest.raises(ModelLoadError) as e:
@@ -216,7 +215,7 @@ def test_cuda_requested_without_cuda_is_an_error_not_a_cpu_fallback():
             whisper_family.load_whisper(device="cuda")
     if not torch.cuda.is_available():
         with pytest.raises(ModelLoadError, match="CUDA"):
-            text_family.MiniLMTextEncoder(device="cuda")
+            minilm.MiniLMTextEncoder(device="cuda")
     with pytest.raises(ValueError, match="device"):
         whisper_family.load_whisper(device="gpu")
 
@@ -384,7 +383,7 @@ def test_minilm_token_states_match_token_counts(text_encoder):
     long_text = " ".join(["emotion"] * 400)
     texts = ["Hi.", "Don't forget a jacket.", long_text]
     _, states = text_encoder.encode(texts, token_states=True)
-    counts = [len(text_encoder.tokenizer(t)["input_ids"]) for t in texts[:2]]
+    counts = [len(text_encoder.tokenizer.encode(t).ids) for t in texts[:2]]
     assert [s.shape for s in states] == [(counts[0], 384), (counts[1], 384), (128, 384)]
     assert counts[0] < counts[1] < 128
 
@@ -406,6 +405,46 @@ def test_minilm_refuses_empty_text(text_encoder):
         text_encoder.encode([None])  # type: ignore[list-item]
     vectors, states = text_encoder.encode([], token_states=True)
     assert vectors.shape == (0, 384) and states == []
+
+
+def test_minilm_equals_transformers_bert(text_encoder):
+    """The encoder runs without transformers (a fresh CLI process would spend ~2 s importing
+    its BERT): token ids, sentence vectors and token states equal transformers' fast
+    tokenizer + BertModel on the packaged model."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = str(weights.packaged_folder(weights.MINILM_L6_V2))
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+    texts = [
+        "Don't forget a jacket.",
+        "I'm SO happy today!!",
+        "Café naïve résumé, ünïcödé 日本語 😀",
+        "  spaces   and\ttabs\n",
+        "word " * 300,  # truncated to 128 tokens
+        "a",
+    ]
+    ref = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    ids, mask = text_encoder.tokenize(texts)
+    assert torch.equal(ids, ref["input_ids"]) and torch.equal(mask, ref["attention_mask"])
+    with torch.inference_mode():
+        hidden = model(**ref).last_hidden_state  # (B, T, 384)
+    m = ref["attention_mask"].unsqueeze(-1).float()
+    pooled = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1)
+    vectors, states = text_encoder.encode(texts, token_states=True)
+    np.testing.assert_allclose(vectors, pooled.numpy(), atol=1e-5)
+    for i, s in enumerate(states):
+        np.testing.assert_allclose(s, hidden[i, : len(s)].numpy(), atol=1e-4)
+
+
+def test_minilm_refuses_a_non_bert_sentence_model(tmp_path):
+    folder = tmp_path / "mpnet"
+    shutil.copytree(weights.packaged_folder(weights.MINILM_L6_V2), folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "mpnet"}))
+    with pytest.raises(ModelLoadError, match="model_type 'mpnet'"):
+        minilm.MiniLMTextEncoder(folder, checksums=None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -456,11 +495,11 @@ def test_dinov2_rejects_bad_images(image_encoder):
 _OFFLINE_SNIPPET = textwrap.dedent(
     """
     import numpy as np
-    from taemi.backbones import dinov2, text as txt, whisper
+    from taemi.backbones import dinov2, minilm, whisper
     w = whisper.load_whisper()
     text = whisper.WhisperRecognizer(w).transcribe(np.zeros(16000, np.float32))
     (a,) = whisper.WhisperEncoder(w).encode([np.zeros(16000, np.float32)])
-    t, _ = txt.MiniLMTextEncoder().encode(["Don't forget a jacket."])
+    t, _ = minilm.MiniLMTextEncoder().encode(["Don't forget a jacket."])
     v = dinov2.DinoV2ImageEncoder().encode([np.zeros((32, 32, 3), np.uint8)])
     assert a.shape == (50, 384) and t.shape == (1, 384) and v.shape == (1, 384), (a.shape,)
     print("OFFLINE-OK", repr(text))

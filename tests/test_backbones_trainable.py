@@ -693,7 +693,7 @@ def test_text_trusted_remote_code_loads_saves_and_rebuilds(bert_dir, tmp_path):
 
 
 def test_offline_minilm_equals_the_frozen_extractor():
-    from taemi.backbones.text import MiniLMTextEncoder
+    from taemi.backbones.minilm import MiniLMTextEncoder
 
     try:
         bb = load_text_backbone("offline").eval()

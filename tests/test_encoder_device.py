@@ -115,14 +115,14 @@ def test_fp16_reaches_every_paper_model(monkeypatch) -> None:
 
 
 def test_offline_whisper_compute_type_follows_the_precision(monkeypatch) -> None:
-    from taemi.backbones import dinov2, text, whisper
+    from taemi.backbones import dinov2, minilm, whisper
 
     calls: list[dict] = []
     monkeypatch.setattr(whisper, "load_whisper", lambda d, **kw: calls.append(kw) or kw)
     monkeypatch.setattr(whisper, "WhisperRecognizer", lambda loaded: loaded)
     monkeypatch.setattr(whisper, "WhisperEncoder", lambda loaded, **kw: loaded)
     monkeypatch.setattr(dinov2, "DinoV2ImageEncoder", lambda *a, **kw: kw)
-    monkeypatch.setattr(text, "MiniLMTextEncoder", lambda *a, **kw: kw)
+    monkeypatch.setattr(minilm, "MiniLMTextEncoder", lambda *a, **kw: kw)
     m = profiles.load_models("offline", device="cuda", encoder_precision="fp16")
     assert calls[-1]["compute_type"] == "float16" and calls[-1]["device"] == "cuda"
     assert m.image["device"] == "cuda" and m.text["device"] == "cuda"

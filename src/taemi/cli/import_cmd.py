@@ -73,7 +73,7 @@ def load_text_encoder(
             raise ValueError("--model text=... was given with --text-profile none")
         return None
     if profile == "offline":
-        from taemi.backbones.text import MiniLMTextEncoder
+        from taemi.backbones.minilm import MiniLMTextEncoder
 
         return MiniLMTextEncoder(model, device=device)
     if profile == "paper":

@@ -9,7 +9,6 @@ command's options.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
 import sys
@@ -115,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     loads_models = args.command in ("extract", "import", "predict", "demo", "serve", "ensemble")
     # model-loading bars of transformers / HF hub: off with --no-progress, and in a server's log
     if loads_models and (getattr(args, "no_progress", False) or args.command == "serve"):
+        # transformers reads this (through huggingface_hub) when it is imported; importing it
+        # here only to switch its bars off would cost a fresh `taemi predict` ~1 s (issue 15)
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        if "transformers" in sys.modules or importlib.util.find_spec("transformers") is not None:
+        if "transformers" in sys.modules:
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()
