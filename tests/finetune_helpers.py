@@ -82,9 +82,19 @@ def make_bert_dir(folder: Path, seed: int = 2) -> Path:
 
 
 def make_finetune_store(
-    root: Path, n: int = 40, *, vision_dim: int = 6, seed: int = 0, max_seconds: float = 2.0
+    root: Path,
+    n: int = 40,
+    *,
+    vision_dim: int = 6,
+    seed: int = 0,
+    max_seconds: float = 2.0,
+    clip_seconds: float | None = None,
 ) -> tuple[Path, Path, Path]:
     """A store of ``n`` clips with waveforms and transcripts, and train/valid label CSVs.
+
+    The waveform cache keeps ``max_seconds`` per clip; clips last 0.3 s to
+    ``clip_seconds`` (default ``max_seconds``), so a cache made for a run's 12 s can hold
+    short clips.
 
     Targets: emotion 0 follows the loudness of the clip's tone, emotion 1 the share of
     "happy" in its words, emotion 2 the vision features' mean; the rest is noise. Clip 3
@@ -116,7 +126,7 @@ def make_finetune_store(
     for i in range(n):
         cid = f"{i:05d}"
         if i != 3:
-            seconds = float(rng.uniform(0.3, max_seconds))
+            seconds = float(rng.uniform(0.3, clip_seconds or max_seconds))
             t = np.arange(int(seconds * SR)) / SR
             tone = np.sin(2 * np.pi * float(rng.uniform(120, 400)) * t) * (
                 0.05 + 0.8 * targets[i, 0]
