@@ -500,6 +500,18 @@ def apply_override(cfg: RunConfig, key: str, value: Any) -> None:
                 )
 
 
+def flat_dict(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict (e.g. ``cfg.to_dict()``) as ``{"train.lr": 1e-4, ...}``: dotted keys, the
+    override syntax; a non-dict ``d`` is ``{prefix: d}``."""
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out.update(flat_dict(v, key) if isinstance(v, dict) else {key: v})
+    return out
+
+
 def parse_overrides(items: typing.Iterable[str]) -> list[tuple[str, str]]:
     """Split ``key=value`` strings from the command line."""
     out = []

@@ -31,6 +31,7 @@ from taemi.cli import (
     robustness_cmd,
     serve_cmd,
     store_cmd,
+    sweep_cmd,
     synth_cmd,
     train_cmd,
 )
@@ -50,6 +51,7 @@ COMMANDS = (
     import_cmd,
     ablate_cmd,
     cv_cmd,
+    sweep_cmd,
     baselines_cmd,
     ensemble_cmd,
     robustness_cmd,

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from taemi.config import RunConfig, load_config, save_config
+from taemi.config import RunConfig, flat_dict, load_config, save_config
 from taemi.data.labels import Labels, concat_labels, read_labels, write_predictions
 from taemi.eval.metrics import Metrics, compute_metrics
 from taemi.run import CONFIG_FILE, METRICS_FILE, has_run, read_metrics
@@ -193,21 +193,13 @@ def read_groups(
 # --------------------------------------------------------------------------- the folder
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out: dict = {}
-    for key, v in d.items():
-        name = f"{prefix}{key}"
-        out.update(_flat(v, name + ".") if isinstance(v, dict) else {name: v})
-    return out
-
-
 def _check_or_write_config(out: Path, cfg: RunConfig) -> None:
     """Write ``OUT/config.yaml``; when one is there (a rerun), it must hold ``cfg``."""
     path = out / CONFIG_FILE
     if not path.is_file():
         save_config(cfg, path)
         return
-    old, new = _flat(load_config(path).to_dict()), _flat(cfg.to_dict())
+    old, new = flat_dict(load_config(path).to_dict()), flat_dict(cfg.to_dict())
     diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if diff:
         shown = ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in diff[:_LISTED])

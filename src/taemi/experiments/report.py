@@ -9,6 +9,9 @@ Each DIR becomes one section:
 - a *cross-validation folder* (``taemi cv``; it holds ``cv.json``): its fold runs listed
   with their headline metrics, the per-fold table with mean, std and pooled rows, the
   config and its figure (:func:`read_cv`);
+- a *sweep folder* (``taemi sweep``; it holds ``sweep.json``): the sweep's summary, the
+  best config's differences from the base config, the objective, importance and parallel
+  coordinates figures and the trials table, best first (:func:`read_sweep`);
 - an *experiment folder* (anything else): every ``*.png`` embedded, every ``*.csv`` as a
   table (first :data:`MAX_CSV_ROWS` rows), every ``summary.md`` as preformatted text and
   the run folders below it listed with their headline metrics. A ``baselines.json``
@@ -124,29 +127,16 @@ def _read_json(path: Path) -> dict | None:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, dict):
-            out.update(_flatten(v, key))
-        else:
-            out[key] = v
-    return out
-
-
 def config_diff(config: dict) -> tuple[str | None, list[tuple[str, Any, Any]]]:
     """The run config's keys that differ from its preset (the ``preset`` field), as
     ``(key, preset value, run value)``; ``(None, [])`` when the preset is unknown."""
-    from taemi.config import PRESETS, preset
+    from taemi.config import PRESETS, flat_dict, preset
 
     name = config.get("preset")
     if name not in PRESETS:
         return None, []
-    base = _flatten(preset(name).to_dict())
-    run = _flatten(config)
+    base = flat_dict(preset(name).to_dict())
+    run = flat_dict(config)
     keys = [k for k in run if k != "preset" and run[k] != base.get(k)]
     keys += [k for k in base if k not in run and k != "preset"]
     return name, [(k, base.get(k), run.get(k)) for k in keys]
@@ -240,14 +230,72 @@ def read_cv(path: Path) -> ExperimentSection:
     return sec
 
 
+def _by_value(table: Table, max_rows: int) -> Table:
+    """The rows of a trials table, best value first (trials without a value last)."""
+    col = table.header.index("value") if "value" in table.header else None
+
+    def key(row: list[str]) -> float:
+        try:
+            return -float(row[col]) if col is not None else 0.0
+        except (IndexError, ValueError):
+            return float("inf")
+
+    rows = sorted(table.rows, key=key)
+    return Table(table.header, rows[:max_rows], table.total)
+
+
+def read_sweep(path: Path) -> ExperimentSection:
+    """A hyperparameter sweep folder (``taemi sweep``; it holds ``sweep.json``): the
+    summary of ``sweep.json``, the best config's keys that differ from the base config,
+    ``best_config.yaml``, the figures (objective per trial, parameter importance, parallel
+    coordinates) and ``trials.csv`` best first (first :data:`MAX_CSV_ROWS` rows). The trial
+    runs are not listed one by one (trials.csv names them)."""
+    from taemi.config import ConfigError, flat_dict, load_config
+    from taemi.experiments.sweep_folder import (
+        BASE_CONFIG,
+        BEST_CONFIG,
+        PLOTS,
+        SWEEP_JSON,
+        TRIALS_CSV,
+        format_sweep,
+    )
+
+    record = _read_json(path / SWEEP_JSON)
+    try:
+        summary = format_sweep(record)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"report: {path / SWEEP_JSON} is not a sweep record ({e!r})") from None
+    sec = ExperimentSection(path, summaries=[(SWEEP_JSON, summary)])
+    if (path / BEST_CONFIG).is_file() and (path / BASE_CONFIG).is_file():
+        try:
+            base = flat_dict(load_config(path / BASE_CONFIG).to_dict())
+            best = flat_dict(load_config(path / BEST_CONFIG).to_dict())
+        except ConfigError as e:
+            raise ValueError(f"report: {e}") from None
+        keys = [k for k in best if best[k] != base.get(k)]
+        rows = [[k, _fmt(base.get(k)), _fmt(best[k])] for k in keys]
+        sec.tables.append(
+            (f"{BEST_CONFIG} vs {BASE_CONFIG}", Table(["key", "base", "best"], rows, len(rows)))
+        )
+        sec.summaries.append((BEST_CONFIG, _read_text(path / BEST_CONFIG)))
+    sec.figures = [Figure(path / name, name) for name in PLOTS if (path / name).is_file()]
+    if (path / TRIALS_CSV).is_file():
+        table = _by_value(read_table(path / TRIALS_CSV), MAX_CSV_ROWS)
+        sec.tables.append((f"{TRIALS_CSV} (best first)", table))
+    return sec
+
+
 def read_section(path: str | os.PathLike) -> RunSection | ExperimentSection:
-    """Read DIR as a cross-validation folder (it holds ``cv.json``), a run folder (it holds
-    ``config.yaml``) or an experiment folder."""
+    """Read DIR as a sweep folder (it holds ``sweep.json``), a cross-validation folder (it
+    holds ``cv.json``), a run folder (it holds ``config.yaml``) or an experiment folder."""
     from taemi.experiments.cv import CV_JSON
+    from taemi.experiments.sweep_folder import SWEEP_JSON
 
     p = Path(path)
     if not p.is_dir():
         raise ValueError(f"report: {p} does not exist or is not a folder")
+    if (p / SWEEP_JSON).is_file():
+        return read_sweep(p)
     if (p / CV_JSON).is_file():
         return read_cv(p)
     if (p / CONFIG_FILE).is_file():
