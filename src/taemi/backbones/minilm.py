@@ -180,8 +180,7 @@ class BertEncoder(nn.Module):
                 if part in _LAYER_NAMES:
                     state[f"layers.{index}.{_LAYER_NAMES[part]}.{param}"] = v
         state = {k: v.float() for k, v in state.items()}  # float32 (a no-op when stored so)
-        # assign: the file's tensors become the parameters (no copy; the module may have
-        # been built on the meta device, without initialising 11M embedding values first)
+        # assign: the file's tensors become the parameters (no copy into the initialised ones)
         missing, unexpected = self.load_state_dict(state, strict=False, assign=True)
         if missing or unexpected:
             raise ModelLoadError(
@@ -292,8 +291,9 @@ class MiniLMTextEncoder:
             raise ModelLoadError(self.name, str(folder), "no model.safetensors in it")
         self.tokenizer = _load_tokenizer(folder, max_tokens)
         self.pad_id = int(config.get("pad_token_id") or 0)
-        with torch.device("meta"):  # parameters come from the file (BertEncoder.load)
-            self.model = BertEncoder(config)
+        # built on the CPU (its random init, ~0.1 s, is replaced by the file's tensors): the
+        # meta device would import torch's Python decompositions, 1.5-2.5 s in a fresh process
+        self.model = BertEncoder(config)
         self.model.load(weights)
         self.model.eval().to(device)
         self.device, self.max_tokens, self.batch_size = device, max_tokens, batch_size
