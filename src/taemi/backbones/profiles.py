@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -281,22 +282,32 @@ def _offline(
             "the offline profile shares one Whisper model between asr and audio; give the same path"
         )
     whisper_dir = models.get("asr") or models.get("audio")
-    loaded = whisper.load_whisper(
-        whisper_dir,
-        device=device,
-        compute_type="float16" if encoder_precision == "fp16" else "int8",
-        checksums="pinned" if whisper_dir is None else None,
-    )
-    return ProfileModels(
-        asr=whisper.WhisperRecognizer(loaded),
-        audio=whisper.WhisperEncoder(loaded, batch_size=batch_size, window_s=whisper_window),
-        image=dinov2.DinoV2ImageEncoder(
+    # The three load at once: their loaders spend most of their time outside the GIL
+    # (CTranslate2, onnxruntime, safetensors and torch), which takes a fresh `taemi predict`
+    # ~0.5-1 s less (issue 15). Errors surface in the sequential order (Whisper first).
+    with ThreadPoolExecutor(3, thread_name_prefix="taemi-load") as pool:
+        loading = pool.submit(
+            whisper.load_whisper,
+            whisper_dir,
+            device=device,
+            compute_type="float16" if encoder_precision == "fp16" else "int8",
+            checksums="pinned" if whisper_dir is None else None,
+        )
+        image = pool.submit(
+            dinov2.DinoV2ImageEncoder,
             models.get("vision"),
             device=device,
             threads=_env_threads(),
             precision=image_precision,
-        ),
-        text=minilm.MiniLMTextEncoder(models.get("text"), device=device),
+        )
+        text = pool.submit(minilm.MiniLMTextEncoder, models.get("text"), device=device)
+        loaded = loading.result()
+        image_encoder, text_encoder = image.result(), text.result()
+    return ProfileModels(
+        asr=whisper.WhisperRecognizer(loaded),
+        audio=whisper.WhisperEncoder(loaded, batch_size=batch_size, window_s=whisper_window),
+        image=image_encoder,
+        text=text_encoder,
         profile="offline",
     )
 
