@@ -40,7 +40,7 @@ import math
 import os
 import statistics
 from collections.abc import Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import replace
 from pathlib import Path
 
@@ -49,6 +49,7 @@ import numpy as np
 from taemi.config import RunConfig, flat_dict, load_config, save_config
 from taemi.data.labels import Labels, concat_labels, read_labels, write_predictions
 from taemi.eval.metrics import Metrics, compute_metrics
+from taemi.experiments.workers import setup_worker, spawn_pool, terminate_workers, worker_settings
 from taemi.run import CONFIG_FILE, METRICS_FILE, has_run, read_metrics
 
 log = logging.getLogger(__name__)
@@ -245,15 +246,7 @@ def _check_or_write_folds(out: Path, rows: list[list], id_column: str) -> None:
 
 def _train_fold(job: dict) -> dict:
     """Train (or resume) one fold's run; in this process or a worker process."""
-    worker = job["worker"]
-    if worker is not None:  # a worker process: the parent's log level, its share of the cores
-        logging.basicConfig(
-            level=worker["log_level"], format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
-        if worker["threads"] is not None:
-            from taemi.runtime import configure_threads
-
-            configure_threads(worker["threads"])
+    setup_worker(job["worker"])  # a worker process: the parent's log level, its cores
     from taemi.signals import sigterm_raises
     from taemi.train.trainer import train
 
@@ -292,18 +285,9 @@ def _train_folds(todo: list[dict], jobs: int, k: int) -> None:
             _train_fold(job)
             finished(job)
         return
-    import multiprocessing
-
-    from taemi.runtime import available_cores
-
     workers = min(jobs, len(todo))
-    worker = {  # OMP_NUM_THREADS, when set, decides the threads (as for taemi train)
-        "threads": None
-        if "OMP_NUM_THREADS" in os.environ
-        else max(1, available_cores() // workers),
-        "log_level": logging.getLogger().getEffectiveLevel(),
-    }
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    worker = worker_settings(workers)
+    pool = spawn_pool(workers)
     pending, running = list(todo), {}  # running: future -> job
     try:
         while pending or running:
@@ -320,10 +304,8 @@ def _train_folds(todo: list[dict], jobs: int, k: int) -> None:
                 finished(job)
     except BaseException:
         # an error, Ctrl-C or SIGTERM: stop the folds in progress too (SIGTERM, which the
-        # workers turn into the trainer's clean-up, so their run folders stay resumable);
-        # ProcessPoolExecutor has no public way to reach its workers before Python 3.14
-        for proc in list((getattr(pool, "_processes", None) or {}).values()):
-            proc.terminate()
+        # workers turn into the trainer's clean-up, so their run folders stay resumable)
+        terminate_workers(pool)
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

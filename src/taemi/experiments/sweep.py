@@ -122,6 +122,7 @@ from taemi.experiments.sweep_folder import (
     write_outputs,
 )
 from taemi.experiments.sweep_space import Param, apply_params, read_space
+from taemi.experiments.workers import setup_worker, spawn_pool, terminate_workers, worker_settings
 from taemi.run import METRICS_FILE, has_run, read_metrics
 
 log = logging.getLogger(__name__)
@@ -509,15 +510,7 @@ def _run_trial(study, storage, trial, job: dict) -> None:
 def _work(job: dict) -> int:
     """Ask the study for trials and run them until it holds ``trials`` finished ones; in
     this process or a worker process. Returns the number of trials this process ran."""
-    worker = job["worker"]
-    if worker is not None:  # a worker process: the parent's log level, its share of the cores
-        logging.basicConfig(
-            level=worker["log_level"], format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
-        if worker["threads"] is not None:
-            from taemi.runtime import configure_threads
-
-            configure_threads(worker["threads"])
+    setup_worker(job["worker"])  # a worker process: the parent's log level, its cores
     optuna = import_optuna()
     _quiet_optuna()
     from taemi.signals import sigterm_raises
@@ -551,16 +544,10 @@ def _run_workers(job: dict, jobs: int) -> None:
     if jobs == 1:
         _work({**job, "worker": None})
         return
-    import multiprocessing
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_EXCEPTION, wait
 
-    from taemi.runtime import available_cores
-
-    worker = {  # OMP_NUM_THREADS, when set, decides the threads (as for taemi train)
-        "threads": None if "OMP_NUM_THREADS" in os.environ else max(1, available_cores() // jobs),
-        "log_level": logging.getLogger().getEffectiveLevel(),
-    }
-    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+    worker = worker_settings(jobs)
+    pool = spawn_pool(jobs)
     try:
         futures = [
             pool.submit(_work, {**job, "progress": False, "worker": worker}) for _ in range(jobs)
@@ -573,8 +560,7 @@ def _run_workers(job: dict, jobs: int) -> None:
     except BaseException:
         # an error, Ctrl-C or SIGTERM: stop the other workers too (SIGTERM, which they turn
         # into a FAIL of their trial and the trainer's clean-up, so a rerun resumes them)
-        for proc in list((getattr(pool, "_processes", None) or {}).values()):
-            proc.terminate()
+        terminate_workers(pool)
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
