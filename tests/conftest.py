@@ -109,6 +109,20 @@ def tiny_cli_sets() -> list[str]:
     return out
 
 
+def split_args(synth: SynthResult, out) -> list[str]:
+    """``--store S --train T --valid V --out OUT`` of a synthetic store, for command lines."""
+    return [
+        "--store",
+        str(synth.store),
+        "--train",
+        str(synth.train_csv),
+        "--valid",
+        str(synth.valid_csv),
+        "--out",
+        str(out),
+    ]
+
+
 def is_png(path: Path) -> bool:
     return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

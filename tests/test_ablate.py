@@ -7,6 +7,7 @@ from contextlib import redirect_stdout
 
 import numpy as np
 import pytest
+from conftest import split_args
 
 from taemi.cli.main import main
 from taemi.config import build_config
@@ -70,14 +71,7 @@ def test_ablate_runs_are_reused_and_outputs_written(synth, tmp_path, monkeypatch
     out = tmp_path / "abl"
     argv = [
         "ablate",
-        "--store",
-        str(synth.store),
-        "--train",
-        str(synth.train_csv),
-        "--valid",
-        str(synth.valid_csv),
-        "--out",
-        str(out),
+        *split_args(synth, out),
         "--grid",
         "table4",
         "--seeds",

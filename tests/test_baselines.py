@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import is_png, run_main
+from conftest import is_png, run_main, split_args
 
 from taemi import MODALITIES
 from taemi.data.labels import Labels
@@ -182,14 +182,7 @@ def test_cli_writes_its_files_and_the_report_shows_them(synth, tmp_path) -> None
     code, text = run_main(
         [
             "baselines",
-            "--store",
-            str(synth.store),
-            "--train",
-            str(synth.train_csv),
-            "--valid",
-            str(synth.valid_csv),
-            "--out",
-            str(out),
+            *split_args(synth, out),
             "--features",
             "text,all",
             "--no-progress",
@@ -219,14 +212,7 @@ def test_cli_writes_its_files_and_the_report_shows_them(synth, tmp_path) -> None
     code, _ = run_main(
         [
             "baselines",
-            "--store",
-            str(synth.store),
-            "--train",
-            str(synth.train_csv),
-            "--valid",
-            str(synth.valid_csv),
-            "--out",
-            str(out),
+            *split_args(synth, out),
             "--models",
             "lasso",
         ]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import is_png, run_main, tiny_cli_sets
+from conftest import is_png, run_main, split_args, tiny_cli_sets
 
 from taemi.data.labels import read_labels
 from taemi.eval.metrics import compute_metrics
@@ -169,14 +169,7 @@ def test_cli_refuses_too_few_groups_before_training(synth, tmp_path, capsys) -> 
 def _argv(synth, out: Path, *extra: str) -> list[str]:
     return [
         "cv",
-        "--store",
-        str(synth.store),
-        "--train",
-        str(synth.train_csv),
-        "--valid",
-        str(synth.valid_csv),
-        "--out",
-        str(out),
+        *split_args(synth, out),
         "--folds",
         str(K),
         "--no-progress",

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, tiny_cli_sets
+from conftest import TINY_OVERRIDES, split_args, tiny_cli_sets
 from safetensors.torch import load_file
 
 from taemi.config import build_config, parse_overrides
@@ -77,14 +77,7 @@ def test_torchrun_two_processes_match_one(tmp_path, synth, store, labels) -> Non
         "-m",
         "taemi",
         "train",
-        "--store",
-        str(synth.store),
-        "--train",
-        str(synth.train_csv),
-        "--valid",
-        str(synth.valid_csv),
-        "--out",
-        str(run),
+        *split_args(synth, run),
         "--no-progress",
         *tiny_cli_sets(),
         *[a for s in sets for a in ("--set", s)],

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_main, small_synth_config, tiny_cli_sets
+from conftest import run_main, small_synth_config, split_args, tiny_cli_sets
 from safetensors.torch import load_file, save_file
 
 from taemi.cli.main import main
@@ -82,14 +82,7 @@ def good(synth, tmp_path_factory) -> Good:
         code, _ = run_main(
             [
                 "train",
-                "--store",
-                str(synth.store),
-                "--train",
-                str(synth.train_csv),
-                "--valid",
-                str(synth.valid_csv),
-                "--out",
-                str(run),
+                *split_args(synth, run),
                 "--no-progress",
                 *RUN_SETS,
             ]

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from conftest import is_png, run_main, tiny_cli_sets
+from conftest import is_png, run_main, split_args, tiny_cli_sets
 
 from taemi.config import ConfigError, load_config
 from taemi.experiments.sweep import read_space
@@ -32,14 +32,7 @@ def _one_thread(monkeypatch) -> None:
 def _argv(synth, out: Path, space: Path, trials: int, *extra: str) -> list[str]:
     return [
         "sweep",
-        "--store",
-        str(synth.store),
-        "--train",
-        str(synth.train_csv),
-        "--valid",
-        str(synth.valid_csv),
-        "--out",
-        str(out),
+        *split_args(synth, out),
         "--space",
         str(space),
         "--trials",

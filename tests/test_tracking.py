@@ -12,7 +12,7 @@ import types
 from pathlib import Path
 
 import pytest
-from conftest import run_main, tiny_cli_sets
+from conftest import run_main, split_args, tiny_cli_sets
 
 from taemi.config import ConfigError
 from taemi.data.labels import EMI_EMOTIONS
@@ -36,14 +36,7 @@ def _one_thread(monkeypatch) -> None:
 def _train_argv(synth, out: Path, *extra: str) -> list[str]:
     return [
         "train",
-        "--store",
-        str(synth.store),
-        "--train",
-        str(synth.train_csv),
-        "--valid",
-        str(synth.valid_csv),
-        "--out",
-        str(out),
+        *split_args(synth, out),
         "--no-progress",
         *tiny_cli_sets(),
         "--set",
@@ -424,14 +417,7 @@ def test_cv_folds_write_event_files(synth, tmp_path) -> None:
     out = tmp_path / "cv"
     argv = [
         "cv",
-        "--store",
-        str(synth.store),
-        "--train",
-        str(synth.train_csv),
-        "--valid",
-        str(synth.valid_csv),
-        "--out",
-        str(out),
+        *split_args(synth, out),
         "--folds",
         "2",
         "--no-progress",

@@ -229,6 +229,17 @@ class RunFolderLock:
         self.release()
 
 
+def experiment_folder(out: str | os.PathLike) -> Path:
+    """``--out`` of a command that keeps several runs in one folder (``taemi cv``, ``taemi
+    sweep``): a folder or nothing yet, and not a training run's folder (ValueError)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
+    if (out / METRICS_FILE).is_file():
+        raise ValueError(f"--out {out} is a training run folder; give a folder of its own")
+    return out
+
+
 def is_finished(run_dir: str | Path) -> bool:
     """Whether the run's ``metrics.json`` says its training finished."""
     return bool((read_metrics(run_dir) or {}).get("finished"))

@@ -50,7 +50,7 @@ from taemi.config import RunConfig, flat_dict, load_config, save_config
 from taemi.data.labels import Labels, concat_labels, read_labels, write_predictions
 from taemi.eval.metrics import Metrics, compute_metrics
 from taemi.experiments.workers import setup_worker, spawn_pool, terminate_workers, worker_settings
-from taemi.run import CONFIG_FILE, METRICS_FILE, has_run, read_metrics
+from taemi.run import CONFIG_FILE, experiment_folder, has_run, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -521,11 +521,7 @@ def run_cv(
         raise ValueError(f"--jobs {jobs!r}: must be a whole number >= 1")
     if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
         raise ValueError(f"--folds {folds!r}: cross-validation needs at least 2 folds")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a folder")
-    if (out / METRICS_FILE).is_file():
-        raise ValueError(f"--out {out} is a training run folder; give a folder of its own")
+    out = experiment_folder(out)
     fs = FeatureStore(store)
     cfg = config_for_store(preset, list(overrides), fs, config_file)
     kw = {"emotions": cfg.data.emotions, "id_column": cfg.data.id_column, "store_ids": fs}

@@ -123,7 +123,7 @@ from taemi.experiments.sweep_folder import (
 )
 from taemi.experiments.sweep_space import Param, apply_params, read_space
 from taemi.experiments.workers import setup_worker, spawn_pool, terminate_workers, worker_settings
-from taemi.run import METRICS_FILE, has_run, read_metrics
+from taemi.run import experiment_folder, has_run, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -627,11 +627,7 @@ def run_sweep(
         raise ValueError(f"--pruner {pruner!r}: expected median or none")
     if not study_name.strip():
         raise ValueError("--study-name is empty")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a folder")
-    if (out / METRICS_FILE).is_file():
-        raise ValueError(f"--out {out} is a training run folder; give a folder of its own")
+    out = experiment_folder(out)
     fs = FeatureStore(store)
     base = config_for_store(preset, list(overrides), fs, config_file)
     space = read_space(space_file, base)
