@@ -259,7 +259,7 @@ def main() -> None:
             "ridge, pooled features of all modalities",
             f"{summary['ridge_all']['mean']:.4f} (deterministic)",
             bootstrap_ci(ridge_pred, target),
-            "",
+            "its predictions",
         ),
         (
             f"MLP, pooled features of all modalities ({args.seeds} seeds)",
