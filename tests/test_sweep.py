@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import is_png, run_main, split_args, tiny_cli_sets
 
-from taemi.config import ConfigError, load_config
+from taemi.config import ConfigError, flat_dict, load_config
 from taemi.experiments.sweep import read_space
 
 optuna = pytest.importorskip("optuna", reason="taemi sweep needs the [sweep] extra")
@@ -48,13 +48,6 @@ def _argv(synth, out: Path, space: Path, trials: int, *extra: str) -> list[str]:
 def _rows(out: Path) -> list[dict]:
     with open(out / "trials.csv", newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out: dict = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 # --------------------------------------------------------------------------- the space
@@ -137,7 +130,7 @@ def test_sweep_writes_trials_best_config_and_plots(sweep_run) -> None:
     best_cfg = load_config(out / "best_config.yaml")
     assert best_cfg.train.lr == pytest.approx(float(best["train.lr"]))
     assert best_cfg.model.hidden == int(best["model.hidden"])
-    mine, ran = _flat(best_cfg.to_dict()), _flat(load_config(run / "config.yaml").to_dict())
+    mine, ran = flat_dict(best_cfg.to_dict()), flat_dict(load_config(run / "config.yaml").to_dict())
     assert mine.keys() == ran.keys()
     assert all(mine[k] in ("auto", 0) for k in mine if mine[k] != ran[k])
     for name in ("objective.png", "importance.png", "parallel.png"):
@@ -281,6 +274,28 @@ def test_a_bad_curve_is_pruned(synth, tmp_path) -> None:
 
 
 # --------------------------------------------------------------------------- parallel
+
+
+def test_the_cv_objective_scores_each_trial_by_its_cross_validation(synth, tmp_path) -> None:
+    """--objective cv: each trial is a `taemi cv` folder whose folds train exactly the
+    trial's config, and its value is the pooled out-of-fold mean Pearson of cv.json."""
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    out = tmp_path / "sweep"
+    code, _ = run_main(_argv(synth, out, space, 2, "--objective", "cv", "--folds", "2"))
+    assert code == 0
+    rows = _rows(out)
+    assert [r["state"] for r in rows] == ["COMPLETE", "COMPLETE"]
+    for r in rows:
+        folder = out / r["run"]
+        cv = json.loads((folder / "cv.json").read_text())
+        assert float(r["value"]) == pytest.approx(cv["pooled"]["mean_pearson"], abs=1e-12)
+        for fold in (0, 1):
+            cfg = load_config(folder / f"fold_{fold}" / "config.yaml")
+            assert cfg.train.lr == pytest.approx(float(r["train.lr"]))
+            assert cfg.model.hidden == int(r["model.hidden"])
+    record = json.loads((out / "sweep.json").read_text())
+    assert record["objective"]["kind"] == "cv" and record["objective"]["folds"] == 2
 
 
 @pytest.mark.slow
