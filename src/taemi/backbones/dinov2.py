@@ -282,10 +282,7 @@ class DinoV2ImageEncoder:
             path = packaged_folder(pin) / pin.weights
             expected: str | None = pin.weights_sha256
             self.name = f"{pin.requirement}:{pin.module}/{pin.folder}/{pin.weights} (dinov2 vits14)"
-            provenance: dict[str, Any] = {
-                "package": pin.requirement,
-                "file": f"{pin.module}/{pin.folder}/{pin.weights}",
-            }
+            provenance: dict[str, Any] = pin.provenance(sha256=False)
         else:
             path = Path(model_file).expanduser().resolve()
             self.name = str(path)

@@ -246,11 +246,7 @@ class MiniLMTextEncoder:
                 raise ValueError("checksums applies to an explicit model_dir only")
             folder = packaged_folder(pin)
             self.name = f"{pin.requirement}:{pin.module}/{pin.folder} (all-MiniLM-L6-v2)"
-            provenance: dict[str, Any] = {
-                "package": pin.requirement,
-                "file": f"{pin.module}/{pin.folder}/{pin.weights}",
-                "sha256": pin.weights_sha256[:16],
-            }
+            provenance: dict[str, Any] = pin.provenance()
         else:
             folder = Path(model_dir).expanduser().resolve()
             self.name = str(folder)

@@ -430,11 +430,7 @@ def load_text_backbone(
         name = f"{pin.requirement}:{pin.module}/{pin.folder} (all-MiniLM-L6-v2)"
         cache = Path(cache_dir if cache_dir is not None else hub_cache())
         loc = ModelLocation(name, folder, cache)
-        provenance = {
-            "package": pin.requirement,
-            "file": f"{pin.module}/{pin.folder}/{pin.weights}",
-            "sha256": pin.weights_sha256[:16],
-        }
+        provenance = pin.provenance()
     else:
         if source == "paper":
             source = GTE_EN_MLM_BASE

@@ -99,6 +99,17 @@ class PinnedModel:
         """``{relative path: sha256}`` of every pinned file."""
         return {f.path: f.sha256 for f in self.files}
 
+    def provenance(self, *, sha256: bool = True) -> dict[str, Any]:
+        """What a feature store records of this model: the requirement, the weight file
+        inside the package and (``sha256``) the first 16 hex digits of its checksum."""
+        out: dict[str, Any] = {
+            "package": self.requirement,
+            "file": f"{self.module}/{self.folder}/{self.weights}",
+        }
+        if sha256:
+            out["sha256"] = self.weights_sha256[:16]
+        return out
+
 
 WHISPER_TINY_EN = PinnedModel(
     role="speech recognition + audio encoder",

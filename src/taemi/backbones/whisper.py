@@ -184,11 +184,7 @@ def load_whisper(
             raise ValueError("checksums applies to an explicit model_dir only")
         folder = packaged_folder(pin)
         name = f"{pin.requirement}:{pin.module}/{pin.folder} (whisper tiny.en)"
-        provenance: dict[str, Any] = {
-            "package": pin.requirement,
-            "file": f"{pin.module}/{pin.folder}/{pin.weights}",
-            "sha256": pin.weights_sha256[:16],
-        }
+        provenance: dict[str, Any] = pin.provenance()
     else:
         folder = Path(model_dir).expanduser().resolve()
         name = str(folder)

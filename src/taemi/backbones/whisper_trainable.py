@@ -494,10 +494,7 @@ def load_whisper_backbone(
         if digest != pin.weights_sha256:  # the bytes parsed are the bytes verified
             raise ModelLoadError(pin.model, str(files[0]), "the file changed while being loaded")
         name = f"{pin.requirement}:{pin.module}/{pin.folder} (whisper tiny.en)"
-        provenance = {
-            "package": pin.requirement,
-            "file": f"{pin.module}/{pin.folder}/{pin.weights}",
-        }
+        provenance = pin.provenance(sha256=False)
     else:
         name = str(folder)
         provenance = {"dir": str(folder), **provenance}
