@@ -208,19 +208,8 @@ def report(args, run, media_dir, startup, results, health) -> None:
     lat = [a[0][2] for a in answers.values()]
     media_s = sum(c["media_seconds"] for c in clips)
     answered_sizes = Counter(c["fusion_batch_size"] for c in clips)
-    stages = (
-        "upload",
-        "queue",
-        "extract",
-        "decode",
-        "asr",
-        "audio",
-        "vision",
-        "text",
-        "fusion_wait",
-        "fusion",
-        "total",
-    )
+    from taemi.serve.service import TIMINGS as stages
+
     means = {s: sum(c["timings"].get(s, 0.0) for c in clips) / len(clips) for s in stages}
     print(f"taemi serve load: {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs")
     print(f"run {run}; media {media_dir}; server start-up (models loaded) {startup:.1f} s")

@@ -123,6 +123,34 @@ def split_args(synth: SynthResult, out) -> list[str]:
     ]
 
 
+def tiny_official_model(
+    audio_dim: int, vision_dim: int, text_dim: int, *, seed: int = 0, hidden: int = 8
+) -> torch.nn.Module:
+    """The ``official`` fusion model (the release's architecture, 4 heads) made tiny, every
+    parameter (LayerNorm ones too) moved off its initial value; eval mode."""
+    import dataclasses
+
+    from taemi import EMI_EMOTIONS
+    from taemi.config import preset
+    from taemi.model.taemi import TAEMI
+
+    cfg = dataclasses.replace(
+        preset("official").model,
+        audio_dim=audio_dim,
+        vision_dim=vision_dim,
+        text_dim=text_dim,
+        hidden=hidden,
+        heads=4,
+        head_hidden=12,
+    )
+    torch.manual_seed(seed)
+    model = TAEMI(cfg, num_outputs=len(EMI_EMOTIONS))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
 def is_png(path: Path) -> bool:
     return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

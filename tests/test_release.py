@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_official_model
 from safetensors.torch import save_file
 
 from taemi import EMI_EMOTIONS
@@ -29,31 +30,8 @@ from taemi.release import (
 DA, DV, DT, H, HH = 7, 5, 6, 8, 12  # tiny audio/vision/text dims, hidden, head hidden
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation cost."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _official_model(seed: int = 0) -> TAEMI:
-    cfg = dataclasses.replace(
-        preset("official").model,
-        audio_dim=DA,
-        vision_dim=DV,
-        text_dim=DT,
-        hidden=H,
-        heads=4,
-        head_hidden=HH,
-    )
-    torch.manual_seed(seed)
-    model = TAEMI(cfg, num_outputs=len(EMI_EMOTIONS))
-    with torch.no_grad():  # make every parameter (LayerNorm ones too) distinct from its init
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
+    return tiny_official_model(DA, DV, DT, seed=seed, hidden=H)
 
 
 def _batch(seed: int = 1, B: int = 4) -> Batch:

@@ -23,12 +23,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-from conftest import run_main
+from conftest import run_main, tiny_official_model
 from finetune_helpers import make_bert_dir, make_finetune_store, make_w2v_dir, tiny_w2v_config
 from safetensors.torch import load_file
 
 from taemi import EMI_EMOTIONS
-from taemi.config import preset
 from taemi.data.labels import read_labels
 from taemi.eval.metrics import compute_metrics
 from taemi.finetune.model import FinetuneModel
@@ -61,17 +60,7 @@ def _source_modules(w2v_dir: Path, bert_dir: Path) -> SimpleNamespace:
     audio = _perturb(Wav2Vec2EmotionModel(tiny_w2v_config(layerdrop=0.0, **W2V)), 1)
     torch.manual_seed(12)
     text = _perturb(AutoModel.from_config(AutoModel.from_pretrained(bert_dir).config), 2)
-    cfg = dataclasses.replace(
-        preset("official").model,
-        audio_dim=DA,
-        vision_dim=DV,
-        text_dim=DT,
-        hidden=H,
-        heads=4,
-        head_hidden=HH,
-    )
-    torch.manual_seed(13)
-    fusion = _perturb(TAEMI(cfg, num_outputs=len(EMI_EMOTIONS)), 3)
+    fusion = tiny_official_model(DA, DV, DT, seed=13, hidden=H)
     return SimpleNamespace(audio=audio, text=text, fusion=fusion)
 
 
@@ -80,14 +69,6 @@ def release_state(src: SimpleNamespace) -> dict[str, torch.Tensor]:
     state = {f"audio_model.{k}": v.clone() for k, v in src.audio.state_dict().items()}
     state |= {f"text_model.{k}": v.clone() for k, v in src.text.state_dict().items()}
     return state | export_release_state(src.fusion)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

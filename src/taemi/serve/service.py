@@ -35,19 +35,29 @@ from typing import Any
 import numpy as np
 
 from taemi import MODALITIES
-from taemi.extract.pipeline import ERRORS_FILE, TRANSCRIPTS, ClipMedia, Encoders, Source, extract
+from taemi.extract.pipeline import (
+    ERRORS_FILE,
+    STAGES,
+    TRANSCRIPTS,
+    ClipMedia,
+    Encoders,
+    Source,
+    extract,
+)
 from taemi.predict_media import check_provenance, media_plan
 from taemi.run import read_metrics
 from taemi.serve.batcher import Batched, MicroBatcher
 from taemi.serve.errors import ApiError
 from taemi.serve.uploads import Upload
 
-__all__ = ["ClipInput", "ExtractedRequest", "Fused", "ServeSettings", "Service"]
+__all__ = ["TIMINGS", "ClipInput", "ExtractedRequest", "Fused", "ServeSettings", "Service"]
 
 log = logging.getLogger(__name__)
 
-#: Extraction stages reported per clip (seconds of the request's extraction, see the README).
-STAGES = ("decode", "asr", "audio", "vision", "text", "write")
+#: The seconds each clip's answer reports (``timings``): the upload, its wait in the queue,
+#: its request's extraction and that extraction's stages, the wait for a fusion
+#: micro-batch, the fusion model, and the whole (see the README).
+TIMINGS = ("upload", "queue", "extract", *STAGES, "fusion_wait", "fusion", "total")
 
 
 @dataclass
