@@ -151,6 +151,14 @@ def tiny_official_model(
     return model.eval()
 
 
+def media_run_sets() -> list[str]:
+    """``--set`` arguments of a tiny paper model for runs on extracted media features (their
+    sizes come from the store), one epoch, on the CPU."""
+    overrides = ["model.hidden=16", "model.heads=2", "model.sa_ffn=32", "model.head_hidden=16"]
+    overrides += ["train.max_epochs=1", "train.device=cpu"]
+    return [a for item in overrides for a in ("--set", item)]
+
+
 def is_png(path: Path) -> bool:
     return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

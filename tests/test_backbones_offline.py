@@ -438,6 +438,25 @@ def test_minilm_equals_transformers_bert(text_encoder):
         np.testing.assert_allclose(s, hidden[i, : len(s)].numpy(), atol=1e-4)
 
 
+def test_predict_and_the_offline_text_encoder_do_not_import_transformers(tmp_path):
+    """A fresh `taemi predict` process spent ~2 s importing transformers (issue 15): neither
+    the CLI (its progress-bar switch) nor the offline text encoder may import it."""
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from taemi.cli.main import main
+        from taemi.backbones.minilm import MiniLMTextEncoder
+        main(["predict", "--run", {str(tmp_path / "no-run")!r}, "x.mp4", "--no-progress"])
+        MiniLMTextEncoder().encode(["Don't forget a jacket."])
+        print("TRANSFORMERS", sorted(m for m in sys.modules if m.split(".")[0] == "transformers"))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    ).stdout
+    assert "TRANSFORMERS []" in out, out
+
+
 def test_minilm_refuses_a_non_bert_sentence_model(tmp_path):
     folder = tmp_path / "mpnet"
     shutil.copytree(weights.packaged_folder(weights.MINILM_L6_V2), folder)

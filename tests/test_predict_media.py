@@ -15,20 +15,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import generated_media_corpus, run_main
+from conftest import generated_media_corpus, media_run_sets, run_main
 
 from taemi import EMI_EMOTIONS
 from taemi.cli.main import main
 from taemi.extract.pipeline import Encoders, ExtractOptions
-
-TINY = [
-    "model.hidden=16",
-    "model.heads=2",
-    "model.sa_ffn=32",
-    "model.head_hidden=16",
-    "train.max_epochs=1",
-    "train.device=cpu",
-]
 
 
 def read_csv(path: Path) -> tuple[list[str], list[str], np.ndarray]:
@@ -179,7 +170,7 @@ def media_run(tmp_path_factory) -> SimpleNamespace:
         == 0
     )
     run = root / "run"
-    sets = [a for s in TINY for a in ("--set", s)]
+    sets = media_run_sets()
     assert (
         main(
             [

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import generated_media_corpus
+from conftest import generated_media_corpus, media_run_sets
 
 from taemi import EMI_EMOTIONS
 from taemi.cli.main import main
@@ -34,16 +34,6 @@ from taemi.serve.app import create_app
 from taemi.serve.batcher import BatcherClosed, MicroBatcher
 from taemi.serve.service import TIMINGS, ServeSettings, Service
 from taemi.serve.uploads import safe_suffix
-
-TINY = [
-    "model.hidden=16",
-    "model.heads=2",
-    "model.sa_ffn=32",
-    "model.head_hidden=16",
-    "train.max_epochs=1",
-    "train.device=cpu",
-]
-
 
 # --------------------------------------------------------------------------- no media
 
@@ -167,7 +157,7 @@ def serve_run(tmp_path_factory) -> SimpleNamespace:
     extract = ["extract", "--input", str(corpus.raw), "--out", str(store), "--max-frames", "4"]
     assert main([*extract, "--frame-policy", "uniform", "--no-face", "--no-progress"]) == 0
     run = root / "run"
-    sets = [a for s in TINY for a in ("--set", s)]
+    sets = media_run_sets()
     train = ["train", "--store", str(store), "--train", str(corpus.train_csv)]
     train += ["--valid", str(corpus.valid_csv), "--out", str(run), "--train-on-all"]
     assert main([*train, "--epochs", "1", "--no-progress", *sets]) == 0
@@ -444,7 +434,7 @@ def test_model_health_openapi_and_error_shape(serve_run, served) -> None:
 @pytest.mark.slow
 def test_a_model_without_cross_attention_gives_no_attention(serve_run, tmp_path) -> None:
     run = tmp_path / "concat"
-    sets = [a for s in TINY for a in ("--set", s)]
+    sets = media_run_sets()
     train = ["train", "--store", str(serve_run.store), "--train", str(serve_run.corpus.train_csv)]
     train += ["--valid", str(serve_run.corpus.valid_csv), "--out", str(run), "--train-on-all"]
     assert main([*train, "--preset", "concat", "--epochs", "1", "--no-progress", *sets]) == 0

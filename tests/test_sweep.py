@@ -176,6 +176,25 @@ def test_cli_refuses_a_bad_space_before_training(synth, tmp_path, capsys) -> Non
     assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.parametrize("command", ["sweep", "cv"])
+def test_out_must_be_a_folder_of_its_own(synth, tmp_path, capsys, command: str) -> None:
+    """cv and sweep keep many runs in --out: a file or a training run's folder is refused."""
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    a_run = tmp_path / "run"
+    a_run.mkdir()
+    (a_run / "metrics.json").write_text("{}")
+    for out, message in ((a_file, "is a file"), (a_run, "is a training run folder")):
+        argv = _argv(synth, out, space, 1)
+        if command == "cv":
+            argv = ["cv", *split_args(synth, out), "--folds", "2", "--no-progress"]
+        code, _ = run_main(argv)
+        assert code == 2
+        assert f"--out {out} {message}" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- resumption
 
 
