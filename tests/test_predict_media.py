@@ -339,6 +339,67 @@ def test_media_predictions_match_the_store_and_reuse_the_models(
 
 
 @pytest.mark.slow
+def test_encoders_load_while_the_run_loads(media_run, monkeypatch, tmp_path) -> None:
+    """With the device known without torch, the encoders load in a background thread with
+    the settings the in-order load uses, and the predictions are the same; bad inputs or a
+    run folder without weights start no load at all (their errors come as before)."""
+    import threading
+
+    from taemi import predict_media as pm
+    from taemi.extract import profiles
+
+    calls: list[tuple[str, dict]] = []
+    real = profiles.load_encoders
+
+    def recording(*args, **kw):
+        calls.append((threading.current_thread().name, {"args": args, **kw}))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(profiles, "load_encoders", recording)
+    video = media_run.raw / "00001.mp4"
+    monkeypatch.setattr(pm, "_ENCODERS", {})
+    early = pm.predict_media(media_run.run, [video], device="cpu", clip=False)
+    monkeypatch.setattr(pm, "_ENCODERS", {})
+    monkeypatch.setattr(pm, "device_without_torch", lambda device: None)
+    in_order = pm.predict_media(media_run.run, [video], device="cpu", clip=False)
+    (thread_a, kw_a), (thread_b, kw_b) = calls
+    assert thread_a.startswith("taemi-preload") and thread_b == threading.main_thread().name
+    assert kw_a == kw_b and kw_a["device"] == "cpu"
+    np.testing.assert_array_equal(early.values(), in_order.values())
+    assert early.timings["load"] > 0
+
+    monkeypatch.undo()
+    monkeypatch.setattr(profiles, "load_encoders", recording)
+    monkeypatch.setattr(pm, "_ENCODERS", {})
+    calls.clear()
+    with pytest.raises(FileNotFoundError, match="no-such.mp4"):
+        pm.predict_media(media_run.run, [tmp_path / "no-such.mp4"], device="cpu")
+    broken = tmp_path / "broken-run"
+    shutil.copytree(media_run.run, broken)
+    (broken / "best.safetensors").unlink()
+    with pytest.raises(Exception, match="best.safetensors"):
+        pm.predict_media(broken, [video], device="cpu")
+    assert calls == []  # refused before any model load
+    # weights that are there but unreadable are found by the run's load, in the main
+    # thread, while the encoders may already be loading: the error is the same
+    (broken / "best.safetensors").write_bytes(b"not weights")
+    with pytest.raises(Exception, match="best.safetensors"):
+        pm.predict_media(broken, [video], device="cpu")
+
+
+def test_device_without_torch_agrees_with_torch() -> None:
+    """Only certain answers: an explicit CPU, or "auto" where torch finds no CUDA device."""
+    import torch
+
+    from taemi.predict_media import device_without_torch
+
+    assert device_without_torch("cpu") == "cpu"
+    assert device_without_torch("cuda") is None and device_without_torch("cuda:1") is None
+    if device_without_torch("auto") == "cpu":
+        assert not torch.cuda.is_available()
+
+
+@pytest.mark.slow
 def test_run_without_features_json_asks_for_a_profile(media_run, tmp_path, capsys) -> None:
     run = tmp_path / "imported"
     shutil.copytree(media_run.run, run)

@@ -45,12 +45,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -64,9 +66,17 @@ from taemi.extract.pipeline import (
     extract,
     find_sources,
 )
-from taemi.inference import Predictor
-from taemi.run import CONFIG_FILE, FEATURES_FILE, load_features_record, weights_file
+from taemi.run import (
+    CONFIG_FILE,
+    FEATURES_FILE,
+    RunFolderError,
+    load_features_record,
+    weights_file,
+)
 from taemi.signals import sigterm_raises
+
+if TYPE_CHECKING:  # torch comes with it: imported when a run is loaded, not with this module
+    from taemi.inference import Predictor
 
 __all__ = [
     "ClipPrediction",
@@ -305,34 +315,116 @@ def media_plan(
     ``workers`` (:class:`ExtractOptions` checks them)."""
     from taemi.train.modes import mode_for
 
-    run_name = str(run)
     predictor = load_run_once(run, which)  # first: a wrong run folder fails before any model loads
+    plan = _encoder_plan(run, which, profile=profile, batch_size=batch_size, workers=workers)
+    # waveforms: a fine-tuned run's backbones read the raw audio (cached as extracted)
+    opts = replace(plan.opts, waveforms=mode_for(predictor.cfg).reads_waveforms)
+    return replace(plan, predictor=predictor, opts=opts)
+
+
+def _encoder_plan(
+    run: str | os.PathLike[str],
+    which: str,
+    *,
+    profile: str | None,
+    batch_size: int,
+    workers: int,
+) -> MediaPlan:
+    """:func:`media_plan` without the run's model (``predictor`` None, no waveforms): what
+    the encoders need, read from the run's ``features.json`` without importing torch."""
+    run_name = str(run)
     features = load_features_record(run)
     profile, opts, face = extraction_plan(features, profile, run=run_name)
     vision_settings = None if features is None else features["modalities"]["vision"]["settings"]
-    detect_every = 1 if vision_settings is None else face_detect_every(vision_settings)
-    # the image encoder's precision; the fusion model's autocast precision is the caller's
-    encoder_precision = "fp32" if vision_settings is None else image_precision(vision_settings)
-    # replace() checks the options: a bad batch size or worker count fails before any model loads.
-    # waveforms: a fine-tuned run's backbones read the raw audio (cached as extracted)
-    opts = replace(
-        opts,
-        batch_size=batch_size,
-        workers=workers,
-        waveforms=mode_for(predictor.cfg).reads_waveforms,
-    )
+    # replace() checks the options: a bad batch size or worker count fails before any model loads
     return MediaPlan(
         run=run_name,
         which=which,
-        predictor=predictor,
+        predictor=None,  # type: ignore[arg-type]  # media_plan sets it
         features=features,
         profile=profile,
-        opts=opts,
+        opts=replace(opts, batch_size=batch_size, workers=workers),
         face=face,
-        detect_every=detect_every,
-        encoder_precision=encoder_precision,
+        detect_every=1 if vision_settings is None else face_detect_every(vision_settings),
+        # the image encoder's precision; the fusion model's autocast precision is the caller's
+        encoder_precision="fp32" if vision_settings is None else image_precision(vision_settings),
         whisper_window=whisper_window(features),
     )
+
+
+def device_without_torch(device: str) -> str | None:
+    """The device type ``device`` resolves to (:func:`taemi.runtime.resolve_device`) when
+    that is certain without importing torch: ``"cpu"`` when asked for, or for ``"auto"`` on
+    Linux without NVIDIA's driver (no ``/proc/driver/nvidia``, no ``/dev/nvidiactl``) and
+    on macOS (no CUDA). None otherwise: torch decides."""
+    if device == "cpu":
+        return "cpu"
+    if device != "auto":
+        return None
+    if sys.platform == "darwin":
+        return "cpu"
+    if sys.platform.startswith("linux") and not any(
+        Path(p).exists() for p in ("/proc/driver/nvidia", "/dev/nvidiactl")
+    ):
+        return "cpu"
+    return None
+
+
+def _inputs_fine(
+    inputs: Sequence[str | os.PathLike[str]], features_dir: str | os.PathLike[str] | None
+) -> bool:
+    """Whether :func:`predict_media`'s input checks will pass (media found, the store
+    writable), so that preloading the encoders cannot be wasted on them; their errors are
+    raised by the checks themselves, in order."""
+    from taemi.store import StoreError, check_writable
+
+    try:
+        if features_dir is not None:
+            check_writable(features_dir)
+        return bool(find_sources(inputs)[0])
+    except (OSError, ValueError, StoreError):
+        return False
+
+
+@dataclass
+class _Preload:
+    """Encoders loading in a background thread (:func:`_preload_encoders`)."""
+
+    device: str  # the device type they load on
+    future: Future  # -> Encoders
+
+
+def _preload_encoders(
+    run: str | os.PathLike[str],
+    which: str,
+    *,
+    profile: str | None,
+    batch_size: int,
+    workers: int,
+    device: str,
+    load: Mapping[str, Any],
+) -> _Preload | None:
+    """Start loading the encoders of ``run``'s extraction in a thread, so that they load
+    while the main thread imports torch and loads the run's model (a fresh ``taemi
+    predict`` process spends ~1 s less before extracting). Only when nothing can fail
+    first: the run folder has its config and weights, the extraction plan is valid and
+    the device is known without torch (:func:`device_without_torch`); otherwise None and
+    the caller loads them in order, raising its errors before any model loads. (Weights
+    that are there but unreadable are found by the run's load, after this one started.) ``load``:
+    the keyword arguments of :meth:`MediaPlan.load_encoders` other than the device."""
+    dev = device_without_torch(device)
+    root = Path(run)
+    if dev is None or not (root / CONFIG_FILE).is_file() or not weights_file(root, which).is_file():
+        return None
+    try:
+        plan = _encoder_plan(run, which, profile=profile, batch_size=batch_size, workers=workers)
+    except (ValueError, RunFolderError):
+        return None  # media_plan raises it in its order
+    pool = ThreadPoolExecutor(1, thread_name_prefix="taemi-preload")
+    try:
+        return _Preload(dev, pool.submit(plan.load_encoders, dev, **load))
+    finally:
+        pool.shutdown(wait=False)  # the thread ends when the load does
 
 
 _ENCODERS: dict[tuple, Encoders] = {}
@@ -395,6 +487,8 @@ def load_run_once(run: str | os.PathLike[str], which: str = "best") -> Predictor
     )
     key = (str(root), which, stamp)
     if key not in _RUNS:
+        from taemi.inference import Predictor
+
         _RUNS.clear()  # one run at a time: an older version of it is never used again
         _RUNS[key] = Predictor.from_run(run, which)
     return _RUNS[key]
@@ -517,6 +611,22 @@ def predict_media(
 
     t_start = time.perf_counter()
     run_name = str(run)
+    load = {
+        "models": models,
+        "trust_remote_code": trust_remote_code,
+        "allow_download": allow_download,
+    }
+    preload = None
+    if encoders is None and _inputs_fine(inputs, features_dir):
+        preload = _preload_encoders(
+            run,
+            which,
+            profile=profile,
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+            load=load,
+        )
     # first: a wrong run folder fails before any model loads
     plan = media_plan(run, which, profile=profile, batch_size=batch_size, workers=workers)
     predictor, cfg, features, profile, opts = (
@@ -535,13 +645,10 @@ def predict_media(
         raise FileNotFoundError(f"no media files found in {', '.join(map(str, inputs))}")
     torch_device = resolve_device(device)
     model_precision = resolve_precision(precision, torch_device)  # checked before any model loads
-    if encoders is None:
-        encoders = plan.load_encoders(
-            torch_device.type,
-            models=models,
-            trust_remote_code=trust_remote_code,
-            allow_download=allow_download,
-        )
+    if preload is not None and preload.device == torch_device.type:
+        encoders = preload.future.result()
+    elif encoders is None:
+        encoders = plan.load_encoders(torch_device.type, **load)
     t_loaded = time.perf_counter()
     diffs = check_provenance(features, encoders, opts, run=run_name)
     options = plan.options()

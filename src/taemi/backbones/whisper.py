@@ -55,7 +55,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from taemi.backbones.base import (
     SAMPLE_RATE,
@@ -83,6 +82,7 @@ from taemi.backbones.weights import (
 
 if TYPE_CHECKING:  # heavy optional imports, loaded only when a model is built
     import faster_whisper
+    import torch  # only HFWhisperRecognizer runs torch: faster-whisper's path never imports it
 
 log = logging.getLogger(__name__)
 
@@ -523,9 +523,16 @@ class HFWhisperRecognizer:
         if (rev := hub_revision(self.model.config)) is not None:
             self.settings["revision"] = rev
 
-    @torch.inference_mode()
     def transcribe(self, waveform: np.ndarray) -> str:
         """waveform (S,) float at 16 kHz -> transcript ('' when nothing was recognised)."""
+        import torch
+
+        with torch.inference_mode():
+            return self._transcribe(waveform)
+
+    def _transcribe(self, waveform: np.ndarray) -> str:
+        import torch
+
         w = np.asarray(waveform)
         if w.ndim != 1 or not np.issubdtype(w.dtype, np.floating) or len(w) == 0:
             raise ValueError(
