@@ -606,7 +606,6 @@ def predict_media(
             ``profile``, a contradicting profile, other models), or no input at all.
         FileNotFoundError: an input path does not exist, or no media in the inputs.
     """
-    from taemi.runtime import resolve_device, resolve_precision
     from taemi.store import FeatureStore, check_writable
 
     t_start = time.perf_counter()
@@ -627,6 +626,8 @@ def predict_media(
             device=device,
             load=load,
         )
+    from taemi.runtime import resolve_device, resolve_precision  # torch: after the preload starts
+
     # first: a wrong run folder fails before any model loads
     plan = media_plan(run, which, profile=profile, batch_size=batch_size, workers=workers)
     predictor, cfg, features, profile, opts = (
