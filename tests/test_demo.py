@@ -40,7 +40,12 @@ def test_demo_runs_the_real_pipeline_end_to_end(tmp_path, capsys) -> None:
     assert summary["longest_phase"] in ("media", "extract", "train")
     settings = summary["settings"]  # the demo's extraction speed settings by default
     assert settings["share_whisper"] is True and settings["image_precision"] == "int8"
-    assert settings["whisper_window"] == 10.0 and settings["overrides"] == {"train.lr": "3e-4"}
+    assert settings["whisper_window"] == 10.0 and settings["overrides"] == {
+        "train.lr": "2e-3",
+        "model.hidden": "64",
+        "model.sa_ffn": "256",
+        "model.head_hidden": "128",
+    }
     assert "the longest phase" in printed
     assert summary["store_dims"] == {"audio": 384, "vision": 384, "text": 384}
     assert 0.5 < summary["oracle_mean_pearson"] <= 1.0
@@ -122,6 +127,10 @@ def test_limits_say_what_bounds_the_demo() -> None:
     assert "vision 0.270" in score_line and "the features bound the score" in score_line
     summary["valid"]["mean_pearson"] = 0.55  # well below the linear model
     assert "trails a linear model" in limits(summary)[1]
+    summary["valid"]["mean_pearson"] = 0.75  # well above it
+    above = limits(summary)[1]
+    assert "learns 0.050 more than a linear model" in above
+    assert "the weakest modality, vision, scores 0.270 alone" in above
     assert limits({**summary, "ridge_baselines": {}, "longest_phase": None}) == []
 
 
@@ -145,7 +154,7 @@ def test_demo_extraction_settings_from_the_command_line(monkeypatch) -> None:
 
     fast = {"share_whisper": True, "image_precision": "int8", "whisper_window": 10.0}
     exact = {"share_whisper": False, "image_precision": "fp32", "whisper_window": 30.0}
-    assert settings() == fast and seen["clips"] == 480
+    assert settings() == fast and seen["clips"] == 720
     assert settings("--exact") == exact
     assert settings("--exact", "--image-precision", "int8") == {**exact, "image_precision": "int8"}
     assert settings("--no-share-whisper", "--whisper-window", "30") == {

@@ -18,7 +18,7 @@ def register(
     )
     sp.add_argument("--out", default="demo", help="output folder (default: ./demo)")
     sp.add_argument(
-        "--clips", type=int, default=480, help="generated clips, 3/4 train, 1/4 valid (480)"
+        "--clips", type=int, default=720, help="generated clips, 3/4 train, 1/4 valid (720)"
     )
     sp.add_argument("--epochs", type=int, default=30)
     sp.add_argument("--preset", default="paper")
