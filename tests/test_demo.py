@@ -47,6 +47,7 @@ def test_demo_runs_the_real_pipeline_end_to_end(tmp_path, capsys) -> None:
         "model.head_hidden": "128",
     }
     assert "the longest phase" in printed
+    assert "paper preset (train.lr=2e-3 model.hidden=64 model.sa_ffn=256" in printed
     assert summary["store_dims"] == {"audio": 384, "vision": 384, "text": 384}
     assert 0.5 < summary["oracle_mean_pearson"] <= 1.0
     assert summary["clips"]["train"] + summary["clips"]["valid"] == 16

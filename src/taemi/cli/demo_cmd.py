@@ -96,7 +96,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         overrides=overrides,
         **extraction,
     )
-    print_line(metrics_table(s["valid"], f"{args.preset} preset, {s['data']}, valid split:"))
+    sets = " ".join(f"{k}={v}" for k, v in s["settings"]["overrides"].items())
+    print_line(
+        metrics_table(s["valid"], f"{args.preset} preset ({sets}), {s['data']}, valid split:")
+    )
     print_line(
         f"valid mean Pearson {s['valid']['mean_pearson']:.4f} vs oracle ceiling {s['oracle_mean_pearson']:.4f} "
         f"({100 * s['share_of_oracle']:.0f}% of the ceiling); details in {Path(args.out) / 'summary.json'}"
