@@ -406,12 +406,13 @@ def _preload_encoders(
 ) -> _Preload | None:
     """Start loading the encoders of ``run``'s extraction in a thread, so that they load
     while the main thread imports torch and loads the run's model (a fresh ``taemi
-    predict`` process spends ~1 s less before extracting). Only when nothing can fail
-    first: the run folder has its config and weights, the extraction plan is valid and
-    the device is known without torch (:func:`device_without_torch`); otherwise None and
-    the caller loads them in order, raising its errors before any model loads. (Weights
-    that are there but unreadable are found by the run's load, after this one started.) ``load``:
-    the keyword arguments of :meth:`MediaPlan.load_encoders` other than the device."""
+    predict`` process on 2 cores: 0.27 s less, benchmarks/README.md). Only when the
+    run's own checks cannot fail first: the run folder has its config and weights, the
+    extraction plan is valid and the device is known without torch
+    (:func:`device_without_torch`); otherwise None and the caller loads them in order,
+    raising its errors before any model loads. Weights that are there but unreadable,
+    and a fusion-model precision the device refuses, are found after this load started.
+    ``load``: the keyword arguments of :meth:`MediaPlan.load_encoders` but the device."""
     dev = device_without_torch(device)
     root = Path(run)
     if dev is None or not (root / CONFIG_FILE).is_file() or not weights_file(root, which).is_file():
@@ -645,7 +646,7 @@ def predict_media(
     if not sources and not input_errors:
         raise FileNotFoundError(f"no media files found in {', '.join(map(str, inputs))}")
     torch_device = resolve_device(device)
-    model_precision = resolve_precision(precision, torch_device)  # checked before any model loads
+    model_precision = resolve_precision(precision, torch_device)  # checked before extracting
     if preload is not None and preload.device == torch_device.type:
         encoders = preload.future.result()
     elif encoders is None:
