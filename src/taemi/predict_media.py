@@ -19,6 +19,8 @@ extraction profile and options) -> the run's model -> six intensities per clip.
    absent: 30 s) is loaded as recorded; other setting differences (device, library
    versions) are logged and reported. The image encoder's precision (vision ``precision``,
    absent: fp32) is loaded as recorded, and an encoder of another precision is an error.
+   When the device is certain without torch (:func:`device_without_torch`), they start
+   loading in a background thread before the run's model (and torch) loads.
 3. :func:`taemi.extract.pipeline.extract` writes the clips into a feature store, a
    temporary one unless ``features_dir`` is given (clips already there are reused, by
    clip id = file name without extension, like ``taemi extract``). A clip without a
