@@ -11,6 +11,8 @@
 #      14), the captured step (CUDA graphs) in bf16 and fp32; the card's name and its fp32 /
 #      bf16 / fp16 matmul rates are printed first;
 #   2. throughput256: the same at batch 256 (paper: fp32, bf16, captured bf16);
+#      both throughput steps then profile each runner for PROFILE steps (its top kernels by
+#      device time and how busy the device was: what bounds the step, in the same run);
 #   3. e2e: `taemi train` end to end (benchmarks/train_e2e.py) on an E2E_TRAIN + E2E_VALID
 #      clip paper-dimension store with the real length mix: the default (bf16, captured
 #      steps, batches resident on the device) against fp32 eager DataLoader batches;
@@ -26,7 +28,7 @@
 # in $OUT/steps.txt. Knobs (environment): DEVICE (cuda), PRECISION (auto), STEPS (30 timed
 # steps per throughput runner), WARMUP (3 untimed), PRESETS (paper official), RUNNERS (the
 # batch-32 runners), BIG_BATCH (256), E2E_TRAIN (8072), E2E_VALID (1000), E2E_EPOCHS (4),
-# E2E_PRESET (paper), CLIPS (1500), EPOCHS (4), FT_BATCH (32), FT_STEPS (10), FT_ARGS (more
+# E2E_PRESET (paper), PROFILE (5 profiled steps per runner, 0: none), CLIPS (1500), EPOCHS (4), FT_BATCH (32), FT_STEPS (10), FT_ARGS (more
 # finetune_throughput.py options), ENC_SIZE (real), ENC_ITEMS (64), ENC_CPU_ITEMS (8), DEMO_CLIPS (160), DEMO_EPOCHS (30), SKIP (step names to
 # leave out), FULL (unset: + torch.compile runners). A CPU smoke run of the whole script
 # (~5 min on 2 cores):
@@ -62,12 +64,14 @@ torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device'
 runners=${RUNNERS:-"eager bf16 graphed_bf16 graphed_fp32 plain"}
 [ "$DEVICE" != cpu ] && [ -z "${RUNNERS:-}" ] && runners="$runners fp16 bf16_cudnn"
 [ -n "${FULL:-}" ] && runners="$runners compiled compiled_fp16 compiled_bf16"
-step throughput 240 throughput.txt $PY benchmarks/train_throughput.py --device "$DEVICE" --steps "${STEPS:-30}" \
-  --warmup "${WARMUP:-3}" --presets ${PRESETS:-paper official} --runners $runners ${FULL:+--compile}
+step throughput 300 throughput.txt $PY benchmarks/train_throughput.py --device "$DEVICE" --steps "${STEPS:-30}" \
+  --warmup "${WARMUP:-3}" --presets ${PRESETS:-paper official} --runners $runners ${FULL:+--compile} \
+  --profile "${PROFILE:-5}"
 
 step throughput256 150 throughput256.txt $PY benchmarks/train_throughput.py --device "$DEVICE" \
   --steps "${STEPS:-30}" --warmup "${WARMUP:-3}" --batch-size "${BIG_BATCH:-256}" --no-flop-check \
-  --presets $(echo ${PRESETS:-paper official} | cut -d' ' -f1) --runners eager bf16 graphed_bf16
+  --presets $(echo ${PRESETS:-paper official} | cut -d' ' -f1) --runners eager bf16 graphed_bf16 \
+  --profile "${PROFILE:-5}"
 
 work=$(mktemp -d)
 step e2e 330 e2e_bench.txt $PY benchmarks/train_e2e.py --device "$DEVICE" --train-clips "${E2E_TRAIN:-8072}" \

@@ -61,12 +61,20 @@ of size), as measured on the box with its load; "at best" = the epoch's useful F
 (util adj x the best fp32 matmul rate of the run), i.e. the same utilisation on the box
 when nothing else runs.
 
+``--profile N``: after the timing, each runner's step runs N more times under
+``torch.profiler`` (batches cycled, no wait between steps) and its most expensive
+operations are printed: on CUDA the kernels by device time, with their share of it and
+"device busy" = kernel time / wall time (well below 100%: the step waits on launches or
+the host, not on the GPU); on the CPU the operators by self CPU time. This says where a
+step's time goes, so that a session with a GPU can see what bounds it in one run.
+
 Usage::
 
     python benchmarks/train_throughput.py                     # paper + official, ~10 min on 2 cores
     python benchmarks/train_throughput.py --presets official --runners sdpa_ca eager unfused_adamw threads1
     python benchmarks/train_throughput.py --device cuda --steps 30 --warmup 3 --runners plain before eager fp16 bf16
     python benchmarks/train_throughput.py --compile           # + torch.compile runners (~+6 min)
+    python benchmarks/train_throughput.py --device cuda --presets paper --batch-size 256 --runners bf16 graphed_bf16 --profile 5
 """
 
 from __future__ import annotations
@@ -777,10 +785,60 @@ def run_preset(
             r.step(b, wait=False)
         sync(device)
         r.back_to_back = sum(len(b) for b in r.batches) / (time.perf_counter() - t0)  # type: ignore[attr-defined]
+    for r in runners[: len(runners) if args.profile else 0]:
+        profile_runner(r, args.profile, device)
     for r in runners:
         r.epoch_s = epoch_flops / r.rate  # type: ignore[attr-defined]
         r.epoch_flops = epoch_flops  # type: ignore[attr-defined]
     return runners
+
+
+def _self_time(event, device_time: bool) -> float:
+    """Self time of a profiler average in microseconds (device or CPU; torch < 2.4 named
+    the device field after CUDA)."""
+    if not device_time:
+        return event.self_cpu_time_total
+    return getattr(event, "self_device_time_total", None) or getattr(
+        event, "self_cuda_time_total", 0.0
+    )
+
+
+def profile_runner(runner: Runner, steps: int, device: torch.device, top: int = 12) -> None:
+    """``steps`` steps of ``runner`` under torch.profiler; prints the most expensive
+    operations (CUDA: kernels by device time, and the device's busy share of the wall time;
+    CPU: operators by self CPU time)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for i in range(steps):
+            runner.step(runner.batches[i % len(runner.batches)], wait=False)
+        sync(device)
+        wall = time.perf_counter() - t0
+    events = [
+        e
+        for e in prof.key_averages()
+        if (e.device_type == DeviceType.CUDA) == on_gpu and _self_time(e, on_gpu) > 0
+    ]
+    total = sum(_self_time(e, on_gpu) for e in events)  # microseconds
+    events.sort(key=lambda e: -_self_time(e, on_gpu))
+    what = "kernels by device time" if on_gpu else "operators by self CPU time"
+    busy = f", device busy {total / 1e6 / wall:.0%} of the wall time" if on_gpu else ""
+    print(
+        f"  profile {runner.name}: {steps} steps in {wall:.3f} s ({wall / steps * 1e3:.2f} ms/step)"
+        f"{busy}; top {what}:",
+        flush=True,
+    )
+    for e in events[:top]:
+        t = _self_time(e, on_gpu)
+        print(
+            f"    {t / max(total, 1e-9):6.1%} {t / 1e3 / steps:9.3f} ms/step {e.count // steps:5d}x/step  "
+            f"{e.key[:90]}"
+        )
 
 
 def report(name: str, runners: list[Runner], best: float) -> None:
@@ -861,6 +919,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=3407)
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--no-flop-check", action="store_true")
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the timing, profile N steps of each runner and print its top operations",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -84,7 +84,16 @@ def test_gpu_check_script_runs_every_step(tmp_path: Path) -> None:
     assert len(ratios) == 4 and all(0.99 <= r <= 1.01 for r in ratios), ratios
     for runner in ("plain", "eager", "bf16", "graphed_bf16", "graphed_fp32"):
         assert re.search(rf"^{runner}\s+\d", throughput, flags=re.MULTILINE), runner
-    assert re.search(r"^graphed_bf16\s+\d", (out / "throughput256.txt").read_text(), re.MULTILINE)
+    big = (out / "throughput256.txt").read_text()
+    assert re.search(r"^graphed_bf16\s+\d", big, re.MULTILINE)
+    # each runner profiled after its timing (on the CPU: operators by self CPU time)
+    for text, runner in ((throughput, "graphed_bf16"), (big, "bf16"), (big, "graphed_bf16")):
+        section = re.search(
+            rf"profile {runner}: .*top operators by self CPU time:\n((?:    .*\n)+)", text
+        )
+        assert section, runner
+        shares = [float(x) for x in re.findall(r"^\s+([0-9.]+)%", section.group(1), re.MULTILINE)]
+        assert shares and all(0 < x <= 100 for x in shares) and sum(shares) <= 100.5, shares
     e2e = json.loads((out / "e2e_bench.json").read_text())
     assert "default" in json.dumps(e2e) and "fp32_eager" in json.dumps(e2e)
     assert '"mean_pearson"' in (out / "metrics.json").read_text()
