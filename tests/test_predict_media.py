@@ -356,9 +356,13 @@ def test_encoders_load_while_the_run_loads(media_run, monkeypatch, tmp_path) -> 
         return real(*args, **kw)
 
     monkeypatch.setattr(profiles, "load_encoders", recording)
+    scans = []
+    real_scan = pm.find_sources
+    monkeypatch.setattr(pm, "find_sources", lambda inputs: scans.append(1) or real_scan(inputs))
     video = media_run.raw / "00001.mp4"
     monkeypatch.setattr(pm, "_ENCODERS", {})
     early = pm.predict_media(media_run.run, [video], device="cpu", clip=False)
+    assert len(scans) == 1  # the inputs are scanned once, for the preload and the extraction
     monkeypatch.setattr(pm, "_ENCODERS", {})
     monkeypatch.setattr(pm, "device_without_torch", lambda device: None)
     in_order = pm.predict_media(media_run.run, [video], device="cpu", clip=False)

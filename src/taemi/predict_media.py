@@ -372,22 +372,6 @@ def device_without_torch(device: str) -> str | None:
     return None
 
 
-def _inputs_fine(
-    inputs: Sequence[str | os.PathLike[str]], features_dir: str | os.PathLike[str] | None
-) -> bool:
-    """Whether :func:`predict_media`'s input checks will pass (media found, the store
-    writable), so that preloading the encoders cannot be wasted on them; their errors are
-    raised by the checks themselves, in order."""
-    from taemi.store import StoreError, check_writable
-
-    try:
-        if features_dir is not None:
-            check_writable(features_dir)
-        return bool(find_sources(inputs)[0])
-    except (OSError, ValueError, StoreError):
-        return False
-
-
 @dataclass
 class _Preload:
     """Encoders loading in a background thread (:func:`_preload_encoders`)."""
@@ -609,7 +593,7 @@ def predict_media(
             ``profile``, a contradicting profile, other models), or no input at all.
         FileNotFoundError: an input path does not exist, or no media in the inputs.
     """
-    from taemi.store import FeatureStore, check_writable
+    from taemi.store import FeatureStore, StoreError, check_writable
 
     t_start = time.perf_counter()
     run_name = str(run)
@@ -618,8 +602,14 @@ def predict_media(
         "trust_remote_code": trust_remote_code,
         "allow_download": allow_download,
     }
-    preload = None
-    if encoders is None and _inputs_fine(inputs, features_dir):
+    try:  # once, before the run loads; an error is raised after the run's own checks
+        if features_dir is not None:
+            check_writable(features_dir)  # a store that cannot take the features
+        found: tuple[list, list[dict]] | Exception = find_sources(inputs)
+    except (OSError, ValueError, StoreError) as e:
+        found = e
+    preload = None  # only for inputs that pass: their errors must not waste a model load
+    if encoders is None and not isinstance(found, Exception) and found[0]:
         preload = _preload_encoders(
             run,
             which,
@@ -640,11 +630,9 @@ def predict_media(
         plan.profile,
         plan.opts,
     )
-    if features_dir is not None:
-        check_writable(
-            features_dir
-        )  # a store that cannot take the features fails before the models load
-    sources, input_errors = find_sources(inputs)
+    if isinstance(found, Exception):  # before the models load
+        raise found
+    sources, input_errors = found
     if not sources and not input_errors:
         raise FileNotFoundError(f"no media files found in {', '.join(map(str, inputs))}")
     torch_device = resolve_device(device)
