@@ -51,8 +51,16 @@ def autocast(
     captured in a CUDA graph (the weight-cast cache must not outlive the capture)."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
+    return torch.autocast(
+        device_type=device.type, dtype=autocast_dtype(precision), cache_enabled=cache
+    )
+
+
+def autocast_dtype(precision: str) -> torch.dtype:
+    """The low-precision dtype of ``precision`` (bf16 or fp16)."""
+    if precision not in ("bf16", "fp16"):
+        raise ValueError(f"precision {precision!r} has no autocast dtype (bf16 or fp16)")
+    return torch.float16 if precision == "fp16" else torch.bfloat16
 
 
 def attention_backends(device: torch.device) -> contextlib.AbstractContextManager:

@@ -71,7 +71,7 @@ def project_with_token(linear: nn.Linear, x: Tensor, token: Tensor, missing: Ten
     project to ``linear.bias``, as a zero input does.
     """
     y = linear(x)  # (B, T, H)
-    projected_token = linear(token.to(x.dtype))  # (H,): one row, whatever B and T
+    projected_token = linear(token)  # (H,): one row, whatever B and T (autocast casts both)
     return torch.where(missing.view(-1, 1, 1), projected_token, y)
 
 

@@ -52,6 +52,7 @@ RUNTIME_KEYS = {
     ("data", "resident_share"),
     ("train", "cuda_graphs"),
     ("train", "graph_shapes"),
+    ("train", "precast_weights"),  # the same casts, made once per step instead of per use
     ("train", "tensorboard"),  # experiment tracking: what is logged, not what is trained
     ("train", "mlflow_uri"),
     ("train", "mlflow_experiment"),

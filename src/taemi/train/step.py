@@ -4,6 +4,8 @@ The trainer asks a step engine for two things per optimiser step:
 
 - :meth:`compute` (forward + backward of the step's micro-batches; for a captured step also
   the gradient clipping and the AdamW update) -> the micro-batches' losses, on the device;
+  in bf16/fp16 in one process, with the weights cast once per step
+  (:class:`taemi.train.precast.PrecastWeights`, ``train.precast_weights``);
 - :meth:`update` (clipping + optimiser step, unless :meth:`compute` already did them).
 
 Between the two the trainer checks the losses (every step on the CPU, every
@@ -15,8 +17,8 @@ the grad scaler, unscale, clip, AdamW); every device, precision, mode and proces
 
 :class:`GraphedStep` exists because at the recipe's batch size (32 clips) a GPU step is bound
 by kernel launches and host work, not by the GPU (issue 14: 0.016 s per fp32 step on an H200
-whose arithmetic needs a tenth of that). It captures the WHOLE step (zero_grad, forward,
-loss, backward, clipping, fused AdamW) in one CUDA graph per batch shape and replays it:
+whose arithmetic needs a tenth of that). It captures the WHOLE step (forward, loss, backward,
+clipping, fused AdamW) in one CUDA graph per batch shape and replays it:
 
 - batch shapes are finite because sequence lengths are padded to a multiple of
   ``data.length_quantum`` (32 on CUDA: ~60 shapes over the corpus's length mix, ~11% padding
@@ -28,6 +30,9 @@ loss, backward, clipping, fused AdamW) in one CUDA graph per batch shape and rep
   largest shape the config allows, viewed at each shape (every graph reads the same
   addresses); the gradients and the optimiser state are ordinary tensors shared by every
   graph, and the graphs share one memory pool (they never run concurrently);
+- backward writes the gradients over those tensors (:meth:`PrecastWeights.backward`: one
+  multi-tensor copy, where ``loss.backward()`` into kept gradients would zero them and add
+  into each with its own kernel), and in bf16 the weights are cast once per step;
 - AdamW is ``fused=True, capturable=True`` with the learning rate as a device tensor, which
   the schedule fills in place after each step (one small kernel): the captured update reads
   the current rate;
@@ -57,6 +62,7 @@ import torch.nn.functional as F
 from taemi.config import RunConfig
 from taemi.data.batch import Batch, padded_length
 from taemi.runtime import attention_backends, autocast
+from taemi.train.precast import PrecastWeights
 
 log = logging.getLogger(__name__)
 
@@ -85,25 +91,46 @@ class EagerStep:
         device: torch.device,
         precision: str,
         world: int = 1,
+        precast: bool = False,
     ):
         self.model, self.train_model = model, train_model
         self.optimizer, self.scaler = optimizer, scaler
         self.cfg, self.device, self.precision, self.world = cfg, device, precision, world
+        # ``precast``: bf16/fp16 with the weights cast once per step (taemi.train.precast),
+        # the trainer's choice for frozen features in one process; DDP's gradient hooks and a
+        # compiled or wrapped model keep autocast's per-use casts whatever is asked
+        self.precast_wanted = (
+            precast and precision != "fp32" and world == 1 and train_model is model
+        )
+        self.weights: PrecastWeights | None = None
 
     def compute(self, group: list[Batch], n_group: float) -> torch.Tensor:
         """Forward and backward of the step's micro-batches (on the device already); each
         micro-batch's mean loss is weighted by its share of the step's ``n_group`` clips.
         Returns their losses (len(group),) on the device."""
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.precast_wanted and self.weights is None:
+            self.weights = PrecastWeights.for_model(
+                self.model, group[0], self.device, self.precision
+            )
+        if self.weights is None:
+            self.optimizer.zero_grad(set_to_none=True)
         losses = []
         for j, batch in enumerate(group):
             sync = self.world == 1 or j == len(group) - 1  # all-reduce once per optimiser step
             with contextlib.nullcontext() if sync else self.train_model.no_sync():
                 with attention_backends(self.device), autocast(self.device, self.precision):
-                    pred = self.train_model(batch)  # (B, E)
+                    pred = (
+                        self.train_model(batch)
+                        if self.weights is None
+                        else self.weights.forward(batch)
+                    )  # (B, E)
                 loss = F.mse_loss(pred.float(), batch.target)
                 weight = len(batch) / n_group
-                self.scaler.scale(loss * weight if weight != 1.0 else loss).backward()
+                scaled = self.scaler.scale(loss * weight if weight != 1.0 else loss)
+                if self.weights is None:
+                    scaled.backward()
+                else:
+                    self.weights.backward(scaled, accumulate=j > 0)
             losses.append(loss.detach())
         return torch.stack(losses)
 
@@ -115,7 +142,7 @@ class EagerStep:
         self.scaler.update()
 
     def stats(self) -> dict:
-        return {"engine": "eager"}
+        return {"engine": "eager", **(self.weights.stats() if self.weights else {})}
 
 
 # --------------------------------------------------------------------------- captured steps
@@ -273,6 +300,7 @@ class GraphedStep:
         self.counts = {"replays": 0, "eager_steps": 0, "captures": 0, "over_limit_steps": 0}
         self.capture_seconds = 0.0
         self.failed: str | None = None  # why capturing was given up, if it was
+        self.weights: PrecastWeights | None = None  # made on the first step
         self._rates = [g["lr"] for g in optimizer.param_groups]  # the tensors graphs read
         if not all(isinstance(r, torch.Tensor) for r in self._rates):
             raise ValueError(
@@ -315,13 +343,13 @@ class GraphedStep:
                 g["lr"] = rate
 
     def _body(self, batch: Batch) -> torch.Tensor:
-        """The step on ``batch``: zero_grad (keeping the gradient tensors), forward, MSE,
-        backward, clipping, AdamW. -> the loss (detached)."""
-        self.optimizer.zero_grad(set_to_none=False)  # the same gradient tensors in every graph
+        """The step on ``batch``: forward (with the weights cast once, in mixed precision),
+        MSE, backward writing over the gradient tensors (the same tensors in every graph, no
+        zeroing), clipping, AdamW. -> the loss (detached)."""
         with attention_backends(self.device), autocast(self.device, self.precision, cache=False):
-            pred = self.model(batch)  # (B, E)
+            pred = self.weights.forward(batch)  # (B, E)
         loss = F.mse_loss(pred.float(), batch.target)
-        loss.backward()
+        self.weights.backward(loss)
         clip_gradients(self.model, self.cfg)
         self.optimizer.step()
         return loss.detach()
@@ -331,6 +359,10 @@ class GraphedStep:
             raise ValueError("a captured step takes one micro-batch (train.grad_accum_steps=1)")
         batch = group[0]
         self._keep_rates()
+        if self.weights is None:  # found on the first (eager) step, before any capture
+            self.weights = PrecastWeights.for_model(
+                self.model, batch, self.device, self.precision, self.cfg.train.precast_weights
+            )
         key = shape_key(batch)
         graph = self.graphs.get(key)
         if graph is None and key in self.seen and self.failed is None:
@@ -378,6 +410,7 @@ class GraphedStep:
             **self.counts,
             "capture_seconds": round(self.capture_seconds, 3),
             "failed": self.failed,
+            **(self.weights.stats() if self.weights else {}),
         }
 
 

@@ -422,7 +422,17 @@ def _execution(
         )
     else:
         engine = EagerStep(
-            model, train_model, optimizer, scaler, cfg, device, precision, dist_info.world
+            model,
+            train_model,
+            optimizer,
+            scaler,
+            cfg,
+            device,
+            precision,
+            dist_info.world,
+            # fine-tuning keeps autocast's casts: a backbone's gradient checkpointing
+            # recomputes its forward with the module's own parameters
+            precast=cfg.train.precast_weights and mode.stored_features,
         )
     lengths = train_ds.lengths() if mode.stored_features else None
     ex = Execution(engine, device, precision, cfg.data.length_quantum, lengths=lengths)
