@@ -7,12 +7,16 @@
 #
 #   1. throughput: training steps at paper dimensions with the corpus's length mix, batch 32,
 #      paper and official: fp32 eager, bf16 and fp16 autocast (attention restricted as the
-#      trainer does), bf16 with torch's attention choice (cuDNN, the project before issue
-#      14), the captured step (CUDA graphs) in bf16 and fp32; the card's name and its fp32 /
-#      bf16 / fp16 matmul rates are printed first;
-#   2. throughput256: the same at batch 256 (paper: fp32, bf16, captured bf16);
+#      trainer does) with autocast casting at each use and with the weights cast once per
+#      step (the trainer's way), bf16 with torch's attention choice (cuDNN, the project
+#      before issue 14), the captured step (CUDA graphs) in bf16 (both cast forms) and fp32;
+#      the card's name and its fp32 / bf16 / fp16 matmul rates are printed first;
+#   2. throughput256: the same at batch 256 (paper: fp32, bf16 both forms, captured bf16 both
+#      forms);
 #      both throughput steps then profile each runner for PROFILE steps (its top kernels by
 #      device time and how busy the device was: what bounds the step, in the same run);
+#   overhead: the operations per training step and the time of a step at tiny shapes (what a
+#      launch-bound step costs) for every step engine and precision (step_overhead.py);
 #   3. e2e: `taemi train` end to end (benchmarks/train_e2e.py) on an E2E_TRAIN + E2E_VALID
 #      clip paper-dimension store with the real length mix: the default (bf16, captured
 #      steps, batches resident on the device) against fp32 eager DataLoader batches;
@@ -28,11 +32,12 @@
 # in $OUT/steps.txt. Knobs (environment): DEVICE (cuda), PRECISION (auto), STEPS (30 timed
 # steps per throughput runner), WARMUP (3 untimed), PRESETS (paper official), RUNNERS (the
 # batch-32 runners), BIG_BATCH (256), E2E_TRAIN (8072), E2E_VALID (1000), E2E_EPOCHS (4),
-# E2E_PRESET (paper), PROFILE (5 profiled steps per runner, 0: none), CLIPS (1500), EPOCHS (4), FT_BATCH (32), FT_STEPS (10), FT_ARGS (more
+# E2E_PRESET (paper), OVERHEAD_BATCH (32), OVERHEAD_ROUNDS (7), PROFILE (5 profiled steps per runner, 0: none), CLIPS (1500), EPOCHS (4), FT_BATCH (32), FT_STEPS (10), FT_ARGS (more
 # finetune_throughput.py options), ENC_SIZE (real), ENC_ITEMS (64), ENC_CPU_ITEMS (8), DEMO_CLIPS (160), DEMO_EPOCHS (30), SKIP (step names to
 # leave out), FULL (unset: + torch.compile runners). A CPU smoke run of the whole script
 # (~5 min on 2 cores):
-#   DEVICE=cpu PRECISION=bf16 STEPS=1 WARMUP=1 PRESETS=official BIG_BATCH=4 E2E_TRAIN=48 E2E_VALID=16 \
+#   DEVICE=cpu PRECISION=bf16 STEPS=1 WARMUP=1 PRESETS=official BIG_BATCH=4 OVERHEAD_BATCH=4 \
+#     OVERHEAD_ROUNDS=1 E2E_TRAIN=48 E2E_VALID=16 \
 #     E2E_EPOCHS=2 E2E_PRESET=official CLIPS=120 EPOCHS=1 FT_BATCH=2 FT_STEPS=1 FT_ARGS=--skip-paper \
 #     ENC_SIZE=tiny ENC_ITEMS=4 ENC_CPU_ITEMS=2 DEMO_CLIPS=24 DEMO_EPOCHS=2 OUT=/tmp/gpu_smoke \
 #     bash benchmarks/gpu_check.sh
@@ -61,8 +66,8 @@ step() {  # step NAME LIMIT_S LOG COMMAND...: run with a time limit, log, record
 torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device')"
 } 2>&1 | tee "$OUT/device.txt"
 
-runners=${RUNNERS:-"eager bf16 graphed_bf16 graphed_fp32 plain"}
-[ "$DEVICE" != cpu ] && [ -z "${RUNNERS:-}" ] && runners="$runners fp16 bf16_cudnn"
+runners=${RUNNERS:-"eager bf16 bf16_precast graphed_bf16 graphed_bf16_each_use graphed_fp32 plain"}
+[ "$DEVICE" != cpu ] && [ -z "${RUNNERS:-}" ] && runners="$runners fp16 fp16_precast bf16_cudnn"
 [ -n "${FULL:-}" ] && runners="$runners compiled compiled_fp16 compiled_bf16"
 step throughput 300 throughput.txt $PY benchmarks/train_throughput.py --device "$DEVICE" --steps "${STEPS:-30}" \
   --warmup "${WARMUP:-3}" --presets ${PRESETS:-paper official} --runners $runners ${FULL:+--compile} \
@@ -70,8 +75,11 @@ step throughput 300 throughput.txt $PY benchmarks/train_throughput.py --device "
 
 step throughput256 150 throughput256.txt $PY benchmarks/train_throughput.py --device "$DEVICE" \
   --steps "${STEPS:-30}" --warmup "${WARMUP:-3}" --batch-size "${BIG_BATCH:-256}" --no-flop-check \
-  --presets $(echo ${PRESETS:-paper official} | cut -d' ' -f1) --runners eager bf16 graphed_bf16 \
-  --profile "${PROFILE:-5}"
+  --presets $(echo ${PRESETS:-paper official} | cut -d' ' -f1) \
+  --runners eager bf16 bf16_precast graphed_bf16 graphed_bf16_each_use --profile "${PROFILE:-5}"
+
+step overhead 90 overhead.txt $PY benchmarks/step_overhead.py --device "$DEVICE" \
+  --batch-size "${OVERHEAD_BATCH:-32}" --rounds "${OVERHEAD_ROUNDS:-7}" --presets ${PRESETS:-paper official}
 
 work=$(mktemp -d)
 step e2e 330 e2e_bench.txt $PY benchmarks/train_e2e.py --device "$DEVICE" --train-clips "${E2E_TRAIN:-8072}" \

@@ -20,7 +20,9 @@ speed changes from second to second: every step is compared with the rate just b
 - ``before``: the project's model as it was before this issue: random batches, and the
   cross-attention K/V projections as two products;
 - ``eager``: the model now, with length-bucketed batches (``LengthBucketBatchSampler``), fp32;
-- ``bf16``: the same under bf16 autocast;
+- ``bf16``: the same under bf16 autocast (each weight cast at each use);
+- ``bf16_precast``, ``fp16_precast`` (CUDA): the same with the weights cast once per step
+  (``taemi.train.precast``, what the trainer's eager step does in one process);
 - ``compiled``, ``compiled_bf16``, ``compiled_fp16`` (``--compile``): ``torch.compile(model, dynamic=True)``;
 - ``sdpa_ca``: bucketed, fp32, the cross-attention as the release writes it (K and V
   projected over the whole sequence, fused attention): the A/B of the model's pooled-value
@@ -30,10 +32,12 @@ speed changes from second to second: every step is compared with the rate just b
   attention included (the project before issue 14: a new cuDNN plan per batch shape); every
   other autocast runner restricts attention as the trainer does (``runtime.attention_backends``);
 - ``graphed_bf16``, ``graphed_fp32`` (CUDA): the trainer's captured step
-  (``taemi.train.step.GraphedStep``: zero_grad, forward, backward, clipping and capturable
-  fused AdamW in one CUDA graph per batch shape), bucketed batches padded to a multiple of
-  32 steps (``data.length_quantum`` on CUDA); warm-up runs every timed batch twice (the eager
-  first step, then the capture);
+  (``taemi.train.step.GraphedStep``: forward with the weights cast once per step, backward
+  writing over the gradients, clipping and capturable fused AdamW in one CUDA graph per batch
+  shape), bucketed batches padded to a multiple of 32 steps (``data.length_quantum`` on
+  CUDA); warm-up runs every timed batch twice (the eager first step, then the capture);
+  ``graphed_bf16_each_use``: the same with autocast casting each weight at each use
+  (``train.precast_weights=false``);
 - ``unfused_adamw``: bucketed, fp32, AdamW's per-parameter loop (the trainer's optimiser
   is ``AdamW(fused=True)``, as in every other package runner);
 - ``threads1``: bucketed, fp32, ``torch.set_num_threads(1)``.
@@ -100,6 +104,7 @@ from taemi.data.sampler import LengthBucketBatchSampler, abaw_like_lengths, padd
 from taemi.model.taemi import CrossAttention, PaddedSequence
 from taemi.runtime import attention_backends, autocast, cpu_has_bf16
 from taemi.train.modes import build_model
+from taemi.train.precast import PrecastWeights
 from taemi.train.schedule import make_scheduler
 from taemi.train.step import GraphedStep
 from taemi.train.trainer import CUDA_LENGTH_QUANTUM, make_optimizer
@@ -471,9 +476,11 @@ def make_step(
     threads: int | None = None,
     device: torch.device = CPU,
     cudnn_attention: bool = False,
+    precast: bool = False,
 ) -> Callable[[Batch], None]:
     """The trainer's eager step; fp16 (CUDA) with its ``GradScaler``, as the trainer does;
-    attention restricted as the trainer does unless ``cudnn_attention``."""
+    attention restricted as the trainer does unless ``cudnn_attention``; ``precast``: the
+    weights cast once per step (``taemi.train.precast``) instead of by autocast at each use."""
     tc = cfg.train
     model.to(device)
     optimizer = torch.optim.AdamW(
@@ -485,8 +492,11 @@ def make_step(
     )
     scheduler = make_scheduler(optimizer, 10, 1000)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    weights: list[PrecastWeights] = []  # made on the first batch
 
     def step(batch: Batch, wait: bool = True) -> None:
+        if precast and not weights:
+            weights.append(PrecastWeights.for_model(model, batch, device, precision))
         before = torch.get_num_threads()
         if threads:
             torch.set_num_threads(threads)
@@ -495,10 +505,13 @@ def make_step(
                 contextlib.nullcontext() if cudnn_attention else attention_backends(device),
                 autocast(device, precision),
             ):
-                pred = fwd(batch)  # (B, E)
+                pred = weights[0].forward(batch) if precast else fwd(batch)  # (B, E)
             loss = F.mse_loss(pred.float(), batch.target)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            if precast:
+                weights[0].backward(scaler.scale(loss))  # writes over the gradients
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_value_(model.parameters(), tc.grad_clip)
             scaler.step(optimizer)
@@ -513,7 +526,12 @@ def make_step(
 
 
 def graphed_step(
-    model: nn.Module, cfg: RunConfig, precision: str, device: torch.device, batch_size: int
+    model: nn.Module,
+    cfg: RunConfig,
+    precision: str,
+    device: torch.device,
+    batch_size: int,
+    precast: bool = True,
 ) -> Callable[[Batch], None]:
     """The trainer's captured step (:class:`taemi.train.step.GraphedStep`); off CUDA its
     eager stand-in. The schedule is stepped after each step, as the trainer does."""
@@ -521,7 +539,8 @@ def graphed_step(
     cfg = replace(
         cfg,
         data=replace(cfg.data, length_quantum=CUDA_LENGTH_QUANTUM),
-        train=replace(cfg.train, batch_size=batch_size),  # sizes the static buffers
+        # batch_size sizes the static buffers
+        train=replace(cfg.train, batch_size=batch_size, precast_weights=precast),
     )
     optimizer = make_optimizer(cfg, model, capturable=True)
     scheduler = make_scheduler(optimizer, 10, 1000)
@@ -548,9 +567,12 @@ RUNNERS = (
     "before",
     "eager",
     "bf16",
+    "bf16_precast",
     "fp16",
+    "fp16_precast",
     "bf16_cudnn",
     "graphed_bf16",
+    "graphed_bf16_each_use",
     "graphed_fp32",
     "compiled",
     "compiled_bf16",
@@ -617,10 +639,16 @@ def build_runner(
             *bucket_set,
         )
     if name in ("bf16", "fp16"):
-        what = (
-            "bf16 autocast" if name == "bf16" else "fp16 autocast + GradScaler (the CUDA default)"
-        )
+        what = "bf16 autocast" if name == "bf16" else "fp16 autocast + GradScaler"
         return Runner(name, f"bucketed, {what}", step(model, name), *bucket_set)
+    if name in ("bf16_precast", "fp16_precast"):
+        prec = name.split("_")[0]
+        return Runner(
+            name,
+            f"bucketed, {prec} autocast, weights cast once per step (the trainer's eager step)",
+            step(model, prec, precast=True),
+            *bucket_set,
+        )
     if name == "bf16_cudnn":
         return Runner(
             name,
@@ -630,11 +658,13 @@ def build_runner(
         )
     if name.startswith("graphed"):
         prec = name.split("_")[1]
+        each_use = name.endswith("_each_use")
         return Runner(
             name,
             f"bucketed, lengths padded to a multiple of {CUDA_LENGTH_QUANTUM}, {prec}, "
-            "whole step captured per shape (GraphedStep)",
-            graphed_step(model, cfg, prec, device, len(random_set[0][0])),
+            "whole step captured per shape (GraphedStep), "
+            + ("autocast casting at each use" if each_use else "weights cast once per step"),
+            graphed_step(model, cfg, prec, device, len(random_set[0][0]), precast=not each_use),
             *sets["quantised"],
         )
     if name == "unfused_adamw":
@@ -740,7 +770,7 @@ def run_preset(
     for r in args.runners:
         if r.startswith("compiled") and not args.compile:
             continue
-        if (r.endswith("fp16") or r == "bf16_cudnn") and device.type != "cuda":
+        if ("fp16" in r or r == "bf16_cudnn") and device.type != "cuda":
             print(f"  {r}: skipped (CUDA only)")
             continue
         runner = build_runner(r, cfg, sets, device)
@@ -874,9 +904,13 @@ def report(name: str, runners: list[Runner], best: float) -> None:
             )
     for a, b in (
         ("bf16", "eager"),
+        ("bf16_precast", "eager"),
+        ("bf16_precast", "bf16"),
+        ("fp16_precast", "fp16"),
         ("bf16_cudnn", "eager"),
         ("graphed_bf16", "eager"),
         ("graphed_bf16", "bf16"),
+        ("graphed_bf16", "graphed_bf16_each_use"),
         ("graphed_fp32", "eager"),
         ("compiled", "eager"),
         ("compiled_bf16", "bf16"),

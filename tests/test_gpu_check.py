@@ -23,6 +23,8 @@ SMOKE = {
     "WARMUP": "1",
     "PRESETS": "official",
     "BIG_BATCH": "4",
+    "OVERHEAD_BATCH": "4",
+    "OVERHEAD_ROUNDS": "1",
     "E2E_TRAIN": "48",
     "E2E_VALID": "16",
     "E2E_EPOCHS": "2",
@@ -69,6 +71,7 @@ def test_gpu_check_script_runs_every_step(tmp_path: Path) -> None:
     assert steps == {
         "throughput": "0",
         "throughput256": "0",
+        "overhead": "0",
         "e2e": "0",
         "synth": "0",
         "train": "0",
@@ -82,10 +85,32 @@ def test_gpu_check_script_runs_every_step(tmp_path: Path) -> None:
     # the analytic FLOP counts (both forms of the cross-attention) agree with FlopCounterMode
     ratios = [float(x) for x in re.findall(r"analytic(?: useful)? ([0-9.]+)x", throughput)]
     assert len(ratios) == 4 and all(0.99 <= r <= 1.01 for r in ratios), ratios
-    for runner in ("plain", "eager", "bf16", "graphed_bf16", "graphed_fp32"):
+    for runner in (
+        "plain",
+        "eager",
+        "bf16",
+        "bf16_precast",
+        "graphed_bf16",
+        "graphed_bf16_each_use",
+        "graphed_fp32",
+    ):
         assert re.search(rf"^{runner}\s+\d", throughput, flags=re.MULTILINE), runner
     big = (out / "throughput256.txt").read_text()
-    assert re.search(r"^graphed_bf16\s+\d", big, re.MULTILINE)
+    for runner in ("graphed_bf16", "graphed_bf16_each_use", "bf16_precast"):
+        assert re.search(rf"^{runner}\s+\d", big, re.MULTILINE), runner
+    # operations per step of every engine: the captured bf16 step dispatches fewer than the
+    # same step with autocast casting at each use, and casts fewer
+    overhead = (out / "overhead.txt").read_text()
+    rows = {
+        name: (int(ops), int(casts))
+        for name, ops, casts in re.findall(
+            r"^  (\w+)\s+(\d+)\s+(\d+)\s+\d+\s+[0-9.]+ ", overhead, re.MULTILINE
+        )
+    }
+    assert set(rows) >= {"fp32", "bf16", "bf16_each_use", "graphed_bf16", "graphed_fp32"}, rows
+    assert rows["graphed_bf16"][0] < rows["graphed_bf16_each_use"][0]
+    assert rows["graphed_bf16"][1] < rows["graphed_bf16_each_use"][1]
+    assert rows["bf16"][0] < rows["bf16_each_use"][0] and rows["fp32"][1] == 0
     # each runner profiled after its timing (on the CPU: operators by self CPU time)
     for text, runner in ((throughput, "graphed_bf16"), (big, "bf16"), (big, "graphed_bf16")):
         section = re.search(
