@@ -36,6 +36,14 @@ TINY_OVERRIDES = (
     "train.precision=fp32",  # auto would be bf16 on CPUs with native bf16: keep tests' numerics machine-independent
 )
 
+#: Overrides that switch off training's randomness (dropout and modality dropout).
+NO_DROPOUT = (
+    "model.modality_dropout=0",
+    "model.attn_dropout=0",
+    "model.sa_dropout=0",
+    "model.head_dropout=0",
+)
+
 TinyConfig = Callable[..., RunConfig]
 
 

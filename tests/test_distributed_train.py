@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, split_args, tiny_cli_sets
+from conftest import NO_DROPOUT, TINY_OVERRIDES, split_args, tiny_cli_sets
 from safetensors.torch import load_file
 
 from taemi.config import build_config, parse_overrides
@@ -26,12 +26,7 @@ from taemi.run import STATE_FILE
 from taemi.train.trainer import train
 
 HERE = Path(__file__).parent
-NO_RANDOMNESS = [
-    "model.modality_dropout=0",
-    "model.attn_dropout=0",
-    "model.sa_dropout=0",
-    "model.head_dropout=0",
-]
+NO_RANDOMNESS = list(NO_DROPOUT)
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch.distributed is not available"
 )

@@ -4,19 +4,13 @@ batch of k * b clips (the recipe's loss is the mean over the step's clips)."""
 from __future__ import annotations
 
 import pytest
+from conftest import NO_DROPOUT
 from safetensors.torch import load_file
 
 from taemi.config import ConfigError
 from taemi.train.trainer import train
 
-NO_RANDOMNESS = (
-    "model.modality_dropout=0",
-    "model.attn_dropout=0",
-    "model.sa_dropout=0",
-    "model.head_dropout=0",
-    "train.max_epochs=2",
-    "train.patience=0",
-)
+NO_RANDOMNESS = (*NO_DROPOUT, "train.max_epochs=2", "train.patience=0")
 
 
 def test_accumulated_micro_batches_equal_one_big_batch(

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import NO_DROPOUT as NO_RANDOM_DROPS
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from taemi.data.dataset import ClipDataset
@@ -20,13 +21,7 @@ from taemi.train.schedule import make_scheduler
 from taemi.train.trainer import make_optimizer, train
 
 CPU = torch.device("cpu")
-NO_DROPOUT = (
-    "model.modality_dropout=0",
-    "model.attn_dropout=0",
-    "model.sa_dropout=0",
-    "model.head_dropout=0",
-    "train.patience=0",
-)
+NO_DROPOUT = (*NO_RANDOM_DROPS, "train.patience=0")
 
 
 def _batch(store, ids, missing_audio=False):

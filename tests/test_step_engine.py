@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import NO_DROPOUT as NO_RANDOM_DROPS
 
 from taemi.config import ConfigError
 from taemi.data.batch import Batch, padded_length
@@ -20,13 +21,7 @@ from taemi.train.schedule import make_scheduler
 from taemi.train.state import load_state
 from taemi.train.trainer import make_optimizer, train
 
-NO_DROPOUT = (
-    "model.modality_dropout=0",
-    "model.attn_dropout=0",
-    "model.sa_dropout=0",
-    "model.head_dropout=0",
-    "train.patience=0",
-)
+NO_DROPOUT = (*NO_RANDOM_DROPS, "train.patience=0")
 
 
 def test_padded_length_rounds_up_to_the_quantum() -> None:
