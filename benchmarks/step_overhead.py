@@ -139,19 +139,25 @@ def run_preset(name: str, args, device: torch.device) -> list[Runner]:
     cfg = build_config(name, [("train.batch_size", args.batch_size)])
     lengths = np.tile([[ta, tv]], (args.batch_size, 1))
     batch = make_batch(lengths, cfg, seed=0, device=device)
-    runners = [build_runner(r, cfg, device) for r in args.runners]
-    for r in runners:
-        # the second step: the first also finds the weights to precast and makes the
-        # optimiser's state; a graphed runner's second step is the capture (on a CPU, its
-        # stand-in runs the step once)
-        r.step(batch)
-        counter = OpCounter()
-        with counter:
+    runners = []
+    for runner_name in args.runners:
+        try:  # one runner failing must not cost the others' figures
+            r = build_runner(runner_name, cfg, device)
+            # the second step: the first also finds the weights to precast and makes the
+            # optimiser's state; a graphed runner's second step is the capture (on a CPU, its
+            # stand-in runs the step once)
             r.step(batch)
-        r.ops = counter.ops
-        for _ in range(args.warmup):
-            r.step(batch)
-        sync(device)
+            counter = OpCounter()
+            with counter:
+                r.step(batch)
+            r.ops = counter.ops
+            for _ in range(args.warmup):
+                r.step(batch)
+            sync(device)
+        except Exception as exc:  # noqa: BLE001 - said and left out
+            print(f"  {runner_name}: FAILED, left out: {type(exc).__name__}: {exc}")
+            continue
+        runners.append(r)
     for _ in range(args.rounds):
         for r in runners:
             t0 = time.perf_counter()
