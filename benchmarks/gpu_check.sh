@@ -15,6 +15,10 @@
 #      forms);
 #      both throughput steps then profile each runner for PROFILE steps (its top kernels by
 #      device time and how busy the device was: what bounds the step, in the same run);
+#   compiled256, compiled32: the captured bf16 step against the same step compiled first
+#      (`train.compile=true` with captured steps: fused kernels in the graphs), paper preset,
+#      batch 256 and 32 (COMPILED_BATCHES); the compilation is warm-up (printed), one
+#      process each;
 #   overhead: the operations per training step and the time of a step at tiny shapes (what a
 #      launch-bound step costs) for every step engine and precision (step_overhead.py);
 #   3. e2e: `taemi train` end to end (benchmarks/train_e2e.py) on an E2E_TRAIN + E2E_VALID
@@ -32,12 +36,12 @@
 # in $OUT/steps.txt. Knobs (environment): DEVICE (cuda), PRECISION (auto), STEPS (30 timed
 # steps per throughput runner), WARMUP (3 untimed), PRESETS (paper official), RUNNERS (the
 # batch-32 runners), BIG_BATCH (256), E2E_TRAIN (8072), E2E_VALID (1000), E2E_EPOCHS (4),
-# E2E_PRESET (paper), OVERHEAD_BATCH (32), OVERHEAD_ROUNDS (7), PROFILE (5 profiled steps per runner, 0: none), CLIPS (1500), EPOCHS (4), FT_BATCH (32), FT_STEPS (10), FT_ARGS (more
+# E2E_PRESET (paper), COMPILED_BATCHES (256 32), OVERHEAD_BATCH (32), OVERHEAD_ROUNDS (7), PROFILE (5 profiled steps per runner, 0: none), CLIPS (1500), EPOCHS (4), FT_BATCH (32), FT_STEPS (10), FT_ARGS (more
 # finetune_throughput.py options), ENC_SIZE (real), ENC_ITEMS (64), ENC_CPU_ITEMS (8), DEMO_CLIPS (160), DEMO_EPOCHS (30), SKIP (step names to
 # leave out), FULL (unset: + torch.compile runners). A CPU smoke run of the whole script
 # (~5 min on 2 cores):
-#   DEVICE=cpu PRECISION=bf16 STEPS=1 WARMUP=1 PRESETS=official BIG_BATCH=4 OVERHEAD_BATCH=4 \
-#     OVERHEAD_ROUNDS=1 E2E_TRAIN=48 E2E_VALID=16 \
+#   DEVICE=cpu PRECISION=bf16 STEPS=1 WARMUP=1 PRESETS=official BIG_BATCH=4 COMPILED_BATCHES=4 \
+#     OVERHEAD_BATCH=4 OVERHEAD_ROUNDS=1 E2E_TRAIN=48 E2E_VALID=16 \
 #     E2E_EPOCHS=2 E2E_PRESET=official CLIPS=120 EPOCHS=1 FT_BATCH=2 FT_STEPS=1 FT_ARGS=--skip-paper \
 #     ENC_SIZE=tiny ENC_ITEMS=4 ENC_CPU_ITEMS=2 DEMO_CLIPS=24 DEMO_EPOCHS=2 OUT=/tmp/gpu_smoke \
 #     bash benchmarks/gpu_check.sh
@@ -77,6 +81,12 @@ step throughput256 150 throughput256.txt $PY benchmarks/train_throughput.py --de
   --steps "${STEPS:-30}" --warmup "${WARMUP:-3}" --batch-size "${BIG_BATCH:-256}" --no-flop-check \
   --presets $(echo ${PRESETS:-paper official} | cut -d' ' -f1) \
   --runners eager bf16 bf16_precast graphed_bf16 graphed_bf16_each_use --profile "${PROFILE:-5}"
+
+for b in ${COMPILED_BATCHES:-256 32}; do
+  step "compiled$b" 180 "compiled$b.txt" $PY benchmarks/train_throughput.py --device "$DEVICE" \
+    --steps "${STEPS:-30}" --warmup "${WARMUP:-3}" --batch-size "$b" --no-flop-check \
+    --presets $(echo ${PRESETS:-paper official} | cut -d' ' -f1) --runners graphed_bf16 graphed_bf16_compiled
+done
 
 step overhead 90 overhead.txt $PY benchmarks/step_overhead.py --device "$DEVICE" \
   --batch-size "${OVERHEAD_BATCH:-32}" --rounds "${OVERHEAD_ROUNDS:-7}" --presets ${PRESETS:-paper official}

@@ -37,7 +37,9 @@ speed changes from second to second: every step is compared with the rate just b
   shape), bucketed batches padded to a multiple of 32 steps (``data.length_quantum`` on
   CUDA); warm-up runs every timed batch twice (the eager first step, then the capture);
   ``graphed_bf16_each_use``: the same with autocast casting each weight at each use
-  (``train.precast_weights=false``);
+  (``train.precast_weights=false``); ``graphed_bf16_compiled``: the same step with its
+  forward and backward compiled first (``train.compile=true`` with captured steps; the
+  compilation is part of the warm-up);
 - ``unfused_adamw``: bucketed, fp32, AdamW's per-parameter loop (the trainer's optimiser
   is ``AdamW(fused=True)``, as in every other package runner);
 - ``threads1``: bucketed, fp32, ``torch.set_num_threads(1)``.
@@ -532,6 +534,7 @@ def graphed_step(
     device: torch.device,
     batch_size: int,
     precast: bool = True,
+    compile: bool = False,
 ) -> Callable[[Batch], None]:
     """The trainer's captured step (:class:`taemi.train.step.GraphedStep`); off CUDA its
     eager stand-in. The schedule is stepped after each step, as the trainer does."""
@@ -549,7 +552,9 @@ def graphed_step(
         "vision": cfg.model.vision_dim,
         "text": cfg.model.text_dim,
     }
-    engine = GraphedStep.build(model, optimizer, cfg, device, precision, dims, max_shapes=256)
+    engine = GraphedStep.build(
+        model, optimizer, cfg, device, precision, dims, max_shapes=256, compile=compile
+    )
 
     def step(batch: Batch, wait: bool = True) -> None:
         loss = engine.compute([batch], len(batch))
@@ -573,6 +578,7 @@ RUNNERS = (
     "bf16_cudnn",
     "graphed_bf16",
     "graphed_bf16_each_use",
+    "graphed_bf16_compiled",
     "graphed_fp32",
     "compiled",
     "compiled_bf16",
@@ -658,13 +664,22 @@ def build_runner(
         )
     if name.startswith("graphed"):
         prec = name.split("_")[1]
-        each_use = name.endswith("_each_use")
+        each_use, compiled = name.endswith("_each_use"), name.endswith("_compiled")
         return Runner(
             name,
             f"bucketed, lengths padded to a multiple of {CUDA_LENGTH_QUANTUM}, {prec}, "
             "whole step captured per shape (GraphedStep), "
-            + ("autocast casting at each use" if each_use else "weights cast once per step"),
-            graphed_step(model, cfg, prec, device, len(random_set[0][0]), precast=not each_use),
+            + ("autocast casting at each use" if each_use else "weights cast once per step")
+            + (", forward and backward compiled (dynamic shapes)" if compiled else ""),
+            graphed_step(
+                model,
+                cfg,
+                prec,
+                device,
+                len(random_set[0][0]),
+                precast=not each_use,
+                compile=compiled,
+            ),
             *sets["quantised"],
         )
     if name == "unfused_adamw":
@@ -915,6 +930,7 @@ def report(name: str, runners: list[Runner], best: float) -> None:
         ("graphed_bf16", "eager"),
         ("graphed_bf16", "bf16"),
         ("graphed_bf16", "graphed_bf16_each_use"),
+        ("graphed_bf16_compiled", "graphed_bf16"),
         ("graphed_fp32", "eager"),
         ("compiled", "eager"),
         ("compiled_bf16", "bf16"),

@@ -23,6 +23,7 @@ SMOKE = {
     "WARMUP": "1",
     "PRESETS": "official",
     "BIG_BATCH": "4",
+    "COMPILED_BATCHES": "4",
     "OVERHEAD_BATCH": "4",
     "OVERHEAD_ROUNDS": "1",
     "E2E_TRAIN": "48",
@@ -71,6 +72,7 @@ def test_gpu_check_script_runs_every_step(tmp_path: Path) -> None:
     assert steps == {
         "throughput": "0",
         "throughput256": "0",
+        "compiled4": "0",
         "overhead": "0",
         "e2e": "0",
         "synth": "0",
@@ -98,6 +100,9 @@ def test_gpu_check_script_runs_every_step(tmp_path: Path) -> None:
     big = (out / "throughput256.txt").read_text()
     for runner in ("graphed_bf16", "graphed_bf16_each_use", "bf16_precast"):
         assert re.search(rf"^{runner}\s+\d", big, re.MULTILINE), runner
+    compiled = (out / "compiled4.txt").read_text()
+    assert re.search(r"^graphed_bf16_compiled\s+\d", compiled, re.MULTILINE), compiled[-2000:]
+    assert "'compiled': True" in compiled and "graphed_bf16_compiled vs graphed_bf16" in compiled
     # operations per step of every engine: the captured bf16 step dispatches fewer than the
     # same step with autocast casting at each use, and casts fewer
     overhead = (out / "overhead.txt").read_text()

@@ -215,6 +215,26 @@ def test_captured_resident_run_matches_the_plain_run(tmp_path, store, labels, ti
     assert math.isfinite(resumed.history[1]["train_loss"])
 
 
+@pytest.mark.slow
+def test_compiled_captured_run_matches_the_plain_run(tmp_path, store, labels, tiny_config):
+    """train.compile with captured steps (the eager stand-in here): the captured forward and
+    backward are compiled (dynamic shapes, the weights precast in bf16) and give the plain
+    bf16 run's losses within the rounding that fused kernels change."""
+    sets = (*NO_DROPOUT, "train.max_epochs=2", "data.batching=bucket", "train.precision=bf16")
+    plain = train(tiny_config(*sets), store, *labels, tmp_path / "plain", progress=False)
+    fast_cfg = tiny_config(*sets, "train.cuda_graphs=on", "train.compile=true")
+    fast = train(fast_cfg, store, *labels, tmp_path / "fast", progress=False)
+    for a, b in zip(plain.history, fast.history):
+        for key in ("train_loss", "valid_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-2), key
+        assert b["valid_mean_pearson"] == pytest.approx(a["valid_mean_pearson"], abs=2e-2)
+    assert fast.history[1]["train_loss"] < fast.history[0]["train_loss"]  # it learns
+    ex = json.loads((tmp_path / "fast" / "metrics.json").read_text())["execution"]
+    step = ex["step"]
+    assert step["engine"] == "graphed" and step["compiled"] is True and step["replays"] > 0
+    assert step["precast_parameters"] > 0 and step["failed"] is None
+
+
 def test_cuda_graphs_on_refuses_what_it_cannot_capture(tmp_path, store, labels, tiny_config):
     with pytest.raises(ConfigError, match="gradient accumulation"):
         train(

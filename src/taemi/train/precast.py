@@ -97,9 +97,24 @@ class PrecastWeights:
     parameter is used as it is. :meth:`forward` must run under autocast to ``dtype``, as the
     model's own forward would."""
 
-    def __init__(self, model: torch.nn.Module, names: list[str], dtype: torch.dtype):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        names: list[str],
+        dtype: torch.dtype,
+        compile: bool = False,
+    ):
         params = dict(model.named_parameters())
         self.model, self.names, self.dtype = model, list(names), dtype
+
+        def call(weights: dict[str, torch.Tensor], batch) -> torch.Tensor:
+            return torch.func.functional_call(model, weights, (batch,), strict=False)
+
+        # ``compile``: the forward (and with it backward) compiled with dynamic shapes: one
+        # compilation for the run's shapes (the first shape's, then one dynamic), kernels
+        # fused; captured in CUDA graphs like the eager one
+        self.compiled = compile
+        self._call = torch.compile(call, dynamic=True) if compile else call
         self.masters = [params[n] for n in self.names]
         with torch.no_grad():
             self.copies = [torch.empty_like(p, dtype=dtype).requires_grad_() for p in self.masters]
@@ -114,14 +129,15 @@ class PrecastWeights:
         device: torch.device,
         precision: str,
         precast: bool = True,
+        compile: bool = False,
     ) -> PrecastWeights:
         """Copies of the parameters the model's forward on ``batch`` only casts to the dtype
         of ``precision``; none for fp32 or without ``precast`` (autocast then casts at each
-        use, and the gradients are still written in place)."""
+        use, and the gradients are still written in place). ``compile``: see ``__init__``."""
         if precision == "fp32" or not precast:
-            return cls(model, [], torch.float32)
+            return cls(model, [], torch.float32, compile)
         dtype = autocast_dtype(precision)
-        return cls(model, precast_names(model, model, batch, device, dtype), dtype)
+        return cls(model, precast_names(model, model, batch, device, dtype), dtype, compile)
 
     def refresh(self) -> None:
         """The copies from the current float32 parameters (one multi-tensor copy)."""
@@ -132,9 +148,7 @@ class PrecastWeights:
     def forward(self, batch) -> torch.Tensor:
         """Refresh the copies, then the model's forward with them in place of the parameters."""
         self.refresh()
-        return torch.func.functional_call(
-            self.model, dict(zip(self.names, self.copies)), (batch,), strict=False
-        )
+        return self._call(dict(zip(self.names, self.copies)), batch)
 
     def backward(self, loss: torch.Tensor, accumulate: bool = False) -> None:
         """Gradients of ``loss`` into every trainable parameter's ``.grad``: written over what
@@ -161,4 +175,5 @@ class PrecastWeights:
             "precast_parameters": len(self.copies),
             "precast_values": sum(p.numel() for p in self.masters),
             "precast_dtype": str(self.dtype).removeprefix("torch.") if self.copies else None,
+            "compiled": self.compiled,
         }

@@ -38,9 +38,13 @@ clipping, fused AdamW) in one CUDA graph per batch shape and replays it:
   the current rate;
 - the loss stays on the device; nothing in a replayed step waits for the host.
 
+With ``train.compile`` the forward (and backward) it captures is compiled with dynamic shapes
+(:class:`PrecastWeights` with ``compile``): fused kernels, compiled on the first eager steps,
+then captured like the eager ones.
+
 Not captured: fp16 (the grad scaler decides on the host whether to step), several processes
-(DDP's all-reduce), gradient accumulation, ``train.compile``, fine-tuning (raw waveforms and
-images: their shapes are not bounded). Those run :class:`EagerStep`.
+(DDP's all-reduce), gradient accumulation, fine-tuning (raw waveforms and images: their
+shapes are not bounded). Those run :class:`EagerStep`.
 
 On a machine without CUDA, :class:`GraphedStep` runs with :class:`EagerCapture`, which
 "captures" by keeping the step function and "replays" by calling it on the static buffers:
@@ -289,6 +293,7 @@ class GraphedStep:
         static: StaticInputs,
         capture: CudaCapture | EagerCapture,
         max_shapes: int,
+        compile: bool = False,
     ):
         if precision == "fp16":
             raise ValueError("a captured step cannot use fp16: its grad scaler steps on the host")
@@ -301,6 +306,7 @@ class GraphedStep:
         self.capture_seconds = 0.0
         self.failed: str | None = None  # why capturing was given up, if it was
         self.weights: PrecastWeights | None = None  # made on the first step
+        self.compile = compile
         self._rates = [g["lr"] for g in optimizer.param_groups]  # the tensors graphs read
         if not all(isinstance(r, torch.Tensor) for r in self._rates):
             raise ValueError(
@@ -318,6 +324,7 @@ class GraphedStep:
         precision: str,
         dims: dict[str, int],
         max_shapes: int,
+        compile: bool = False,
     ) -> GraphedStep:
         """The captured step for ``model`` trained by ``optimizer`` (capturable, its schedule
         already made): learning rates moved to the device, static buffers for the config's
@@ -332,6 +339,7 @@ class GraphedStep:
             StaticInputs.for_config(cfg, dims, device),
             CudaCapture(device) if device.type == "cuda" else EagerCapture(),
             max_shapes,
+            compile,
         )
 
     def _keep_rates(self) -> None:
@@ -361,7 +369,12 @@ class GraphedStep:
         self._keep_rates()
         if self.weights is None:  # found on the first (eager) step, before any capture
             self.weights = PrecastWeights.for_model(
-                self.model, batch, self.device, self.precision, self.cfg.train.precast_weights
+                self.model,
+                batch,
+                self.device,
+                self.precision,
+                self.cfg.train.precast_weights,
+                compile=self.compile,
             )
         key = shape_key(batch)
         graph = self.graphs.get(key)

@@ -299,9 +299,11 @@ def _wrap_model(
     dist_info: DistInfo,
     device: torch.device,
     fresh: bool,
+    graphs: bool = False,
 ) -> torch.nn.Module:
-    """The module the steps run: DDP over ``model`` (several processes), compiled when
-    ``train.compile``; the weights stay in ``model`` (saving, validation)."""
+    """The module the eager steps run: DDP over ``model`` (several processes), compiled when
+    ``train.compile`` (captured steps compile their own forward instead); the weights stay in
+    ``model`` (saving, validation)."""
     train_model = model
     if dist_info.world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -315,7 +317,7 @@ def _wrap_model(
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=mode.find_unused_parameters,
         )
-    if cfg.train.compile:  # the compiled module shares the weights of `model`
+    if cfg.train.compile and not graphs:  # the compiled module shares the weights of `model`
         train_model = torch.compile(train_model, dynamic=True)
     return train_model
 
@@ -355,8 +357,6 @@ def _use_graphs(
         why_not.append("several processes (DDP)")
     if tc.grad_accum_steps > 1:
         why_not.append("gradient accumulation")
-    if tc.compile:
-        why_not.append("train.compile")
     if tc.cuda_graphs == "auto":
         return device.type == "cuda" and not why_not
     if why_not:
@@ -418,7 +418,14 @@ def _execution(
     captured step reads the restored learning rates)."""
     if graphs:
         engine: EagerStep | GraphedStep = GraphedStep.build(
-            model, optimizer, cfg, device, precision, store.dims, cfg.train.graph_shapes
+            model,
+            optimizer,
+            cfg,
+            device,
+            precision,
+            store.dims,
+            cfg.train.graph_shapes,
+            compile=cfg.train.compile,  # the captured forward compiled, not train_model
         )
     else:
         engine = EagerStep(
@@ -744,7 +751,13 @@ def train(
             )
         trackers.start(run, cfg, first_epoch=state.start_epoch)  # rank 0 only
         train_model = _wrap_model(
-            model, cfg, mode, dist_info, device, fresh=not resume or not state_path.is_file()
+            model,
+            cfg,
+            mode,
+            dist_info,
+            device,
+            fresh=not resume or not state_path.is_file(),
+            graphs=graphs,
         )
         ex = _execution(
             cfg,
