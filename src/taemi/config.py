@@ -174,9 +174,7 @@ class TrainConfig:
     cuda_graphs: str = "auto"  # capture the whole training step in CUDA graphs, one per batch shape: auto (CUDA, frozen features, one process, no fp16) | on | off
     graph_shapes: int = 96  # at most this many batch shapes get a graph; the others run eagerly
     precast_weights: bool = True  # bf16/fp16 on stored features in one process: cast the weights once per step, not at each use (taemi.train.precast)
-    compile: bool = (
-        False  # torch.compile the model (dynamic shapes); pays for the official preset on CPU
-    )
+    compile: bool = False  # torch.compile the model (dynamic shapes; with captured steps, their forward and backward); pays for the official preset on CPU
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     eval_batch_size: int = 64  # clips per evaluation forward pass
     log_every: int = 0  # log the running train loss every N steps (0: per epoch only)
