@@ -2,10 +2,11 @@
 
 Under autocast every matrix product casts its float32 weight and bias to the low precision,
 in the forward pass, and casts their low-precision gradients back in backward: for the paper
-preset 64 casts forward and 64 back per step, a quarter of the operations a bf16 step
-dispatches (``benchmarks/train_throughput.py --op-counts``). On a GPU at the recipe's batch
-size each is a tiny kernel: in a CUDA graph it still costs a node, and in an eager step its
-dispatch is host time the step waits on (issue 14: eager bf16 was slower than fp32 there).
+preset's captured step 44 casts forward and 44 back (40 parameters, four of them used twice),
+with the 59 gradient adds of a kept-gradient backward a quarter of the operations the step
+dispatches (``benchmarks/step_overhead.py``). On a GPU at the recipe's batch size each is a
+tiny kernel: in a CUDA graph it still costs a node, and in an eager step its dispatch is host
+time the step waits on (issue 14: eager bf16 was slower than fp32 there).
 
 :class:`PrecastWeights` keeps a low-precision copy of each parameter that the forward pass
 only ever casts to the autocast dtype, found by :func:`precast_names` (one forward pass under
@@ -28,6 +29,9 @@ sums them in float32.
 The parameters' ``.grad`` tensors are written in place, never replaced: a step captured in a
 CUDA graph reads and writes the same gradient tensors in every replay, and backward adds
 nothing into them (no accumulation kernel per parameter, no zeroing).
+
+With ``compile`` the forward with the copies is ``torch.compile``-d (dynamic shapes), and
+backward with it: what ``train.compile`` means for a captured step.
 """
 
 from __future__ import annotations
