@@ -174,7 +174,7 @@ class PrecastWeights:
                     torch._foreach_copy_(targets, list(got))
 
     def stats(self) -> dict:
-        """What is precast: parameter count and values, and the dtype."""
+        """What is precast (parameters, values, dtype) and whether the forward is compiled."""
         return {
             "precast_parameters": len(self.copies),
             "precast_values": sum(p.numel() for p in self.masters),
