@@ -73,11 +73,10 @@ def test_precast_parameters_are_those_autocast_only_casts(store, tiny_config) ->
     assert names == [n for n, _ in model.named_parameters() if n in set(names)]  # model order
 
 
-def test_precast_gradients_are_autocasts(store, tiny_config) -> None:
-    """The same forward values and the same gradients as autocast's per-use casts: equal for
-    every parameter used once, within bf16 rounding for the projections used twice (features
-    and missing token: their two gradients are summed in bf16 instead of float32)."""
-    cfg = tiny_config(*NO_DROPOUT)
+def _autocast_and_precast(cfg, store):
+    """Two copies of one model, one bf16 step's forward and backward each: ``ref`` under
+    autocast (``.backward()``), ``model`` with precast weights; asserts the outputs are
+    bit-identical. -> (ref, model, weights)."""
     batch = _batch(store, [0, 1, 2, 3], missing_audio=True)
     torch.manual_seed(0)
     ref = build_model(cfg).train()
@@ -86,13 +85,20 @@ def test_precast_gradients_are_autocasts(store, tiny_config) -> None:
     with autocast(CPU, "bf16"):
         want = ref(batch)
     torch.nn.functional.mse_loss(want.float(), batch.target).backward()
-
     weights = PrecastWeights.for_model(model, batch, CPU, "bf16")
-    assert weights.stats()["precast_dtype"] == "bfloat16"
     with autocast(CPU, "bf16"):
         got = weights.forward(batch)
     assert torch.equal(got, want)
     weights.backward(torch.nn.functional.mse_loss(got.float(), batch.target))
+    return ref, model, weights
+
+
+def test_precast_gradients_are_autocasts(store, tiny_config) -> None:
+    """The same forward values and the same gradients as autocast's per-use casts: equal for
+    every parameter used once, within bf16 rounding for the projections used twice (features
+    and missing token: their two gradients are summed in bf16 instead of float32)."""
+    ref, model, weights = _autocast_and_precast(tiny_config(*NO_DROPOUT), store)
+    assert weights.stats()["precast_dtype"] == "bfloat16"
     twice = ("enc_audio.proj.", "enc_vision.proj.")
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         assert p.grad is not None and p.grad.dtype == torch.float32, name
@@ -117,20 +123,7 @@ def test_every_variant_trains_with_autocasts_values(store, tiny_config, variant)
     """The probe decides per model: for every ablation variant the precast forward equals
     autocast's and the gradients agree within bf16 rounding (equal for the products used
     once)."""
-    cfg = tiny_config(*NO_DROPOUT, *variant)
-    batch = _batch(store, [0, 1, 2, 3], missing_audio=True)
-    torch.manual_seed(0)
-    ref = build_model(cfg).train()
-    torch.manual_seed(0)
-    model = build_model(cfg).train()
-    with autocast(CPU, "bf16"):
-        want = ref(batch)
-    torch.nn.functional.mse_loss(want.float(), batch.target).backward()
-    weights = PrecastWeights.for_model(model, batch, CPU, "bf16")
-    with autocast(CPU, "bf16"):
-        got = weights.forward(batch)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    weights.backward(torch.nn.functional.mse_loss(got.float(), batch.target))
+    ref, model, weights = _autocast_and_precast(tiny_config(*NO_DROPOUT, *variant), store)
     exact = 0
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         if q.grad is None:  # not in this variant's graph: autograd.grad gives zeros
