@@ -608,7 +608,9 @@ def build_runner(
         **kw,
     ) -> Callable[[Batch], None]:
         kw.setdefault("fused_adamw", True)
-        return make_step(model, fwd or model, cfg, precision, device=device, **kw)
+        return make_step(
+            model, fwd if fwd is not None else model, cfg, precision, device=device, **kw
+        )
 
     if name == "plain":
         model = PlainTAEMI(cfg.model, E).train()
