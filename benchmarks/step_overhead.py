@@ -31,6 +31,7 @@ Usage::
     python benchmarks/step_overhead.py                          # CPU, paper + official, ~1 min
     python benchmarks/step_overhead.py --device cuda --batch-size 32
     python benchmarks/step_overhead.py --batch-size 32 --lengths 350 230 --rounds 3  # counts at real sizes
+    python benchmarks/step_overhead.py --set model.hidden=16 --set model.sa_ffn=32 --set model.head_hidden=16
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from train_throughput import loadavg, make_batch, sync
 
-from taemi.config import RunConfig, TrainConfig, build_config
+from taemi.config import RunConfig, TrainConfig, build_config, parse_overrides
 from taemi.data.batch import Batch
 from taemi.train.modes import build_model
 from taemi.train.schedule import make_scheduler
@@ -136,7 +137,9 @@ def build_runner(name: str, cfg: RunConfig, device: torch.device) -> Runner:
 
 def run_preset(name: str, args, device: torch.device) -> list[Runner]:
     ta, tv = args.lengths
-    cfg = build_config(name, [("train.batch_size", args.batch_size)])
+    cfg = build_config(
+        name, [("train.batch_size", args.batch_size), *parse_overrides(args.set or [])]
+    )
     lengths = np.tile([[ta, tv]], (args.batch_size, 1))
     batch = make_batch(lengths, cfg, seed=0, device=device)
     runners = []
@@ -206,6 +209,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--top", type=int, default=8, help="operations listed per runner")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads")
+    ap.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="config override (repeatable), e.g. model.hidden=16: small weights leave the "
+        "per-operation host cost, what a launch-bound GPU step waits on",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
