@@ -155,6 +155,38 @@ def test_backward_writes_over_or_adds_into_the_same_gradient_tensors(store, tiny
         torch.testing.assert_close(p.grad, 2 * first[n], msg=n)
 
 
+def test_the_copies_leave_the_model_after_each_forward(store, tiny_config, monkeypatch):
+    """The copies sit in the modules' parameter slots only during a forward pass, a failing
+    one included: the model keeps its own float32 parameters for saving and validation."""
+    cfg = tiny_config(*NO_DROPOUT)
+    batch = _batch(store, [0, 1])
+    model = build_model(cfg).train()
+    before = dict(model.named_parameters())
+    weights = PrecastWeights.for_model(model, batch, CPU, "bf16")
+    seen = {}
+
+    def spy(self, x):  # the audio projection, inside the forward
+        seen["weight"] = self.weight
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+    monkeypatch.setattr(type(model.enc_audio.proj), "forward", spy)
+    with autocast(CPU, "bf16"):
+        weights.forward(batch)
+    assert seen["weight"].dtype == torch.bfloat16  # the copy, during the call
+    after = dict(model.named_parameters())  # the same Parameter objects after
+    assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+
+    def boom(self, x):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(type(model.enc_audio.proj), "forward", boom)
+    with pytest.raises(RuntimeError, match="boom"), autocast(CPU, "bf16"):
+        weights.forward(batch)
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys()
+    assert all(after[n] is before[n] for n in before)
+
+
 def test_fp32_or_off_precasts_nothing(store, tiny_config) -> None:
     cfg = tiny_config()
     batch = _batch(store, [0, 1])

@@ -13,8 +13,9 @@ only ever casts to the autocast dtype, found by :func:`precast_names` (one forwa
 autocast, watching which parameters each operation reads). Per step:
 
 - one multi-tensor copy refreshes the copies from the float32 parameters;
-- the forward pass runs with the copies in place of those parameters
-  (``torch.func.functional_call``): autocast finds them already cast;
+- the forward pass runs with the copies in place of those parameters (put in the modules'
+  parameter slots for the call, as ``torch.func.functional_call`` does; compiled, through
+  it): autocast finds them already cast;
 - backward returns the gradients of the copies and of the other parameters
   (``torch.autograd.grad``), and two multi-tensor copies write them into the float32
   parameters' ``.grad`` (or add them, for the second and later micro-batch of a step);
@@ -116,9 +117,16 @@ class PrecastWeights:
 
         # ``compile``: the forward (and with it backward) compiled with dynamic shapes: one
         # compilation for the run's shapes (the first shape's, then one dynamic), kernels
-        # fused; captured in CUDA graphs like the eager one
+        # fused; captured in CUDA graphs like the eager one. Not compiled, the copies are put
+        # in the modules' parameter slots for the call and taken out after: the same as
+        # functional_call, whose general bookkeeping cost as much host time as the casts
+        # the copies save (benchmarks/README.md)
         self.compiled = compile
-        self._call = torch.compile(call, dynamic=True) if compile else call
+        self._compiled_call = torch.compile(call, dynamic=True) if compile else None
+        self._slots = []  # (module, attribute) of each precast parameter
+        for name in self.names:
+            owner, _, leaf = name.rpartition(".")
+            self._slots.append((model.get_submodule(owner), leaf))
         self.masters = [params[n] for n in self.names]
         with torch.no_grad():
             self.copies = [torch.empty_like(p, dtype=dtype).requires_grad_() for p in self.masters]
@@ -152,7 +160,16 @@ class PrecastWeights:
     def forward(self, batch) -> torch.Tensor:
         """Refresh the copies, then the model's forward with them in place of the parameters."""
         self.refresh()
-        return self._call(dict(zip(self.names, self.copies)), batch)
+        if self._compiled_call is not None:
+            return self._compiled_call(dict(zip(self.names, self.copies)), batch)
+        slots = [module._parameters for module, _ in self._slots]
+        for params, (_, leaf), copy in zip(slots, self._slots, self.copies):
+            params[leaf] = copy
+        try:
+            return self.model(batch)
+        finally:
+            for params, (_, leaf), master in zip(slots, self._slots, self.masters):
+                params[leaf] = master
 
     def backward(self, loss: torch.Tensor, accumulate: bool = False) -> None:
         """Gradients of ``loss`` into every trainable parameter's ``.grad``: written over what
