@@ -56,7 +56,7 @@ class ParameterCasts(TorchDispatchMode):
 def test_precast_parameters_are_those_autocast_only_casts(store, tiny_config) -> None:
     cfg = tiny_config(*NO_DROPOUT)
     model = build_model(cfg).train()
-    names = precast_names(model, model, _batch(store, [0, 1, 2]), CPU, torch.bfloat16)
+    names = precast_names(model, _batch(store, [0, 1, 2]), CPU, torch.bfloat16)
     assert model.training  # restored after the probe's evaluation-mode pass
     linears = {
         f"{m}.{p}"

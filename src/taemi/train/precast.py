@@ -70,9 +70,9 @@ class _ParameterUses(TorchDispatchMode):
 
 
 def precast_names(
-    model: torch.nn.Module, forward, batch, device: torch.device, dtype: torch.dtype
+    model: torch.nn.Module, batch, device: torch.device, dtype: torch.dtype
 ) -> list[str]:
-    """The trainable parameters whose every read in ``forward(batch)`` under autocast is a cast
+    """The trainable parameters whose every read in ``model(batch)`` under autocast is a cast
     to ``dtype``, in ``named_parameters`` order.
 
     Runs one forward pass in evaluation mode without gradients (no dropout, so no random
@@ -88,7 +88,7 @@ def precast_names(
             torch.autocast(device.type, dtype=dtype, cache_enabled=False),
             uses,
         ):
-            forward(batch)
+            model(batch)
     finally:
         model.train(was_training)
     return [n for n in params if n in uses.cast and n not in uses.other]
@@ -123,10 +123,10 @@ class PrecastWeights:
         # the copies save (benchmarks/README.md)
         self.compiled = compile
         self._compiled_call = torch.compile(call, dynamic=True) if compile else None
-        self._slots = []  # (module, attribute) of each precast parameter
+        self._slots = []  # (its module's parameter dict, key) of each precast parameter
         for name in self.names:
             owner, _, leaf = name.rpartition(".")
-            self._slots.append((model.get_submodule(owner), leaf))
+            self._slots.append((model.get_submodule(owner)._parameters, leaf))
         self.masters = [params[n] for n in self.names]
         with torch.no_grad():
             self.copies = [torch.empty_like(p, dtype=dtype).requires_grad_() for p in self.masters]
@@ -149,7 +149,7 @@ class PrecastWeights:
         if precision == "fp32" or not precast:
             return cls(model, [], torch.float32, compile)
         dtype = autocast_dtype(precision)
-        return cls(model, precast_names(model, model, batch, device, dtype), dtype, compile)
+        return cls(model, precast_names(model, batch, device, dtype), dtype, compile)
 
     def refresh(self) -> None:
         """The copies from the current float32 parameters (one multi-tensor copy)."""
@@ -162,13 +162,12 @@ class PrecastWeights:
         self.refresh()
         if self._compiled_call is not None:
             return self._compiled_call(dict(zip(self.names, self.copies)), batch)
-        slots = [module._parameters for module, _ in self._slots]
-        for params, (_, leaf), copy in zip(slots, self._slots, self.copies):
+        for (params, leaf), copy in zip(self._slots, self.copies):
             params[leaf] = copy
         try:
             return self.model(batch)
         finally:
-            for params, (_, leaf), master in zip(slots, self._slots, self.masters):
+            for (params, leaf), master in zip(self._slots, self.masters):
                 params[leaf] = master
 
     def backward(self, loss: torch.Tensor, accumulate: bool = False) -> None:
