@@ -255,3 +255,129 @@ def test_resident_yes_refuses_splits_that_do_not_fit(
     monkeypatch.setattr(trainer, "memory_available", lambda device: 1000)
     with pytest.raises(ConfigError, match="data.resident=yes: the splits' features take"):
         train(tiny_config("data.resident=yes"), store, *labels, tmp_path / "run", progress=False)
+
+
+def test_captured_fp16_steps_scale_the_loss_as_the_eager_step(store, tiny_config) -> None:
+    """fp16: the grad scaler's cycle runs inside the captured step (on the device): the same
+    skipped updates on overflow, the same scale backed off and grown, and the same
+    optimisation as the recipe's eager step with its scaler."""
+    cfg = tiny_config(*NO_DROPOUT, "data.length_quantum=8")
+    batches = _batches(store, cfg, [[0, 1, 2], [3, 4], [0, 1, 2], [5, 6, 7], [3, 4]] * 4)
+    cpu = torch.device("cpu")
+
+    def scaler():  # overflows fp16 gradients at first, then grows back every 2 good steps
+        return torch.amp.GradScaler("cpu", init_scale=2.0**19, growth_interval=2)
+
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    optimizer = make_optimizer(cfg, model, capturable=True)
+    scheduler = make_scheduler(optimizer, 2, 20)
+    graphed_scaler = scaler()
+    engine = step_engine.GraphedStep.build(
+        model, optimizer, cfg, cpu, "fp16", store.dims, 8, scaler=graphed_scaler
+    )
+    torch.manual_seed(0)
+    ref = build_model(cfg).train()
+    ref_opt = make_optimizer(cfg, ref, capturable=True)
+    ref_sched = make_scheduler(ref_opt, 2, 20)
+    eager_scaler = scaler()
+    eager = step_engine.EagerStep(ref, ref, ref_opt, eager_scaler, cfg, cpu, "fp16", precast=True)
+
+    scales = [graphed_scaler.get_scale()]
+    skipped = grown = 0
+    for i, batch in enumerate(batches):
+        before = [p.detach().clone() for p in model.parameters()]
+        got = engine.compute([batch], len(batch))
+        engine.update()
+        scheduler.step()
+        want = eager.compute([batch], len(batch))
+        eager.update()
+        ref_sched.step()
+        assert got.item() == pytest.approx(want.item(), rel=1e-3, abs=1e-6)
+        assert graphed_scaler.get_scale() == eager_scaler.get_scale(), i
+        scales.append(graphed_scaler.get_scale())
+        if scales[-1] < scales[-2]:  # an overflow: the update was skipped, nothing moved
+            skipped += 1
+            assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before)), i
+        grown += scales[-1] > scales[-2]
+    assert skipped >= 2 and grown >= 1, scales
+    assert engine.counts["replays"] > 0
+    assert engine.stats()["loss_scaling"] is True
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        if not name.endswith(("self_attention.qkv.bias", "ln_kv.bias")):
+            torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_a_captured_fp16_step_needs_its_scaler_and_fused_adamw(store, tiny_config) -> None:
+    cfg = tiny_config(*NO_DROPOUT)
+    model = build_model(cfg)
+    fused = make_optimizer(cfg, model, capturable=True)
+    with pytest.raises(ValueError, match="enabled grad scaler"):
+        step_engine.GraphedStep.build(model, fused, cfg, torch.device("cpu"), "fp16", store.dims, 8)
+    plain = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-3))
+    with pytest.raises(ValueError, match="needs fused AdamW"):
+        step_engine.GraphedStep.build(
+            model,
+            plain,
+            cfg,
+            torch.device("cpu"),
+            "fp16",
+            store.dims,
+            8,
+            scaler=torch.amp.GradScaler("cpu"),
+        )
+
+
+def test_a_failed_fp16_capture_leaves_the_scaler_ready(store, tiny_config, monkeypatch) -> None:
+    """A capture that stops after the scaler unscaled the gradients must not leave it
+    refusing the next step ("unscale_() has already been called")."""
+    cfg = tiny_config(*NO_DROPOUT)
+    model = build_model(cfg).train()
+    engine = step_engine.GraphedStep.build(
+        model,
+        make_optimizer(cfg, model, capturable=True),
+        cfg,
+        torch.device("cpu"),
+        "fp16",
+        store.dims,
+        8,
+        scaler=torch.amp.GradScaler("cpu"),
+    )
+
+    def broken(fn):
+        def fail(*args):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+        with monkeypatch.context() as m:
+            m.setattr(step_engine, "clip_gradients", fail)  # after unscale_, before update
+            return fn()
+
+    engine.capturer.capture = broken
+    (batch,) = _batches(store, cfg, [[0, 1]])
+    for _ in range(3):
+        assert torch.isfinite(engine.compute([batch], 2)).all()
+    assert engine.counts["eager_steps"] == 3 and "not permitted" in engine.stats()["failed"]
+
+
+def test_captured_fp16_run_matches_the_eager_fp16_run(
+    tmp_path, store, labels, tiny_config, monkeypatch
+) -> None:
+    """A whole fp16 run (fp16 is CUDA's; forced here) captured with its loss scaling gives
+    the eager fp16 run's losses and metrics, and saves the scale it reached in state.pt."""
+    from taemi.train import trainer
+
+    monkeypatch.setattr(trainer, "resolve_precision", lambda name, device: "fp16")
+    sets = (*NO_DROPOUT, "train.max_epochs=2", "data.batching=bucket", "data.length_quantum=16")
+    eager = train(tiny_config(*sets), store, *labels, tmp_path / "eager", progress=False)
+    fast = train(
+        tiny_config(*sets, "train.cuda_graphs=on"), store, *labels, tmp_path / "fast", progress=False
+    )
+    for a, b in zip(eager.history, fast.history):
+        for key in ("train_loss", "valid_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3), key
+        assert b["valid_mean_pearson"] == pytest.approx(a["valid_mean_pearson"], abs=1e-3)
+    step = json.loads((tmp_path / "fast" / "metrics.json").read_text())["execution"]["step"]
+    assert step["engine"] == "graphed" and step["loss_scaling"] is True
+    assert step["replays"] > 0 and step["precast_dtype"] == "float16"
+    scales = [load_state(tmp_path / run / "state.pt")["scaler"]["scale"] for run in ("eager", "fast")]
+    assert scales[0] == scales[1]

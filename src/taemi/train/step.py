@@ -42,9 +42,15 @@ With ``train.compile`` the forward (and backward) it captures is compiled with d
 (:class:`PrecastWeights` with ``compile``): fused kernels, compiled on the first eager steps,
 then captured like the eager ones.
 
-Not captured: fp16 (the grad scaler decides on the host whether to step), several processes
-(DDP's all-reduce), gradient accumulation, fine-tuning (raw waveforms and images: their
-shapes are not bounded). Those run :class:`EagerStep`.
+fp16 (cards without bf16) is captured with its loss scaling: the grad scaler's whole cycle
+(scale the loss, unscale the gradients and look for infs and NaNs, skip the update on an
+overflow, grow or back off the scale) runs on the device when the optimiser is fused AdamW,
+which reads the scaler's ``found_inf`` tensor and skips its own update; nothing waits for
+the host, so the scaler's cycle is captured with the step and the scale lives in the
+scaler's own tensors (saved with ``state.pt`` as before).
+
+Not captured: several processes (DDP's all-reduce), gradient accumulation, fine-tuning (raw
+waveforms and images: their shapes are not bounded). Those run :class:`EagerStep`.
 
 On a machine without CUDA, :class:`GraphedStep` runs with :class:`EagerCapture`, which
 "captures" by keeping the step function and "replays" by calling it on the static buffers:
@@ -278,10 +284,12 @@ class _Graph:
 class GraphedStep:
     """The whole step captured per batch shape and replayed (see the module docstring).
 
-    One process, one micro-batch per step, bf16 or fp32, frozen-feature mode; the optimiser
-    must be fused AdamW with ``capturable=True`` and tensor learning rates on the device
+    One process, one micro-batch per step, frozen-feature mode; the optimiser must be fused
+    AdamW with ``capturable=True`` and tensor learning rates on the device
     (:func:`taemi.train.trainer.make_optimizer` with ``capturable=True``); :meth:`build`
-    makes the rest of what it needs."""
+    makes the rest of what it needs. ``scaler``: the run's grad scaler, enabled for fp16
+    (its cycle is captured with the step, see the module docstring); None or disabled for
+    bf16 and fp32."""
 
     def __init__(
         self,
@@ -294,9 +302,18 @@ class GraphedStep:
         capture: CudaCapture | EagerCapture,
         max_shapes: int,
         compile: bool = False,
+        scaler: torch.amp.GradScaler | None = None,
     ):
-        if precision == "fp16":
-            raise ValueError("a captured step cannot use fp16: its grad scaler steps on the host")
+        scaling = scaler is not None and scaler.is_enabled()
+        if precision == "fp16" and not scaling:
+            raise ValueError("a captured fp16 step needs the run's enabled grad scaler")
+        if scaling and not getattr(optimizer, "_step_supports_amp_scaling", False):
+            # any other optimiser makes GradScaler.step read found_inf on the host
+            raise ValueError(
+                "a captured step with loss scaling needs fused AdamW, which skips an "
+                "overflowed update on the device"
+            )
+        self.scaler = scaler if scaling else None
         self.model, self.optimizer, self.cfg = model, optimizer, cfg
         self.device, self.precision = device, precision
         self.static, self.capturer, self.max_shapes = static, capture, max_shapes
@@ -325,6 +342,7 @@ class GraphedStep:
         dims: dict[str, int],
         max_shapes: int,
         compile: bool = False,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> GraphedStep:
         """The captured step for ``model`` trained by ``optimizer`` (capturable, its schedule
         already made): learning rates moved to the device, static buffers for the config's
@@ -340,6 +358,7 @@ class GraphedStep:
             CudaCapture(device) if device.type == "cuda" else EagerCapture(),
             max_shapes,
             compile,
+            scaler,
         )
 
     def _keep_rates(self) -> None:
@@ -353,13 +372,22 @@ class GraphedStep:
     def _body(self, batch: Batch) -> torch.Tensor:
         """The step on ``batch``: forward (with the weights cast once, in mixed precision),
         MSE, backward writing over the gradient tensors (the same tensors in every graph, no
-        zeroing), clipping, AdamW. -> the loss (detached)."""
+        zeroing), clipping, AdamW; in fp16 with the loss scaled, the gradients unscaled and
+        checked before clipping, the update skipped on an overflow and the scale updated, all
+        on the device. -> the loss (detached, unscaled)."""
         with attention_backends(self.device), autocast(self.device, self.precision, cache=False):
             pred = self.weights.forward(batch)  # (B, E)
         loss = F.mse_loss(pred.float(), batch.target)
-        self.weights.backward(loss)
-        clip_gradients(self.model, self.cfg)
-        self.optimizer.step()
+        if self.scaler is None:
+            self.weights.backward(loss)
+            clip_gradients(self.model, self.cfg)
+            self.optimizer.step()
+        else:
+            self.weights.backward(self.scaler.scale(loss))
+            self.scaler.unscale_(self.optimizer)  # found_inf on the device
+            clip_gradients(self.model, self.cfg)
+            self.scaler.step(self.optimizer)  # fused AdamW skips itself on found_inf
+            self.scaler.update()
         return loss.detach()
 
     def compute(self, group: list[Batch], n_group: float) -> torch.Tensor:
@@ -399,6 +427,8 @@ class GraphedStep:
             replay, loss = self.capturer.capture(lambda: self._body(inputs))
         except Exception as exc:  # noqa: BLE001 - recorded, said, and the step runs eagerly
             self.failed = f"{type(exc).__name__}: {exc}"
+            if self.scaler is not None:  # a capture stopped mid-cycle: the next step starts anew
+                _forget_scaler_cycle(self.scaler)
             log.warning(
                 "capturing the training step in a CUDA graph failed (%s); the run goes on with "
                 "eager steps (train.cuda_graphs=off avoids the attempt)",
@@ -423,8 +453,17 @@ class GraphedStep:
             **self.counts,
             "capture_seconds": round(self.capture_seconds, 3),
             "failed": self.failed,
+            "loss_scaling": self.scaler is not None,
             **(self.weights.stats() if self.weights else {}),
         }
+
+
+def _forget_scaler_cycle(scaler: torch.amp.GradScaler) -> None:
+    """Clear what ``scaler`` recorded of a step that did not finish (``unscale_`` called, no
+    ``update``), which would make the next step's ``unscale_`` refuse to run. GradScaler has
+    no public call for it: ``update`` clears the same record but also applies the half-made
+    step's inf check to the scale."""
+    scaler._per_optimizer_states.clear()  # a defaultdict: a fresh record on the next access
 
 
 def learning_rates_on_device(optimizer: torch.optim.Optimizer, device: torch.device) -> None:

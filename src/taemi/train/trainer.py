@@ -351,8 +351,6 @@ def _use_graphs(
     why_not = []
     if not mode.stored_features:
         why_not.append("fine-tuning (the backbones' input shapes are not bounded)")
-    if precision == "fp16":
-        why_not.append("fp16 (its grad scaler decides on the host; use bf16 or fp32)")
     if dist_info.world > 1:
         why_not.append("several processes (DDP)")
     if tc.grad_accum_steps > 1:
@@ -426,6 +424,7 @@ def _execution(
             store.dims,
             cfg.train.graph_shapes,
             compile=cfg.train.compile,  # the captured forward compiled, not train_model
+            scaler=scaler,  # fp16: its cycle is captured with the step
         )
     else:
         engine = EagerStep(
