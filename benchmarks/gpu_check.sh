@@ -13,7 +13,8 @@
 #      paper and official: fp32 eager, bf16 and fp16 autocast (attention restricted as the
 #      trainer does) with autocast casting at each use and with the weights cast once per
 #      step (the trainer's way), bf16 with torch's attention choice (cuDNN, the project
-#      before issue 14), the captured step (CUDA graphs) in bf16 (both cast forms) and fp32;
+#      before issue 14), the captured step (CUDA graphs) in bf16 (both cast forms), fp32 and
+#      fp16 (its grad scaler's cycle captured with it: the path of cards without bf16);
 #      the card's name and its fp32 / bf16 / fp16 matmul rates are printed first;
 #   2. throughput256: the same at batch 256 (paper: fp32, bf16 both forms, captured bf16 both
 #      forms);
@@ -75,7 +76,7 @@ torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device'
 } 2>&1 | tee "$OUT/device.txt"
 
 runners=${RUNNERS:-"eager bf16 bf16_precast graphed_bf16 graphed_bf16_each_use graphed_fp32 plain"}
-[ "$DEVICE" != cpu ] && [ -z "${RUNNERS:-}" ] && runners="$runners fp16 fp16_precast bf16_cudnn"
+[ "$DEVICE" != cpu ] && [ -z "${RUNNERS:-}" ] && runners="$runners fp16 fp16_precast graphed_fp16 bf16_cudnn"
 [ -n "${FULL:-}" ] && runners="$runners compiled compiled_fp16 compiled_bf16"
 step throughput 300 throughput.txt $PY benchmarks/train_throughput.py --device "$DEVICE" --steps "${STEPS:-30}" \
   --warmup "${WARMUP:-3}" --presets ${PRESETS:-paper official} --runners $runners ${FULL:+--compile} \

@@ -18,9 +18,18 @@ and schedule):
 - ``bf16``: the same with the weights cast once per step (``taemi.train.precast``, the
   default);
 - ``fp16_each_use``, ``fp16`` (CUDA): the same in fp16 with the grad scaler;
-- ``graphed_fp32``, ``graphed_bf16_each_use``, ``graphed_bf16``: the captured step
-  (``GraphedStep``: CUDA graphs on CUDA, its eager stand-in elsewhere). Its operation count is
-  that of the step it captures (the first, eager step of the shape).
+- ``graphed_fp32``, ``graphed_bf16_each_use``, ``graphed_bf16``, ``graphed_fp16`` (CUDA; the
+  grad scaler's cycle captured with it): the captured step (``GraphedStep``: CUDA graphs on
+  CUDA, its eager stand-in elsewhere). Its operation count is that of the step it captures
+  (the first, eager step of the shape).
+
+- ``bf16_no_autocast`` (a reference, not a trainer path): the same bf16 kernels without
+  autocast: every parameter a bf16 copy (refreshed once per step), the batch's features cast
+  to bf16, the forward run outside autocast (layer norms and softmax in bf16 too). Against
+  ``bf16`` it is autocast's own cost (its dispatch and its activation casts) with the
+  kernels' dtype held equal; against ``fp32`` it is what the CPU's bf16 kernels cost at these
+  sizes (oneDNN's bf16 matrix products have a larger fixed cost per call than fp32's), which
+  a GPU does not share: compare precisions on a CPU through it, not through ``fp32``.
 
 Each clip has the same lengths (``--lengths``, default 16 audio and 8 face steps), so every
 step has one shape. Timing: round-robin, each round runs ``--burst`` steps of each runner
@@ -54,6 +63,7 @@ from taemi.config import RunConfig, TrainConfig, build_config, parse_overrides
 from taemi.data.batch import Batch
 from taemi.train.modes import build_model
 from taemi.train.schedule import make_scheduler
+from taemi.runtime import attention_backends
 from taemi.train.step import EagerStep, GraphedStep
 from taemi.train.trainer import make_optimizer
 
@@ -70,7 +80,45 @@ RUNNERS = (
     "graphed_fp32",
     "graphed_bf16_each_use",
     "graphed_bf16",
+    "graphed_fp16",
+    "bf16_no_autocast",
 )
+
+
+class NoAutocastStep:
+    """The eager step in bf16 without autocast (the ``bf16_no_autocast`` reference)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer, cfg: RunConfig, device: torch.device):
+        from taemi.train.precast import PrecastWeights  # not in a BEFORE_PRECAST checkout
+
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.weights = PrecastWeights(model, names, torch.bfloat16)
+        self.model, self.optimizer, self.cfg, self.device = model, optimizer, cfg, device
+
+    def compute(self, group: list[Batch], n_group: float) -> torch.Tensor:
+        (batch,) = group
+        cast = {
+            f.name: x.to(torch.bfloat16)
+            if isinstance(x := getattr(batch, f.name), torch.Tensor)
+            and x.is_floating_point()
+            and f.name != "target"
+            else x
+            for f in fields(Batch)
+        }
+        with attention_backends(self.device):
+            pred = self.weights.forward(Batch(**cast))  # (B, E) in bf16
+        loss = torch.nn.functional.mse_loss(pred.float(), batch.target)
+        self.weights.backward(loss)
+        return loss.detach()
+
+    def update(self) -> None:
+        from taemi.train.step import clip_gradients
+
+        clip_gradients(self.model, self.cfg)
+        self.optimizer.step()
+
+    def stats(self) -> dict:
+        return self.weights.stats()
 
 
 class OpCounter(TorchDispatchMode):
@@ -102,7 +150,7 @@ class Runner:
 def build_runner(name: str, cfg: RunConfig, device: torch.device) -> Runner:
     """The trainer's engine for ``name``: its model, capturable fused AdamW where captured,
     the schedule stepped after each step."""
-    precision = name.removeprefix("graphed_").removesuffix("_each_use")
+    precision = name.removeprefix("graphed_").removesuffix("_each_use").removesuffix("_no_autocast")
     precast = not name.endswith("_each_use")
     if BEFORE_PRECAST:  # an older checkout: its only form is autocast at each use
         if not precast:
@@ -115,15 +163,20 @@ def build_runner(name: str, cfg: RunConfig, device: torch.device) -> Runner:
     graphed = name.startswith("graphed")
     optimizer = make_optimizer(cfg, model, capturable=graphed)
     scheduler = make_scheduler(optimizer, 10, 1000)
-    if graphed:
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    if name == "bf16_no_autocast":
+        engine = NoAutocastStep(model, optimizer, cfg, device)
+    elif graphed:
         dims = {
             "audio": cfg.model.audio_dim,
             "vision": cfg.model.vision_dim,
             "text": cfg.model.text_dim,
         }
-        engine = GraphedStep.build(model, optimizer, cfg, device, precision, dims, max_shapes=8)
+        kw = {} if BEFORE_PRECAST else {"scaler": scaler}
+        engine = GraphedStep.build(
+            model, optimizer, cfg, device, precision, dims, max_shapes=8, **kw
+        )
     else:
-        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         kw = {} if BEFORE_PRECAST else {"precast": precast}
         engine = EagerStep(model, model, optimizer, scaler, cfg, device, precision, **kw)
 

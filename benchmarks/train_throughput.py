@@ -39,7 +39,8 @@ speed changes from second to second: every step is compared with the rate just b
   ``graphed_bf16_each_use``: the same with autocast casting each weight at each use
   (``train.precast_weights=false``); ``graphed_bf16_compiled``: the same step with its
   forward and backward compiled first (``train.compile=true`` with captured steps; the
-  compilation is part of the warm-up);
+  compilation is part of the warm-up); ``graphed_fp16`` (CUDA): the captured step in fp16
+  with the trainer's grad scaler, whose cycle is captured with it (cards without bf16);
 - ``unfused_adamw``: bucketed, fp32, AdamW's per-parameter loop (the trainer's optimiser
   is ``AdamW(fused=True)``, as in every other package runner);
 - ``threads1``: bucketed, fp32, ``torch.set_num_threads(1)``.
@@ -552,8 +553,17 @@ def graphed_step(
         "vision": cfg.model.vision_dim,
         "text": cfg.model.text_dim,
     }
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     engine = GraphedStep.build(
-        model, optimizer, cfg, device, precision, dims, max_shapes=256, compile=compile
+        model,
+        optimizer,
+        cfg,
+        device,
+        precision,
+        dims,
+        max_shapes=256,
+        compile=compile,
+        scaler=scaler,
     )
 
     def step(batch: Batch, wait: bool = True) -> None:
@@ -579,6 +589,7 @@ RUNNERS = (
     "graphed_bf16",
     "graphed_bf16_each_use",
     "graphed_bf16_compiled",
+    "graphed_fp16",
     "graphed_fp32",
     "compiled",
     "compiled_bf16",
@@ -934,6 +945,8 @@ def report(name: str, runners: list[Runner], best: float) -> None:
         ("graphed_bf16", "graphed_bf16_each_use"),
         ("graphed_bf16_compiled", "graphed_bf16"),
         ("graphed_fp32", "eager"),
+        ("graphed_fp16", "eager"),
+        ("graphed_fp16", "fp16_precast"),
         ("compiled", "eager"),
         ("compiled_bf16", "bf16"),
         ("eager", "sdpa_ca"),
