@@ -171,7 +171,7 @@ class TrainConfig:
     seed: int = 3407  # release seed
     deterministic: bool = False  # torch.use_deterministic_algorithms + fixed cuDNN
     precision: str = "auto"  # auto (CUDA: bf16 where the GPU has it, Ampere on, else fp16 + grad scaling; CPU: bf16 with native bf16, else fp32) | fp32 | fp16 | bf16
-    cuda_graphs: str = "auto"  # capture the whole training step in CUDA graphs, one per batch shape: auto (CUDA, frozen features, one process, no fp16) | on | off
+    cuda_graphs: str = "auto"  # capture the whole training step in CUDA graphs, one per batch shape: auto (CUDA, frozen features, one process, no gradient accumulation; fp16 with its grad scaler captured too) | on | off
     graph_shapes: int = 96  # at most this many batch shapes get a graph; the others run eagerly
     precast_weights: bool = True  # bf16/fp16 on stored features in one process: cast the weights once per step, not at each use (taemi.train.precast)
     compile: bool = False  # torch.compile the model (dynamic shapes; with captured steps, their forward and backward); pays for the official preset on CPU

@@ -32,7 +32,8 @@ def cuda_has_bf16(device: torch.device) -> bool:
 
 def resolve_precision(name: str, device: torch.device) -> str:
     """``auto`` -> on CUDA bf16 autocast where the GPU has bf16 (:func:`cuda_has_bf16`: no
-    loss scaling, so nothing in the step waits for the host), else fp16 with grad scaling;
+    loss scaling, and bf16's range needs none), else fp16 with grad scaling (on the device
+    with fused AdamW, so captured steps take it too);
     on CPU bf16 autocast where the CPU computes bf16 natively (:func:`preferred_cpu_precision`:
     the recipe's "bf16 on CPU where it helps"), else fp32. fp16 on CPU is refused."""
     if name == "auto":
