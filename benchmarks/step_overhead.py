@@ -61,9 +61,9 @@ from train_throughput import loadavg, make_batch, sync
 
 from taemi.config import RunConfig, TrainConfig, build_config, parse_overrides
 from taemi.data.batch import Batch
+from taemi.runtime import attention_backends
 from taemi.train.modes import build_model
 from taemi.train.schedule import make_scheduler
-from taemi.runtime import attention_backends
 from taemi.train.step import EagerStep, GraphedStep
 from taemi.train.trainer import make_optimizer
 

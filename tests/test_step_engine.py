@@ -370,7 +370,11 @@ def test_captured_fp16_run_matches_the_eager_fp16_run(
     sets = (*NO_DROPOUT, "train.max_epochs=2", "data.batching=bucket", "data.length_quantum=16")
     eager = train(tiny_config(*sets), store, *labels, tmp_path / "eager", progress=False)
     fast = train(
-        tiny_config(*sets, "train.cuda_graphs=on"), store, *labels, tmp_path / "fast", progress=False
+        tiny_config(*sets, "train.cuda_graphs=on"),
+        store,
+        *labels,
+        tmp_path / "fast",
+        progress=False,
     )
     for a, b in zip(eager.history, fast.history):
         for key in ("train_loss", "valid_loss"):
@@ -379,5 +383,7 @@ def test_captured_fp16_run_matches_the_eager_fp16_run(
     step = json.loads((tmp_path / "fast" / "metrics.json").read_text())["execution"]["step"]
     assert step["engine"] == "graphed" and step["loss_scaling"] is True
     assert step["replays"] > 0 and step["precast_dtype"] == "float16"
-    scales = [load_state(tmp_path / run / "state.pt")["scaler"]["scale"] for run in ("eager", "fast")]
+    scales = [
+        load_state(tmp_path / run / "state.pt")["scaler"]["scale"] for run in ("eager", "fast")
+    ]
     assert scales[0] == scales[1]
