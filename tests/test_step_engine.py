@@ -47,6 +47,16 @@ def _engine(cfg, store, max_shapes=8):
     return engine, model, optimizer, scheduler
 
 
+def _step_both(*engines_and_schedules, batch: Batch) -> list[torch.Tensor]:
+    """One optimiser step of each (engine, schedule) pair on ``batch``: -> their losses."""
+    losses = []
+    for engine, schedule in engines_and_schedules:
+        losses.append(engine.compute([batch], len(batch)))
+        engine.update()
+        schedule.step()
+    return losses
+
+
 def test_graphed_step_captures_a_shape_on_its_second_step(store, tiny_config) -> None:
     cfg = tiny_config(*NO_DROPOUT, "data.length_quantum=8")
     engine, _model, _optimizer, _scheduler = _engine(cfg, store)
@@ -86,12 +96,7 @@ def test_captured_steps_equal_eager_steps(store, tiny_config) -> None:
         "fp32",
     )
     for batch in batches:
-        got = engine.compute([batch], len(batch))
-        engine.update()
-        scheduler.step()
-        want = eager.compute([batch], len(batch))
-        eager.update()
-        ref_sched.step()
+        got, want = _step_both((engine, scheduler), (eager, ref_sched), batch=batch)
         assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-7)
     assert engine.counts["replays"] == 2  # batches 3 and 5 repeat a shape
     # the key biases (a self-attention's k part of qkv.bias, a cross-attention's ln_kv.bias)
@@ -287,12 +292,7 @@ def test_captured_fp16_steps_scale_the_loss_as_the_eager_step(store, tiny_config
     skipped = grown = 0
     for i, batch in enumerate(batches):
         before = [p.detach().clone() for p in model.parameters()]
-        got = engine.compute([batch], len(batch))
-        engine.update()
-        scheduler.step()
-        want = eager.compute([batch], len(batch))
-        eager.update()
-        ref_sched.step()
+        got, want = _step_both((engine, scheduler), (eager, ref_sched), batch=batch)
         assert got.item() == pytest.approx(want.item(), rel=1e-3, abs=1e-6)
         assert graphed_scaler.get_scale() == eager_scaler.get_scale(), i
         scales.append(graphed_scaler.get_scale())
