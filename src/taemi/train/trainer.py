@@ -338,7 +338,7 @@ def _resolve_length_quantum(cfg: RunConfig, device: torch.device) -> RunConfig:
 
 
 def _use_graphs(
-    cfg: RunConfig, mode: FrozenMode, device: torch.device, precision: str, dist_info: DistInfo
+    cfg: RunConfig, mode: FrozenMode, device: torch.device, dist_info: DistInfo
 ) -> bool:
     """Whether the steps are captured (:class:`GraphedStep`), by ``train.cuda_graphs``.
 
@@ -718,7 +718,7 @@ def train(
     precision = resolve_precision(cfg.train.precision, device)
     cfg = _resolve_length_quantum(cfg, device)
     tc = cfg.train
-    graphs = _use_graphs(cfg, mode, device, precision, dist_info)
+    graphs = _use_graphs(cfg, mode, device, dist_info)
     trackers = make_trackers(cfg, main=dist_info.main)  # a missing package is refused here
     if valid_labels is not None:
         valid_labels.check_scorable("validation")
