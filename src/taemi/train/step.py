@@ -88,6 +88,21 @@ def clip_gradients(model: torch.nn.Module, cfg: RunConfig) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
 
 
+def scaled_update(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    cfg: RunConfig,
+) -> None:
+    """Unscale (looking for infs and NaNs), clip, AdamW (skipped by the scaler on an fp16
+    overflow), scale update; a disabled scaler passes straight through. With fused AdamW
+    nothing here waits for the host: the optimiser reads the scaler's ``found_inf`` tensor."""
+    scaler.unscale_(optimizer)
+    clip_gradients(model, cfg)
+    scaler.step(optimizer)
+    scaler.update()
+
+
 class EagerStep:
     """The recipe's step, op by op (any device, precision, mode, process count)."""
 
@@ -145,11 +160,7 @@ class EagerStep:
         return torch.stack(losses)
 
     def update(self) -> None:
-        """Unscale, clip, AdamW (skipped by the scaler on an fp16 overflow), scaler update."""
-        self.scaler.unscale_(self.optimizer)
-        clip_gradients(self.model, self.cfg)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        scaled_update(self.model, self.optimizer, self.scaler, self.cfg)
 
     def stats(self) -> dict:
         return {"engine": "eager", **(self.weights.stats() if self.weights else {})}
@@ -313,7 +324,8 @@ class GraphedStep:
                 "a captured step with loss scaling needs fused AdamW, which skips an "
                 "overflowed update on the device"
             )
-        self.scaler = scaler if scaling else None
+        # a disabled scaler passes everything through (bf16, fp32)
+        self.scaler = scaler if scaling else torch.amp.GradScaler(device.type, enabled=False)
         self.model, self.optimizer, self.cfg = model, optimizer, cfg
         self.device, self.precision = device, precision
         self.static, self.capturer, self.max_shapes = static, capture, max_shapes
@@ -378,16 +390,8 @@ class GraphedStep:
         with attention_backends(self.device), autocast(self.device, self.precision, cache=False):
             pred = self.weights.forward(batch)  # (B, E)
         loss = F.mse_loss(pred.float(), batch.target)
-        if self.scaler is None:
-            self.weights.backward(loss)
-            clip_gradients(self.model, self.cfg)
-            self.optimizer.step()
-        else:
-            self.weights.backward(self.scaler.scale(loss))
-            self.scaler.unscale_(self.optimizer)  # found_inf on the device
-            clip_gradients(self.model, self.cfg)
-            self.scaler.step(self.optimizer)  # fused AdamW skips itself on found_inf
-            self.scaler.update()
+        self.weights.backward(self.scaler.scale(loss))
+        scaled_update(self.model, self.optimizer, self.scaler, self.cfg)
         return loss.detach()
 
     def compute(self, group: list[Batch], n_group: float) -> torch.Tensor:
@@ -427,7 +431,7 @@ class GraphedStep:
             replay, loss = self.capturer.capture(lambda: self._body(inputs))
         except Exception as exc:  # noqa: BLE001 - recorded, said, and the step runs eagerly
             self.failed = f"{type(exc).__name__}: {exc}"
-            if self.scaler is not None:  # a capture stopped mid-cycle: the next step starts anew
+            if self.scaler.is_enabled():  # a capture stopped mid-cycle: start anew
                 _forget_scaler_cycle(self.scaler)
             log.warning(
                 "capturing the training step in a CUDA graph failed (%s); the run goes on with "
@@ -453,7 +457,7 @@ class GraphedStep:
             **self.counts,
             "capture_seconds": round(self.capture_seconds, 3),
             "failed": self.failed,
-            "loss_scaling": self.scaler is not None,
+            "loss_scaling": self.scaler.is_enabled(),
             **(self.weights.stats() if self.weights else {}),
         }
 
